@@ -1,0 +1,30 @@
+"""Redis key schema shared by every replica of the proxy and the API.
+
+All keys live under one prefix so a deployment can share a Redis with other software. Keys
+that must be touched together in one transaction carry the same hash tag ``{...}`` so they
+land on one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "cb"
+
+
+def device_key(iccid: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Hash holding one device's attributes."""
+    return f"{prefix}:{{dev}}:device:{iccid}"
+
+
+def device_ip_key(ip: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """String mapping a SIM's IP address to its ICCID (the SIM-as-an-identity index)."""
+    return f"{prefix}:{{dev}}:ip:{ip}"
+
+
+def device_set_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Set of every registered ICCID (for listing)."""
+    return f"{prefix}:{{dev}}:devices"
+
+
+def dedup_key(ip: str, port: int, mid: int, prefix: str = DEFAULT_PREFIX) -> str:
+    """One CoAP exchange as RFC 7252 §4.5 identifies it: the peer endpoint and the MID."""
+    return f"{prefix}:dd:{ip}:{port}:{mid}"

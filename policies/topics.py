@@ -1,0 +1,56 @@
+"""MQTT topic rules for the ``t`` query parameter (SPEC §3, seeds 000/004).
+
+1–253 characters of ``[A-Za-z0-9_/]``, never two slashes in a row; the whole ``t=<topic>``
+query option is at most 255 bytes. Every violation is a 4.00 on the device side and a 400 on
+the HTTP side.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_TOPIC_LENGTH = 253
+DEFAULT_TOPIC_TEMPLATE = "devices/{iccid}/messages"
+
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_/]{1,253}")
+
+
+class TopicError(ValueError):
+    """The topic given by a device breaks the rules; the message says which one."""
+
+
+def validate_topic(topic: str) -> str:
+    """Return ``topic`` unchanged when it is valid, else raise :class:`TopicError`."""
+    if not topic:
+        raise TopicError("topic is empty")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise TopicError(f"topic is {len(topic)} characters long, at most {MAX_TOPIC_LENGTH}")
+    if _TOPIC_RE.fullmatch(topic) is None:
+        raise TopicError("topic may contain only A-Z, a-z, 0-9, '_' and '/'")
+    if "//" in topic:
+        raise TopicError("topic contains two slashes in a row")
+    return topic
+
+
+def topic_from_queries(queries: list[str]) -> str | None:
+    """Pick the ``t`` parameter out of Uri-Query values (each ``name=value``).
+
+    Returns ``None`` when no ``t`` is present. A second ``t``, or ``t`` without ``=``, is
+    ambiguous and therefore an error.
+    """
+    topic: str | None = None
+    for query in queries:
+        name, sep, value = query.partition("=")
+        if name != "t":
+            continue
+        if not sep:
+            raise TopicError("query 't' has no value")
+        if topic is not None:
+            raise TopicError("query 't' given more than once")
+        topic = validate_topic(value)
+    return topic
+
+
+def render_topic(template: str, *, iccid: str) -> str:
+    """The default topic for a device that sent no ``t``."""
+    return template.format(iccid=iccid)

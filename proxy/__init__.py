@@ -1,0 +1,1 @@
+"""The CoAP front end: codec, messaging layer, transports and forwarding to HTTP."""

@@ -1,0 +1,337 @@
+"""The CoAP messaging layer for a server (RFC 7252 §4), on an asyncio datagram transport.
+
+The protocol object only turns datagrams into events; the per-request work (routing,
+forwarding) is done by a :class:`RequestHandler` passed in. What this layer owns:
+
+- decoding, and the answers to malformed input: a format error in a CON is Reset, in a NON
+  dropped (§4.2, §4.3); an Empty CON ("CoAP ping") is Reset (§4.3);
+- unknown critical options → 4.02 (§5.4.1);
+- deduplication (§4.5) through :class:`ExchangeCache`;
+- piggybacked responses when the handler answers within the ACK window, else an empty ACK and
+  a separate CON response retransmitted with exponential back-off until ACKed or Reset (§4.2,
+  §5.2.2); NON requests get NON responses (§5.2.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+from policies import status
+from proxy.coap import options as opt
+from proxy.coap.codec import (
+    ACK,
+    CON,
+    NON,
+    RST,
+    FormatError,
+    Message,
+    Unreadable,
+    decode,
+    encode_empty,
+    encode_parts,
+    parse_uint,
+)
+from proxy.coap.exchanges import Exchange, ExchangeCache
+
+log = logging.getLogger(__name__)
+
+# RFC 7252 §4.8 default transmission parameters.
+ACK_TIMEOUT = 2.0
+ACK_RANDOM_FACTOR = 1.5
+MAX_RETRANSMIT = 4
+
+Peer = tuple[str, int]
+
+
+@dataclass(slots=True)
+class Request:
+    """A request as the handler sees it: decoded once, options already interpreted."""
+
+    method: int
+    path: str
+    queries: list[str]
+    message: Message
+    peer: Peer
+    content_format: int | None = None
+    accept: int | None = None
+
+
+@dataclass(slots=True)
+class Response:
+    code: int
+    options: list[tuple[int, bytes]] = field(default_factory=list)  # sorted by number
+    payload: bytes = b""
+
+
+class RequestHandler(Protocol):
+    async def handle(self, request: Request) -> Response: ...
+
+
+@dataclass(slots=True)
+class MessagingStats:
+    requests: int = 0
+    duplicates: int = 0
+    format_errors: int = 0
+    separate_responses: int = 0
+    retransmissions: int = 0
+    handler_errors: int = 0
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _interpret(message: Message, peer: Peer) -> Request:
+    """Pick the request options apart; raise :class:`_BadRequest` for 4.02 / 4.00 / 5.05."""
+    path_segments: list[str] = []
+    queries: list[str] = []
+    content_format: int | None = None
+    accept: int | None = None
+    for number, value in message.options:
+        if number == opt.URI_PATH:
+            path_segments.append(_text(value))
+        elif number == opt.URI_QUERY:
+            queries.append(_text(value))
+        elif number == opt.CONTENT_FORMAT:
+            content_format = parse_uint(value)
+        elif number == opt.ACCEPT:
+            accept = parse_uint(value)
+        elif number in (opt.PROXY_URI, opt.PROXY_SCHEME):
+            # We are a reverse proxy (an origin server to the device), not a forward proxy.
+            raise _BadRequest(status.PROXYING_NOT_SUPPORTED)
+        elif number == opt.BLOCK1:
+            # Block-wise transfer of request bodies is not implemented: only a single block
+            # (NUM 0, M 0) is accepted; anything else would need reassembly (RFC 7959 §2.5).
+            block = parse_uint(value)
+            if block >> 3 or block & 0x08:
+                raise _BadRequest(status.BAD_OPTION)
+        elif number & 1 and number not in opt.UNDERSTOOD_CRITICAL:
+            raise _BadRequest(status.BAD_OPTION)
+    return Request(
+        method=message.code,
+        path="/" + "/".join(path_segments),
+        queries=queries,
+        message=message,
+        peer=peer,
+        content_format=content_format,
+        accept=accept,
+    )
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _BadRequest(status.BAD_REQUEST) from None
+
+
+class CoapServerProtocol(asyncio.DatagramProtocol):
+    def __init__(
+        self,
+        handler: RequestHandler,
+        *,
+        exchanges: ExchangeCache | None = None,
+        ack_window: float = 1.0,
+        ack_timeout: float = ACK_TIMEOUT,
+        max_retransmit: int = MAX_RETRANSMIT,
+    ) -> None:
+        self._handler = handler
+        self._exchanges = exchanges if exchanges is not None else ExchangeCache()
+        self._ack_window = ack_window
+        self._ack_timeout = ack_timeout
+        self._max_retransmit = max_retransmit
+        self._transport: asyncio.DatagramTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._next_mid = random.randrange(0x10000)
+        # Separate CON responses awaiting the device's ACK: (ip, port, MID) → retransmit timer.
+        self._awaiting_ack: dict[tuple[str, int, int], asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats = MessagingStats()
+
+    # -- asyncio plumbing -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport is not a DatagramTransport subclass.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in self._awaiting_ack.values():
+            timer.cancel()
+        self._awaiting_ack.clear()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the peer is gone; retransmission gives up itself.
+        log.debug("datagram error: %s", exc)
+
+    async def drain(self) -> None:
+        """Wait for every request being handled (used on shutdown and by tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        try:
+            message = decode(data)
+        except FormatError as exc:
+            self.stats.format_errors += 1
+            if exc.mtype == CON:
+                transport.sendto(encode_empty(RST, exc.mid), addr)
+            return
+        except Unreadable:
+            self.stats.format_errors += 1
+            return
+        mtype = message.mtype
+        code = message.code
+        peer = (addr[0], addr[1])
+        if code == 0:
+            if mtype == CON:
+                transport.sendto(encode_empty(RST, message.mid), addr)
+            elif mtype != NON:
+                self._peer_answered((peer[0], peer[1], message.mid))
+            return
+        if code >= 64:
+            # A response sent to a server: nothing asked for it (§4.2 reject a CON, §4.3 NON).
+            if mtype == CON:
+                transport.sendto(encode_empty(RST, message.mid), addr)
+            elif mtype in (ACK, RST):
+                self._peer_answered((peer[0], peer[1], message.mid))
+            return
+        if mtype >= ACK:
+            # A request can only travel in a CON or NON; an ACK/RST carrying one is malformed
+            # and cannot be answered (§4.2, §4.3).
+            self.stats.format_errors += 1
+            return
+        key = (peer[0], peer[1], message.mid)
+        exchange = self._exchanges.get(key)
+        if exchange is not None:
+            self._duplicate(exchange, message, addr)
+            return
+        self.stats.requests += 1
+        exchange = self._exchanges.add(key, mtype, self._loop.time())
+        try:
+            request = _interpret(message, peer)
+        except _BadRequest as bad:
+            self._respond(exchange, message, addr, Response(bad.code))
+            return
+        task = self._loop.create_task(self._serve(exchange, request, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _duplicate(self, exchange: Exchange, message: Message, addr: tuple[str, int]) -> None:
+        self.stats.duplicates += 1
+        if message.mtype != CON or self._transport is None:
+            return  # duplicate NON: silently ignored (§4.5)
+        if exchange.response is not None:
+            self._transport.sendto(exchange.response, addr)
+        else:
+            # Still being handled: acknowledge so the device stops retransmitting; the answer
+            # follows as a separate response.
+            exchange.acked = True
+            self._transport.sendto(encode_empty(ACK, message.mid), addr)
+
+    # -- handling ---------------------------------------------------------------------------
+
+    async def _serve(self, exchange: Exchange, request: Request, addr: tuple[str, int]) -> None:
+        message = request.message
+        timer: asyncio.TimerHandle | None = None
+        if message.mtype == CON:
+            timer = self._loop.call_later(
+                self._ack_window, self._send_empty_ack, exchange, message.mid, addr
+            )
+        try:
+            response = await self._handler.handle(request)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception(
+                "request handler failed for %s %s", status.code_text(request.method), request.path
+            )
+            response = Response(status.INTERNAL_SERVER_ERROR)
+        if timer is not None:
+            timer.cancel()
+        self._respond(exchange, message, addr, response)
+
+    def _send_empty_ack(self, exchange: Exchange, mid: int, addr: tuple[str, int]) -> None:
+        if exchange.response is None and not exchange.acked and self._transport is not None:
+            exchange.acked = True
+            self._transport.sendto(encode_empty(ACK, mid), addr)
+
+    def _respond(
+        self, exchange: Exchange, message: Message, addr: tuple[str, int], response: Response
+    ) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if message.mtype == CON and not exchange.acked:
+            data = encode_parts(
+                ACK, response.code, message.mid, message.token, response.options, response.payload
+            )
+            exchange.response = data
+            transport.sendto(data, addr)
+            return
+        mid = self._new_mid()
+        if message.mtype == CON:
+            # Separate response (§5.2.2): a CON of its own, retransmitted until ACKed. A
+            # duplicate of the request from now on gets the empty ACK again.
+            self.stats.separate_responses += 1
+            exchange.response = encode_empty(ACK, message.mid)
+            data = encode_parts(
+                CON, response.code, mid, message.token, response.options, response.payload
+            )
+            transport.sendto(data, addr)
+            timeout = self._ack_timeout * random.uniform(1.0, ACK_RANDOM_FACTOR)
+            self._schedule_retransmit((addr[0], addr[1], mid), data, addr, timeout, 0)
+        else:
+            exchange.response = b""  # duplicates of a NON are ignored, never answered
+            data = encode_parts(
+                NON, response.code, mid, message.token, response.options, response.payload
+            )
+            transport.sendto(data, addr)
+
+    def _new_mid(self) -> int:
+        mid = self._next_mid
+        self._next_mid = (mid + 1) & 0xFFFF
+        return mid
+
+    # -- separate-response reliability --------------------------------------------------------
+
+    def _schedule_retransmit(
+        self,
+        key: tuple[str, int, int],
+        data: bytes,
+        addr: tuple[str, int],
+        timeout: float,
+        count: int,
+    ) -> None:
+        self._awaiting_ack[key] = self._loop.call_later(
+            timeout, self._retransmit, key, data, addr, timeout, count
+        )
+
+    def _retransmit(
+        self,
+        key: tuple[str, int, int],
+        data: bytes,
+        addr: tuple[str, int],
+        timeout: float,
+        count: int,
+    ) -> None:
+        if count >= self._max_retransmit or self._transport is None:
+            self._awaiting_ack.pop(key, None)
+            log.info("separate response to %s:%s never acknowledged", addr[0], addr[1])
+            return
+        self.stats.retransmissions += 1
+        self._transport.sendto(data, addr)
+        self._schedule_retransmit(key, data, addr, timeout * 2, count + 1)
+
+    def _peer_answered(self, key: tuple[str, int, int]) -> None:
+        timer = self._awaiting_ack.pop(key, None)
+        if timer is not None:
+            timer.cancel()

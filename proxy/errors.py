@@ -1,0 +1,21 @@
+"""The proxy's own errors; each knows the CoAP code it is answered with."""
+
+from __future__ import annotations
+
+from policies import status
+
+
+class ProxyError(Exception):
+    coap_code: int = status.INTERNAL_SERVER_ERROR
+
+
+class UpstreamUnreachable(ProxyError):
+    """No connection to the backend could be made (SPEC §9: 5.02)."""
+
+    coap_code = status.BAD_GATEWAY
+
+
+class UpstreamTimeout(ProxyError):
+    """The backend did not answer within the configured time (SPEC §9: 5.04)."""
+
+    coap_code = status.GATEWAY_TIMEOUT

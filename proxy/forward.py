@@ -1,0 +1,133 @@
+"""Per-request work: route, check, forward to HTTP, translate the answer (SPEC §3, §9, §10)."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote
+
+from policies import forwarding, media, status
+from policies.routes import Policy, Route
+from policies.topics import TopicError, topic_from_queries
+from proxy.coap import options as opt
+from proxy.coap.codec import uint_bytes
+from proxy.coap.messaging import Request, Response
+from proxy.errors import ProxyError
+from proxy.upstream import Upstream, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+WELL_KNOWN_CORE = "/.well-known/core"
+LINK_FORMAT = 40
+
+
+def _max_age_from_retry_after(value: str | None) -> int | None:
+    """Retry-After in delta-seconds → Max-Age (an HTTP-date is not worth parsing here)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(int(value.strip()), 0xFFFFFFFF)
+
+
+def translate(upstream: UpstreamResponse, method: int) -> Response:
+    """An HTTP answer as a CoAP response. Errors carry no payload (SPEC §3, seed 004)."""
+    code = status.coap_code_for(upstream.status, method)
+    if code >= status.BAD_REQUEST:
+        max_age = (
+            _max_age_from_retry_after(upstream.retry_after)
+            if code == status.SERVICE_UNAVAILABLE
+            else None
+        )
+        options = [(opt.MAX_AGE, uint_bytes(max_age))] if max_age is not None else []
+        return Response(code, options)
+    options = []
+    if upstream.body and upstream.content_type:
+        content_format = media.content_format_for(upstream.content_type)
+        if content_format is not None:
+            options.append((opt.CONTENT_FORMAT, uint_bytes(content_format)))
+    return Response(code, options, upstream.body)
+
+
+class ProxyHandler:
+    """Routes each request by the policy and forwards it through one :class:`Upstream`."""
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        upstream: Upstream,
+        base_url: str,
+        proxy_token: str | None,
+        proto: str = "coap",
+        max_payload: int = 65536,
+    ) -> None:
+        self._policy = policy
+        self._upstream = upstream
+        self._base_url = base_url.rstrip("/")
+        self._proxy_token = proxy_token
+        self._proto = proto
+        self._max_payload = max_payload
+        self._well_known = ",".join(f"<{path}>" for path in policy.routes).encode()
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == WELL_KNOWN_CORE:
+            return self._discovery(request)
+        match = self._policy.match(request.path, request.method)
+        route = match.route
+        if route is None:
+            return Response(match.error)
+        if route.topic_query:
+            try:
+                topic_from_queries(request.queries)
+            except TopicError:
+                return Response(status.BAD_REQUEST)
+        payload = request.message.payload
+        if len(payload) > self._max_payload:
+            return Response(
+                status.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
+            )
+        return await self._forward(request, route)
+
+    def _discovery(self, request: Request) -> Response:
+        """RFC 6690 resource discovery, served by the proxy itself."""
+        if request.method != status.GET:
+            return Response(status.METHOD_NOT_ALLOWED)
+        return Response(
+            status.CONTENT, [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))], self._well_known
+        )
+
+    async def _forward(self, request: Request, route: Route) -> Response:
+        message = request.message
+        ip, port = request.peer
+        url = route.target if route.target.startswith("http") else self._base_url + route.target
+        if request.queries:
+            url += "?" + "&".join(_encode_query(query) for query in request.queries)
+        headers = {
+            forwarding.FORWARDED_HEADER: forwarding.format_forwarded(ip, port, self._proto),
+            forwarding.IDEMPOTENCY_HEADER: forwarding.idempotency_key(
+                ip, port, message.mid, message.token
+            ),
+        }
+        if self._proxy_token is not None:
+            headers[forwarding.TOKEN_HEADER] = self._proxy_token
+        if request.content_format is not None:
+            content_type = media.content_type_for(request.content_format)
+            if content_type is None:
+                return Response(status.UNSUPPORTED_CONTENT_FORMAT)
+            headers["Content-Type"] = content_type
+        if request.accept is not None:
+            accept = media.content_type_for(request.accept)
+            if accept is None:
+                return Response(status.NOT_ACCEPTABLE)
+            headers["Accept"] = accept
+        try:
+            answer = await self._upstream.request(
+                route.http_method_for(request.method), url, headers, message.payload
+            )
+        except ProxyError as exc:
+            log.warning("upstream call failed: %s", exc)
+            return Response(exc.coap_code)
+        return translate(answer, request.method)
+
+
+def _encode_query(query: str) -> str:
+    name, sep, value = query.partition("=")
+    return quote(name, safe="") + sep + quote(value, safe="/")

@@ -1,0 +1,67 @@
+"""Assemble and run the proxy: settings → policy, upstream, handler, UDP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from policies.routes import load_policy
+from proxy.coap.exchanges import ExchangeCache
+from proxy.coap.messaging import CoapServerProtocol
+from proxy.forward import ProxyHandler
+from proxy.settings import ProxySettings
+from proxy.upstream import HttpxUpstream, Upstream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningProxy:
+    transport: asyncio.DatagramTransport
+    protocol: CoapServerProtocol
+    upstream: Upstream
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    async def close(self) -> None:
+        self.transport.close()
+        await self.protocol.drain()
+        await self.upstream.aclose()
+
+
+async def start_proxy(settings: ProxySettings, *, upstream: Upstream | None = None) -> RunningProxy:
+    policy = load_policy(settings.policy)
+    if upstream is None:
+        upstream = HttpxUpstream(
+            timeout=settings.upstream_timeout, max_connections=settings.upstream_connections
+        )
+    handler = ProxyHandler(
+        policy=policy,
+        upstream=upstream,
+        base_url=settings.upstream,
+        proxy_token=settings.proxy_token,
+        max_payload=settings.max_payload,
+    )
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: CoapServerProtocol(
+            handler,
+            exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
+            ack_window=settings.ack_window,
+        ),
+        local_addr=(settings.coap_host, settings.coap_port),
+    )
+    running = RunningProxy(transport=transport, protocol=protocol, upstream=upstream)
+    host, port = running.address
+    log.info(
+        "CoAP proxy listening on udp %s:%s, forwarding to %s (%d routes)",
+        host,
+        port,
+        settings.upstream,
+        len(policy.routes),
+    )
+    return running

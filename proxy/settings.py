@@ -1,0 +1,23 @@
+"""Proxy settings: flags, ``COAP_BRIDGE_*`` environment variables, defaults (in that order)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ProxySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COAP_BRIDGE_", extra="ignore")
+
+    coap_host: str = Field("0.0.0.0", description="Address the CoAP (UDP) listener binds to")
+    coap_port: int = Field(5683, ge=0, le=65535, description="CoAP UDP port")
+    upstream: str = Field("http://127.0.0.1:8080", description="Base URL of the HTTP backend")
+    policy: str | None = Field(None, description="Route policy file (TOML); default: built in")
+    proxy_token: str | None = Field(None, description="Secret presented to the backend")
+    upstream_timeout: float = Field(5.0, gt=0, description="Seconds before 5.04")
+    ack_window: float = Field(
+        1.0, gt=0, description="Seconds before an empty ACK and a separate response"
+    )
+    max_payload: int = Field(65536, gt=0, description="Largest request payload, else 4.13")
+    dedup_max_entries: int = Field(1_000_000, gt=0, description="Cap on remembered exchanges")
+    upstream_connections: int = Field(100, gt=0, description="HTTP connection pool size")

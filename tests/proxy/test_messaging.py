@@ -1,0 +1,228 @@
+"""The messaging layer over real loopback UDP, with a handler of our own in place of forwarding.
+
+The handler is the seam the proxy plugs its forwarding into; here it records the requests it
+got and answers what each test tells it to, so every rule of RFC 7252 §4 can be provoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from policies import status
+from proxy.coap import options as opt
+from proxy.coap.codec import ACK, CON, NON, RST, encode_empty, encode_parts
+from proxy.coap.exchanges import ExchangeCache
+from proxy.coap.messaging import CoapServerProtocol, Request, Response
+from tests.support.coap import RawClient
+
+
+class ScriptedHandler:
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.delay = 0.0
+        self.response = Response(status.CHANGED)
+        self.release: asyncio.Event | None = None
+
+    async def handle(self, request: Request) -> Response:
+        self.requests.append(request)
+        if self.release is not None:
+            await self.release.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self.response
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[CoapServerProtocol, ScriptedHandler, RawClient]]:
+    handler = ScriptedHandler()
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: CoapServerProtocol(handler, ack_window=0.2, ack_timeout=0.2),
+        local_addr=("127.0.0.1", 0),
+    )
+    port = transport.get_extra_info("sockname")[1]
+    client = await RawClient.connect("127.0.0.1", port)
+    yield protocol, handler, client
+    client.close()
+    transport.close()
+    await protocol.drain()
+
+
+def post(mid: int, mtype: int = CON, token: bytes = b"\x01\x02", options=None, payload=b"hi"):
+    return encode_parts(mtype, status.POST, mid, token, options or [(11, b"data")], payload)
+
+
+async def test_con_gets_piggybacked_response_with_token(server) -> None:
+    _, handler, client = server
+    reply = await client.request(post(100, token=b"\xaa\xbb\xcc"))
+    assert (reply.mtype, reply.code, reply.mid, reply.token) == (ACK, status.CHANGED, 100, b"\xaa\xbb\xcc")
+    assert handler.requests[0].path == "/data"
+    assert handler.requests[0].message.payload == b"hi"
+
+
+async def test_non_request_gets_non_response(server) -> None:
+    _, _, client = server
+    reply = await client.request(post(101, mtype=NON, token=b"\x07"))
+    assert reply.mtype == NON
+    assert reply.code == status.CHANGED
+    assert reply.token == b"\x07"
+
+
+async def test_empty_con_is_reset(server) -> None:
+    _, handler, client = server
+    reply = await client.request(encode_empty(CON, 4242))
+    assert (reply.mtype, reply.code, reply.mid) == (RST, 0, 4242)
+    assert handler.requests == []
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        pytest.param(bytes([0x49, 0x02, 0x00, 0x10]) + bytes(9), id="tkl-9"),
+        pytest.param(bytes([0x40, 0x02, 0x00, 0x10, 0xF1, 0x00]), id="delta-nibble-15"),
+        pytest.param(bytes([0x40, 0x02, 0x00, 0x10, 0xB5, 0x61]), id="option-past-end"),
+        pytest.param(bytes([0x40, 0x02, 0x00, 0x10, 0xFF]), id="marker-without-payload"),
+    ],
+)
+async def test_format_error_in_con_is_reset_in_non_dropped(server, datagram: bytes) -> None:
+    _, handler, client = server
+    reply = await client.request(datagram)
+    assert (reply.mtype, reply.mid) == (RST, 0x10)
+    non = bytes([datagram[0] | 0x10]) + datagram[1:]
+    client.send(non)
+    await client.expect_silence()
+    assert handler.requests == []
+
+
+async def test_unknown_critical_option_is_bad_option(server) -> None:
+    _, handler, client = server
+    reply = await client.request(post(102, options=[(11, b"data"), (99, b"x")]))
+    assert (reply.mtype, reply.code, reply.payload) == (ACK, status.BAD_OPTION, b"")
+    assert handler.requests == []
+
+
+async def test_unknown_elective_option_is_ignored(server) -> None:
+    _, handler, client = server
+    reply = await client.request(post(103, options=[(11, b"data"), (98, b"x")]))
+    assert reply.code == status.CHANGED
+    assert len(handler.requests) == 1
+
+
+async def test_proxy_uri_is_proxying_not_supported(server) -> None:
+    _, _, client = server
+    reply = await client.request(post(104, options=[(opt.PROXY_URI, b"coap://elsewhere/")]))
+    assert reply.code == status.PROXYING_NOT_SUPPORTED
+
+
+async def test_duplicate_con_gets_identical_bytes_and_one_handler_call(server) -> None:
+    _, handler, client = server
+    handler.response = Response(status.CONTENT, [(opt.CONTENT_FORMAT, b"")], b"payload")
+    datagram = post(105)
+    first = await client.request(datagram)
+    client.send(datagram)
+    again = await client.recv()
+    assert again == encode_parts(ACK, first.code, 105, first.token, first.options, first.payload)
+    assert len(handler.requests) == 1
+
+
+async def test_duplicate_non_is_ignored(server) -> None:
+    _, handler, client = server
+    datagram = post(106, mtype=NON)
+    await client.request(datagram)
+    client.send(datagram)
+    await client.expect_silence()
+    assert len(handler.requests) == 1
+
+
+async def test_slow_handler_gets_empty_ack_then_separate_con(server) -> None:
+    protocol, handler, client = server
+    handler.delay = 0.5
+    client.send(post(107, token=b"\x55"))
+    empty = await client.recv_message()
+    assert (empty.mtype, empty.code, empty.mid) == (ACK, 0, 107)
+    separate = await client.recv_message()
+    assert (separate.mtype, separate.code, separate.token) == (CON, status.CHANGED, b"\x55")
+    # Not acknowledged: it comes again with the same MID (RFC 7252 §4.2).
+    again = await client.recv_message(timeout=1.0)
+    assert (again.mtype, again.mid) == (CON, separate.mid)
+    client.send(encode_empty(ACK, separate.mid))
+    await client.expect_silence(0.8)
+    assert protocol.stats.separate_responses == 1
+    assert protocol.stats.retransmissions >= 1
+
+
+async def test_duplicate_while_in_flight_is_acked_and_not_handled_twice(server) -> None:
+    _, handler, client = server
+    handler.release = asyncio.Event()
+    datagram = post(108)
+    client.send(datagram)
+    await asyncio.sleep(0.05)
+    client.send(datagram)
+    empty = await client.recv_message()
+    assert (empty.mtype, empty.code, empty.mid) == (ACK, 0, 108)
+    handler.release.set()
+    separate = await client.recv_message()
+    assert (separate.mtype, separate.code) == (CON, status.CHANGED)
+    client.send(encode_empty(ACK, separate.mid))
+    # A later duplicate is acknowledged again (the answer already went separately).
+    client.send(datagram)
+    again = await client.recv_message()
+    assert (again.mtype, again.code, again.mid) == (ACK, 0, 108)
+    assert len(handler.requests) == 1
+
+
+async def test_reset_stops_separate_response_retransmission(server) -> None:
+    protocol, handler, client = server
+    handler.delay = 0.4
+    client.send(post(109))
+    await client.recv_message()  # empty ACK
+    separate = await client.recv_message()
+    client.send(encode_empty(RST, separate.mid))
+    await client.expect_silence(0.8)
+    assert protocol.stats.retransmissions == 0
+
+
+async def test_handler_exception_is_internal_server_error(server) -> None:
+    _, handler, client = server
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    handler.handle = broken  # type: ignore[method-assign]
+    reply = await client.request(post(110))
+    assert reply.code == status.INTERNAL_SERVER_ERROR
+    assert reply.payload == b""
+
+
+def test_exchange_cache_expires_con_and_non_at_their_lifetimes() -> None:
+    cache = ExchangeCache(exchange_lifetime=247.0, non_lifetime=145.0)
+    cache.add(("a", 1, 1), CON, now=0.0)
+    cache.add(("a", 1, 2), NON, now=0.0)
+    cache.expire(144.9)
+    assert len(cache) == 2
+    cache.expire(145.0)
+    assert cache.get(("a", 1, 2)) is None
+    assert cache.get(("a", 1, 1)) is not None
+    cache.expire(247.0)
+    assert len(cache) == 0
+
+
+def test_exchange_cache_is_bounded_and_evicts_oldest_first() -> None:
+    cache = ExchangeCache(max_entries=3)
+    for mid in range(5):
+        cache.add(("a", 1, mid), CON, now=float(mid))
+    assert len(cache) == 3
+    assert [cache.get(("a", 1, mid)) is not None for mid in range(5)] == [False, False, True, True, True]
+
+
+def test_exchange_cache_memory_stays_flat_for_a_device_sending_forever() -> None:
+    # A new request every 5 s for a simulated ~58 days: only the last 247 s are remembered.
+    cache = ExchangeCache()
+    for n in range(1_000_000):
+        cache.add(("10.0.0.1", 5683, n & 0xFFFF), CON, now=n * 5.0)
+        if cache.get(("10.0.0.1", 5683, (n + 1) & 0xFFFF)) is not None:
+            raise AssertionError("a MID reused after the lifetime was still remembered")
+    assert len(cache) <= 50
