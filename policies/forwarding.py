@@ -17,8 +17,8 @@ IDENTITY_HEADER = "X-Bridge-Identity"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 FORWARDED_HEADER = "Forwarded"
 
-_FOR_RE = re.compile(r'(?:^|[;,\s])for="?(\[[^\]]+\]|[^";,]+)"?', re.IGNORECASE)
-_PROTO_RE = re.compile(r'(?:^|[;,\s])proto="?([A-Za-z][A-Za-z0-9+.-]*)"?', re.IGNORECASE)
+_PARAM_RE = re.compile(r'(?:^|;)\s*([A-Za-z]+)=("[^"]*"|[^;,]*)')
+_ASCII_DIGITS = frozenset("0123456789")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,30 +36,43 @@ def format_forwarded(ip: str, port: int, proto: str = "coap") -> str:
     return f'for="{host}:{port}";proto={proto}'
 
 
-def parse_forwarded(value: str) -> Origin | None:
-    """Parse the first ``for=``/``proto=`` pair; ``None`` when there is no usable address."""
-    first = value.split(",", 1)[0]
-    match = _FOR_RE.search(first)
-    if match is None:
+def _port(text: str) -> int | None:
+    if not text or not set(text) <= _ASCII_DIGITS or len(text) > 5:
         return None
-    node = match.group(1)
-    port = 0
-    if node.startswith("["):
-        host, _, rest = node[1:].partition("]")
-        if rest.startswith(":") and rest[1:].isdigit():
-            port = int(rest[1:])
-    elif node.count(":") == 1:
-        host, _, port_text = node.partition(":")
-        if port_text.isdigit():
-            port = int(port_text)
-    else:
-        host = node
+    port = int(text)
+    return port if port <= 65535 else None
+
+
+def _node(value: str) -> tuple[str, int] | None:
+    """``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port`` (RFC 7239 §6) → (ip, port or 0)."""
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket:
+            return None
+        if not rest:
+            return host, 0
+        port = _port(rest[1:]) if rest.startswith(":") else None
+        return None if port is None else (host, port)
+    if value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        port = _port(port_text)
+        return None if port is None else (host, port)
+    return value, 0
+
+
+def parse_forwarded(value: str) -> Origin | None:
+    """Parse the first element's ``for=``/``proto=``; ``None`` when there is no usable address."""
+    first = value.split(",", 1)[0]
+    params = {name.lower(): raw.strip('"') for name, raw in _PARAM_RE.findall(first.strip())}
+    node = _node(params.get("for", ""))
+    if node is None:
+        return None
+    host, port = node
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError:
         return None
-    proto_match = _PROTO_RE.search(first)
-    proto = proto_match.group(1).lower() if proto_match else "coap"
+    proto = params.get("proto", "coap").lower() or "coap"
     return Origin(ip=ip, port=port, proto=proto)
 
 

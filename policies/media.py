@@ -20,6 +20,7 @@ CONTENT_FORMATS: dict[int, str] = {
 
 _BY_MEDIA_TYPE: dict[str, int] = {
     "text/plain": 0,
+    "application/cose": 16,
     "text/csv": 0,  # CSV bodies are served as text/plain (SPEC §3)
     "application/link-format": 40,
     "application/xml": 41,
@@ -42,6 +43,17 @@ def content_type_for(content_format: int) -> str | None:
 
 
 def content_format_for(content_type: str) -> int | None:
-    """CoAP Content-Format for an HTTP Content-Type (parameters ignored except text's charset)."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
+    """CoAP Content-Format for an HTTP Content-Type.
+
+    Parameters are ignored except a text charset: Content-Format 0 means UTF-8, so text in
+    another charset has no Content-Format (US-ASCII is a subset of UTF-8 and is accepted).
+    """
+    media_type, _, params = content_type.partition(";")
+    media_type = media_type.strip().lower()
+    if media_type.startswith("text/"):
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            charset = value.strip().strip('"').lower()
+            if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8", "us-ascii"):
+                return None
     return _BY_MEDIA_TYPE.get(media_type)

@@ -15,6 +15,16 @@ from policies import status
 
 _METHODS_BY_NAME = {name: number for number, name in status.METHOD_NAMES.items()}
 _HTTP_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH"}
+# CoAP methods with an HTTP method of the same meaning (RFC 8132: iPATCH is an idempotent
+# PATCH). FETCH has none, so a route serving it must name its http_method.
+_HTTP_TWIN = {
+    status.GET: "GET",
+    status.POST: "POST",
+    status.PUT: "PUT",
+    status.DELETE: "DELETE",
+    status.PATCH: "PATCH",
+    status.IPATCH: "PATCH",
+}
 
 
 class PolicyError(ValueError):
@@ -30,8 +40,8 @@ class Route:
     topic_query: bool = False
 
     def http_method_for(self, coap_method: int) -> str:
-        """The HTTP method to call: the configured one, else the CoAP method's name."""
-        return self.http_method or status.METHOD_NAMES[coap_method].upper()
+        """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
+        return self.http_method or _HTTP_TWIN[coap_method]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,8 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     http_method = raw.get("http_method")
     if http_method is not None and str(http_method).upper() not in _HTTP_METHODS:
         raise PolicyError(f"{where}: 'http_method' must be one of {sorted(_HTTP_METHODS)}")
+    if http_method is None and not numbers <= set(_HTTP_TWIN):
+        raise PolicyError(f"{where}: a route serving FETCH must set 'http_method'")
     topic_query = raw.get("topic_query", False)
     if not isinstance(topic_query, bool):
         raise PolicyError(f"{where}: 'topic_query' must be true or false")

@@ -58,7 +58,12 @@ def post(mid: int, mtype: int = CON, token: bytes = b"\x01\x02", options=None, p
 async def test_con_gets_piggybacked_response_with_token(server) -> None:
     _, handler, client = server
     reply = await client.request(post(100, token=b"\xaa\xbb\xcc"))
-    assert (reply.mtype, reply.code, reply.mid, reply.token) == (ACK, status.CHANGED, 100, b"\xaa\xbb\xcc")
+    assert (reply.mtype, reply.code, reply.mid, reply.token) == (
+        ACK,
+        status.CHANGED,
+        100,
+        b"\xaa\xbb\xcc",
+    )
     assert handler.requests[0].path == "/data"
     assert handler.requests[0].message.payload == b"hi"
 
@@ -215,7 +220,13 @@ def test_exchange_cache_is_bounded_and_evicts_oldest_first() -> None:
     for mid in range(5):
         cache.add(("a", 1, mid), CON, now=float(mid))
     assert len(cache) == 3
-    assert [cache.get(("a", 1, mid)) is not None for mid in range(5)] == [False, False, True, True, True]
+    assert [cache.get(("a", 1, mid)) is not None for mid in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
 
 
 def test_exchange_cache_memory_stays_flat_for_a_device_sending_forever() -> None:

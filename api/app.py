@@ -1,0 +1,120 @@
+"""The FastAPI application factory of the HTTP backend.
+
+``create_app(settings)`` builds an app whose lifespan creates (unless given) and closes the
+device store and the MQTT publisher. For ``uvicorn --factory`` there is
+:func:`create_app_from_env`; :func:`build_server` gives the launcher an in-process server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
+
+from api.errors import install_error_handler
+from api.publisher import MqttPublisher, Publisher
+from api.routes import devices, ingest
+from api.settings import ApiSettings
+from api.store.base import DeviceStore
+from api.store.memory import MemoryDeviceStore
+from api.store.redis_store import RedisDeviceStore
+
+_TAGS = [
+    {"name": "ingest", "description": "Device telemetry from the proxy to MQTT (SPEC §8)."},
+    {"name": "devices", "description": "Device registry: SIMs by iccid and ip (SPEC §2)."},
+    {"name": "health", "description": "Liveness and dependency state."},
+]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    mqtt: Literal["connected", "disconnected"]
+    store: str
+
+
+def build_store(settings: ApiSettings) -> DeviceStore:
+    """Redis when ``redis_url`` is set (shared by replicas), else memory (one process)."""
+    if settings.redis_url:
+        return RedisDeviceStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    return MemoryDeviceStore()
+
+
+def create_app(
+    settings: ApiSettings,
+    *,
+    store: DeviceStore | None = None,
+    publisher: Publisher | None = None,
+) -> FastAPI:
+    """Build the API. A given ``store``/``publisher`` is used as is and left open at shutdown
+    (its owner closes it); the ones built here are closed by the lifespan.
+
+    The app starts even when the broker is down: the publisher keeps reconnecting and
+    ``/ingest`` answers 503 until it is back.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as owned:
+            app.state.store = store
+            if store is None:
+                built_store = build_store(settings)
+                owned.push_async_callback(built_store.close)
+                app.state.store = built_store
+            app.state.publisher = publisher
+            if publisher is None:
+                mqtt = MqttPublisher.from_settings(settings)
+                owned.push_async_callback(mqtt.close)
+                await mqtt.start()
+                app.state.publisher = mqtt
+            yield
+
+    app = FastAPI(
+        title="coap-bridge API",
+        summary="HTTP backend of coap-bridge: device telemetry to MQTT and the device registry.",
+        version="0.1.0",
+        openapi_tags=_TAGS,
+        lifespan=lifespan,
+    )
+    # Set before the lifespan runs, so a test transport that skips the lifespan still works
+    # when it passes store and publisher in.
+    app.state.settings = settings
+    app.state.store = store
+    app.state.publisher = publisher
+    install_error_handler(app)
+    app.include_router(ingest.router)
+    app.include_router(devices.router)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness and dependency state")
+    async def healthz(request: Request) -> Health:
+        current_store: DeviceStore | None = request.app.state.store
+        current_publisher: Publisher | None = request.app.state.publisher
+        connected = current_publisher is not None and current_publisher.connected
+        return Health(
+            mqtt="connected" if connected else "disconnected",
+            store=current_store.kind if current_store is not None else "none",
+        )
+
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """``uvicorn --factory api.app:create_app_from_env``: settings from ``COAP_BRIDGE_*``."""
+    return create_app(ApiSettings())
+
+
+def build_server(app: FastAPI, settings: ApiSettings, **config: object) -> uvicorn.Server:
+    """A uvicorn server for ``app`` on ``settings.api_host:api_port``; run it with
+    ``await server.serve()`` next to other tasks (the launcher runs the proxy alongside)."""
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="info",
+            **config,  # type: ignore[arg-type]
+        )
+    )

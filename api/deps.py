@@ -1,0 +1,77 @@
+"""FastAPI dependencies: shared objects from ``app.state`` and the two kinds of caller auth.
+
+Shared state is passed in by :func:`api.app.create_app`, never global; tests swap any of it
+with ``app.dependency_overrides``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from api.errors import NotAuthenticated, NotConfigured, ProxyForbidden
+from api.publisher import Publisher
+from api.settings import ApiSettings
+from api.store.base import DeviceStore
+from policies.forwarding import TOKEN_HEADER
+
+
+def get_settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> DeviceStore:
+    store: DeviceStore = request.app.state.store
+    return store
+
+
+def get_publisher(request: Request) -> Publisher:
+    publisher: Publisher = request.app.state.publisher
+    return publisher
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+StoreDep = Annotated[DeviceStore, Depends(get_store)]
+PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+
+# auto_error=False: these only declare the schemes for /docs; the checks below raise project
+# errors so every failure has the same JSON body.
+_bearer = HTTPBearer(auto_error=False, description="Management API key")
+_proxy_token = APIKeyHeader(
+    name=TOKEN_HEADER, auto_error=False, description="Shared token of the coap-bridge proxy"
+)
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    # Constant-time, so response timing does not reveal how much of a guess was right.
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def require_api_key(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Management endpoints: ``Authorization: Bearer <api_key>``."""
+    if settings.api_key is None:
+        raise NotConfigured("management API disabled: no API key is configured")
+    if (
+        credentials is None
+        or credentials.scheme.lower() != "bearer"
+        or not _same_secret(credentials.credentials, settings.api_key)
+    ):
+        raise NotAuthenticated()
+
+
+async def require_proxy(
+    settings: SettingsDep,
+    token: Annotated[str | None, Depends(_proxy_token)],
+) -> None:
+    """Endpoints that trust device identity headers: only the proxy may call them (SPEC §10)."""
+    if settings.proxy_token is None:
+        raise NotConfigured("ingest disabled: no proxy token configured")
+    if token is None or not _same_secret(token, settings.proxy_token):
+        raise ProxyForbidden()

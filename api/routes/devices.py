@@ -1,0 +1,120 @@
+"""``/devices``: the management API of the device registry (SPEC §2), behind a Bearer key.
+
+Answers are :class:`DeviceOut`, which has no ``psk`` field: the key is a secret that only the
+bootstrap flow hands out, so no listing or lookup can leak it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from api.deps import StoreDep, require_api_key
+from api.errors import DeviceNotFound, IpInUse
+from api.store.base import Device, DeviceStatus, Iccid, IpAddress
+
+router = APIRouter(prefix="/devices", tags=["devices"], dependencies=[Depends(require_api_key)])
+
+_AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or invalid bearer API key"},
+    503: {"description": "no API key is configured, or the device store is unavailable"},
+}
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"iccid": "8988280666000000001", "ip": "10.0.0.7", "status": "active"}]
+        },
+    )
+
+    iccid: Iccid
+    ip: IpAddress
+    status: DeviceStatus = "active"
+
+
+class DevicePatch(BaseModel):
+    """Only the fields present change; ``null`` is refused rather than meaning "unset"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ip: IpAddress | None = None
+    status: DeviceStatus | None = None
+
+    @field_validator("ip", "status")
+    @classmethod
+    def _not_null(cls, value: str | None) -> str | None:
+        # Defaults are not validated, so this only sees an explicit null.
+        if value is None:
+            raise ValueError("may not be null")
+        return value
+
+
+class DeviceOut(BaseModel):
+    iccid: str
+    ip: str
+    status: DeviceStatus
+    psk_user_set: bool | None = None
+    last_bootstrap_at: datetime | None = None
+    terms_accepted: bool | None = None
+
+    @classmethod
+    def of(cls, device: Device) -> DeviceOut:
+        return cls.model_validate(device.model_dump(exclude={"psk"}))
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Register a device",
+    responses=_AUTH_RESPONSES | {409: {"description": "iccid exists or ip in use"}},
+)
+async def create_device(body: DeviceCreate, store: StoreDep) -> DeviceOut:
+    device = await store.create(Device(iccid=body.iccid, ip=body.ip, status=body.status))
+    return DeviceOut.of(device)
+
+
+@router.get("", summary="List devices", responses=_AUTH_RESPONSES)
+async def list_devices(store: StoreDep) -> list[DeviceOut]:
+    return [DeviceOut.of(device) for device in await store.list()]
+
+
+@router.get(
+    "/{iccid}",
+    summary="Get one device",
+    responses=_AUTH_RESPONSES | {404: {"description": DeviceNotFound.default_message}},
+)
+async def get_device(iccid: str, store: StoreDep) -> DeviceOut:
+    device = await store.get(iccid)
+    if device is None:
+        raise DeviceNotFound(f"device {iccid} not found")
+    return DeviceOut.of(device)
+
+
+@router.patch(
+    "/{iccid}",
+    summary="Change a device's ip or status",
+    responses=_AUTH_RESPONSES
+    | {
+        404: {"description": DeviceNotFound.default_message},
+        409: {"description": IpInUse.default_message},
+    },
+)
+async def patch_device(iccid: str, body: DevicePatch, store: StoreDep) -> DeviceOut:
+    device = await store.update(iccid, **body.model_dump(exclude_unset=True))
+    return DeviceOut.of(device)
+
+
+@router.delete(
+    "/{iccid}",
+    status_code=204,
+    summary="Delete a device",
+    responses=_AUTH_RESPONSES | {404: {"description": DeviceNotFound.default_message}},
+)
+async def delete_device(iccid: str, store: StoreDep) -> Response:
+    await store.delete(iccid)
+    return Response(status_code=204)

@@ -1,0 +1,228 @@
+"""Device store in Redis, shared by every API replica and read by the proxy (SPEC §1, §12).
+
+Key schema from :mod:`policies.keys`: a hash per device, a string ``ip → iccid`` (the
+SIM-as-an-identity index) and a set of all iccids. Writes run as optimistic transactions
+(WATCH/MULTI/EXEC) that watch the device hash and the ip key they claim, so two concurrent
+writers can never both take one ip nor leave an index entry pointing at the wrong device.
+
+Redis exceptions never leave this module: they become :class:`api.errors.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
+from api.store.base import Device, normalise_ip
+from policies.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key
+
+# Contention on one device is rare (a management call racing another); a handful of retries
+# settles it, and a hot loop against a misbehaving server must end.
+_MAX_TRANSACTION_ATTEMPTS = 16
+
+
+def _to_hash(device: Device) -> tuple[dict[str, str], builtins.list[str]]:
+    """Fields to HSET and the names of unset optional fields to HDEL."""
+    values: dict[str, str] = {}
+    absent: builtins.list[str] = []
+    for name, value in device.model_dump().items():
+        if value is None:
+            absent.append(name)
+        elif isinstance(value, bool):
+            values[name] = "1" if value else "0"
+        elif isinstance(value, datetime):
+            values[name] = value.isoformat()
+        else:
+            values[name] = str(value)
+    return values, absent
+
+
+def _text(value: bytes | str) -> str:
+    # The client is built with decode_responses=True; redis-py's types cannot express that.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _from_hash(raw: Mapping[bytes | str, bytes | str]) -> Device:
+    # Fields this version does not model (SPEC §2 lists more, e.g. location) are skipped so a
+    # hash written by a newer replica still loads. pydantic's lax mode turns "1"/"0" into
+    # booleans and ISO strings into datetimes.
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    return Device.model_validate({k: v for k, v in fields.items() if k in Device.model_fields})
+
+
+def _begin(pipe: Pipeline) -> None:
+    """MULTI after the WATCHed reads (redis-py leaves ``multi`` unannotated)."""
+    pipe.multi()  # type: ignore[no-untyped-call]
+
+
+class RedisDeviceStore:
+    """:class:`api.store.base.DeviceStore` on Redis."""
+
+    def __init__(self, redis: Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self._redis = redis
+        self._prefix = prefix
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisDeviceStore:
+        """A store with its own connection pool; nothing connects until the first command."""
+        redis = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            # One immediate retry heals a pooled connection that a Redis restart closed; the
+            # library default (10 retries with backoff) would hold a request for seconds when
+            # Redis is really down, where a quick 503 lets the device retry instead.
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(redis, prefix=prefix)
+
+    @property
+    def kind(self) -> str:
+        return "redis"
+
+    @asynccontextmanager
+    async def _translated(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise StoreUnavailable(f"device store unavailable: {exc}") from exc
+        except OSError as exc:  # e.g. a socket error that redis-py did not wrap
+            raise StoreUnavailable(f"device store unavailable: {exc}") from exc
+
+    def _dkey(self, iccid: str) -> str:
+        return device_key(iccid, self._prefix)
+
+    def _ipkey(self, ip: str) -> str:
+        return device_ip_key(ip, self._prefix)
+
+    async def get(self, iccid: str) -> Device | None:
+        async with self._translated():
+            raw = await self._redis.hgetall(self._dkey(iccid))
+        return _from_hash(raw) if raw else None
+
+    async def get_by_ip(self, ip: str) -> Device | None:
+        try:
+            ip = normalise_ip(ip)
+        except ValueError:
+            return None
+        async with self._translated():
+            iccid = await self._redis.get(self._ipkey(ip))
+            if iccid is None:
+                return None
+            raw = await self._redis.hgetall(self._dkey(_text(iccid)))
+        if not raw:
+            return None
+        device = _from_hash(raw)
+        # Between the two reads the device may have moved to another ip; the index read is
+        # then stale and the answer is "nobody has this ip".
+        return device if device.ip == ip else None
+
+    async def list(self) -> builtins.list[Device]:
+        async with self._translated():
+            members = await self._redis.smembers(device_set_key(self._prefix))
+            iccids = sorted(_text(member) for member in members)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for iccid in iccids:
+                    pipe.hgetall(self._dkey(iccid))
+                raws: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
+        return [_from_hash(raw) for raw in raws if raw]
+
+    async def _transaction(self, body: Any) -> Any:
+        """Run ``body(pipe)`` until EXEC succeeds; ``body`` WATCHes, reads, then MULTI."""
+        async with self._translated():
+            for _ in range(_MAX_TRANSACTION_ATTEMPTS):
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    try:
+                        return await body(pipe)
+                    except WatchError:
+                        continue
+        raise StoreUnavailable("device store too busy: transaction kept conflicting")
+
+    async def create(self, device: Device) -> Device:
+        dkey, ipkey = self._dkey(device.iccid), self._ipkey(device.ip)
+        values, _ = _to_hash(device)
+
+        async def body(pipe: Pipeline) -> Device:
+            await pipe.watch(dkey, ipkey)
+            if await pipe.exists(dkey):
+                raise DeviceExists(f"device {device.iccid} already exists")
+            owner = await pipe.get(ipkey)
+            if owner is not None:
+                raise IpInUse(f"ip {device.ip} is already used by device {_text(owner)}")
+            _begin(pipe)
+            pipe.hset(dkey, mapping=values)  # type: ignore[arg-type]
+            pipe.set(ipkey, device.iccid)
+            pipe.sadd(device_set_key(self._prefix), device.iccid)
+            await pipe.execute()
+            return device
+
+        result: Device = await self._transaction(body)
+        return result
+
+    async def update(self, iccid: str, **changes: Any) -> Device:
+        dkey = self._dkey(iccid)
+
+        async def body(pipe: Pipeline) -> Device:
+            await pipe.watch(dkey)
+            raw = await pipe.hgetall(dkey)
+            if not raw:
+                raise DeviceNotFound(f"device {iccid} not found")
+            current = _from_hash(raw)
+            updated = current.with_changes(**changes)
+            if updated.iccid != iccid:
+                raise ValueError("the iccid of a device cannot change")
+            moved = updated.ip != current.ip
+            new_ipkey = self._ipkey(updated.ip)
+            if moved:
+                await pipe.watch(new_ipkey)
+                owner = await pipe.get(new_ipkey)
+                if owner is not None and _text(owner) != iccid:
+                    raise IpInUse(f"ip {updated.ip} is already used by device {_text(owner)}")
+            values, absent = _to_hash(updated)
+            _begin(pipe)
+            pipe.hset(dkey, mapping=values)  # type: ignore[arg-type]
+            if absent:
+                pipe.hdel(dkey, *absent)
+            if moved:
+                pipe.delete(self._ipkey(current.ip))
+                pipe.set(new_ipkey, iccid)
+            await pipe.execute()
+            return updated
+
+        result: Device = await self._transaction(body)
+        return result
+
+    async def delete(self, iccid: str) -> None:
+        dkey = self._dkey(iccid)
+
+        async def body(pipe: Pipeline) -> None:
+            await pipe.watch(dkey)
+            ip = await pipe.hget(dkey, "ip")
+            if ip is None:
+                raise DeviceNotFound(f"device {iccid} not found")
+            ipkey = self._ipkey(_text(ip))
+            await pipe.watch(ipkey)
+            owner = await pipe.get(ipkey)
+            _begin(pipe)
+            pipe.delete(dkey)
+            pipe.srem(device_set_key(self._prefix), iccid)
+            if owner is not None and _text(owner) == iccid:
+                pipe.delete(ipkey)
+            await pipe.execute()
+
+        await self._transaction(body)
+
+    async def close(self) -> None:
+        async with self._translated():
+            await self._redis.aclose()

@@ -1,0 +1,114 @@
+"""MqttPublisher against a real mosquitto: PUBACK semantics, outages, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from api.errors import BrokerUnavailable
+from api.publisher import MqttPublisher
+from tests.support.mqtt import subscribed
+from tests.support.services import MosquittoServer, free_port
+
+
+async def _wait_disconnected(publisher: MqttPublisher) -> None:
+    for _ in range(200):
+        if not publisher.connected:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("publisher did not notice the broker going away")
+
+
+@pytest.fixture
+async def slow_retry_publisher(mosquitto: MosquittoServer) -> AsyncIterator[MqttPublisher]:
+    # A backoff far longer than the test: only the publish-triggered attempt can reconnect.
+    publisher = MqttPublisher(host="127.0.0.1", port=mosquitto.port, min_backoff=60, max_backoff=60)
+    await publisher.start()
+    assert publisher.connected
+    try:
+        yield publisher
+    finally:
+        await publisher.close()
+
+
+async def test_publish_returns_after_puback_and_delivers(
+    mosquitto: MosquittoServer, slow_retry_publisher: MqttPublisher
+) -> None:
+    async with subscribed(mosquitto.url, "pub/one") as sub:
+        await slow_retry_publisher.publish("pub/one", b"\x00\x01", {"iccid": "1"})
+        [message] = await sub.wait_for(1)
+    assert message.payload == b"\x00\x01"
+    assert message.properties is not None
+    assert message.properties.UserProperty == [("iccid", "1")]
+
+
+async def test_first_publish_after_broker_restart_reconnects_at_once(
+    mosquitto: MosquittoServer, slow_retry_publisher: MqttPublisher
+) -> None:
+    mosquitto.stop()
+    await _wait_disconnected(slow_retry_publisher)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="not connected"):
+        await slow_retry_publisher.publish("pub/restart", b"lost", {})
+    # Bounded by the reconnect wait, not by the publish timeout or the backoff.
+    assert time.monotonic() - started < 2.5
+    mosquitto.start()
+    async with subscribed(mosquitto.url, "pub/restart") as sub:
+        await slow_retry_publisher.publish("pub/restart", b"back", {})
+        [message] = await sub.wait_for(1)
+        await sub.assert_silent(0.2)
+    assert message.payload == b"back"
+    assert slow_retry_publisher.connected
+
+
+async def test_start_does_not_fail_without_broker() -> None:
+    publisher = MqttPublisher(host="127.0.0.1", port=free_port(), reconnect_wait=0.2)
+    await publisher.start()
+    try:
+        assert not publisher.connected
+        with pytest.raises(BrokerUnavailable):
+            await publisher.publish("x", b"x", {})
+    finally:
+        await publisher.close()
+
+
+async def test_publish_before_start_is_broker_unavailable() -> None:
+    publisher = MqttPublisher(host="127.0.0.1", port=free_port())
+    with pytest.raises(BrokerUnavailable, match="not running"):
+        await publisher.publish("x", b"x", {})
+
+
+async def test_missing_puback_times_out_as_broker_unavailable(
+    mosquitto: MosquittoServer,
+) -> None:
+    publisher = MqttPublisher(host="127.0.0.1", port=mosquitto.port, publish_timeout=0.5)
+    await publisher.start()
+    try:
+        mosquitto.pause()
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=r"no PUBACK within 0\.5 s"):
+            await publisher.publish("pub/hung", b"x", {})
+        assert 0.4 < time.monotonic() - started < 1.5
+    finally:
+        mosquitto.resume()
+        await publisher.close()
+
+
+async def test_puback_waits_are_concurrent(mosquitto: MosquittoServer) -> None:
+    # With a hung broker, 50 publishes must all time out together, not one after another.
+    hung = MqttPublisher(host="127.0.0.1", port=mosquitto.port, publish_timeout=0.5)
+    await hung.start()
+    try:
+        mosquitto.pause()
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(hung.publish(f"pub/c{n}", b"x", {}) for n in range(50)), return_exceptions=True
+        )
+        assert all(isinstance(r, BrokerUnavailable) for r in results)
+        assert time.monotonic() - started < 1.5
+    finally:
+        mosquitto.resume()
+        await hung.close()

@@ -1,0 +1,48 @@
+"""Fixtures shared by every test suite: real Redis and Mosquitto processes.
+
+``redis_server`` (function scope; one process per session) -> ``RedisServer``
+    ``.url``, ``.port``, ``.stop()``, ``.start()``; flushed and running when a test starts.
+``mosquitto`` (function scope; one process per session) -> ``MosquittoServer``
+    ``.url``, ``.port``, ``.stop()``, ``.start()`` (same port), ``.pause()``, ``.resume()``;
+    running when a test starts, resumed/restarted afterwards if the test left it down.
+
+Both classes live in ``tests.support.services``.
+
+To watch a topic see ``tests.support.mqtt`` (``subscribed``, ``collect``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.services import MosquittoServer, RedisServer
+
+
+@pytest.fixture(scope="session")
+def _redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def _mosquitto_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
+    with MosquittoServer(tmp_path_factory.mktemp("mosquitto")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(_redis_process: RedisServer) -> Iterator[RedisServer]:
+    _redis_process.start()
+    _redis_process.flushall()
+    yield _redis_process
+    _redis_process.start()
+
+
+@pytest.fixture
+def mosquitto(_mosquitto_process: MosquittoServer) -> Iterator[MosquittoServer]:
+    _mosquitto_process.start()
+    yield _mosquitto_process
+    _mosquitto_process.resume()
+    _mosquitto_process.start()

@@ -1,0 +1,158 @@
+"""The HTTP → CoAP status table (SPEC §9), one case per row and per fallback class."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policies.status import (
+    DELETE,
+    FETCH,
+    GET,
+    HTTP_TO_COAP,
+    IPATCH,
+    METHOD_NAMES,
+    PATCH,
+    POST,
+    PUT,
+    coap_code_for,
+    code,
+    code_text,
+)
+
+ALL_METHODS = sorted(METHOD_NAMES)
+
+# (HTTP status, CoAP request method, expected CoAP code as "c.dd"), straight from SPEC §9.
+METHOD_DEPENDENT_ROWS = [
+    pytest.param(200, GET, "2.05", id="200-GET"),
+    pytest.param(200, FETCH, "2.05", id="200-FETCH"),
+    pytest.param(200, DELETE, "2.05", id="200-DELETE"),
+    pytest.param(200, POST, "2.04", id="200-POST"),
+    pytest.param(200, PUT, "2.04", id="200-PUT"),
+    pytest.param(204, GET, "2.04", id="204-GET"),
+    pytest.param(204, POST, "2.04", id="204-POST"),
+    pytest.param(204, PUT, "2.04", id="204-PUT"),
+    pytest.param(204, DELETE, "2.02", id="204-DELETE"),
+]
+
+# Rows that do not depend on the method.
+FIXED_ROWS = [
+    pytest.param(201, "2.01", id="201"),
+    pytest.param(304, "2.03", id="304"),
+    pytest.param(400, "4.00", id="400"),
+    pytest.param(401, "4.01", id="401"),
+    pytest.param(403, "4.03", id="403"),
+    pytest.param(404, "4.04", id="404"),
+    pytest.param(405, "4.05", id="405"),
+    pytest.param(406, "4.06", id="406"),
+    pytest.param(412, "4.12", id="412"),
+    pytest.param(413, "4.13", id="413"),
+    pytest.param(415, "4.15", id="415"),
+    pytest.param(429, "4.29", id="429"),
+    pytest.param(500, "5.00", id="500"),
+    pytest.param(501, "5.01", id="501"),
+    pytest.param(502, "5.02", id="502"),
+    pytest.param(503, "5.03", id="503"),
+    pytest.param(504, "5.04", id="504"),
+]
+
+# Fallback classes: other 4xx → 4.00, other 5xx → 5.00, 1xx and other 3xx → 5.02.
+FALLBACK_ROWS = [
+    pytest.param(402, "4.00", id="other-4xx-402"),
+    pytest.param(407, "4.00", id="other-4xx-407"),
+    pytest.param(408, "4.00", id="other-4xx-408"),
+    pytest.param(409, "4.00", id="other-4xx-409"),
+    pytest.param(410, "4.00", id="other-4xx-410"),
+    pytest.param(411, "4.00", id="other-4xx-411"),
+    pytest.param(414, "4.00", id="other-4xx-414"),
+    pytest.param(422, "4.00", id="other-4xx-422"),
+    pytest.param(428, "4.00", id="other-4xx-428"),
+    pytest.param(431, "4.00", id="other-4xx-431"),
+    pytest.param(499, "4.00", id="other-4xx-499"),
+    pytest.param(505, "5.00", id="other-5xx-505"),
+    pytest.param(507, "5.00", id="other-5xx-507"),
+    pytest.param(511, "5.00", id="other-5xx-511"),
+    pytest.param(599, "5.00", id="other-5xx-599"),
+    pytest.param(100, "5.02", id="1xx-100"),
+    pytest.param(101, "5.02", id="1xx-101"),
+    pytest.param(103, "5.02", id="1xx-103"),
+    pytest.param(300, "5.02", id="other-3xx-300"),
+    pytest.param(301, "5.02", id="other-3xx-301"),
+    pytest.param(302, "5.02", id="other-3xx-302"),
+    pytest.param(303, "5.02", id="other-3xx-303"),
+    pytest.param(307, "5.02", id="other-3xx-307"),
+    pytest.param(308, "5.02", id="other-3xx-308"),
+]
+
+
+@pytest.mark.parametrize(("http_status", "method", "expected"), METHOD_DEPENDENT_ROWS)
+def test_method_dependent_rows(http_status: int, method: int, expected: str) -> None:
+    assert code_text(coap_code_for(http_status, method)) == expected
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize(("http_status", "expected"), FIXED_ROWS + FALLBACK_ROWS)
+def test_method_independent_rows(http_status: int, expected: str, method: int) -> None:
+    assert code_text(coap_code_for(http_status, method)) == expected
+
+
+@pytest.mark.parametrize(("http_status", "expected"), FIXED_ROWS)
+def test_explicit_rows_are_data(http_status: int, expected: str) -> None:
+    # The table itself (not only the function) carries each explicit row, so a policy that
+    # reads or overrides the table sees the same mapping.
+    assert code_text(HTTP_TO_COAP[http_status]) == expected
+
+
+def test_table_has_no_rows_beyond_the_spec() -> None:
+    spec_rows = {201, 304, 400, 401, 403, 404, 405, 406, 412, 413, 415, 429}
+    spec_rows |= {500, 501, 502, 503, 504}
+    assert set(HTTP_TO_COAP) == spec_rows
+
+
+@given(st.integers(100, 599), st.sampled_from(ALL_METHODS))
+def test_error_classes_stay_error_classes(http_status: int, method: int) -> None:
+    coap_class = coap_code_for(http_status, method) >> 5
+    if 400 <= http_status < 500:
+        assert coap_class == 4
+    elif 500 <= http_status < 600:
+        assert coap_class == 5
+    elif http_status < 200 or (300 <= http_status < 400 and http_status != 304):
+        assert coap_code_for(http_status, method) == code(5, 2)
+    else:
+        assert coap_class == 2
+
+
+@pytest.mark.parametrize(
+    ("cls", "detail", "value", "text"),
+    [
+        pytest.param(0, 0, 0, "0.00", id="empty"),
+        pytest.param(0, 1, 1, "0.01", id="GET"),
+        pytest.param(2, 5, 69, "2.05", id="content"),
+        pytest.param(4, 4, 132, "4.04", id="not-found"),
+        pytest.param(4, 29, 157, "4.29", id="too-many-requests"),
+        pytest.param(5, 4, 164, "5.04", id="gateway-timeout"),
+        pytest.param(7, 31, 255, "7.31", id="max"),
+    ],
+)
+def test_code_helpers(cls: int, detail: int, value: int, text: str) -> None:
+    assert code(cls, detail) == value
+    assert code_text(value) == text
+
+
+@pytest.mark.parametrize(
+    ("method", "number", "name"),
+    [
+        pytest.param(GET, 1, "GET", id="GET"),
+        pytest.param(POST, 2, "POST", id="POST"),
+        pytest.param(PUT, 3, "PUT", id="PUT"),
+        pytest.param(DELETE, 4, "DELETE", id="DELETE"),
+        pytest.param(FETCH, 5, "FETCH", id="FETCH"),
+        pytest.param(PATCH, 6, "PATCH", id="PATCH"),
+        pytest.param(IPATCH, 7, "iPATCH", id="iPATCH"),
+    ],
+)
+def test_method_numbers(method: int, number: int, name: str) -> None:
+    # RFC 7252 §12.1.1 and RFC 8132 §6.
+    assert method == number
+    assert METHOD_NAMES[number] == name

@@ -1,0 +1,258 @@
+"""The proxy's forwarding over real sockets: CoAP datagrams in, a real HTTP backend behind.
+
+The backend is a small Starlette app of the test's own that records what it received and
+answers whatever status/headers the test asks for, so each row of the SPEC §9 table and each
+header of the §10 contract is checked through the real proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response as HttpResponse
+from starlette.routing import Route
+
+from policies import forwarding, status
+from proxy.coap import options as opt
+from proxy.coap.codec import ACK, CON, encode_parts, parse_uint
+from proxy.server import RunningProxy, start_proxy
+from proxy.settings import ProxySettings
+from tests.support.coap import RawClient
+from tests.support.http import free_port, serve_app
+
+POLICY = """
+[[route]]
+path = "/"
+methods = ["POST"]
+target = "/ingest"
+topic_query = true
+
+[[route]]
+path = "/data"
+methods = ["POST"]
+target = "/ingest"
+topic_query = true
+
+[[route]]
+path = "/thing"
+methods = ["GET", "PUT", "DELETE", "POST"]
+target = "/thing"
+"""
+
+
+@dataclass
+class Backend:
+    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    status: int = 204
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    delay: float = 0.0
+
+    async def endpoint(self, request: HttpRequest) -> HttpResponse:
+        body = await request.body()
+        self.requests.append(
+            (
+                request.method,
+                str(request.url),
+                {k.lower(): v for k, v in request.headers.items()},
+                body,
+            )
+        )
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return HttpResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class Rig:
+    backend: Backend
+    proxy: RunningProxy
+    client: RawClient
+    mid: int = 1000
+
+    async def send(self, code: int, path: str, *, queries=(), payload=b"", extra=()) -> object:
+        self.mid += 1
+        options = [(opt.URI_PATH, seg.encode()) for seg in path.strip("/").split("/") if seg]
+        options += [(opt.URI_QUERY, q.encode()) for q in queries]
+        options += list(extra)
+        options.sort(key=lambda o: o[0])
+        return await self.client.request(
+            encode_parts(CON, code, self.mid, b"\x0a\x0b", options, payload), timeout=5.0
+        )
+
+
+@pytest.fixture
+async def rig(tmp_path) -> AsyncIterator[Rig]:
+    backend = Backend()
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    app = Starlette(
+        routes=[
+            Route("/ingest", backend.endpoint, methods=methods),
+            Route("/thing", backend.endpoint, methods=methods),
+        ]
+    )
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    async with serve_app(app) as base_url:
+        settings = ProxySettings(
+            coap_host="127.0.0.1",
+            coap_port=0,
+            upstream=base_url,
+            policy=str(policy),
+            proxy_token="s3cret",
+            upstream_timeout=1.0,
+            ack_window=3.0,
+        )
+        proxy = await start_proxy(settings)
+        client = await RawClient.connect(*proxy.address)
+        rig = Rig(backend, proxy, client)
+        yield rig
+        client.close()
+        await rig.proxy.close()
+
+
+async def test_internal_contract_headers_are_sent(rig: Rig) -> None:
+    reply = await rig.send(
+        status.POST,
+        "/",
+        queries=["t=a/b"],
+        payload=b"\x00\x01raw",
+        extra=[(opt.CONTENT_FORMAT, bytes([42]))],
+    )
+    assert reply.code == status.CHANGED
+    method, url, headers, body = rig.backend.requests[0]
+    assert method == "POST"
+    assert url.endswith("/ingest?t=a/b")
+    assert body == b"\x00\x01raw"
+    port = rig.client.port
+    assert headers["forwarded"] == f'for="127.0.0.1:{port}";proto=coap'
+    assert headers[forwarding.TOKEN_HEADER.lower()] == "s3cret"
+    assert headers[forwarding.IDEMPOTENCY_HEADER.lower()] == forwarding.idempotency_key(
+        "127.0.0.1", port, rig.mid, b"\x0a\x0b"
+    )
+    assert headers["content-type"] == "application/octet-stream"
+
+
+async def test_accept_is_carried_and_content_type_becomes_content_format(rig: Rig) -> None:
+    rig.backend.status = 200
+    rig.backend.headers = {"content-type": "application/json"}
+    rig.backend.body = b'{"a":1}'
+    reply = await rig.send(status.GET, "/thing", extra=[(opt.ACCEPT, bytes([50]))])
+    assert rig.backend.requests[0][2]["accept"] == "application/json"
+    assert reply.code == status.CONTENT
+    assert reply.payload == b'{"a":1}'
+    assert [parse_uint(v) for n, v in reply.options if n == opt.CONTENT_FORMAT] == [50]
+
+
+@pytest.mark.parametrize(
+    ("http_status", "coap_method", "expected"),
+    [
+        (200, status.GET, status.CONTENT),
+        (200, status.POST, status.CHANGED),
+        (200, status.PUT, status.CHANGED),
+        (201, status.POST, status.CREATED),
+        (204, status.POST, status.CHANGED),
+        (204, status.DELETE, status.DELETED),
+        (304, status.GET, status.VALID),
+        (400, status.POST, status.BAD_REQUEST),
+        (401, status.POST, status.UNAUTHORIZED),
+        (403, status.POST, status.FORBIDDEN),
+        (404, status.GET, status.NOT_FOUND),
+        (405, status.PUT, status.METHOD_NOT_ALLOWED),
+        (406, status.GET, status.NOT_ACCEPTABLE),
+        (409, status.POST, status.BAD_REQUEST),
+        (412, status.PUT, status.PRECONDITION_FAILED),
+        (413, status.POST, status.REQUEST_ENTITY_TOO_LARGE),
+        (415, status.POST, status.UNSUPPORTED_CONTENT_FORMAT),
+        (429, status.POST, status.TOO_MANY_REQUESTS),
+        (500, status.POST, status.INTERNAL_SERVER_ERROR),
+        (501, status.POST, status.NOT_IMPLEMENTED),
+        (502, status.POST, status.BAD_GATEWAY),
+        (503, status.POST, status.SERVICE_UNAVAILABLE),
+        (504, status.POST, status.GATEWAY_TIMEOUT),
+        (507, status.POST, status.INTERNAL_SERVER_ERROR),
+        (302, status.GET, status.BAD_GATEWAY),
+    ],
+)
+async def test_status_translation_through_real_http(
+    rig: Rig, http_status, coap_method, expected
+) -> None:
+    rig.backend.status = http_status
+    rig.backend.body = b"error details" if http_status >= 400 else b""
+    reply = await rig.send(coap_method, "/thing")
+    assert reply.mtype == ACK
+    assert reply.code == expected
+    if http_status >= 400:
+        assert reply.payload == b""  # errors never carry a payload (SPEC §3)
+
+
+async def test_retry_after_becomes_max_age_on_503(rig: Rig) -> None:
+    rig.backend.status = 503
+    rig.backend.headers = {"retry-after": "7"}
+    reply = await rig.send(status.POST, "/data")
+    assert reply.code == status.SERVICE_UNAVAILABLE
+    assert [parse_uint(v) for n, v in reply.options if n == opt.MAX_AGE] == [7]
+
+
+@pytest.mark.parametrize("topic", ["a//b", "a" * 254, "a-b", "ä", ""])
+async def test_bad_topic_is_rejected_before_forwarding(rig: Rig, topic: str) -> None:
+    reply = await rig.send(status.POST, "/", queries=[f"t={topic}"])
+    assert reply.code == status.BAD_REQUEST
+    assert rig.backend.requests == []
+
+
+async def test_longest_valid_topic_is_forwarded(rig: Rig) -> None:
+    reply = await rig.send(status.POST, "/", queries=["t=" + "a" * 253])
+    assert reply.code == status.CHANGED
+    assert len(rig.backend.requests) == 1
+
+
+async def test_wrong_method_and_unknown_path(rig: Rig) -> None:
+    assert (await rig.send(status.GET, "/")).code == status.METHOD_NOT_ALLOWED
+    assert (await rig.send(status.POST, "/nope")).code == status.NOT_FOUND
+    assert rig.backend.requests == []
+
+
+async def test_well_known_core_is_served_by_the_proxy(rig: Rig) -> None:
+    reply = await rig.send(status.GET, "/.well-known/core")
+    assert reply.code == status.CONTENT
+    assert reply.payload == b"</>,</data>,</thing>"
+    assert [parse_uint(v) for n, v in reply.options if n == opt.CONTENT_FORMAT] == [40]
+    assert rig.backend.requests == []
+
+
+async def test_payload_over_the_limit_is_4_13_with_size1(rig: Rig, tmp_path) -> None:
+    await rig.proxy.close()
+    settings = ProxySettings(
+        coap_host="127.0.0.1", coap_port=0, upstream="http://127.0.0.1:9", max_payload=16
+    )
+    rig.proxy = await start_proxy(settings)
+    client = await RawClient.connect(*rig.proxy.address)
+    reply = await client.request(encode_parts(CON, status.POST, 7, b"", [], b"x" * 17))
+    client.close()
+    assert reply.code == status.REQUEST_ENTITY_TOO_LARGE
+    assert [parse_uint(v) for n, v in reply.options if n == opt.SIZE1] == [16]
+
+
+async def test_upstream_timeout_is_5_04(rig: Rig) -> None:
+    rig.backend.delay = 1.5  # the proxy's upstream_timeout is 1.0 s
+    reply = await rig.send(status.POST, "/data")
+    assert reply.code == status.GATEWAY_TIMEOUT
+    assert reply.payload == b""
+
+
+async def test_upstream_unreachable_is_5_02() -> None:
+    settings = ProxySettings(
+        coap_host="127.0.0.1", coap_port=0, upstream=f"http://127.0.0.1:{free_port()}"
+    )
+    proxy = await start_proxy(settings)
+    client = await RawClient.connect(*proxy.address)
+    reply = await client.request(encode_parts(CON, status.POST, 9, b"", [], b"x"))
+    client.close()
+    await proxy.close()
+    assert reply.code == status.BAD_GATEWAY
