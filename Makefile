@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 # What the product and its tests need from Debian (installed when root and missing).
 RUN_DEBS := libcoap3-bin mosquitto-clients
-TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin
+TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git
 
 .PHONY: run test lint typecheck pytest bench install clean
 
