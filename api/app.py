@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` builds an app whose lifespan creates (unless given) and closes the
 device store and the MQTT publisher. For ``uvicorn --factory`` there is
-:func:`create_app_from_env`; :func:`build_server` gives the launcher an in-process server.
+:func:`create_app_from_env`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Literal
 
-import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
@@ -104,17 +103,3 @@ def create_app(
 def create_app_from_env() -> FastAPI:
     """``uvicorn --factory api.app:create_app_from_env``: settings from ``COAP_BRIDGE_*``."""
     return create_app(ApiSettings())
-
-
-def build_server(app: FastAPI, settings: ApiSettings, **config: object) -> uvicorn.Server:
-    """A uvicorn server for ``app`` on ``settings.api_host:api_port``; run it with
-    ``await server.serve()`` next to other tasks (the launcher runs the proxy alongside)."""
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="info",
-            **config,  # type: ignore[arg-type]
-        )
-    )

@@ -55,6 +55,13 @@ class StoreUnavailable(ApiError):
         return {"Retry-After": "1"}
 
 
+class BadBatch(ApiError):
+    """A ``/ingest/batch`` body that does not follow the batch format."""
+
+    status_code = 400
+    default_message = "invalid batch body"
+
+
 class BrokerUnavailable(ApiError):
     """No PUBACK: the broker is down or slow. 503 becomes 5.03 so the device retries (SPEC §8)."""
 

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from policies import status
 
@@ -38,6 +38,9 @@ class Route:
     target: str
     http_method: str | None = None
     topic_query: bool = False
+    # The batch form of `target` (policies/batch.py): requests arriving while a call is in
+    # flight travel together in the next call. None: one HTTP request per CoAP request.
+    batch_target: str | None = None
 
     def http_method_for(self, coap_method: int) -> str:
         """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
@@ -87,10 +90,11 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
             raise PolicyError(f"{where}: unknown CoAP method {name!r}")
         numbers.add(number)
     target = raw.get("target")
-    if not isinstance(target, str) or not (
-        target.startswith("/") or target.startswith(("http://", "https://"))
-    ):
+    if not _is_target(target):
         raise PolicyError(f"{where}: 'target' must be '/path' or an absolute http(s):// URL")
+    batch_target = raw.get("batch_target")
+    if batch_target is not None and not _is_target(batch_target):
+        raise PolicyError(f"{where}: 'batch_target' must be '/path' or an absolute http(s):// URL")
     http_method = raw.get("http_method")
     if http_method is not None and str(http_method).upper() not in _HTTP_METHODS:
         raise PolicyError(f"{where}: 'http_method' must be one of {sorted(_HTTP_METHODS)}")
@@ -99,7 +103,7 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     topic_query = raw.get("topic_query", False)
     if not isinstance(topic_query, bool):
         raise PolicyError(f"{where}: 'topic_query' must be true or false")
-    unknown = set(raw) - {"path", "methods", "target", "http_method", "topic_query"}
+    unknown = set(raw) - {"path", "methods", "target", "http_method", "topic_query", "batch_target"}
     if unknown:
         raise PolicyError(f"{where}: unknown keys {sorted(unknown)}")
     return Route(
@@ -108,7 +112,12 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         target=target,
         http_method=str(http_method).upper() if http_method else None,
         topic_query=topic_query,
+        batch_target=batch_target,
     )
+
+
+def _is_target(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and value.startswith(("/", "http://", "https://"))
 
 
 def parse_policy(text: str) -> Policy:

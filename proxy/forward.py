@@ -6,8 +6,10 @@ import logging
 from urllib.parse import quote
 
 from policies import forwarding, media, status
+from policies.batch import BatchItem
 from policies.routes import Policy, Route
 from policies.topics import TopicError, topic_from_queries
+from proxy.batching import GroupCommit
 from proxy.coap import options as opt
 from proxy.coap.codec import uint_bytes
 from proxy.coap.messaging import Request, Response
@@ -58,6 +60,8 @@ class ProxyHandler:
         proxy_token: str | None,
         proto: str = "coap",
         max_payload: int = 65536,
+        max_batch: int = 256,
+        batch_concurrency: int = 2,
     ) -> None:
         self._policy = policy
         self._upstream = upstream
@@ -66,6 +70,9 @@ class ProxyHandler:
         self._proto = proto
         self._max_payload = max_payload
         self._well_known = ",".join(f"<{path}>" for path in policy.routes).encode()
+        self._max_batch = max_batch
+        self._batch_concurrency = batch_concurrency
+        self._batchers: dict[str, GroupCommit] = {}
 
     async def handle(self, request: Request) -> Response:
         if request.path == WELL_KNOWN_CORE:
@@ -94,31 +101,56 @@ class ProxyHandler:
             status.CONTENT, [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))], self._well_known
         )
 
+    def _url(self, target: str) -> str:
+        return target if target.startswith("http") else self._base_url + target
+
+    def _batcher(self, target: str) -> GroupCommit:
+        batcher = self._batchers.get(target)
+        if batcher is None:
+            headers = {}
+            if self._proxy_token is not None:
+                headers[forwarding.TOKEN_HEADER] = self._proxy_token
+            batcher = GroupCommit(
+                self._upstream,
+                self._url(target),
+                headers,
+                max_batch=self._max_batch,
+                max_concurrency=self._batch_concurrency,
+            )
+            self._batchers[target] = batcher
+        return batcher
+
     async def _forward(self, request: Request, route: Route) -> Response:
         message = request.message
         ip, port = request.peer
-        url = route.target if route.target.startswith("http") else self._base_url + route.target
-        if request.queries:
-            url += "?" + "&".join(_encode_query(query) for query in request.queries)
-        headers = {
-            forwarding.FORWARDED_HEADER: forwarding.format_forwarded(ip, port, self._proto),
-            forwarding.IDEMPOTENCY_HEADER: forwarding.idempotency_key(
-                ip, port, message.mid, message.token
-            ),
-        }
-        if self._proxy_token is not None:
-            headers[forwarding.TOKEN_HEADER] = self._proxy_token
+        content_type: str | None = None
         if request.content_format is not None:
             content_type = media.content_type_for(request.content_format)
             if content_type is None:
                 return Response(status.UNSUPPORTED_CONTENT_FORMAT)
-            headers["Content-Type"] = content_type
+        accept: str | None = None
         if request.accept is not None:
             accept = media.content_type_for(request.accept)
             if accept is None:
                 return Response(status.NOT_ACCEPTABLE)
-            headers["Accept"] = accept
+        query = "&".join(_encode_query(q) for q in request.queries)
+        forwarded = forwarding.format_forwarded(ip, port, self._proto)
+        key = forwarding.idempotency_key(ip, port, message.mid, message.token)
         try:
+            if route.batch_target is not None and accept is None:
+                item = BatchItem(forwarded, "", key, query, content_type or "", message.payload)
+                http_status, retry_after = await self._batcher(route.batch_target).call(item)
+                return translate(
+                    UpstreamResponse(http_status, None, retry_after, b""), request.method
+                )
+            headers = {forwarding.FORWARDED_HEADER: forwarded, forwarding.IDEMPOTENCY_HEADER: key}
+            if self._proxy_token is not None:
+                headers[forwarding.TOKEN_HEADER] = self._proxy_token
+            if content_type is not None:
+                headers["Content-Type"] = content_type
+            if accept is not None:
+                headers["Accept"] = accept
+            url = self._url(route.target) + ("?" + query if query else "")
             answer = await self._upstream.request(
                 route.http_method_for(request.method), url, headers, message.payload
             )
@@ -126,6 +158,10 @@ class ProxyHandler:
             log.warning("upstream call failed: %s", exc)
             return Response(exc.coap_code)
         return translate(answer, request.method)
+
+    async def drain(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.drain()
 
 
 def _encode_query(query: str) -> str:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 class RunningProxy:
     transport: asyncio.DatagramTransport
     protocol: CoapServerProtocol
+    handler: ProxyHandler
     upstream: Upstream
 
     @property
@@ -30,10 +31,16 @@ class RunningProxy:
     async def close(self) -> None:
         self.transport.close()
         await self.protocol.drain()
+        await self.handler.drain()
         await self.upstream.aclose()
 
 
-async def start_proxy(settings: ProxySettings, *, upstream: Upstream | None = None) -> RunningProxy:
+async def start_proxy(
+    settings: ProxySettings, *, upstream: Upstream | None = None, reuse_port: bool = False
+) -> RunningProxy:
+    """Bind the CoAP port and start serving. ``reuse_port``: several worker processes share
+    the port (SO_REUSEPORT); the kernel spreads datagrams by a hash of the source address, so
+    one device keeps reaching the same worker while the worker count stays the same."""
     policy = load_policy(settings.policy)
     if upstream is None:
         upstream = HttpxUpstream(
@@ -45,6 +52,8 @@ async def start_proxy(settings: ProxySettings, *, upstream: Upstream | None = No
         base_url=settings.upstream,
         proxy_token=settings.proxy_token,
         max_payload=settings.max_payload,
+        max_batch=settings.max_batch,
+        batch_concurrency=settings.batch_concurrency,
     )
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
@@ -54,8 +63,11 @@ async def start_proxy(settings: ProxySettings, *, upstream: Upstream | None = No
             ack_window=settings.ack_window,
         ),
         local_addr=(settings.coap_host, settings.coap_port),
+        reuse_port=reuse_port or None,
     )
-    running = RunningProxy(transport=transport, protocol=protocol, upstream=upstream)
+    running = RunningProxy(
+        transport=transport, protocol=protocol, handler=handler, upstream=upstream
+    )
     host, port = running.address
     log.info(
         "CoAP proxy listening on udp %s:%s, forwarding to %s (%d routes)",

@@ -21,3 +21,7 @@ class ProxySettings(BaseSettings):
     max_payload: int = Field(65536, gt=0, description="Largest request payload, else 4.13")
     dedup_max_entries: int = Field(1_000_000, gt=0, description="Cap on remembered exchanges")
     upstream_connections: int = Field(100, gt=0, description="HTTP connection pool size")
+    max_batch: int = Field(256, gt=0, le=1024, description="Most requests in one batch call")
+    batch_concurrency: int = Field(
+        2, gt=0, description="Batch calls in flight per target before requests wait and group"
+    )

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import time
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from api.deps import PublisherDep, SettingsDep, StoreDep, require_proxy
 from api.errors import (
     ApiError,
+    BadBatch,
     BadForwarded,
     BrokerUnavailable,
     DeviceUnauthorized,
     InvalidTopic,
     PayloadTooLarge,
 )
+from api.settings import ApiSettings
 from api.store.base import Device, DeviceStore
+from policies.batch import (
+    BATCH_CONTENT_TYPE,
+    BatchFormatError,
+    BatchItem,
+    decode_batch,
+    encode_statuses,
+)
 from policies.forwarding import FORWARDED_HEADER, IDENTITY_HEADER, Origin, parse_forwarded
 from policies.media import content_format_for
 from policies.topics import TopicError, render_topic, validate_topic
@@ -28,18 +38,47 @@ def _error_responses(*errors: type[ApiError]) -> dict[int | str, dict[str, str]]
     return {error.status_code: {"description": error.default_message} for error in errors}
 
 
-async def _resolve_device(request: Request, store: DeviceStore) -> tuple[Device, Origin]:
-    forwarded = request.headers.get(FORWARDED_HEADER)
+def _origin(forwarded: str | None) -> Origin:
     origin = parse_forwarded(forwarded) if forwarded else None
     if origin is None:
         raise BadForwarded()
-    identity = request.headers.get(IDENTITY_HEADER)
+    return origin
+
+
+async def _lookup(store: DeviceStore, origin: Origin, identity: str | None) -> Device:
     # SPEC §2: over DTLS the PSK identity (the iccid) names the device; over plain CoAP its
     # source address does.
     device = await store.get(identity) if identity else await store.get_by_ip(origin.ip)
     if device is None or not device.is_active:
         raise DeviceUnauthorized()
-    return device, origin
+    return device
+
+
+def _message(
+    settings: ApiSettings,
+    device: Device,
+    origin: Origin,
+    topics: list[str],
+    content_type: str | None,
+    received_at: int,
+) -> tuple[str, dict[str, str]]:
+    """Topic and MQTT user properties for one accepted device message."""
+    if len(topics) > 1:
+        raise InvalidTopic("query 't' given more than once")
+    try:
+        topic = (
+            validate_topic(topics[0])
+            if topics
+            else render_topic(settings.topic_template, iccid=device.iccid)
+        )
+    except TopicError as exc:
+        raise InvalidTopic(str(exc)) from exc
+    properties = {"iccid": device.iccid, "source": _source(origin)}
+    if content_type:
+        number = content_format_for(content_type)
+        properties["content-format"] = str(number) if number is not None else content_type
+    properties["received-at"] = str(received_at)
+    return topic, properties
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -86,25 +125,104 @@ async def ingest(
     ] = None,
 ) -> Response:
     received_at = time.time_ns() // 1_000_000
-    device, origin = await _resolve_device(request, store)
-    if len(request.query_params.getlist("t")) > 1:
-        raise InvalidTopic("query 't' given more than once")
-    try:
-        topic = (
-            validate_topic(t)
-            if t is not None
-            else render_topic(settings.topic_template, iccid=device.iccid)
-        )
-    except TopicError as exc:
-        raise InvalidTopic(str(exc)) from exc
+    origin = _origin(request.headers.get(FORWARDED_HEADER))
+    device = await _lookup(store, origin, request.headers.get(IDENTITY_HEADER))
+    topic, properties = _message(
+        settings,
+        device,
+        origin,
+        request.query_params.getlist("t"),
+        request.headers.get("content-type"),
+        received_at,
+    )
     payload = await _read_body(request, settings.max_payload)
-
-    properties = {"iccid": device.iccid, "source": _source(origin)}
-    content_type = request.headers.get("content-type")
-    if content_type:
-        number = content_format_for(content_type)
-        properties["content-format"] = str(number) if number is not None else content_type
-    properties["received-at"] = str(received_at)
-
     await publisher.publish(topic, payload, properties)
     return Response(status_code=204)
+
+
+# The proxy batches at most a few hundred messages per call; this bounds a batch body.
+MAX_BATCH_ITEMS = 1024
+
+
+@router.post(
+    "/ingest/batch",
+    summary="Publish many device messages to MQTT in one call (group commit)",
+    description=(
+        "The batch form of `/ingest`, used by the proxy when many devices send at once. The "
+        f"body (`{BATCH_CONTENT_TYPE}`) is a sequence of items, each carrying what the single "
+        "form carries in headers and query (see `policies/batch.py`). The answer lists one HTTP "
+        "status per item, in order: 204 (published, PUBACK received), 400, 401, 413 or 503, "
+        "exactly as `/ingest` would have answered that item alone."
+    ),
+    dependencies=[Depends(require_proxy)],
+    responses={
+        200: {
+            "description": "one status per item",
+            "content": {"application/json": {"example": {"statuses": [204, 401, 204]}}},
+        },
+        400: {"description": "the body is not a valid batch"},
+        403: {"description": "missing or invalid proxy token"},
+    },
+)
+async def ingest_batch(
+    request: Request, settings: SettingsDep, store: StoreDep, publisher: PublisherDep
+) -> Response:
+    received_at = time.time_ns() // 1_000_000
+    body = await _read_body(request, (settings.max_payload + 1024) * MAX_BATCH_ITEMS)
+    try:
+        items = decode_batch(body)
+    except BatchFormatError as exc:
+        raise BadBatch(str(exc)) from exc
+    if len(items) > MAX_BATCH_ITEMS:
+        raise BadBatch(f"{len(items)} items in one batch, at most {MAX_BATCH_ITEMS}")
+    statuses = [204] * len(items)
+    outgoing: list[tuple[str, bytes, dict[str, str]]] = []
+    positions: list[int] = []
+    devices: dict[tuple[str, str], Device | ApiError] = {}
+    for index, item in enumerate(items):
+        try:
+            origin = _origin(item.forwarded)
+            device = await _cached_lookup(devices, store, origin, item.identity)
+            if len(item.payload) > settings.max_payload:
+                raise PayloadTooLarge(
+                    f"payload is {len(item.payload)} bytes, at most {settings.max_payload}"
+                )
+            topic, properties = _message(
+                settings, device, origin, _topics(item), item.content_type or None, received_at
+            )
+        except ApiError as exc:
+            statuses[index] = exc.status_code
+            continue
+        outgoing.append((topic, item.payload, properties))
+        positions.append(index)
+    retry_after = False
+    for index, error in zip(positions, await publisher.publish_many(outgoing), strict=True):
+        if error is not None:
+            statuses[index] = error.status_code
+            retry_after = True
+    headers = {"Retry-After": "1"} if retry_after else None
+    return Response(encode_statuses(statuses), media_type="application/json", headers=headers)
+
+
+def _topics(item: BatchItem) -> list[str]:
+    return [value for name, value in parse_qsl(item.query, keep_blank_values=True) if name == "t"]
+
+
+async def _cached_lookup(
+    cache: dict[tuple[str, str], Device | ApiError],
+    store: DeviceStore,
+    origin: Origin,
+    identity: str,
+) -> Device:
+    """One store lookup per distinct device in a batch (a busy device sends many messages)."""
+    key = (identity, "") if identity else ("", origin.ip)
+    found = cache.get(key)
+    if found is None:
+        try:
+            found = await _lookup(store, origin, identity or None)
+        except ApiError as exc:
+            found = exc
+        cache[key] = found
+    if isinstance(found, ApiError):
+        raise found
+    return found

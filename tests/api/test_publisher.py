@@ -112,3 +112,40 @@ async def test_puback_waits_are_concurrent(mosquitto: MosquittoServer) -> None:
     finally:
         mosquitto.resume()
         await hung.close()
+
+
+async def test_publish_many_delivers_all_and_reports_each(
+    mosquitto: MosquittoServer, slow_retry_publisher: MqttPublisher
+) -> None:
+    # The socket hooks (quick ACKs, coalesced writes) are in place with the pinned aiomqtt/paho;
+    # if an upgrade removes the internals they rely on, this says so.
+    assert slow_retry_publisher.socket_tuned
+    messages = [(f"many/{n}", f"m{n}".encode(), {"n": str(n)}) for n in range(200)]
+    async with subscribed(mosquitto.url, "many/#") as sub:
+        results = await slow_retry_publisher.publish_many(messages)
+        received = await sub.wait_for(200)
+    assert results == [None] * 200
+    assert sorted((str(m.topic), m.payload) for m in received) == sorted(
+        (topic, payload) for topic, payload, _ in messages
+    )
+
+
+async def test_publish_many_with_broker_hung_fails_every_message(
+    mosquitto: MosquittoServer,
+) -> None:
+    hung = MqttPublisher(host="127.0.0.1", port=mosquitto.port, publish_timeout=0.5)
+    await hung.start()
+    try:
+        mosquitto.pause()
+        results = await hung.publish_many([("pub/h", b"x", {})] * 5)
+    finally:
+        mosquitto.resume()
+        await hung.close()
+    assert [type(r) for r in results] == [BrokerUnavailable] * 5
+    assert all("no PUBACK" in str(r) for r in results)
+
+
+async def test_publish_many_without_connection_fails_fast() -> None:
+    never = MqttPublisher(host="127.0.0.1", port=1, reconnect_wait=0.2)
+    results = await never.publish_many([("x", b"", {})] * 3)
+    assert [type(r) for r in results] == [BrokerUnavailable] * 3

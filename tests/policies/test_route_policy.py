@@ -42,6 +42,8 @@ def test_default_policy_routes(
     assert found.route is not None
     assert found.route.target == target
     assert found.route.http_method_for(method) == http_method
+    # Telemetry travels in batches when many devices send at once (group commit).
+    assert found.route.batch_target == target + "/batch"
 
 
 @pytest.mark.parametrize(
@@ -120,6 +122,13 @@ PARSED = [
             path="/x", methods=frozenset({FETCH, PATCH, IPATCH}), target="/y", http_method="POST"
         ),
         id="rfc8132-methods",
+    ),
+    pytest.param(
+        route_toml(batch_target='"http://other:8000/many"'),
+        Route(
+            path="/x", methods=frozenset({GET}), target="/y", batch_target="http://other:8000/many"
+        ),
+        id="absolute-batch-target",
     ),
     pytest.param(
         route_toml(methods='["GET", "GET"]'),

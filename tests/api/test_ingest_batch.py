@@ -1,0 +1,98 @@
+"""POST /ingest/batch against a real mosquitto: per-item statuses, exactly what /ingest says."""
+
+from __future__ import annotations
+
+import httpx
+
+from api.publisher import PackedUserProperties, pack_user_properties
+from policies.batch import BATCH_CONTENT_TYPE, BatchItem, encode_batch
+from policies.forwarding import format_forwarded
+from tests.api.conftest import ACTIVE, ACTIVE_IP, INACTIVE_IP, PROXY_HEADERS
+from tests.support.mqtt import subscribed
+from tests.support.services import MosquittoServer
+
+BATCH_HEADERS = {**PROXY_HEADERS, "Content-Type": BATCH_CONTENT_TYPE}
+
+
+def item(ip: str = ACTIVE_IP, query: str = "", payload: bytes = b"p", **fields: str) -> BatchItem:
+    values = {
+        "forwarded": format_forwarded(ip, 40000),
+        "identity": "",
+        "idempotency_key": "k",
+        "query": query,
+        "content_type": "",
+    }
+    values.update(fields)
+    return BatchItem(payload=payload, **values)
+
+
+async def test_each_item_gets_the_status_the_single_form_would_give(
+    client: httpx.AsyncClient, mosquitto: MosquittoServer
+) -> None:
+    items = [
+        item(payload=b"one"),
+        item(query="t=batch/two", payload=b"\x00two\xff"),
+        item(ip="10.99.0.9"),  # unknown device
+        item(ip=INACTIVE_IP),
+        item(query="t=a//b"),
+        item(payload=b"x" * 70000),
+        item(forwarded="garbage"),
+        item(query="t=a&t=b"),
+        item(identity=ACTIVE, ip="10.99.0.8", query="t=batch/dtls", payload=b"by identity"),
+    ]
+    async with (
+        subscribed(mosquitto.url, f"devices/{ACTIVE}/messages") as default,
+        subscribed(mosquitto.url, "batch/#") as named,
+    ):
+        response = await client.post(
+            "/ingest/batch", content=encode_batch(items), headers=BATCH_HEADERS
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"statuses": [204, 204, 401, 401, 400, 413, 400, 400, 204]}
+        assert "retry-after" not in response.headers
+        [first] = await default.wait_for(1)
+        published = await named.wait_for(2)
+        await default.assert_silent(0.3)
+        await named.assert_silent(0.1)
+    assert first.payload == b"one"
+    assert {(str(m.topic), m.payload) for m in published} == {
+        ("batch/two", b"\x00two\xff"),
+        ("batch/dtls", b"by identity"),
+    }
+
+
+async def test_invalid_body_and_missing_token(client: httpx.AsyncClient) -> None:
+    bad = await client.post("/ingest/batch", content=b"\x00\x05ab", headers=BATCH_HEADERS)
+    assert bad.status_code == 400
+    assert "truncated" in bad.json()["detail"] or "runs past" in bad.json()["detail"]
+    forbidden = await client.post("/ingest/batch", content=encode_batch([item()]))
+    assert forbidden.status_code == 403
+
+
+async def test_broker_hung_makes_items_503_with_retry_after(
+    client: httpx.AsyncClient, mosquitto: MosquittoServer
+) -> None:
+    mosquitto.pause()
+    try:
+        response = await client.post(
+            "/ingest/batch",
+            content=encode_batch([item(), item(ip="10.99.0.9")]),
+            headers=BATCH_HEADERS,
+        )
+    finally:
+        mosquitto.resume()
+    assert response.status_code == 200
+    assert response.json() == {"statuses": [503, 401]}
+    assert response.headers["retry-after"] == "1"
+
+
+def test_packed_user_properties_are_byte_identical_to_paho() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    values = {"iccid": "8988280666000000001", "source": "[::1]:5683", "ä": "x" * 300}
+    reference = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    reference.UserProperty = list(values.items())
+    assert pack_user_properties(values) == reference.pack()  # type: ignore[no-untyped-call]
+    assert PackedUserProperties(values).pack() == reference.pack()  # type: ignore[no-untyped-call]
+    assert pack_user_properties({}) == b"\x00"

@@ -1,0 +1,118 @@
+"""Group commit (proxy/batching.py) against a real HTTP server implementing the batch form."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from policies.batch import BatchItem, decode_batch, encode_statuses
+from proxy.batching import GroupCommit
+from proxy.errors import UpstreamUnreachable
+from proxy.upstream import HttpxUpstream
+from tests.support.http import free_port, serve_app
+
+
+@dataclass
+class BatchBackend:
+    sizes: list[int] = field(default_factory=list)
+    delay: float = 0.0
+    whole_status: int | None = None
+    garbage: bool = False
+    seen_token: list[str | None] = field(default_factory=list)
+
+    async def endpoint(self, request: Request) -> Response:
+        items = decode_batch(await request.body())
+        self.sizes.append(len(items))
+        self.seen_token.append(request.headers.get("x-bridge-token"))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.whole_status is not None:
+            return Response(status_code=self.whole_status, headers={"Retry-After": "3"})
+        if self.garbage:
+            return Response(b"not json", media_type="application/json")
+        # The status of each item is written in its payload, so the order can be checked.
+        return Response(
+            encode_statuses([int(i.payload) for i in items]), media_type="application/json"
+        )
+
+
+def item(status: int) -> BatchItem:
+    return BatchItem('for="127.0.0.1:1"', "", "k", "", "", str(status).encode())
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[tuple[BatchBackend, str]]:
+    state = BatchBackend()
+    app = Starlette(routes=[Route("/batch", state.endpoint, methods=["POST"])])
+    async with serve_app(app) as base:
+        yield state, base + "/batch"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[HttpxUpstream]:
+    client = HttpxUpstream(timeout=5)
+    yield client
+    await client.aclose()
+
+
+async def test_a_lone_request_goes_out_at_once_alone(backend, upstream) -> None:
+    state, url = backend
+    group = GroupCommit(upstream, url, {"X-Bridge-Token": "tok"}, max_concurrency=1)
+    assert await group.call(item(204)) == (204, None)
+    assert state.sizes == [1]
+    assert state.seen_token == ["tok"]
+
+
+async def test_requests_arriving_during_a_call_travel_together(backend, upstream) -> None:
+    state, url = backend
+    state.delay = 0.3
+    group = GroupCommit(upstream, url, {}, max_concurrency=1)
+    first = asyncio.create_task(group.call(item(204)))
+    await asyncio.sleep(0.05)  # the first call is now in flight
+    statuses = [204, 401, 400, 503, 413] * 8
+    rest = [asyncio.create_task(group.call(item(s))) for s in statuses]
+    assert (await first) == (204, None)
+    assert [outcome[0] for outcome in await asyncio.gather(*rest)] == statuses
+    assert state.sizes == [1, len(statuses)]
+    assert (group.calls, group.items) == (2, 1 + len(statuses))
+
+
+async def test_batches_are_capped_at_max_batch(backend, upstream) -> None:
+    state, url = backend
+    state.delay = 0.2
+    group = GroupCommit(upstream, url, {}, max_batch=10, max_concurrency=1)
+    results = await asyncio.gather(*(group.call(item(204)) for _ in range(35)))
+    assert all(r == (204, None) for r in results)
+    assert sum(state.sizes) == 35
+    assert max(state.sizes) <= 10
+
+
+async def test_a_refused_batch_gives_every_item_its_status(backend, upstream) -> None:
+    state, url = backend
+    state.whole_status = 503
+    group = GroupCommit(upstream, url, {})
+    results = await asyncio.gather(*(group.call(item(204)) for _ in range(3)))
+    assert results == [(503, "3")] * 3
+
+
+async def test_a_garbled_answer_is_bad_gateway(backend, upstream) -> None:
+    state, url = backend
+    state.garbage = True
+    group = GroupCommit(upstream, url, {})
+    assert await group.call(item(204)) == (502, None)
+
+
+async def test_unreachable_upstream_fails_every_waiting_request(upstream) -> None:
+    group = GroupCommit(upstream, f"http://127.0.0.1:{free_port()}/batch", {}, max_concurrency=1)
+    results = await asyncio.gather(
+        *(group.call(item(204)) for _ in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, UpstreamUnreachable) for r in results)
+    await group.drain()
