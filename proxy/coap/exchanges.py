@@ -1,16 +1,22 @@
 """Local deduplication of incoming exchanges (RFC 7252 §4.5).
 
-An entry is created when a CON or NON is first seen and kept for EXCHANGE_LIFETIME (CON) or
-NON_LIFETIME (NON). While the request is in flight the entry has no response; afterwards it
-holds the exact bytes sent, so a duplicate CON gets the very same response again.
+An entry is created when a CON or NON is first seen and kept at least EXCHANGE_LIFETIME (CON)
+or NON_LIFETIME (NON). While the request is in flight the entry holds a :class:`Pending`;
+afterwards it holds the exact bytes sent, so a duplicate CON gets the very same response again.
 
-Memory is bounded twice over: entries expire (each lifetime class has a FIFO of expiry times,
-which is already in expiry order because the lifetime is constant), and the table never holds
-more than ``max_entries`` (the oldest entries go first when it is full).
+Memory per entry is what a busy proxy pays for 247 s, so the layout is lean (measured in
+``tests/proxy/test_exchanges.py``): the key is one int packing (address family, IP, port, MID),
+the value is the response ``bytes`` itself, and expiry is tracked in one-second buckets (a list
+of keys per second) instead of a timestamp per entry. An entry may so live up to one bucket
+longer than its lifetime, never shorter.
+
+Memory is bounded twice over: entries expire, and the table never holds more than
+``max_entries`` (the oldest go first when it is full).
 """
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 
 from proxy.coap.codec import CON
@@ -18,20 +24,72 @@ from proxy.coap.codec import CON
 # RFC 7252 §4.8.2 with the default transmission parameters.
 EXCHANGE_LIFETIME = 247.0
 NON_LIFETIME = 145.0
+BUCKET_SECONDS = 1.0
 
-PeerKey = tuple[str, int, int]  # (ip, port, MID)
+_IPV6_FLAG = 1 << 128
 
 
-class Exchange:
-    """What is remembered about one incoming request."""
+def peer_key(ip: str, port: int, mid: int) -> int:
+    """(ip, port, MID) as one int; IPv4 and IPv6 addresses never collide."""
+    try:
+        address = int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+    except OSError:
+        # IPv6, possibly with a zone ("fe80::1%eth0"): the zone is part of the peer.
+        host, _, zone = ip.partition("%")
+        address = _IPV6_FLAG | int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big")
+        if zone:
+            address |= (hash(zone) & 0xFFFF_FFFF) << 129
+    return (address << 32) | (port << 16) | mid
 
-    __slots__ = ("acked", "response")
+
+class Pending:
+    """A request still being handled; shared by the cache entry and the task serving it."""
+
+    __slots__ = ("acked",)
 
     def __init__(self) -> None:
-        # Encoded response to replay for a duplicate; None while the request is in flight.
-        self.response: bytes | None = None
         # True once an empty ACK went out (the final response then travels as a separate CON).
         self.acked = False
+
+
+Entry = Pending | bytes
+
+
+class _Lifetimes:
+    """Keys in one-second buckets, oldest first, for one lifetime class."""
+
+    __slots__ = ("buckets", "lifetime")
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self.buckets: deque[tuple[float, list[int]]] = deque()
+
+    def add(self, key: int, now: float) -> None:
+        start = now - now % BUCKET_SECONDS
+        buckets = self.buckets
+        if buckets and buckets[-1][0] == start:
+            buckets[-1][1].append(key)
+        else:
+            buckets.append((start, [key]))
+
+    def pop_expired(self, now: float) -> list[int] | None:
+        buckets = self.buckets
+        # A bucket's newest key arrived just before start + BUCKET_SECONDS.
+        if buckets and buckets[0][0] + BUCKET_SECONDS + self.lifetime <= now:
+            return buckets.popleft()[1]
+        return None
+
+    def oldest(self) -> float:
+        return self.buckets[0][0] if self.buckets else float("inf")
+
+    def pop_oldest_key(self) -> int | None:
+        buckets = self.buckets
+        while buckets:
+            keys = buckets[0][1]
+            if keys:
+                return keys.pop()
+            buckets.popleft()
+        return None
 
 
 class ExchangeCache:
@@ -42,43 +100,43 @@ class ExchangeCache:
         exchange_lifetime: float = EXCHANGE_LIFETIME,
         non_lifetime: float = NON_LIFETIME,
     ) -> None:
-        self._entries: dict[PeerKey, Exchange] = {}
-        self._con_expiry: deque[tuple[float, PeerKey]] = deque()
-        self._non_expiry: deque[tuple[float, PeerKey]] = deque()
+        self._entries: dict[int, Entry] = {}
+        self._con = _Lifetimes(exchange_lifetime)
+        self._non = _Lifetimes(non_lifetime)
         self._max_entries = max_entries
-        self._exchange_lifetime = exchange_lifetime
-        self._non_lifetime = non_lifetime
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: PeerKey) -> Exchange | None:
+    def get(self, key: int) -> Entry | None:
         return self._entries.get(key)
 
-    def add(self, key: PeerKey, mtype: int, now: float) -> Exchange:
-        """Record a new exchange. The caller has checked that ``key`` is not present."""
+    def add(self, key: int, mtype: int, now: float) -> Pending:
+        """Record a new exchange as in flight. The caller has checked ``key`` is absent."""
         self.expire(now)
         entries = self._entries
         if len(entries) >= self._max_entries:
             self._evict_oldest()
-        exchange = Exchange()
-        entries[key] = exchange
-        if mtype == CON:
-            self._con_expiry.append((now + self._exchange_lifetime, key))
-        else:
-            self._non_expiry.append((now + self._non_lifetime, key))
-        return exchange
+        pending = Pending()
+        entries[key] = pending
+        (self._con if mtype == CON else self._non).add(key, now)
+        return pending
+
+    def complete(self, key: int, response: bytes) -> None:
+        """Replace the in-flight marker by the bytes to replay (unless evicted meanwhile)."""
+        if key in self._entries:
+            self._entries[key] = response
 
     def expire(self, now: float) -> None:
-        for queue in (self._con_expiry, self._non_expiry):
-            while queue and queue[0][0] <= now:
-                _, key = queue.popleft()
-                self._entries.pop(key, None)
+        entries = self._entries
+        for lifetimes in (self._con, self._non):
+            while (keys := lifetimes.pop_expired(now)) is not None:
+                for key in keys:
+                    entries.pop(key, None)
 
     def _evict_oldest(self) -> None:
-        con, non = self._con_expiry, self._non_expiry
-        # The entry expiring soonest is the one that has had the most of its lifetime.
-        queue = con if con and (not non or con[0][0] <= non[0][0]) else non
-        if queue:
-            _, key = queue.popleft()
+        # The entry in the oldest bucket has had the most of its lifetime.
+        lifetimes = self._con if self._con.oldest() <= self._non.oldest() else self._non
+        key = lifetimes.pop_oldest_key()
+        if key is not None:
             self._entries.pop(key, None)

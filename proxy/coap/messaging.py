@@ -35,7 +35,7 @@ from proxy.coap.codec import (
     encode_parts,
     parse_uint,
 )
-from proxy.coap.exchanges import Exchange, ExchangeCache
+from proxy.coap.exchanges import ExchangeCache, Pending, peer_key
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._loop = asyncio.get_running_loop()
         self._next_mid = random.randrange(0x10000)
-        # Separate CON responses awaiting the device's ACK: (ip, port, MID) → retransmit timer.
-        self._awaiting_ack: dict[tuple[str, int, int], asyncio.TimerHandle] = {}
+        # Separate CON responses awaiting the device's ACK: peer_key → retransmit timer.
+        self._awaiting_ack: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = MessagingStats()
 
@@ -196,56 +196,58 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             if mtype == CON:
                 transport.sendto(encode_empty(RST, message.mid), addr)
             elif mtype != NON:
-                self._peer_answered((peer[0], peer[1], message.mid))
+                self._peer_answered(peer_key(peer[0], peer[1], message.mid))
             return
         if code >= 64:
             # A response sent to a server: nothing asked for it (§4.2 reject a CON, §4.3 NON).
             if mtype == CON:
                 transport.sendto(encode_empty(RST, message.mid), addr)
             elif mtype in (ACK, RST):
-                self._peer_answered((peer[0], peer[1], message.mid))
+                self._peer_answered(peer_key(peer[0], peer[1], message.mid))
             return
         if mtype >= ACK:
             # A request can only travel in a CON or NON; an ACK/RST carrying one is malformed
             # and cannot be answered (§4.2, §4.3).
             self.stats.format_errors += 1
             return
-        key = (peer[0], peer[1], message.mid)
-        exchange = self._exchanges.get(key)
-        if exchange is not None:
-            self._duplicate(exchange, message, addr)
+        key = peer_key(peer[0], peer[1], message.mid)
+        seen = self._exchanges.get(key)
+        if seen is not None:
+            self._duplicate(seen, message, addr)
             return
         self.stats.requests += 1
-        exchange = self._exchanges.add(key, mtype, self._loop.time())
+        pending = self._exchanges.add(key, mtype, self._loop.time())
         try:
             request = _interpret(message, peer)
         except _BadRequest as bad:
-            self._respond(exchange, message, addr, Response(bad.code))
+            self._respond(key, pending, message, addr, Response(bad.code))
             return
-        task = self._loop.create_task(self._serve(exchange, request, addr))
+        task = self._loop.create_task(self._serve(key, pending, request, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _duplicate(self, exchange: Exchange, message: Message, addr: tuple[str, int]) -> None:
+    def _duplicate(self, seen: Pending | bytes, message: Message, addr: tuple[str, int]) -> None:
         self.stats.duplicates += 1
         if message.mtype != CON or self._transport is None:
             return  # duplicate NON: silently ignored (§4.5)
-        if exchange.response is not None:
-            self._transport.sendto(exchange.response, addr)
+        if isinstance(seen, bytes):
+            self._transport.sendto(seen, addr)
         else:
             # Still being handled: acknowledge so the device stops retransmitting; the answer
             # follows as a separate response.
-            exchange.acked = True
+            seen.acked = True
             self._transport.sendto(encode_empty(ACK, message.mid), addr)
 
     # -- handling ---------------------------------------------------------------------------
 
-    async def _serve(self, exchange: Exchange, request: Request, addr: tuple[str, int]) -> None:
+    async def _serve(
+        self, key: int, pending: Pending, request: Request, addr: tuple[str, int]
+    ) -> None:
         message = request.message
         timer: asyncio.TimerHandle | None = None
         if message.mtype == CON:
             timer = self._loop.call_later(
-                self._ack_window, self._send_empty_ack, exchange, message.mid, addr
+                self._ack_window, self._send_empty_ack, pending, message.mid, addr
             )
         try:
             response = await self._handler.handle(request)
@@ -257,24 +259,31 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             response = Response(status.INTERNAL_SERVER_ERROR)
         if timer is not None:
             timer.cancel()
-        self._respond(exchange, message, addr, response)
+        self._respond(key, pending, message, addr, response)
 
-    def _send_empty_ack(self, exchange: Exchange, mid: int, addr: tuple[str, int]) -> None:
-        if exchange.response is None and not exchange.acked and self._transport is not None:
-            exchange.acked = True
+    def _send_empty_ack(self, pending: Pending, mid: int, addr: tuple[str, int]) -> None:
+        # Only ever scheduled while the request is in flight, and cancelled when it completes.
+        if not pending.acked and self._transport is not None:
+            pending.acked = True
             self._transport.sendto(encode_empty(ACK, mid), addr)
 
     def _respond(
-        self, exchange: Exchange, message: Message, addr: tuple[str, int], response: Response
+        self,
+        key: int,
+        pending: Pending,
+        message: Message,
+        addr: tuple[str, int],
+        response: Response,
     ) -> None:
         transport = self._transport
         if transport is None:
             return
-        if message.mtype == CON and not exchange.acked:
+        exchanges = self._exchanges
+        if message.mtype == CON and not pending.acked:
             data = encode_parts(
                 ACK, response.code, message.mid, message.token, response.options, response.payload
             )
-            exchange.response = data
+            exchanges.complete(key, data)
             transport.sendto(data, addr)
             return
         mid = self._new_mid()
@@ -282,15 +291,15 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             # Separate response (§5.2.2): a CON of its own, retransmitted until ACKed. A
             # duplicate of the request from now on gets the empty ACK again.
             self.stats.separate_responses += 1
-            exchange.response = encode_empty(ACK, message.mid)
+            exchanges.complete(key, encode_empty(ACK, message.mid))
             data = encode_parts(
                 CON, response.code, mid, message.token, response.options, response.payload
             )
             transport.sendto(data, addr)
             timeout = self._ack_timeout * random.uniform(1.0, ACK_RANDOM_FACTOR)
-            self._schedule_retransmit((addr[0], addr[1], mid), data, addr, timeout, 0)
+            self._schedule_retransmit(peer_key(addr[0], addr[1], mid), data, addr, timeout, 0)
         else:
-            exchange.response = b""  # duplicates of a NON are ignored, never answered
+            exchanges.complete(key, b"")  # duplicates of a NON are ignored, never answered
             data = encode_parts(
                 NON, response.code, mid, message.token, response.options, response.payload
             )
@@ -305,7 +314,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
 
     def _schedule_retransmit(
         self,
-        key: tuple[str, int, int],
+        key: int,
         data: bytes,
         addr: tuple[str, int],
         timeout: float,
@@ -317,7 +326,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
 
     def _retransmit(
         self,
-        key: tuple[str, int, int],
+        key: int,
         data: bytes,
         addr: tuple[str, int],
         timeout: float,
@@ -331,7 +340,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._transport.sendto(data, addr)
         self._schedule_retransmit(key, data, addr, timeout * 2, count + 1)
 
-    def _peer_answered(self, key: tuple[str, int, int]) -> None:
+    def _peer_answered(self, key: int) -> None:
         timer = self._awaiting_ack.pop(key, None)
         if timer is not None:
             timer.cancel()

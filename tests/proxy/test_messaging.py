@@ -14,7 +14,6 @@ import pytest
 from policies import status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, RST, encode_empty, encode_parts
-from proxy.coap.exchanges import ExchangeCache
 from proxy.coap.messaging import CoapServerProtocol, Request, Response
 from tests.support.coap import RawClient
 
@@ -200,40 +199,3 @@ async def test_handler_exception_is_internal_server_error(server) -> None:
     reply = await client.request(post(110))
     assert reply.code == status.INTERNAL_SERVER_ERROR
     assert reply.payload == b""
-
-
-def test_exchange_cache_expires_con_and_non_at_their_lifetimes() -> None:
-    cache = ExchangeCache(exchange_lifetime=247.0, non_lifetime=145.0)
-    cache.add(("a", 1, 1), CON, now=0.0)
-    cache.add(("a", 1, 2), NON, now=0.0)
-    cache.expire(144.9)
-    assert len(cache) == 2
-    cache.expire(145.0)
-    assert cache.get(("a", 1, 2)) is None
-    assert cache.get(("a", 1, 1)) is not None
-    cache.expire(247.0)
-    assert len(cache) == 0
-
-
-def test_exchange_cache_is_bounded_and_evicts_oldest_first() -> None:
-    cache = ExchangeCache(max_entries=3)
-    for mid in range(5):
-        cache.add(("a", 1, mid), CON, now=float(mid))
-    assert len(cache) == 3
-    assert [cache.get(("a", 1, mid)) is not None for mid in range(5)] == [
-        False,
-        False,
-        True,
-        True,
-        True,
-    ]
-
-
-def test_exchange_cache_memory_stays_flat_for_a_device_sending_forever() -> None:
-    # A new request every 5 s for a simulated ~58 days: only the last 247 s are remembered.
-    cache = ExchangeCache()
-    for n in range(1_000_000):
-        cache.add(("10.0.0.1", 5683, n & 0xFFFF), CON, now=n * 5.0)
-        if cache.get(("10.0.0.1", 5683, (n + 1) & 0xFFFF)) is not None:
-            raise AssertionError("a MID reused after the lifetime was still remembered")
-    assert len(cache) <= 50
