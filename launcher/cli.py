@@ -51,7 +51,7 @@ _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
     ("--coap-port", int, "CoAP UDP port (default 5683)", ("up", "proxy")),
     ("--api-host", str, "HTTP API bind address (default 127.0.0.1)", ("up", "api")),
     ("--api-port", int, "HTTP API port (default 8080)", ("up", "api")),
-    ("--redis-url", str, "Redis URL for shared state (unset: in memory)", ("up", "api")),
+    ("--redis-url", str, "Redis URL for shared state (unset: in memory)", ("up", "proxy", "api")),
     ("--mqtt-url", str, "MQTT broker URL (unset under 'up': embedded broker)", ("up", "api")),
     ("--mqtt-port", int, "port of the embedded MQTT broker (default 1883)", ("up",)),
     ("--upstream", str, "proxy: base URL of the HTTP backend", ("up", "proxy")),

@@ -14,6 +14,13 @@ class ProxySettings(BaseSettings):
     upstream: str = Field("http://127.0.0.1:8080", description="Base URL of the HTTP backend")
     policy: str | None = Field(None, description="Route policy file (TOML); default: built in")
     proxy_token: str | None = Field(None, description="Secret presented to the backend")
+    redis_url: str | None = Field(
+        None, description="Shared dedup across replicas (unset: this process's memory only)"
+    )
+    redis_prefix: str = Field("cb", description="Prefix of every Redis key")
+    dedup_lease: float = Field(
+        10.0, gt=0, description="Seconds a claim blocks other replicas if its owner dies"
+    )
     upstream_timeout: float = Field(5.0, gt=0, description="Seconds before 5.04")
     ack_window: float = Field(
         1.0, gt=0, description="Seconds before an empty ACK and a separate response"

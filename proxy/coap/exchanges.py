@@ -42,12 +42,18 @@ def peer_key(ip: str, port: int, mid: int) -> int:
     return (address << 32) | (port << 16) | mid
 
 
+HANDLING = 0  # this replica is processing the request
+CHECKING = 1  # asking the shared store who processes it
+ELSEWHERE = 2  # another replica holds the claim and has not answered yet
+
+
 class Pending:
-    """A request still being handled; shared by the cache entry and the task serving it."""
+    """A request not answered yet; shared by the cache entry and the task serving it."""
 
-    __slots__ = ("acked",)
+    __slots__ = ("acked", "state")
 
-    def __init__(self) -> None:
+    def __init__(self, state: int = HANDLING) -> None:
+        self.state = state
         # True once an empty ACK went out (the final response then travels as a separate CON).
         self.acked = False
 
@@ -111,13 +117,13 @@ class ExchangeCache:
     def get(self, key: int) -> Entry | None:
         return self._entries.get(key)
 
-    def add(self, key: int, mtype: int, now: float) -> Pending:
+    def add(self, key: int, mtype: int, now: float, state: int = HANDLING) -> Pending:
         """Record a new exchange as in flight. The caller has checked ``key`` is absent."""
         self.expire(now)
         entries = self._entries
         if len(entries) >= self._max_entries:
             self._evict_oldest()
-        pending = Pending()
+        pending = Pending(state)
         entries[key] = pending
         (self._con if mtype == CON else self._non).add(key, now)
         return pending

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -35,7 +36,17 @@ from proxy.coap.codec import (
     encode_parts,
     parse_uint,
 )
-from proxy.coap.exchanges import ExchangeCache, Pending, peer_key
+from proxy.coap.exchanges import (
+    CHECKING,
+    ELSEWHERE,
+    EXCHANGE_LIFETIME,
+    HANDLING,
+    NON_LIFETIME,
+    ExchangeCache,
+    Pending,
+    peer_key,
+)
+from proxy.state.base import Claim, ClaimResult, DedupStore, DedupUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,25 @@ class MessagingStats:
     separate_responses: int = 0
     retransmissions: int = 0
     handler_errors: int = 0
+    shared_replays: int = 0  # answered with bytes another replica stored
+    shared_busy: int = 0  # left alone: another replica holds the claim
+    shared_unavailable: int = 0  # processed on local dedup only, the shared store being down
+
+
+@dataclass(slots=True)
+class SharedDedup:
+    """Cluster-wide deduplication (SPEC §4): a :class:`DedupStore` and how to use it.
+
+    ``key`` names an exchange in the store (policies.keys.dedup_key). ``lease`` bounds a claim:
+    a replica that dies after claiming blocks the exchange for at most that long.
+    ``retry_after``: after the store failed, serve on local dedup alone for this long before
+    asking it again, so an outage costs one timeout, not one per request.
+    """
+
+    store: DedupStore
+    key: Callable[[str, int, int], str]
+    lease: float = 10.0
+    retry_after: float = 1.0
 
 
 class _BadRequest(Exception):
@@ -139,6 +169,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         ack_window: float = 1.0,
         ack_timeout: float = ACK_TIMEOUT,
         max_retransmit: int = MAX_RETRANSMIT,
+        shared: SharedDedup | None = None,
     ) -> None:
         self._handler = handler
         self._exchanges = exchanges if exchanges is not None else ExchangeCache()
@@ -151,6 +182,9 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         # Separate CON responses awaiting the device's ACK: peer_key → retransmit timer.
         self._awaiting_ack: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._shared = shared
+        self._shared_down_until = 0.0
+        self._shared_down = False
         self.stats = MessagingStats()
 
     # -- asyncio plumbing -----------------------------------------------------------------
@@ -213,37 +247,105 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         key = peer_key(peer[0], peer[1], message.mid)
         seen = self._exchanges.get(key)
         if seen is not None:
-            self._duplicate(seen, message, addr)
+            self._duplicate(key, seen, message, addr)
             return
         self.stats.requests += 1
-        pending = self._exchanges.add(key, mtype, self._loop.time())
+        state = HANDLING if self._shared is None else CHECKING
+        pending = self._exchanges.add(key, mtype, self._loop.time(), state)
+        self._start(key, pending, message, peer, addr)
+
+    def _start(
+        self, key: int, pending: Pending, message: Message, peer: Peer, addr: tuple[str, int]
+    ) -> None:
         try:
             request = _interpret(message, peer)
         except _BadRequest as bad:
+            # Decided by the datagram alone: every replica answers it the same way.
+            pending.state = HANDLING
             self._respond(key, pending, message, addr, Response(bad.code))
             return
         task = self._loop.create_task(self._serve(key, pending, request, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _duplicate(self, seen: Pending | bytes, message: Message, addr: tuple[str, int]) -> None:
+    def _duplicate(
+        self, key: int, seen: Pending | bytes, message: Message, addr: tuple[str, int]
+    ) -> None:
         self.stats.duplicates += 1
-        if message.mtype != CON or self._transport is None:
-            return  # duplicate NON: silently ignored (§4.5)
+        transport = self._transport
+        if transport is None:
+            return
         if isinstance(seen, bytes):
-            self._transport.sendto(seen, addr)
-        else:
-            # Still being handled: acknowledge so the device stops retransmitting; the answer
+            if message.mtype == CON:
+                transport.sendto(seen, addr)
+            return  # duplicate NON: silently ignored (§4.5)
+        if seen.state == ELSEWHERE:
+            # Another replica had it: ask again. It may have answered by now, or its lease may
+            # have run out (it died), and then this replica takes the exchange over.
+            seen.state = CHECKING
+            self._start(key, seen, message, addr, addr)
+        elif seen.state == HANDLING and message.mtype == CON:
+            # Being handled here: acknowledge so the device stops retransmitting; the answer
             # follows as a separate response.
             seen.acked = True
-            self._transport.sendto(encode_empty(ACK, message.mid), addr)
+            transport.sendto(encode_empty(ACK, message.mid), addr)
+        # CHECKING: the store's answer is a moment away; the device will retransmit anyway.
 
     # -- handling ---------------------------------------------------------------------------
+
+    async def _claim(
+        self, shared: SharedDedup, message: Message, addr: tuple[str, int]
+    ) -> ClaimResult:
+        now = self._loop.time()
+        if now < self._shared_down_until:
+            self.stats.shared_unavailable += 1
+            return Claim.OWNED
+        try:
+            result = await shared.store.claim(
+                shared.key(addr[0], addr[1], message.mid), shared.lease
+            )
+        except DedupUnavailable as exc:
+            self.stats.shared_unavailable += 1
+            self._shared_down_until = now + shared.retry_after
+            if not self._shared_down:
+                self._shared_down = True
+                log.warning(
+                    "shared dedup unavailable, serving with local dedup only "
+                    "(a retransmission reaching another replica may be processed twice): %s",
+                    exc,
+                )
+            return Claim.OWNED
+        if self._shared_down:
+            self._shared_down = False
+            log.warning("shared dedup available again")
+        return result
+
+    def _remember(self, key: int, message: Message, addr: tuple[str, int], record: bytes) -> None:
+        """What a duplicate gets from now on, here and (shared) on every replica."""
+        self._exchanges.complete(key, record)
+        shared = self._shared
+        if shared is not None and not self._shared_down:
+            lifetime = EXCHANGE_LIFETIME if message.mtype == CON else NON_LIFETIME
+            shared.store.complete(shared.key(addr[0], addr[1], message.mid), record, lifetime)
 
     async def _serve(
         self, key: int, pending: Pending, request: Request, addr: tuple[str, int]
     ) -> None:
         message = request.message
+        shared = self._shared
+        if shared is not None and pending.state == CHECKING:
+            claim = await self._claim(shared, message, addr)
+            if claim is Claim.BUSY:
+                self.stats.shared_busy += 1
+                pending.state = ELSEWHERE
+                return
+            if isinstance(claim, bytes):
+                self.stats.shared_replays += 1
+                self._exchanges.complete(key, claim)
+                if message.mtype == CON and self._transport is not None:
+                    self._transport.sendto(claim, addr)
+                return
+            pending.state = HANDLING
         timer: asyncio.TimerHandle | None = None
         if message.mtype == CON:
             timer = self._loop.call_later(
@@ -278,12 +380,11 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         transport = self._transport
         if transport is None:
             return
-        exchanges = self._exchanges
         if message.mtype == CON and not pending.acked:
             data = encode_parts(
                 ACK, response.code, message.mid, message.token, response.options, response.payload
             )
-            exchanges.complete(key, data)
+            self._remember(key, message, addr, data)
             transport.sendto(data, addr)
             return
         mid = self._new_mid()
@@ -291,7 +392,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             # Separate response (§5.2.2): a CON of its own, retransmitted until ACKed. A
             # duplicate of the request from now on gets the empty ACK again.
             self.stats.separate_responses += 1
-            exchanges.complete(key, encode_empty(ACK, message.mid))
+            self._remember(key, message, addr, encode_empty(ACK, message.mid))
             data = encode_parts(
                 CON, response.code, mid, message.token, response.options, response.payload
             )
@@ -299,7 +400,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             timeout = self._ack_timeout * random.uniform(1.0, ACK_RANDOM_FACTOR)
             self._schedule_retransmit(peer_key(addr[0], addr[1], mid), data, addr, timeout, 0)
         else:
-            exchanges.complete(key, b"")  # duplicates of a NON are ignored, never answered
+            self._remember(key, message, addr, b"")  # a NON's duplicates are never answered
             data = encode_parts(
                 NON, response.code, mid, message.token, response.options, response.payload
             )

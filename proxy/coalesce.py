@@ -1,0 +1,88 @@
+"""Group commit, generically: callers submit one item each; items travel together.
+
+A lone item is flushed at once, so light load keeps its latency. Items submitted while
+``max_concurrency`` flushes are already in flight wait, and all of them (up to ``max_batch``)
+go in the next flush. Under load a batch grows by itself to whatever arrived during one round
+trip, so the fixed cost of a round trip (an HTTP request, a Redis pipeline) is paid once per
+batch instead of once per item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    def __init__(
+        self,
+        flush: Callable[[list[Item]], Awaitable[list[Result]]],
+        *,
+        max_batch: int = 256,
+        max_concurrency: int = 1,
+        name: str = "batch",
+    ) -> None:
+        """``flush`` answers a list of items with one result per item, in order; an exception
+        it raises becomes every item's exception."""
+        self._flush = flush
+        self._max_batch = max_batch
+        self._max_concurrency = max_concurrency
+        self._name = name
+        self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.flushes = 0
+        self.items = 0
+
+    async def submit(self, item: Item) -> Result:
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: Item) -> asyncio.Future[Result]:
+        """Queue ``item`` without waiting; the caller may attach callbacks to the future."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._in_flight < self._max_concurrency:
+            self._launch()
+        return future
+
+    def _launch(self) -> None:
+        waiting = self._waiting
+        group = [waiting.popleft() for _ in range(min(len(waiting), self._max_batch))]
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(group))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, group: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        self.flushes += 1
+        self.items += len(group)
+        try:
+            results = await self._flush([item for item, _ in group])
+            if len(results) != len(group):
+                raise RuntimeError(f"{self._name}: {len(results)} results for {len(group)} items")
+        except Exception as exc:
+            if not isinstance(exc, ConnectionError | OSError | TimeoutError):
+                log.debug("%s flush failed", self._name, exc_info=True)
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for (_, future), result in zip(group, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            if self._waiting:
+                self._launch()
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

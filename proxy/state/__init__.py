@@ -1,0 +1,1 @@
+"""State shared by proxy replicas: the deduplication store (SPEC §4, §12)."""

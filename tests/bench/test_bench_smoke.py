@@ -1,0 +1,94 @@
+"""The harness still works end to end: ``python -m bench --quick`` for T (our proxy) and a tiny
+E (aiocoap baseline + the whole chain with Redis, Mosquitto and the MQTT check).
+
+No assertion on speed: only that rows come out, requests were answered with the expected codes,
+nothing was lost or duplicated, the report was written, and no process was left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import END, START
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _processes_under(directory: Path) -> list[str]:
+    """Processes whose working directory lies in ``directory`` (every service the harness
+    starts runs in a subdirectory of its workdir)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(directory)):
+            found.append(f"{entry}: {cwd}")
+    return found
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], dict[str, Any]], str]:
+    raw = tmp_path / "rows.json"
+    work = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
+    command = [
+        sys.executable, "-m", "bench", "--quick", "--duration", "1", "--warmup", "0.2",
+        "--clients", "8", "--json", str(raw), "--workdir", str(work), *args,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    log = f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, log
+    assert not _processes_under(work), log
+    rows = {(row["scenario"], row["system"]): row for row in json.loads(raw.read_text())["rows"]}
+    for row in rows.values():
+        assert "error" not in row, log
+        assert row["completed"] > 0, log
+        assert row["in_window"] > 0, log
+    return rows, log
+
+
+def _assert_chain_clean(row: dict[str, Any], log: str) -> None:
+    assert set(row["codes"]) == {"2.04"}, log
+    assert row["acked"] == row["codes"]["2.04"] > 0, log
+    assert row["lost"] == 0, log
+    assert row["duplicated"] == 0, log
+    assert row["status"] == "OK", log
+
+
+def test_quick_run_of_t_and_e(tmp_path: Path) -> None:
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text("# Hand-written\n\nkeep me\n")
+    rows, log = _run(
+        tmp_path, "--scenarios", "T,E", "--t-systems", "coap-bridge", "--output", str(output)
+    )
+    assert set(rows) == {("T", "coap-bridge"), ("E", "aiocoap"), ("E", "coap-bridge")}, log
+    assert set(rows["T", "coap-bridge"]["codes"]) == {"2.05"}, log
+    assert set(rows["E", "aiocoap"]["codes"]) == {"2.04"}, log
+    _assert_chain_clean(rows["E", "coap-bridge"], log)
+
+    text = output.read_text()
+    assert text.startswith("# Hand-written\n\nkeep me\n")
+    assert START in text
+    assert END in text
+    assert "### T" in text
+    assert "### E" in text
+    assert "Machine:" in text
+
+
+def test_quick_e_with_the_aiomqtt_witness(tmp_path: Path) -> None:
+    rows, log = _run(tmp_path, "--scenarios", "E", "--subscriber", "aiomqtt", "--output", "")
+    assert set(rows) == {("E", "aiocoap"), ("E", "coap-bridge")}, log
+    _assert_chain_clean(rows["E", "coap-bridge"], log)

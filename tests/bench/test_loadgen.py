@@ -1,0 +1,209 @@
+"""The pure parts of the bench: datagram templates and patching, MID rotation, source ports,
+percentiles, result merging, delivery check, BENCHMARKS.md markers."""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections import Counter
+from pathlib import Path
+
+import aiocoap
+import pytest
+
+from bench.loadgen import (
+    ACK,
+    BUCKET_SECONDS,
+    BUCKETS,
+    CON,
+    MID_SPACE,
+    LoadResult,
+    MidSequence,
+    PortPool,
+    RequestSpec,
+    build_template,
+    code_name,
+    empty_ack,
+    encode_options,
+    histogram_percentile,
+    parse_response,
+    patch,
+    percentile,
+)
+from bench.report import END, START, update_file
+from bench.subscriber import check_delivery
+
+
+def test_wkc_template_decodes_as_con_get_with_patched_mid_and_token() -> None:
+    template = build_template(RequestSpec.wkc())
+    assert template.seq_offset == -1
+    data = patch(bytearray(template.data), template.seq_offset, 0xBEEF, 0x01020304, 99)
+    message = aiocoap.Message.decode(data)
+    assert message.mtype == aiocoap.CON
+    assert message.code == aiocoap.GET
+    assert message.mid == 0xBEEF
+    assert message.token == bytes([1, 2, 3, 4])
+    assert message.opt.uri_path == (".well-known", "core")
+    assert message.payload == b""
+
+
+def test_telemetry_template_carries_query_and_sequence_id_in_a_100_byte_payload() -> None:
+    template = build_template(RequestSpec.telemetry("bench/x", 100))
+    buffer = bytearray(template.data)
+    first = patch(buffer, template.seq_offset, 1, 7, 0x1122334455667788)
+    second = patch(buffer, template.seq_offset, 2, 8, 42)
+    message = aiocoap.Message.decode(first)
+    assert message.code == aiocoap.POST
+    assert message.opt.uri_path == ()
+    assert message.opt.uri_query == ("t=bench/x",)
+    assert len(message.payload) == 100
+    assert message.payload[:8] == bytes.fromhex("1122334455667788")
+    assert message.payload[8:] == b"x" * 92
+    # patch returns a copy: the earlier datagram is not changed by the next patch.
+    assert aiocoap.Message.decode(first).mid == 1
+    again = aiocoap.Message.decode(second)
+    assert (again.mid, again.token, again.payload[:8]) == (2, bytes([0, 0, 0, 8]), bytes(7) + b"*")
+    # Only MID, token and sequence id differ between two requests.
+    differing = [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b]
+    assert all(2 <= i < 8 or template.seq_offset <= i < template.seq_offset + 8 for i in differing)
+
+
+def test_payload_must_hold_the_sequence_id() -> None:
+    with pytest.raises(ValueError, match="sequence id"):
+        build_template(RequestSpec.telemetry(size=4))
+
+
+@pytest.mark.parametrize(
+    ("number", "value"), [(11, b"a"), (15, b"t=" + b"y" * 20), (300, b"z" * 300)]
+)
+def test_option_encoding_round_trips_through_aiocoap(number: int, value: bytes) -> None:
+    data = bytes([0x40, 0x01, 0, 1]) + encode_options([(number, value)])
+    message = aiocoap.Message.decode(data)
+    [option] = message.opt.option_list()
+    assert int(option.number) == number
+    assert option.encode() == value
+
+
+def test_parse_response_and_empty_ack() -> None:
+    assert parse_response(empty_ack(0x1234)) == (ACK, 0, 0x1234, 0)
+    response = bytes([0x44, 0x45, 0x00, 0x09, 0, 0, 1, 2])
+    assert parse_response(response) == (CON, 0x45, 9, 0x0102)
+    assert parse_response(b"\x00\x00\x00\x00") is None
+    assert code_name(0x44) == "2.04"
+    assert code_name(0x84) == "4.04"
+
+
+def test_mid_sequence_uses_every_mid_once_then_is_exhausted() -> None:
+    mids = MidSequence(start=65530)
+    seen = set()
+    for expected_counter in range(MID_SPACE):
+        mid, counter = mids.take()
+        assert counter == expected_counter
+        assert mids.counter_of(mid) == counter
+        seen.add(mid)
+    assert len(seen) == MID_SPACE
+    assert mids.exhausted
+    with pytest.raises(ValueError, match="65536"):
+        mids.take()
+
+
+def test_mid_sequence_random_start_wraps_around() -> None:
+    mids = MidSequence(start=0xFFFF)
+    assert mids.take() == (0xFFFF, 0)
+    assert mids.take() == (0, 1)
+    assert not mids.exhausted
+
+
+def test_port_pool_hands_out_each_port_once_and_skips_busy_ones() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    pool = PortPool(base, base + 3)
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    opened: list[socket.socket] = []
+    try:
+        try:
+            busy.bind(("127.0.0.1", base + 1))
+        except OSError:
+            pytest.skip("port taken meanwhile")
+        opened = [pool.open("127.0.0.1", 9) for _ in range(3)]
+        ports = [sock.getsockname()[1] for sock in opened]
+        assert ports[:2] == [base, base + 2]
+        assert pool.fallbacks == 1  # range used up: the kernel chose the third one
+        assert len(set(ports)) == 3
+    finally:
+        busy.close()
+        for sock in opened:
+            sock.close()
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 0.999) == 100.0
+    assert percentile(values, 0.0) == 1.0
+    assert percentile([7.0], 0.5) == 7.0
+    assert math.isnan(percentile([], 0.5))
+
+
+def test_histogram_percentile_matches_raw_samples_within_a_bucket() -> None:
+    samples = [0.0001 * i for i in range(1, 1001)] + [2.0, 3.0]  # two beyond the histogram
+    hist = [0] * BUCKETS
+    overflow = []
+    for sample in samples:
+        index = int(sample / BUCKET_SECONDS)
+        if index < BUCKETS:
+            hist[index] += 1
+        else:
+            overflow.append(sample)
+    ordered = sorted(samples)
+    for q in (0.5, 0.9, 0.99):
+        assert abs(histogram_percentile(hist, overflow, q) - percentile(ordered, q)) <= (
+            BUCKET_SECONDS * 1.01
+        )
+    assert histogram_percentile(hist, overflow, 1.0) == 3.0
+    assert histogram_percentile(hist, sorted(overflow), 0.999) == 2.0  # rank 1001 of 1002
+    assert math.isnan(histogram_percentile([0] * 10, [], 0.5))
+
+
+def test_results_merge() -> None:
+    a = LoadResult(sent=10, in_window=8, window=2.0, codes={"2.05": 9}, acked_seqs=b"\x01" * 8)
+    b = LoadResult(sent=5, in_window=4, window=2.0, codes={"2.05": 4, "RST": 1})
+    a.hist[3] = 2
+    b.hist[3] = 1
+    b.overflow.append(1.5)
+    a.merge(b)
+    assert (a.sent, a.in_window, a.rate) == (15, 12, 6.0)
+    assert a.codes == {"2.05": 13, "RST": 1}
+    assert a.hist[3] == 3
+    assert a.overflow == [1.5]
+    assert list(a.acked()) == [0x0101010101010101]
+
+
+def test_check_delivery_counts_lost_and_duplicated() -> None:
+    assert check_delivery([1, 2, 3], Counter({1: 1, 2: 1, 3: 1, 4: 1})) == (0, 0)
+    assert check_delivery([1, 2, 3], Counter({1: 1, 3: 3})) == (1, 2)
+
+
+def test_update_file_keeps_hand_written_text(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    update_file(path, "first")
+    assert START in path.read_text()
+    assert "first" in path.read_text()
+    path.write_text(
+        "# Mine\n\nhand notes\n\n" + path.read_text().split("\n\n", 2)[-1] + "\nafter\n"
+    )
+    update_file(path, "second")
+    text = path.read_text()
+    assert "hand notes" in text
+    assert "after" in text
+    assert "second" in text
+    assert "first" not in text
+    assert text.count(START) == 1
+    assert text.count(END) == 1
+    other = tmp_path / "OTHER.md"
+    other.write_text("no markers\n")
+    update_file(other, "gen")
+    assert other.read_text().startswith("no markers\n")
+    assert f"{START}\ngen\n{END}" in (other.read_text())
