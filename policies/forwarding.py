@@ -76,10 +76,13 @@ def parse_forwarded(value: str) -> Origin | None:
     return Origin(ip=ip, port=port, proto=proto)
 
 
-def idempotency_key(ip: str, port: int, mid: int, token: bytes) -> str:
+def idempotency_key(ip: str, port: int, mid: int, token: bytes, identity: str | None = None) -> str:
     """A key that is equal for every retransmission of one CoAP exchange.
 
-    The (peer, MID) pair is what RFC 7252 §4.5 deduplicates on; the token is added because a
-    MID is reused once EXCHANGE_LIFETIME has passed, while a new request carries a new token.
+    The (peer, MID) pair is what RFC 7252 §4.5 deduplicates on — over DTLS the peer is its PSK
+    identity; the token is added because a MID is reused once EXCHANGE_LIFETIME has passed,
+    while a new request carries a new token.
     """
+    if identity is not None:
+        return f"coaps:{identity}:{mid}:{token.hex()}"
     return f"coap:{ip}:{port}:{mid}:{token.hex()}"

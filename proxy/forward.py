@@ -135,15 +135,24 @@ class ProxyHandler:
                 return Response(status.NOT_ACCEPTABLE)
         query = "&".join(_encode_query(q) for q in request.queries)
         forwarded = forwarding.format_forwarded(ip, port, self._proto)
-        key = forwarding.idempotency_key(ip, port, message.mid, message.token)
+        key = forwarding.idempotency_key(ip, port, message.mid, message.token, request.identity)
         try:
             if route.batch_target is not None and accept is None:
-                item = BatchItem(forwarded, "", key, query, content_type or "", message.payload)
+                item = BatchItem(
+                    forwarded,
+                    request.identity or "",
+                    key,
+                    query,
+                    content_type or "",
+                    message.payload,
+                )
                 http_status, retry_after = await self._batcher(route.batch_target).call(item)
                 return translate(
                     UpstreamResponse(http_status, None, retry_after, b""), request.method
                 )
             headers = {forwarding.FORWARDED_HEADER: forwarded, forwarding.IDEMPOTENCY_HEADER: key}
+            if request.identity is not None:
+                headers[forwarding.IDENTITY_HEADER] = request.identity
             if self._proxy_token is not None:
                 headers[forwarding.TOKEN_HEADER] = self._proxy_token
             if content_type is not None:

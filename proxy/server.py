@@ -72,7 +72,7 @@ async def start_proxy(
         prefix = settings.redis_prefix
         shared = SharedDedup(
             store=dedup,
-            key=lambda ip, port, mid: dedup_key(ip, port, mid, prefix),
+            key=lambda ip, port, mid, identity: dedup_key(ip, port, mid, identity, prefix),
             lease=settings.dedup_lease,
         )
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from api.errors import (
     InvalidTopic,
     PayloadTooLarge,
 )
+from api.identity import calling_device, lookup_device, origin_from
 from api.settings import ApiSettings
 from api.store.base import Device, DeviceStore
 from policies.batch import (
@@ -27,7 +28,7 @@ from policies.batch import (
     decode_batch,
     encode_statuses,
 )
-from policies.forwarding import FORWARDED_HEADER, IDENTITY_HEADER, Origin, parse_forwarded
+from policies.forwarding import Origin
 from policies.media import content_format_for
 from policies.topics import TopicError, render_topic, validate_topic
 
@@ -36,22 +37,6 @@ router = APIRouter(tags=["ingest"])
 
 def _error_responses(*errors: type[ApiError]) -> dict[int | str, dict[str, str]]:
     return {error.status_code: {"description": error.default_message} for error in errors}
-
-
-def _origin(forwarded: str | None) -> Origin:
-    origin = parse_forwarded(forwarded) if forwarded else None
-    if origin is None:
-        raise BadForwarded()
-    return origin
-
-
-async def _lookup(store: DeviceStore, origin: Origin, identity: str | None) -> Device:
-    # SPEC §2: over DTLS the PSK identity (the iccid) names the device; over plain CoAP its
-    # source address does.
-    device = await store.get(identity) if identity else await store.get_by_ip(origin.ip)
-    if device is None or not device.is_active:
-        raise DeviceUnauthorized()
-    return device
 
 
 def _message(
@@ -125,8 +110,7 @@ async def ingest(
     ] = None,
 ) -> Response:
     received_at = time.time_ns() // 1_000_000
-    origin = _origin(request.headers.get(FORWARDED_HEADER))
-    device = await _lookup(store, origin, request.headers.get(IDENTITY_HEADER))
+    device, origin = await calling_device(request, store)
     topic, properties = _message(
         settings,
         device,
@@ -181,7 +165,7 @@ async def ingest_batch(
     devices: dict[tuple[str, str], Device | ApiError] = {}
     for index, item in enumerate(items):
         try:
-            origin = _origin(item.forwarded)
+            origin = origin_from(item.forwarded)
             device = await _cached_lookup(devices, store, origin, item.identity)
             if len(item.payload) > settings.max_payload:
                 raise PayloadTooLarge(
@@ -219,7 +203,7 @@ async def _cached_lookup(
     found = cache.get(key)
     if found is None:
         try:
-            found = await _lookup(store, origin, identity or None)
+            found = await lookup_device(store, origin, identity or None)
         except ApiError as exc:
             found = exc
         cache[key] = found

@@ -47,6 +47,11 @@ CHECKING = 1  # asking the shared store who processes it
 ELSEWHERE = 2  # another replica holds the claim and has not answered yet
 
 
+def identity_key(identity: str, mid: int) -> int:
+    """(PSK identity, MID) as one int, negative so it never meets a :func:`peer_key`."""
+    return -((int.from_bytes(b"\x01" + identity.encode(), "big") << 16) | mid) - 1
+
+
 class Pending:
     """A request not answered yet; shared by the cache entry and the task serving it."""
 

@@ -44,6 +44,7 @@ from proxy.coap.exchanges import (
     NON_LIFETIME,
     ExchangeCache,
     Pending,
+    identity_key,
     peer_key,
 )
 from proxy.state.base import Claim, ClaimResult, DedupStore, DedupUnavailable
@@ -69,6 +70,8 @@ class Request:
     peer: Peer
     content_format: int | None = None
     accept: int | None = None
+    # The authenticated PSK identity over DTLS; None on plain CoAP (SPEC §2).
+    identity: str | None = None
 
 
 @dataclass(slots=True)
@@ -106,7 +109,7 @@ class SharedDedup:
     """
 
     store: DedupStore
-    key: Callable[[str, int, int], str]
+    key: Callable[[str, int, int, str | None], str]  # (ip, port, MID, PSK identity)
     lease: float = 10.0
     retry_after: float = 1.0
 
@@ -116,7 +119,7 @@ class _BadRequest(Exception):
         self.code = code
 
 
-def _interpret(message: Message, peer: Peer) -> Request:
+def _interpret(message: Message, peer: Peer, identity: str | None) -> Request:
     """Pick the request options apart; raise :class:`_BadRequest` for 4.02 / 4.00 / 5.05."""
     path_segments: list[str] = []
     queries: list[str] = []
@@ -150,6 +153,7 @@ def _interpret(message: Message, peer: Peer) -> Request:
         peer=peer,
         content_format=content_format,
         accept=accept,
+        identity=identity,
     )
 
 
@@ -170,7 +174,10 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         ack_timeout: float = ACK_TIMEOUT,
         max_retransmit: int = MAX_RETRANSMIT,
         shared: SharedDedup | None = None,
+        identity_of: Callable[[tuple[str, int]], str | None] | None = None,
     ) -> None:
+        """``identity_of``: for a secured transport (DTLS), the authenticated identity of a
+        peer address; deduplication then keys on (identity, MID), SPEC §4."""
         self._handler = handler
         self._exchanges = exchanges if exchanges is not None else ExchangeCache()
         self._ack_window = ack_window
@@ -183,6 +190,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._awaiting_ack: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._shared = shared
+        self._identity_of = identity_of
         self._shared_down_until = 0.0
         self._shared_down = False
         self.stats = MessagingStats()
@@ -244,21 +252,30 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             # and cannot be answered (§4.2, §4.3).
             self.stats.format_errors += 1
             return
-        key = peer_key(peer[0], peer[1], message.mid)
+        identity = self._identity_of(addr) if self._identity_of is not None else None
+        if identity is None:
+            key = peer_key(peer[0], peer[1], message.mid)
+        else:
+            key = identity_key(identity, message.mid)
         seen = self._exchanges.get(key)
         if seen is not None:
-            self._duplicate(key, seen, message, addr)
+            self._duplicate(key, seen, message, addr, identity)
             return
         self.stats.requests += 1
         state = HANDLING if self._shared is None else CHECKING
         pending = self._exchanges.add(key, mtype, self._loop.time(), state)
-        self._start(key, pending, message, peer, addr)
+        self._start(key, pending, message, addr, identity)
 
     def _start(
-        self, key: int, pending: Pending, message: Message, peer: Peer, addr: tuple[str, int]
+        self,
+        key: int,
+        pending: Pending,
+        message: Message,
+        addr: tuple[str, int],
+        identity: str | None,
     ) -> None:
         try:
-            request = _interpret(message, peer)
+            request = _interpret(message, (addr[0], addr[1]), identity)
         except _BadRequest as bad:
             # Decided by the datagram alone: every replica answers it the same way.
             pending.state = HANDLING
@@ -269,7 +286,12 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         task.add_done_callback(self._tasks.discard)
 
     def _duplicate(
-        self, key: int, seen: Pending | bytes, message: Message, addr: tuple[str, int]
+        self,
+        key: int,
+        seen: Pending | bytes,
+        message: Message,
+        addr: tuple[str, int],
+        identity: str | None,
     ) -> None:
         self.stats.duplicates += 1
         transport = self._transport
@@ -283,7 +305,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             # Another replica had it: ask again. It may have answered by now, or its lease may
             # have run out (it died), and then this replica takes the exchange over.
             seen.state = CHECKING
-            self._start(key, seen, message, addr, addr)
+            self._start(key, seen, message, addr, identity)
         elif seen.state == HANDLING and message.mtype == CON:
             # Being handled here: acknowledge so the device stops retransmitting; the answer
             # follows as a separate response.
@@ -293,17 +315,13 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
 
     # -- handling ---------------------------------------------------------------------------
 
-    async def _claim(
-        self, shared: SharedDedup, message: Message, addr: tuple[str, int]
-    ) -> ClaimResult:
+    async def _claim(self, shared: SharedDedup, shared_key: str) -> ClaimResult:
         now = self._loop.time()
         if now < self._shared_down_until:
             self.stats.shared_unavailable += 1
             return Claim.OWNED
         try:
-            result = await shared.store.claim(
-                shared.key(addr[0], addr[1], message.mid), shared.lease
-            )
+            result = await shared.store.claim(shared_key, shared.lease)
         except DedupUnavailable as exc:
             self.stats.shared_unavailable += 1
             self._shared_down_until = now + shared.retry_after
@@ -320,21 +338,24 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             log.warning("shared dedup available again")
         return result
 
-    def _remember(self, key: int, message: Message, addr: tuple[str, int], record: bytes) -> None:
+    def _remember(self, key: int, message: Message, record: bytes, shared_key: str | None) -> None:
         """What a duplicate gets from now on, here and (shared) on every replica."""
         self._exchanges.complete(key, record)
         shared = self._shared
-        if shared is not None and not self._shared_down:
+        if shared is not None and shared_key is not None and not self._shared_down:
             lifetime = EXCHANGE_LIFETIME if message.mtype == CON else NON_LIFETIME
-            shared.store.complete(shared.key(addr[0], addr[1], message.mid), record, lifetime)
+            shared.store.complete(shared_key, record, lifetime)
 
     async def _serve(
         self, key: int, pending: Pending, request: Request, addr: tuple[str, int]
     ) -> None:
         message = request.message
         shared = self._shared
-        if shared is not None and pending.state == CHECKING:
-            claim = await self._claim(shared, message, addr)
+        shared_key = None
+        if shared is not None:
+            shared_key = shared.key(addr[0], addr[1], message.mid, request.identity)
+        if shared is not None and shared_key is not None and pending.state == CHECKING:
+            claim = await self._claim(shared, shared_key)
             if claim is Claim.BUSY:
                 self.stats.shared_busy += 1
                 pending.state = ELSEWHERE
@@ -361,7 +382,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             response = Response(status.INTERNAL_SERVER_ERROR)
         if timer is not None:
             timer.cancel()
-        self._respond(key, pending, message, addr, response)
+        self._respond(key, pending, message, addr, response, shared_key)
 
     def _send_empty_ack(self, pending: Pending, mid: int, addr: tuple[str, int]) -> None:
         # Only ever scheduled while the request is in flight, and cancelled when it completes.
@@ -376,6 +397,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         message: Message,
         addr: tuple[str, int],
         response: Response,
+        shared_key: str | None = None,
     ) -> None:
         transport = self._transport
         if transport is None:
@@ -384,7 +406,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             data = encode_parts(
                 ACK, response.code, message.mid, message.token, response.options, response.payload
             )
-            self._remember(key, message, addr, data)
+            self._remember(key, message, data, shared_key)
             transport.sendto(data, addr)
             return
         mid = self._new_mid()
@@ -392,7 +414,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             # Separate response (§5.2.2): a CON of its own, retransmitted until ACKed. A
             # duplicate of the request from now on gets the empty ACK again.
             self.stats.separate_responses += 1
-            self._remember(key, message, addr, encode_empty(ACK, message.mid))
+            self._remember(key, message, encode_empty(ACK, message.mid), shared_key)
             data = encode_parts(
                 CON, response.code, mid, message.token, response.options, response.payload
             )
@@ -400,7 +422,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             timeout = self._ack_timeout * random.uniform(1.0, ACK_RANDOM_FACTOR)
             self._schedule_retransmit(peer_key(addr[0], addr[1], mid), data, addr, timeout, 0)
         else:
-            self._remember(key, message, addr, b"")  # a NON's duplicates are never answered
+            self._remember(key, message, b"", shared_key)  # a NON's duplicates are never answered
             data = encode_parts(
                 NON, response.code, mid, message.token, response.options, response.payload
             )
