@@ -33,3 +33,9 @@ def dedup_key(
     if identity is not None:
         return f"{prefix}:dd:id:{identity}:{mid}"
     return f"{prefix}:dd:{ip}:{port}:{mid}"
+
+
+def psk_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """Pub/sub channel on which the API announces a changed, revoked or deleted PSK; the
+    message is the ICCID (= PSK identity). Proxies re-read that device's ``psk`` field."""
+    return f"{prefix}:psk-changes"
