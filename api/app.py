@@ -15,6 +15,11 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from api.errors import install_error_handler
+from api.idempotency import (
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    RedisIdempotencyStore,
+)
 from api.publisher import MqttPublisher, Publisher
 from api.routes import devices, ingest
 from api.settings import ApiSettings
@@ -47,6 +52,7 @@ def create_app(
     *,
     store: DeviceStore | None = None,
     publisher: Publisher | None = None,
+    idempotency: IdempotencyStore | None = None,
 ) -> FastAPI:
     """Build the API. A given ``store``/``publisher`` is used as is and left open at shutdown
     (its owner closes it); the ones built here are closed by the lifespan.
@@ -63,6 +69,12 @@ def create_app(
                 built_store = build_store(settings)
                 owned.push_async_callback(built_store.close)
                 app.state.store = built_store
+            if idempotency is None and settings.redis_url:
+                shared = RedisIdempotencyStore.from_url(
+                    settings.redis_url, prefix=settings.redis_prefix
+                )
+                owned.push_async_callback(shared.close)
+                app.state.idempotency = shared
             app.state.publisher = publisher
             if publisher is None:
                 mqtt = MqttPublisher.from_settings(settings)
@@ -83,6 +95,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.publisher = publisher
+    app.state.idempotency = idempotency or MemoryIdempotencyStore()
     install_error_handler(app)
     app.include_router(ingest.router)
     app.include_router(devices.router)

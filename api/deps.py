@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import NotAuthenticated, NotConfigured, ProxyForbidden
+from api.idempotency import IdempotencyStore
 from api.publisher import Publisher
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
@@ -36,7 +37,13 @@ async def get_publisher(request: Request) -> Publisher:
     return publisher
 
 
+async def get_idempotency(request: Request) -> IdempotencyStore:
+    idempotency: IdempotencyStore = request.app.state.idempotency
+    return idempotency
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+IdempotencyDep = Annotated[IdempotencyStore, Depends(get_idempotency)]
 StoreDep = Annotated[DeviceStore, Depends(get_store)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 

@@ -39,3 +39,8 @@ def psk_channel(prefix: str = DEFAULT_PREFIX) -> str:
     """Pub/sub channel on which the API announces a changed, revoked or deleted PSK; the
     message is the ICCID (= PSK identity). Proxies re-read that device's ``psk`` field."""
     return f"{prefix}:psk-changes"
+
+
+def idempotency_record_key(key: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where the API remembers an Idempotency-Key it processed (shared by API replicas)."""
+    return f"{prefix}:idem:{key}"

@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from api.deps import PublisherDep, SettingsDep, StoreDep, require_proxy
+from api.deps import IdempotencyDep, PublisherDep, SettingsDep, StoreDep, require_proxy
 from api.errors import (
     ApiError,
     BadBatch,
@@ -18,9 +18,12 @@ from api.errors import (
     InvalidTopic,
     PayloadTooLarge,
 )
+from api.idempotency import IdempotencyStore
 from api.identity import calling_device, lookup_device, origin_from
+from api.publisher import Publisher
 from api.settings import ApiSettings
 from api.store.base import Device, DeviceStore
+from policies import dedup
 from policies.batch import (
     BATCH_CONTENT_TYPE,
     BatchFormatError,
@@ -28,7 +31,7 @@ from policies.batch import (
     decode_batch,
     encode_statuses,
 )
-from policies.forwarding import Origin
+from policies.forwarding import IDEMPOTENCY_HEADER, Origin
 from policies.media import content_format_for
 from policies.topics import TopicError, render_topic, validate_topic
 
@@ -104,6 +107,7 @@ async def ingest(
     settings: SettingsDep,
     store: StoreDep,
     publisher: PublisherDep,
+    idempotency: IdempotencyDep,
     t: Annotated[
         str | None,
         Query(description="MQTT topic: 1-253 of [A-Za-z0-9_/], no '//'"),
@@ -120,8 +124,51 @@ async def ingest(
         received_at,
     )
     payload = await _read_body(request, settings.max_payload)
-    await publisher.publish(topic, payload, properties)
-    return Response(status_code=204)
+    key = request.headers.get(IDEMPOTENCY_HEADER) or None
+    [status] = await _publish_once(idempotency, publisher, [(key, topic, payload, properties)])
+    if status == 503:
+        raise BrokerUnavailable()
+    return Response(status_code=status)
+
+
+Outgoing = tuple[str | None, str, bytes, dict[str, str]]  # idempotency key, topic, payload, props
+
+
+async def _publish_once(
+    idempotency: IdempotencyStore, publisher: Publisher, messages: list[Outgoing]
+) -> list[int]:
+    """Publish each message whose Idempotency-Key was not processed before; the HTTP status
+    for each, in order. A key already answered gets that answer again without a publish; a
+    key some other request is publishing right now gets 503 (the device retries, and by then
+    the answer is recorded)."""
+    keyed = [(n, key) for n, (key, _, _, _) in enumerate(messages) if key]
+    claims = await idempotency.claim([key for _, key in keyed]) if keyed else []
+    statuses = [204] * len(messages)
+    skip: set[int] = set()
+    for (n, _), claim in zip(keyed, claims, strict=True):
+        if isinstance(claim, bytes):
+            statuses[n] = int(claim) if claim.isdigit() else 204
+            skip.add(n)
+        elif claim is dedup.BUSY:
+            statuses[n] = 503
+            skip.add(n)
+    sending = [n for n in range(len(messages)) if n not in skip]
+    results = await publisher.publish_many(
+        [(messages[n][1], messages[n][2], messages[n][3]) for n in sending]
+    )
+    answered: list[tuple[str, bytes]] = []
+    released: list[str] = []
+    for n, error in zip(sending, results, strict=True):
+        key = messages[n][0]
+        if error is not None:
+            statuses[n] = error.status_code
+            if key:
+                released.append(key)
+        elif key:
+            answered.append((key, b"204"))
+    if answered or released:
+        await idempotency.settle(answered, released)
+    return statuses
 
 
 # The proxy batches at most a few hundred messages per call; this bounds a batch body.
@@ -149,7 +196,11 @@ MAX_BATCH_ITEMS = 1024
     },
 )
 async def ingest_batch(
-    request: Request, settings: SettingsDep, store: StoreDep, publisher: PublisherDep
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    publisher: PublisherDep,
+    idempotency: IdempotencyDep,
 ) -> Response:
     received_at = time.time_ns() // 1_000_000
     body = await _read_body(request, (settings.max_payload + 1024) * MAX_BATCH_ITEMS)
@@ -160,7 +211,7 @@ async def ingest_batch(
     if len(items) > MAX_BATCH_ITEMS:
         raise BadBatch(f"{len(items)} items in one batch, at most {MAX_BATCH_ITEMS}")
     statuses = [204] * len(items)
-    outgoing: list[tuple[str, bytes, dict[str, str]]] = []
+    outgoing: list[Outgoing] = []
     positions: list[int] = []
     devices: dict[tuple[str, str], Device | ApiError] = {}
     for index, item in enumerate(items):
@@ -177,13 +228,14 @@ async def ingest_batch(
         except ApiError as exc:
             statuses[index] = exc.status_code
             continue
-        outgoing.append((topic, item.payload, properties))
+        outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
         positions.append(index)
     retry_after = False
-    for index, error in zip(positions, await publisher.publish_many(outgoing), strict=True):
-        if error is not None:
-            statuses[index] = error.status_code
-            retry_after = True
+    for index, status in zip(
+        positions, await _publish_once(idempotency, publisher, outgoing), strict=True
+    ):
+        statuses[index] = status
+        retry_after = retry_after or status == 503
     headers = {"Retry-After": "1"} if retry_after else None
     return Response(encode_statuses(statuses), media_type="application/json", headers=headers)
 

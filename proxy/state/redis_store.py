@@ -4,11 +4,11 @@ One key per exchange (``policies.keys.dedup_key``). A claim is ``SET key "c" NX 
 atomic, one command, and its reply says everything — nil: ours; ``c``: another replica is on
 it; ``d…``: the answer, to replay. An answer is ``SET key "d"+bytes PX lifetime``.
 
-Claims and answers queue together (proxy/coalesce.py) and each batch is ONE script call that
-runs those SETs in order: one socket write and one reply per batch. Profiling showed redis-py
-spending ~100 µs per command packing and parsing, and each socket write costing far more
-than the Redis work. On Redis Cluster, whose scripts cannot span slots, the batch is a
-pipeline of the same SETs instead.
+Claims and answers queue together (proxy/coalesce.py) and each batch is ONE call of
+``policies.dedup.BATCH_SCRIPT``, which runs those SETs in order: one socket write and one
+reply per batch. Profiling showed redis-py spending ~100 µs per command packing and parsing,
+and each socket write costing far more than the Redis work. On Redis Cluster, whose scripts
+cannot span slots, the batch is a pipeline of the same SETs instead.
 
 redis-py's exceptions stay in this module: they become :class:`DedupUnavailable`.
 """
@@ -24,29 +24,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from policies import dedup
 from proxy.coalesce import Coalescer
 from proxy.state.base import Claim, ClaimResult, DedupUnavailable
 
 log = logging.getLogger(__name__)
-
-_CLAIMED = b"c"
-_DONE = b"d"
-
-# ARGV holds (op, value, ttl_ms) per key: op "c" claims (value unused), "a" stores an answer.
-# A nil reply from SET ... GET arrives in Lua as false and goes back as nil.
-_BATCH_SCRIPT = """
-local out = {}
-for i = 1, #KEYS do
-  local op, value, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
-  if op == 'c' then
-    out[i] = redis.call('SET', KEYS[i], 'c', 'NX', 'PX', ttl, 'GET')
-  else
-    redis.call('SET', KEYS[i], value, 'PX', ttl)
-    out[i] = 1
-  end
-end
-return out
-"""
 
 # (op, key, value, ttl_ms)
 _Op = tuple[bytes, str, bytes, int]
@@ -94,7 +76,7 @@ class RedisDedupStore:
     def __init__(self, client: Any, *, max_batch: int = 512) -> None:
         self._client = client
         self._cluster = not hasattr(client, "register_script") or _is_cluster(client)
-        self._script = None if self._cluster else client.register_script(_BATCH_SCRIPT)
+        self._script = None if self._cluster else client.register_script(dedup.BATCH_SCRIPT)
         self._ops: Coalescer[_Op, ClaimResult | None] = Coalescer(
             self._run_batch, max_batch=max_batch, max_concurrency=2, name="dedup"
         )
@@ -105,12 +87,14 @@ class RedisDedupStore:
         return cls(connect(url, timeout=timeout))
 
     async def claim(self, key: str, lease: float) -> ClaimResult:
-        result = await self._ops.submit((b"c", key, b"", max(1, int(lease * 1000))))
+        result = await self._ops.submit((dedup.CLAIM, key, b"", max(1, int(lease * 1000))))
         assert result is not None  # a claim always answers
         return result
 
     def complete(self, key: str, response: bytes, lifetime: float) -> None:
-        future = self._ops.submit_nowait((b"a", key, _DONE + response, int(lifetime * 1000)))
+        future = self._ops.submit_nowait(
+            (dedup.ANSWER, key, dedup.DONE + response, int(lifetime * 1000))
+        )
         self._pending.add(future)
         future.add_done_callback(self._answered)
 
@@ -133,7 +117,7 @@ class RedisDedupStore:
         except (RedisError, OSError) as exc:
             raise DedupUnavailable(f"redis: {exc}") from exc
         return [
-            _claim_result(reply) if op == b"c" else None
+            _claim_result(reply) if op == dedup.CLAIM else None
             for (op, _, _, _), reply in zip(ops, replies, strict=True)
         ]
 
@@ -148,8 +132,8 @@ class RedisDedupStore:
     async def _pipelined(self, ops: list[_Op]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for op, key, value, ttl_ms in ops:
-                if op == b"c":
-                    pipe.set(key, _CLAIMED, nx=True, px=ttl_ms, get=True)
+                if op == dedup.CLAIM:
+                    pipe.set(key, dedup.CLAIM, nx=True, px=ttl_ms, get=True)
                 else:
                     pipe.set(key, value, px=ttl_ms)
             replies: list[Any] = await pipe.execute()
@@ -163,8 +147,10 @@ def _is_cluster(client: Any) -> bool:
 
 
 def _claim_result(reply: Any) -> ClaimResult:
-    if reply is None:
+    outcome = dedup.read_claim(reply)
+    if outcome is dedup.OWNED:
         return Claim.OWNED
-    if reply == _CLAIMED:
+    if outcome is dedup.BUSY:
         return Claim.BUSY
-    return bytes(reply[1:])
+    assert isinstance(outcome, bytes)
+    return outcome

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import httpx
 
 from api.publisher import PackedUserProperties, pack_user_properties
@@ -14,11 +16,14 @@ from tests.support.services import MosquittoServer
 BATCH_HEADERS = {**PROXY_HEADERS, "Content-Type": BATCH_CONTENT_TYPE}
 
 
+_keys = itertools.count()
+
+
 def item(ip: str = ACTIVE_IP, query: str = "", payload: bytes = b"p", **fields: str) -> BatchItem:
     values = {
         "forwarded": format_forwarded(ip, 40000),
         "identity": "",
-        "idempotency_key": "k",
+        "idempotency_key": f"coap:{ip}:40000:{next(_keys)}:aa",
         "query": query,
         "content_type": "",
     }
@@ -96,3 +101,51 @@ def test_packed_user_properties_are_byte_identical_to_paho() -> None:
     assert pack_user_properties(values) == reference.pack()  # type: ignore[no-untyped-call]
     assert PackedUserProperties(values).pack() == reference.pack()  # type: ignore[no-untyped-call]
     assert pack_user_properties({}) == b"\x00"
+
+
+async def test_an_idempotency_key_is_published_once_whatever_the_form(
+    client: httpx.AsyncClient, mosquitto: MosquittoServer
+) -> None:
+    # A proxy replica died after forwarding; the retransmission comes back through another
+    # replica with the same key, in a batch or alone: 204 again, no second message.
+    again = item(query="t=idem/x", payload=b"once", idempotency_key="coap:10.64.0.1:7:7:07")
+    async with subscribed(mosquitto.url, "idem/#") as sub:
+        for _ in range(2):
+            response = await client.post(
+                "/ingest/batch", content=encode_batch([again]), headers=BATCH_HEADERS
+            )
+            assert response.json() == {"statuses": [204]}
+        single = await client.post(
+            "/ingest?t=idem/x",
+            content=b"once",
+            headers={
+                **PROXY_HEADERS,
+                "Forwarded": again.forwarded,
+                "Idempotency-Key": again.idempotency_key,
+            },
+        )
+        assert single.status_code == 204
+        [message] = await sub.wait_for(1)
+        await sub.assert_silent(0.5)
+    assert message.payload == b"once"
+
+
+async def test_a_failed_publish_releases_its_key_for_the_retry(
+    client: httpx.AsyncClient, mosquitto: MosquittoServer
+) -> None:
+    retry = item(query="t=idem/retry", payload=b"late", idempotency_key="coap:10.64.0.1:8:8:08")
+    mosquitto.pause()
+    try:
+        failed = await client.post(
+            "/ingest/batch", content=encode_batch([retry]), headers=BATCH_HEADERS
+        )
+    finally:
+        mosquitto.resume()
+    assert failed.json() == {"statuses": [503]}
+    async with subscribed(mosquitto.url, "idem/#") as sub:
+        ok = await client.post(
+            "/ingest/batch", content=encode_batch([retry]), headers=BATCH_HEADERS
+        )
+        assert ok.json() == {"statuses": [204]}
+        [message] = await sub.wait_for(1)
+    assert message.payload == b"late"

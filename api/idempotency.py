@@ -1,0 +1,112 @@
+"""The backend's half of exactly-once (SPEC §10): an Idempotency-Key is processed once.
+
+The proxy derives the key from the CoAP exchange, so every retransmission of one message carries
+the same key, whichever proxy replica forwards it. This matters when a proxy dies after
+forwarding but before remembering its answer: the retransmission reaches another replica,
+which forwards it again, and this store answers 204 without publishing a second time.
+
+Records follow ``policies.dedup``: claimed while the message is being published (a lease, so
+a crashed API replica cannot block a key for long), then the HTTP status it was answered with,
+kept as long as a CoAP exchange lives.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from api.errors import StoreUnavailable
+from policies import dedup
+from policies.keys import idempotency_record_key
+
+LEASE_MS = 10_000  # longer than a publish can take (mqtt_publish_timeout 5 s)
+LIFETIME_MS = 247_000  # EXCHANGE_LIFETIME (RFC 7252 §4.8.2)
+
+Claimed = dedup.Owned | dedup.Busy | bytes
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, keys: list[str]) -> list[Claimed]:
+        """Claim each key: OWNED, BUSY, or the status answered before (e.g. b"204")."""
+        ...
+
+    async def settle(self, answered: list[tuple[str, bytes]], released: list[str]) -> None:
+        """Record answers; drop the claims of messages that failed, so a retry can proceed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryIdempotencyStore:
+    """One process's memory (``coap-bridge up`` without Redis)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, tuple[float, bytes]] = {}  # key → (expires at, record)
+
+    async def claim(self, keys: list[str]) -> list[Claimed]:
+        now = time.monotonic()
+        if len(self._records) > 4096 and len(self._records) % 1024 == 0:
+            self._records = {k: v for k, v in self._records.items() if v[0] > now}
+        results: list[Claimed] = []
+        for key in keys:
+            found = self._records.get(key)
+            if found is None or found[0] <= now:
+                self._records[key] = (now + LEASE_MS / 1000, dedup.CLAIM)
+                results.append(dedup.OWNED)
+            else:
+                results.append(dedup.read_claim(found[1]))
+        return results
+
+    async def settle(self, answered: list[tuple[str, bytes]], released: list[str]) -> None:
+        expires = time.monotonic() + LIFETIME_MS / 1000
+        for key, status in answered:
+            self._records[key] = (expires, dedup.DONE + status)
+        for key in released:
+            if self._records.get(key, (0.0, b""))[1] == dedup.CLAIM:
+                del self._records[key]
+
+    async def close(self) -> None:
+        self._records.clear()
+
+
+class RedisIdempotencyStore:
+    """Shared by every API replica; one script call per batch (``policies.dedup``)."""
+
+    def __init__(self, client: Any, *, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._script = client.register_script(dedup.BATCH_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str) -> RedisIdempotencyStore:
+        return cls(
+            aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), prefix=prefix
+        )
+
+    async def _run(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
+        if not ops:
+            return []
+        args: list[bytes | int] = []
+        for op, _, value, ttl in ops:
+            args += (op, value, ttl)
+        keys = [idempotency_record_key(key, self._prefix) for _, key, _, _ in ops]
+        try:
+            replies: list[Any] = await self._script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"idempotency store unavailable: {exc}") from exc
+        return replies
+
+    async def claim(self, keys: list[str]) -> list[Claimed]:
+        replies = await self._run([(dedup.CLAIM, key, b"", LEASE_MS) for key in keys])
+        return [dedup.read_claim(reply) for reply in replies]
+
+    async def settle(self, answered: list[tuple[str, bytes]], released: list[str]) -> None:
+        ops = [(dedup.ANSWER, key, dedup.DONE + status, LIFETIME_MS) for key, status in answered]
+        ops += [(dedup.RELEASE, key, b"", 0) for key in released]
+        await self._run(ops)
+
+    async def close(self) -> None:
+        await self._client.aclose()

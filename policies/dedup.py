@@ -1,0 +1,55 @@
+"""Claim/answer records in Redis, as both the proxy (exchanges) and the API (idempotency keys)
+keep them. Pure: the script text and how to read its replies; each side runs it with its own
+client.
+
+A record is claimed with ``SET key "c" NX PX lease GET`` and answered with
+``SET key "d"+answer PX lifetime``. The reply to a claim says everything: nil — the caller owns
+it; ``c`` — someone else is on it; ``d…`` — the answer.
+"""
+
+from __future__ import annotations
+
+CLAIM = b"c"  # op code in BATCH_SCRIPT, and the value of a claimed record
+ANSWER = b"a"  # op code in BATCH_SCRIPT
+RELEASE = b"r"  # op code in BATCH_SCRIPT: drop a claim so a retry can go ahead
+DONE = b"d"  # prefix of an answered record
+
+# ARGV holds (op, value, ttl_ms) per key. A nil reply from SET ... GET arrives in Lua as false
+# and goes back as nil. One call runs a whole batch: one socket write, one reply.
+BATCH_SCRIPT = """
+local out = {}
+for i = 1, #KEYS do
+  local op, value, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if op == 'c' then
+    out[i] = redis.call('SET', KEYS[i], 'c', 'NX', 'PX', ttl, 'GET')
+  elseif op == 'a' then
+    redis.call('SET', KEYS[i], value, 'PX', ttl)
+    out[i] = 1
+  else
+    if redis.call('GET', KEYS[i]) == 'c' then redis.call('DEL', KEYS[i]) end
+    out[i] = 1
+  end
+end
+return out
+"""
+
+
+class Owned:
+    """Reply marker: the caller holds the claim."""
+
+
+class Busy:
+    """Reply marker: another caller holds the claim and has not answered."""
+
+
+OWNED = Owned()
+BUSY = Busy()
+
+
+def read_claim(reply: bytes | None) -> Owned | Busy | bytes:
+    """What a claim's reply means: OWNED, BUSY, or the stored answer."""
+    if reply is None:
+        return OWNED
+    if reply == CLAIM:
+        return BUSY
+    return bytes(reply[len(DONE) :])
