@@ -55,3 +55,53 @@ class RawClient:
 
     def close(self) -> None:
         self._transport.close()
+
+
+class _AddressedCollector(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait((data, addr))
+
+
+class PortClient:
+    """One UDP socket (one source port) talking to several servers: a device whose datagrams a
+    load balancer sends to different replicas."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, collector: _AddressedCollector):
+        self._transport = transport
+        self._collector = collector
+
+    @classmethod
+    async def open(cls) -> PortClient:
+        loop = asyncio.get_running_loop()
+        transport, collector = await loop.create_datagram_endpoint(
+            _AddressedCollector, local_addr=("127.0.0.1", 0)
+        )
+        return cls(transport, collector)
+
+    def send(self, data: bytes, port: int) -> None:
+        self._transport.sendto(data, ("127.0.0.1", port))
+
+    async def recv_from(self, port: int, timeout: float = 2.0) -> bytes:
+        """The next datagram from ``port`` (others are dropped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            data, addr = await asyncio.wait_for(
+                self._collector.queue.get(), max(0.0, deadline - loop.time())
+            )
+            if addr[1] == port:
+                return data
+
+    async def request(self, data: bytes, port: int, *, tries: int = 4, wait: float = 0.6) -> bytes:
+        """Send, and retransmit like a device (same bytes) until ``port`` answers."""
+        for _ in range(tries):
+            self.send(data, port)
+            with contextlib.suppress(TimeoutError):
+                return await self.recv_from(port, wait)
+        raise AssertionError(f"no answer from port {port} after {tries} tries")
+
+    def close(self) -> None:
+        self._transport.close()
