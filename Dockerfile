@@ -6,7 +6,13 @@ COPY policies policies
 COPY proxy proxy
 COPY api api
 COPY launcher launcher
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 bridge
+# DTLSSocket (tinydtls) is built from source: its build tools are installed and purged in one layer.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends autoconf automake libtool gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y autoconf automake libtool gcc libc6-dev && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 bridge
 USER bridge
 ENTRYPOINT ["coap-bridge"]
 CMD ["up", "--api-host", "0.0.0.0"]

@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 # What the product and its tests need from Debian (installed when root and missing).
+# BUILD_DEBS: DTLSSocket (tinydtls) ships as source only; its build runs autoreconf.
+BUILD_DEBS := autoconf automake libtool gcc python3-dev
 RUN_DEBS := libcoap3-bin mosquitto-clients
-TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git
+TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs
 
 .PHONY: run test lint typecheck pytest bench install clean
 
@@ -14,6 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { scripts/ensure-debian-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
+	@scripts/ensure-debian-packages.sh $(BUILD_DEBS) || echo "(DTLSSocket builds from source and needs these: pip may fail below)"
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
@@ -33,6 +36,7 @@ typecheck: $(STAMP)
 # fail loudly rather than pass as "no failures".
 pytest: $(STAMP)
 	@scripts/ensure-debian-packages.sh $(TEST_DEBS)
+	@command -v npm >/dev/null || scripts/ensure-debian-packages.sh npm
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

@@ -30,6 +30,7 @@ from launcher.broker import EmbeddedBroker
 from policies.routes import PolicyError
 from proxy.server import start_proxy
 from proxy.settings import ProxySettings
+from proxy.state.psk import MemoryPskStore
 
 log = logging.getLogger("coap_bridge")
 
@@ -49,6 +50,9 @@ _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
     # flag, type, help, subcommands
     ("--coap-host", str, "CoAP UDP bind address (default 0.0.0.0)", ("up", "proxy")),
     ("--coap-port", int, "CoAP UDP port (default 5683)", ("up", "proxy")),
+    ("--coaps-host", str, "CoAP-over-DTLS bind address (default: --coap-host)", ("up", "proxy")),
+    ("--coaps-port", str, "CoAP-over-DTLS port (default 5684; 'off': no DTLS)", ("up", "proxy")),
+    ("--require-dtls", bool, "plain CoAP serves /bootstrap only (production)", ("up", "proxy")),
     ("--api-host", str, "HTTP API bind address (default 127.0.0.1)", ("up", "api")),
     ("--api-port", int, "HTTP API port (default 8080)", ("up", "api")),
     ("--redis-url", str, "Redis URL for shared state (unset: in memory)", ("up", "proxy", "api")),
@@ -78,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text)
         for flag, kind, flag_help, where in _FLAGS:
-            if name in where:
+            if name not in where:
+                continue
+            if kind is bool:
+                sub.add_argument(
+                    flag, action="store_const", const=True, default=None, help=flag_help
+                )
+            else:
                 sub.add_argument(flag, type=kind, default=None, help=flag_help)
     return parser
 
@@ -104,8 +114,16 @@ class _EmbeddedUvicorn(uvicorn.Server):
 async def _start_api(
     app: Any, host: str, port: int, log_level: str
 ) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    # proxy_headers=False: the client address is never rewritten from X-Forwarded-For here;
+    # the onboarding endpoint decides itself which proxies it trusts (trusted_proxy_networks).
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,
     )
     server = _EmbeddedUvicorn(config)
     task = asyncio.create_task(server.serve())
@@ -152,8 +170,10 @@ async def run_up(given: dict[str, Any]) -> None:
         )
 
     store = None
+    psk_store = None
     if api_settings.redis_url is None:
         store = MemoryDeviceStore()
+        psk_store = _mirror_psks(store)
         await store.create(Device(iccid=DEMO_ICCID, ip=DEMO_IP, status="active"))
         log.info(
             "in-memory state: demo device %s registered for source address %s", DEMO_ICCID, DEMO_IP
@@ -171,7 +191,7 @@ async def run_up(given: dict[str, Any]) -> None:
     log.info(
         "HTTP API on http://%s:%s (docs at /docs)", api_settings.api_host, api_settings.api_port
     )
-    proxy = await start_proxy(proxy_settings)
+    proxy = await start_proxy(proxy_settings, psk_store=psk_store)
     log.info(
         'coap-bridge is up: try  coap-client-notls -m post -e hello "coap://127.0.0.1:%s/?t=demo"',
         proxy.address[1],
@@ -185,6 +205,25 @@ async def run_up(given: dict[str, Any]) -> None:
         if broker is not None:
             await broker.stop()
         log.info("coap-bridge stopped")
+
+
+def _mirror_psks(devices: MemoryDeviceStore) -> MemoryPskStore:
+    """Without Redis the API and the proxy share this process: the device store's PSK change
+    hook keeps the proxy's in-memory PSK store current (what pub/sub does with Redis)."""
+    psks = MemoryPskStore()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def refresh(iccid: str) -> None:
+        device = await devices.get(iccid)
+        psks.set(iccid, device.psk if device is not None else None)
+
+    def changed(iccid: str) -> None:
+        task = asyncio.get_running_loop().create_task(refresh(iccid))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    devices.add_psk_listener(changed)
+    return psks
 
 
 async def _wait(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
@@ -252,6 +291,7 @@ def run_api_workers(given: dict[str, Any], workers: int) -> None:
         workers=workers,
         log_level=launcher.log_level,
         access_log=False,
+        proxy_headers=False,
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values of ``coaps_port`` (flag or environment) that switch the DTLS listener off.
+_OFF = frozenset({"", "off", "none", "false", "no", "disabled"})
 
 
 class ProxySettings(BaseSettings):
@@ -32,3 +35,40 @@ class ProxySettings(BaseSettings):
     batch_concurrency: int = Field(
         2, gt=0, description="Batch calls in flight per target before requests wait and group"
     )
+    coaps_host: str | None = Field(
+        None, description="Address the CoAP-over-DTLS listener binds to (unset: coap_host)"
+    )
+    coaps_port: int | None = Field(
+        5684,
+        ge=0,
+        le=65535,
+        description="CoAP over DTLS (coaps://) UDP port; 'off' disables DTLS. It runs when a "
+        "PSK source exists: redis_url, or the in-process store of 'coap-bridge up'",
+    )
+    dtls_max_sessions: int = Field(
+        10_000, gt=0, description="Cap on DTLS peers (handshakes + sessions) per process"
+    )
+    dtls_max_handshakes: int = Field(
+        1_000, gt=0, description="Cap on DTLS handshakes in progress (within dtls_max_sessions)"
+    )
+    dtls_idle_timeout: float = Field(
+        300.0, gt=0, description="Seconds of silence before a DTLS session is evicted"
+    )
+    dtls_handshake_timeout: float = Field(
+        30.0, gt=0, description="Seconds a started DTLS handshake may take before it is dropped"
+    )
+    dtls_require_extended_master_secret: bool = Field(
+        False,
+        description="Refuse DTLS clients without the extended_master_secret and "
+        "renegotiation_info extensions (tinydtls' default; many device stacks send neither)",
+    )
+    require_dtls: bool = Field(
+        False, description="Production mode: on plain CoAP only /bootstrap is served (4.01)"
+    )
+
+    @field_validator("coaps_port", mode="before")
+    @classmethod
+    def _coaps_off(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
+            return None
+        return value

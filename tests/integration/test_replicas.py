@@ -118,8 +118,15 @@ async def test_a_retransmission_on_any_replica_is_answered_from_the_first(cluste
 async def test_the_same_request_at_two_replicas_at_once_makes_one_upstream_call(
     cluster: Cluster,
 ) -> None:
-    a = await cluster.procs.proxy("A", upstream=cluster.relay_url, redis_url=cluster.redis.url)
-    b = await cluster.procs.proxy("B", upstream=cluster.relay_url, redis_url=cluster.redis.url)
+    # A wide ACK window: the held call must still be answered piggybacked, so that the
+    # replayed record is the 2.04 itself (the ACK window has tests of its own).
+    wide = {"COAP_BRIDGE_ACK_WINDOW": "10"}
+    a = await cluster.procs.proxy(
+        "A", upstream=cluster.relay_url, redis_url=cluster.redis.url, env=wide
+    )
+    b = await cluster.procs.proxy(
+        "B", upstream=cluster.relay_url, redis_url=cluster.redis.url, env=wide
+    )
     cluster.relay.gate.clear()  # the upstream is slow: calls wait here
     device = await PortClient.open()
     datagram = con(0x2222, topic="rep/both")

@@ -1,0 +1,692 @@
+"""CoAP over DTLS 1.2 with pre-shared keys (RFC 7252 §9.1), on tinydtls through DTLSSocket.
+
+:class:`DtlsTransport` sits between one UDP socket and the ordinary
+:class:`~proxy.coap.messaging.CoapServerProtocol`: records in are handed to tinydtls, decrypted
+application data goes to ``protocol.datagram_received(plaintext, addr)``, and the protocol's
+``sendto(data, addr)`` is encrypted for that peer's session. To the protocol it is an asyncio
+datagram transport like any other, so dedup, forwarding and retransmission are the same code as
+for plain UDP; ``identity_of(addr)`` gives the messaging layer the authenticated PSK identity.
+
+What this module adds to tinydtls (SPEC §5; FINDINGS lists what aiocoap's server lacks):
+
+- **Stateless until the cookie.** tinydtls 0.8.6 answers an epoch-0 ClientHello without a
+  valid cookie with a HelloVerifyRequest from an ephemeral peer and creates state only for a
+  ClientHello that returns the cookie (RFC 6347 §4.2.1). Datagrams from an address without
+  state that are not a ClientHello are dropped here before reaching C at all.
+- **A cap on peers** (handshakes and sessions together). A new peer beyond the cap evicts the
+  longest-silent handshake, or when none is left the longest-silent session; idle sessions and
+  stalled handshakes are evicted by a sweep. tinydtls itself has no limit (it mallocs a peer per
+  verified ClientHello).
+- **PSK lookups are dict reads** from a :class:`~proxy.state.psk.PskStore` mirror, called from
+  tinydtls' C callback; nothing waits on the network during a handshake.
+- **No identity oracle.** An unknown identity gets a dummy key derived from a per-process
+  secret, so its handshake fails exactly like one with a wrong key: the client's Finished does
+  not decrypt, tinydtls drops it, and the client hears nothing more (RFC 4279 §2 allows either
+  answer; the point is that both cases give the same one). A key longer than tinydtls'
+  16-byte ``DTLS_PSK_MAX_KEY_LEN`` is treated the same way: DTLSSocket would copy it past the
+  end of tinydtls' stack buffer.
+- **Identity bound at the end of the handshake.** The identity whose key was looked up becomes
+  the session's identity only when tinydtls reports the handshake complete, so a second,
+  unfinished handshake from the same address cannot relabel an established session.
+- **Revocation.** When the store reports a changed or removed key, every session and handshake
+  of that identity is closed (close_notify) at once.
+
+DTLSSocket's errors and callbacks stay inside this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import hmac
+import logging
+import secrets
+import socket
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.state.psk import PskStore
+
+log = logging.getLogger(__name__)
+
+# DTLS record layer (RFC 6347 §4.1) and handshake header (§4.2.2) offsets.
+_CT_ALERT = 21
+_CT_HANDSHAKE = 22
+_RECORD_HEADER = 13
+_HANDSHAKE_HEADER = 12
+_HT_CLIENT_HELLO = 1
+_HT_SERVER_HELLO = 2
+
+# tinydtls (alert.h): handshake finished.
+_EVENT_CONNECTED = 0x01DE
+_ALERT_LEVEL_FATAL = 2
+_ALERT_CLOSE_NOTIFY = 0
+
+# tinydtls 0.8.6 crypto.h: DTLS_PSK_MAX_KEY_LEN = DTLS_KEY_LENGTH = 16. DTLSSocket copies the
+# key without checking the buffer size, so a longer key must never reach it.
+MAX_KEY_BYTES = 16
+
+Address = tuple[Any, ...]
+_Key = tuple[str, int]
+
+
+class DtlsError(OSError):
+    """The DTLS listener cannot run (DTLSSocket missing or the socket cannot be bound); an
+    OSError so that callers report it like any other failure to bind a port."""
+
+
+# RFC 6655 TLS_PSK_WITH_AES_128_CCM_8: the one suite offered (SPEC §5).
+TLS_PSK_WITH_AES_128_CCM_8 = 0xC0A8
+
+
+class _UserParameters(ctypes.Structure):
+    """tinydtls 0.8.6 ``dtls_user_parameters_t`` (crypto.h)."""
+
+    _fields_ = [
+        ("cipher_suites", ctypes.c_int * 5),  # DTLS_MAX_CIPHER_SUITES + 1, 0-terminated
+        ("force_extended_master_secret", ctypes.c_uint, 1),
+        ("force_renegotiation_info", ctypes.c_uint, 1),
+    ]
+
+
+_GetUserParameters = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_UserParameters)
+)
+
+
+def _install_user_parameters(context: Any, callback: Any) -> bool:
+    """Set tinydtls' ``get_user_parameters`` handler, which DTLSSocket leaves NULL.
+
+    Without it tinydtls 0.8.6 insists on the extended_master_secret (RFC 7627) and
+    renegotiation_info (RFC 5746) extensions and fails every other ClientHello with a fatal
+    handshake_failure. node-dtls-client (the vendor sample's client) sends neither, which is
+    why its handshake never completed against aiocoap's tinydtls server. The handler struct
+    lives inside DTLSSocket's ``DTLS`` object; its layout is checked word by word against what
+    is known (the Python attributes after it, the callbacks DTLSSocket sets, the NULLs it does
+    not) before anything is written, and nothing is written if it does not match."""
+    head = object.__basicsize__
+    pointer = ctypes.sizeof(ctypes.c_void_p)
+    words = [
+        ctypes.c_void_p.from_address(id(context) + head + pointer * i).value for i in range(11)
+    ]
+    # ctx, write, read, event, get_user_parameters, get_psk_info, get_ecdsa_key,
+    # verify_ecdsa_key, pycb, pskId, pskStore
+    expected = (
+        type(context).__basicsize__ == head + 11 * pointer
+        and all(words[i] for i in (0, 1, 2, 3, 5))
+        and not any(words[i] for i in (4, 6, 7))
+        and words[8] == id(context.pycb)
+        and words[10] == id(context.pskStore)
+    )
+    if not expected:
+        return False
+    address = ctypes.cast(callback, ctypes.c_void_p).value
+    ctypes.c_void_p.from_address(id(context) + head + pointer * 4).value = address
+    return True
+
+
+def _load_tinydtls() -> Any:
+    try:
+        from DTLSSocket import dtls
+    except ImportError as exc:  # pragma: no cover - DTLSSocket is a dependency
+        raise DtlsError(
+            "DTLS needs the DTLSSocket package (pip install DTLSSocket; building it needs "
+            "the Debian packages autoconf automake libtool)"
+        ) from exc
+    return dtls
+
+
+@dataclass(slots=True)
+class DtlsStats:
+    datagrams: int = 0
+    dropped_stateless: int = 0  # no peer and not a ClientHello: never handed to tinydtls
+    handshakes: int = 0  # peers created by tinydtls (cookie verified)
+    connected: int = 0  # handshakes completed
+    unknown_identity: int = 0  # answered with a dummy key
+    evicted_idle: int = 0
+    evicted_handshake: int = 0  # handshakes that stalled past the handshake timeout
+    evicted_cap: int = 0
+    closed_by_peer: int = 0
+    closed_psk_change: int = 0
+    unsent: int = 0  # responses for a peer without a session
+
+
+class _Peer:
+    __slots__ = ("identity", "last", "pending", "session")
+
+    def __init__(self, session: Any, now: float) -> None:
+        self.session = session  # DTLSSocket Session: tinydtls' session_t for this address
+        self.last = now
+        self.identity: str | None = None  # authenticated: set when the handshake completes
+        self.pending: str | None = None  # identity whose key the running handshake uses
+
+
+class _KeyLookup:
+    """The ``pskStore`` DTLSSocket consults from tinydtls' get_psk_info callback.
+
+    DTLSSocket does ``if identity in store.keys(): copy(store[identity])``; answering "yes" to
+    every identity and a dummy key for unknown ones removes the identity oracle."""
+
+    def __init__(self, transport: DtlsTransport) -> None:
+        # Weak: see _Callback.
+        self._transport = weakref.ref(transport)
+        # DTLSSocket takes a char* into the returned bytes: keep the object alive meanwhile.
+        # It also asks twice in a row (length, then bytes): answer the second from here.
+        self._asked: bytes | None = None
+        self._held = b""
+
+    def forget(self) -> None:
+        self._asked = None
+        self._held = b""
+
+    def keys(self) -> _KeyLookup:
+        return self
+
+    def __contains__(self, identity: object) -> bool:
+        return True
+
+    def __getitem__(self, identity: bytes) -> bytes:
+        if identity == self._asked:
+            return self._held
+        transport = self._transport()
+        try:
+            if transport is None:
+                raise LookupError("transport gone")
+            key = transport._key_for(identity)
+        except Exception:
+            log.exception("PSK lookup failed")
+            key = secrets.token_bytes(MAX_KEY_BYTES)
+        self._asked, self._held = identity, key
+        return key
+
+
+class _Callback:
+    """A tinydtls callback that does not keep the transport alive.
+
+    DTLSSocket's ``DTLS`` object holds its callbacks; if they held the transport, the two
+    would form a reference cycle, and the garbage collector may clear the callbacks before it
+    frees the tinydtls context — whose teardown calls them (close_notify to every peer): a
+    crash. With weak callbacks the transport owns the context outright; a callback that
+    arrives after the transport is gone does nothing."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self, *args: Any) -> Any:
+        method = self._method()
+        if method is None:
+            data = args[-1]
+            return len(data) if isinstance(data, bytes) else 0
+        return method(*args)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: DtlsTransport) -> None:
+        self._owner = owner
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self._owner._datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("DTLS socket error: %s", exc)
+
+
+class DtlsTransport(asyncio.DatagramTransport):
+    """A DTLS server endpoint that looks like a datagram transport to a CoAP protocol."""
+
+    def __init__(
+        self,
+        psk_store: PskStore,
+        *,
+        max_sessions: int = 10_000,
+        max_handshakes: int = 1_000,
+        idle_timeout: float = 300.0,
+        handshake_timeout: float = 30.0,
+        require_extended_master_secret: bool = False,
+    ) -> None:
+        """``max_sessions`` caps peers (handshakes and sessions together); ``max_handshakes``
+        caps handshakes in progress on their own, because tinydtls keeps their retransmission
+        timers in one sorted linked list: its cost per handshake message grows with the
+        number of open handshakes (10,000 half-open handshakes stalled the loop for seconds).
+
+        ``require_extended_master_secret``: refuse clients that do not send the
+        extended_master_secret (RFC 7627) and renegotiation_info (RFC 5746) extensions, as
+        tinydtls does by default. Off by default because device firmware (and the vendor
+        sample's node-dtls-client) often sends neither; tinydtls supports neither session
+        resumption nor renegotiation, which is what those extensions protect."""
+        super().__init__()
+        self._tinydtls = _load_tinydtls()
+        self._psks = psk_store
+        self._max_peers = max_sessions
+        self._max_handshakes = max(1, min(max_handshakes, max_sessions))
+        self._idle_timeout = idle_timeout
+        self._handshake_timeout = handshake_timeout
+        self._dummy_secret = secrets.token_bytes(32)
+        self._lookup = _KeyLookup(self)
+        self._dtls = self._tinydtls.DTLS(
+            read=_Callback(self._on_read),
+            write=_Callback(self._on_write),
+            event=_Callback(self._on_event),
+            pskId=b"",
+            pskStore=self._lookup,
+        )
+        self._require_ems = require_extended_master_secret
+        # Kept referenced for as long as tinydtls may call it.
+        self._user_parameters_cb = _GetUserParameters(self._user_parameters)
+        if not _install_user_parameters(self._dtls, self._user_parameters_cb):
+            log.warning(
+                "DTLSSocket's layout is not the one expected: tinydtls runs with its defaults "
+                "(clients without the extended_master_secret extension cannot connect)"
+            )
+        self._udp: asyncio.DatagramTransport | None = None
+        self._protocol: asyncio.DatagramProtocol | None = None
+        self._v4 = True
+        self._loop = asyncio.get_running_loop()
+        # Handshakes and sessions, each in order of last activity (oldest first).
+        self._handshaking: OrderedDict[_Key, _Peer] = OrderedDict()
+        self._sessions: OrderedDict[_Key, _Peer] = OrderedDict()
+        self._by_identity: dict[str, set[_Key]] = {}
+        # While tinydtls handles one datagram: its peer key, and what the callbacks saw.
+        self._current: _Key | None = None
+        self._current_c: tuple[str, int] | None = None  # the same, as tinydtls names it
+        self._hello_sent = False
+        self._alert_sent = False
+        self._closed_by_peer = False
+        self._plaintext: list[bytes] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._closing = False
+        self._cap_warned_at = -1e9
+        self.stats = DtlsStats()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(
+        self,
+        protocol: asyncio.DatagramProtocol,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
+        """Bind ``host:port`` (the any-address included) and start serving ``protocol``."""
+        try:
+            udp, _ = await self._loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self),
+                local_addr=(host, port),
+                reuse_port=reuse_port or None,
+            )
+        except OSError as exc:
+            raise DtlsError(f"cannot bind DTLS to {host}:{port}: {exc}") from exc
+        self._udp = udp
+        self._v4 = udp.get_extra_info("socket").family == socket.AF_INET
+        self._protocol = protocol
+        self._unsubscribe = self._psks.subscribe(self.close_identity)
+        self._ticker = self._loop.create_task(self._tick_loop(), name="dtls-ticker")
+        protocol.connection_made(self)
+
+    # -- asyncio.DatagramTransport --------------------------------------------------------
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        if addr is None:
+            return
+        peer = self._sessions.get((addr[0], addr[1]))
+        if peer is None:
+            self.stats.unsent += 1
+            return
+        self._dtls.write(peer.session, bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "dtls":
+            return True
+        if self._udp is None:
+            return default
+        return self._udp.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        # close_notify to every peer, then release tinydtls' state.
+        for peers in (self._handshaking, self._sessions):
+            for peer in list(peers.values()):
+                self._reset(peer)
+        self._handshaking.clear()
+        self._sessions.clear()
+        self._by_identity.clear()
+        # No peers left: freeing the context now calls no callback.
+        self._dtls = None
+        if self._udp is not None:
+            self._udp.close()
+        if self._protocol is not None:
+            self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    # -- what the messaging layer and operators ask -----------------------------------------
+
+    def identity_of(self, addr: Address) -> str | None:
+        """The authenticated PSK identity of the session at ``addr``."""
+        peer = self._sessions.get((addr[0], addr[1]))
+        return peer.identity if peer is not None else None
+
+    @property
+    def peer_count(self) -> int:
+        """Peers tinydtls holds state for (handshakes + sessions); never above the cap."""
+        return len(self._handshaking) + len(self._sessions)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def max_sessions(self) -> int:
+        return self._max_peers
+
+    def close_identity(self, identity: str) -> None:
+        """Close every session and handshake of ``identity`` (its PSK changed or was revoked)."""
+        keys = set(self._by_identity.pop(identity, ()))
+        keys.update(k for k, p in self._handshaking.items() if p.pending == identity)
+        for key in keys:
+            peer = self._sessions.get(key) or self._handshaking.get(key)
+            if peer is not None:
+                self.stats.closed_psk_change += 1
+                self._evict(key, peer)
+        if keys:
+            log.info("closed %d DTLS session(s) of identity %s: PSK changed", len(keys), identity)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def _datagram(self, data: bytes, addr: Address) -> None:
+        if self._closing:
+            return
+        self.stats.datagrams += 1
+        key: _Key = (addr[0], addr[1])
+        # An epoch-0 ClientHello: tinydtls answers it statelessly and touches no peer, unless
+        # its cookie verifies, and then it starts a fresh handshake for this address.
+        hello = (
+            len(data) >= _RECORD_HEADER + _HANDSHAKE_HEADER
+            and data[0] == _CT_HANDSHAKE
+            and data[3] == 0
+            and data[4] == 0
+            and data[_RECORD_HEADER] == _HT_CLIENT_HELLO
+        )
+        peer = self._sessions.get(key)
+        if peer is not None:
+            self._sessions.move_to_end(key)
+        else:
+            peer = self._handshaking.get(key)
+            if peer is not None:
+                self._handshaking.move_to_end(key)
+            elif not hello:
+                # tinydtls would drop it too (no peer); spare the trip into C.
+                self.stats.dropped_stateless += 1
+                return
+        self._current, self._current_c = key, (self._c_host(key[0]), key[1])
+        self._hello_sent = self._alert_sent = self._closed_by_peer = False
+        try:
+            if peer is not None:
+                peer.last = self._loop.time()
+                self._dtls.handleMessage(peer.session, data)
+            else:
+                self._dtls.handleMessageAddr(self._current_c[0], key[1], data)
+        except Exception:
+            log.exception("tinydtls failed on a datagram from %s:%s", key[0], key[1])
+        finally:
+            self._current = self._current_c = None
+            self._lookup.forget()
+        self._settle(key, addr, peer, hello)
+
+    def _settle(self, key: _Key, addr: Address, peer: _Peer | None, hello: bool) -> None:
+        """Bring the peer tables in line with what tinydtls just did, then deliver plaintext
+        (outside the C callback, so the protocol may send without re-entering tinydtls)."""
+        if hello:
+            if self._hello_sent:
+                # The cookie verified: tinydtls created a fresh peer, replacing any old one at
+                # this address (RFC 6347 §4.2.8).
+                if peer is not None:
+                    self._forget(key, peer)
+                peer = _Peer(
+                    self._tinydtls.Session(self._c_host(key[0]), key[1]), self._loop.time()
+                )
+                self._handshaking[key] = peer
+                self.stats.handshakes += 1
+                self._enforce_cap(key)
+            # Otherwise a HelloVerifyRequest or a stateless alert went out and any existing
+            # peer is untouched: an alert here must not end a session (anyone can send a
+            # ClientHello from a spoofed address).
+        elif peer is not None and (self._closed_by_peer or self._alert_sent):
+            # A fatal alert either way, or close_notify: tinydtls dropped or is closing it.
+            self.stats.closed_by_peer += self._closed_by_peer
+            self._evict(key, peer)
+            peer = None
+        plaintext, self._plaintext = self._plaintext, []
+        if plaintext and self._protocol is not None:
+            # Only an authenticated session's data goes up: without an identity the messaging
+            # layer would treat it as plain CoAP, attributed by address (tinydtls delivers
+            # application data only after the handshake, so this is a safety net).
+            session = self._sessions.get(key)
+            if session is None or session.identity is None:
+                return
+            for data in plaintext:
+                self._protocol.datagram_received(data, addr)
+
+    # -- tinydtls callbacks (never raise: an exception would be left pending in C) ---------
+
+    def _on_write(self, c_addr: tuple[str, int], data: bytes) -> int:
+        try:
+            if c_addr == self._current_c:
+                if (
+                    data[0] == _CT_HANDSHAKE
+                    and data[3] == 0
+                    and data[4] == 0
+                    and len(data) > _RECORD_HEADER
+                    and data[_RECORD_HEADER] == _HT_SERVER_HELLO
+                ):
+                    self._hello_sent = True
+                elif data[0] == _CT_ALERT:
+                    self._alert_sent = True
+            if self._udp is not None and not self._udp.is_closing():
+                self._udp.sendto(data, (self._app_host(c_addr[0]), c_addr[1]))
+        except Exception:
+            log.exception("DTLS write failed")
+        return len(data)
+
+    def _on_read(self, c_addr: tuple[str, int], data: bytes) -> int:
+        # Only ever called while handling a datagram from that very peer.
+        self._plaintext.append(data)
+        return len(data)
+
+    def _on_event(self, level: int, code: int) -> None:
+        try:
+            key = self._current
+            if key is None:
+                return
+            if code == _EVENT_CONNECTED:
+                peer = self._handshaking.pop(key, None) or self._sessions.get(key)
+                if peer is None:
+                    return
+                self._unindex(key, peer)
+                peer.identity, peer.pending = peer.pending, None
+                self._sessions[key] = peer
+                self._sessions.move_to_end(key)
+                if peer.identity is not None:
+                    self._by_identity.setdefault(peer.identity, set()).add(key)
+                self.stats.connected += 1
+            elif level == _ALERT_LEVEL_FATAL or code == _ALERT_CLOSE_NOTIFY:
+                self._closed_by_peer = True
+        except Exception:
+            log.exception("DTLS event handling failed")
+
+    def _key_for(self, raw_identity: bytes) -> bytes:
+        """get_psk_info(DTLS_PSK_KEY): runs inside tinydtls, so a dict read and nothing more."""
+        identity: str | None
+        try:
+            identity = raw_identity.decode()
+        except UnicodeDecodeError:
+            identity = None
+        key = self._psks.lookup(identity) if identity is not None else None
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            log.warning(
+                "PSK of identity %s is %d bytes; tinydtls takes at most %d: handshake refused",
+                identity,
+                len(key),
+                MAX_KEY_BYTES,
+            )
+            key = None
+        current = self._current
+        if current is not None:
+            peer = self._handshaking.get(current) or self._sessions.get(current)
+            if peer is not None:
+                peer.pending = identity if key is not None else None
+        if key is None:
+            self.stats.unknown_identity += 1
+            key = hmac.new(self._dummy_secret, raw_identity, hashlib.sha256).digest()
+            key = key[:MAX_KEY_BYTES]
+        return key
+
+    def _user_parameters(self, _ctx: Any, _session: Any, parameters: Any) -> None:
+        """tinydtls' get_user_parameters, once per ClientHello: offer only
+        TLS_PSK_WITH_AES_128_CCM_8 and apply the extension policy."""
+        params = parameters.contents
+        params.cipher_suites[0] = TLS_PSK_WITH_AES_128_CCM_8
+        for i in range(1, len(params.cipher_suites)):
+            params.cipher_suites[i] = 0
+        params.force_extended_master_secret = int(self._require_ems)
+        params.force_renegotiation_info = int(self._require_ems)
+
+    # -- peer tables --------------------------------------------------------------------------
+
+    def _c_host(self, host: str) -> str:
+        """tinydtls keys sessions on IPv6 socket addresses: IPv4 as v4-mapped."""
+        host = host.split("%", 1)[0]
+        return "::ffff:" + host if self._v4 else host
+
+    def _app_host(self, c_host: str) -> str:
+        return c_host[7:] if self._v4 and c_host.startswith("::ffff:") else c_host
+
+    def _unindex(self, key: _Key, peer: _Peer) -> None:
+        if peer.identity is not None:
+            keys = self._by_identity.get(peer.identity)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_identity[peer.identity]
+
+    def _forget(self, key: _Key, peer: _Peer) -> None:
+        """Drop our record of a peer (tinydtls' state is handled by the caller)."""
+        if self._sessions.pop(key, None) is None:
+            self._handshaking.pop(key, None)
+        self._unindex(key, peer)
+
+    def _reset(self, peer: _Peer) -> None:
+        """Free tinydtls' state of a peer; it sends close_notify if the peer was not closed."""
+        try:
+            self._dtls.resetPeer(peer.session)
+        except Exception:
+            log.exception("tinydtls could not reset a peer")
+
+    def _evict(self, key: _Key, peer: _Peer) -> None:
+        self._forget(key, peer)
+        self._reset(peer)
+
+    def _enforce_cap(self, newest: _Key) -> None:
+        """Called after ``newest`` started a handshake. Handshakes beyond their own cap go
+        first (oldest first), then, beyond the total cap, the longest-silent peers, handshakes
+        before sessions. The newest is never the victim."""
+        full = False
+        while len(self._handshaking) > self._max_handshakes or self.peer_count > self._max_peers:
+            full = True
+            victims = self._handshaking
+            if len(self._handshaking) <= self._max_handshakes and (
+                len(self._handshaking) <= 1 or not self._sessions
+            ):
+                victims = self._sessions
+            if not victims:
+                break
+            key, peer = next(iter(victims.items()))
+            if key == newest:
+                break
+            self.stats.evicted_cap += 1
+            self._evict(key, peer)
+        now = self._loop.time()
+        if full and now - self._cap_warned_at > 60:
+            self._cap_warned_at = now
+            log.warning(
+                "DTLS cap reached (%d handshakes, %d peers): evicting the longest-silent",
+                self._max_handshakes,
+                self._max_peers,
+            )
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for table, timeout, counter in (
+            (self._handshaking, self._handshake_timeout, "evicted_handshake"),
+            (self._sessions, self._idle_timeout, "evicted_idle"),
+        ):
+            cutoff = now - timeout
+            while table:
+                key, peer = next(iter(table.items()))
+                if peer.last > cutoff:
+                    break
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+                self._evict(key, peer)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            # Handshake flights are retransmitted by tinydtls' timer queue (initially 1 s,
+            # doubling); a quarter second is fine enough for that.
+            await asyncio.sleep(0.25 if self._handshaking else 1.0)
+            try:
+                self._dtls.checkRetransmit()
+                self._sweep()
+            except Exception:
+                log.exception("DTLS housekeeping failed")
+
+
+async def create_dtls_endpoint(
+    protocol_factory: Callable[[DtlsTransport], asyncio.DatagramProtocol],
+    *,
+    psk_store: PskStore,
+    host: str,
+    port: int,
+    max_sessions: int = 10_000,
+    max_handshakes: int = 1_000,
+    idle_timeout: float = 300.0,
+    handshake_timeout: float = 30.0,
+    require_extended_master_secret: bool = False,
+    reuse_port: bool = False,
+) -> tuple[DtlsTransport, asyncio.DatagramProtocol]:
+    """Like ``loop.create_datagram_endpoint``; the factory gets the transport so the protocol
+    can be given ``identity_of=transport.identity_of``."""
+    transport = DtlsTransport(
+        psk_store,
+        max_sessions=max_sessions,
+        max_handshakes=max_handshakes,
+        idle_timeout=idle_timeout,
+        handshake_timeout=handshake_timeout,
+        require_extended_master_secret=require_extended_master_secret,
+    )
+    protocol = protocol_factory(transport)
+    try:
+        await transport.start(protocol, host, port, reuse_port=reuse_port)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            transport.close()
+        raise
+    return transport, protocol
