@@ -21,7 +21,7 @@ from api.idempotency import (
     RedisIdempotencyStore,
 )
 from api.publisher import MqttPublisher, Publisher
-from api.routes import devices, ingest
+from api.routes import bootstrap, credentials, devices, ingest, location, onboarding
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from api.store.memory import MemoryDeviceStore
@@ -29,9 +29,39 @@ from api.store.redis_store import RedisDeviceStore
 
 _TAGS = [
     {"name": "ingest", "description": "Device telemetry from the proxy to MQTT (SPEC §8)."},
+    {
+        "name": "bootstrap",
+        "description": "CoAP `GET /bootstrap` via the proxy: a device's PSK as CSV (SPEC §6).",
+    },
+    {
+        "name": "location",
+        "description": "A device's last known position: CoAP `GET /location` via the proxy, "
+        "and its management (issue #6).",
+    },
+    {
+        "name": "onboarding",
+        "description": "HTTPS onboarding called by devices directly: PSK as JSON or CSV, with "
+        "byte ranges (SPEC §7).",
+    },
     {"name": "devices", "description": "Device registry: SIMs by iccid and ip (SPEC §2)."},
+    {
+        "name": "credentials",
+        "description": "A device's DTLS PSK: set, revoke, generate (shown once) (SPEC §5, §11).",
+    },
     {"name": "health", "description": "Liveness and dependency state."},
 ]
+
+_DESCRIPTION = """\
+The HTTP side of coap-bridge.
+
+* **Proxy-facing** (`/ingest`, `/bootstrap`, `/location`): called by the coap-bridge proxy for
+  CoAP requests. They require the proxy's shared token in `X-Bridge-Token` and name the device
+  by the `Forwarded` header (and, over DTLS, the PSK identity in `X-Bridge-Identity`).
+* **Device-facing** (`/onboarding/coap`): called by devices over HTTPS; the device is its source
+  address.
+* **Management** (`/devices/...`): `Authorization: Bearer <api key>`. A PSK is never returned by
+  any of them, except once by `POST /devices/{iccid}/credentials`.
+"""
 
 
 class Health(BaseModel):
@@ -85,7 +115,9 @@ def create_app(
 
     app = FastAPI(
         title="coap-bridge API",
-        summary="HTTP backend of coap-bridge: device telemetry to MQTT and the device registry.",
+        summary="HTTP backend of coap-bridge: telemetry to MQTT, DTLS credentials, device "
+        "locations, HTTPS onboarding and the device registry.",
+        description=_DESCRIPTION,
         version="0.1.0",
         openapi_tags=_TAGS,
         lifespan=lifespan,
@@ -98,7 +130,12 @@ def create_app(
     app.state.idempotency = idempotency or MemoryIdempotencyStore()
     install_error_handler(app)
     app.include_router(ingest.router)
+    app.include_router(bootstrap.router)
+    app.include_router(location.router)
+    app.include_router(onboarding.router)
     app.include_router(devices.router)
+    app.include_router(credentials.router)
+    app.include_router(location.management)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and dependency state")
     async def healthz(request: Request) -> Health:

@@ -7,6 +7,7 @@ with ``app.dependency_overrides``.
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -37,6 +38,12 @@ async def get_publisher(request: Request) -> Publisher:
     return publisher
 
 
+async def get_now() -> datetime:
+    """The current time (UTC). A dependency so tests can move the clock: the bootstrap rotation
+    rule (SPEC §6) and its rate limit are decided against this value, never the wall clock."""
+    return datetime.now(UTC)
+
+
 async def get_idempotency(request: Request) -> IdempotencyStore:
     idempotency: IdempotencyStore = request.app.state.idempotency
     return idempotency
@@ -44,6 +51,7 @@ async def get_idempotency(request: Request) -> IdempotencyStore:
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 IdempotencyDep = Annotated[IdempotencyStore, Depends(get_idempotency)]
+NowDep = Annotated[datetime, Depends(get_now)]
 StoreDep = Annotated[DeviceStore, Depends(get_store)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 

@@ -6,16 +6,22 @@ it through :func:`api.deps.get_settings`, which tests override.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from policies.topics import DEFAULT_TOPIC_TEMPLATE, render_topic, validate_topic
 
 _MQTT_SCHEMES = {"mqtt": 1883, "tcp": 1883}
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+DEFAULT_COAPS_PORT = 5684
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,23 @@ class ApiSettings(BaseSettings):
     """Shared secret the proxy sends; ``None`` switches ``/ingest`` off (503)."""
     topic_template: str = DEFAULT_TOPIC_TEMPLATE
     max_payload: int = Field(default=65536, ge=0)
+    coaps_url: str | None = None
+    """The coaps:// endpoint handed out by ``/bootstrap`` and the credentials API. Unset:
+    ``coaps://<coaps_host or coap_host>:<coaps_port or 5684>``, with this machine's FQDN for a
+    wildcard host. Set it whenever devices reach the proxy under a public name."""
+    coap_host: str | None = None
+    coaps_host: str | None = None
+    coaps_port: int | str | None = None
+    """These three are the proxy's settings of the same names (same flags under ``up``, same
+    env vars); the API only uses them to derive ``coaps_url``."""
+    trusted_proxy_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """CIDRs of reverse proxies whose ``X-Forwarded-For`` HTTPS onboarding believes; comma
+    separated or a JSON list in the environment. Empty: the TCP peer is the device."""
+    bootstrap_rate_limit: int = Field(default=20, ge=1)
+    """Bootstrap + onboarding calls one device may make per window before 429 (4.29). 20 lets a
+    device fetch its ~60-byte onboarding answer in 8-byte Range pieces within one window."""
+    bootstrap_rate_window: float = Field(default=60.0, gt=0)
+    """Length of the rate-limit window in seconds."""
 
     @field_validator("mqtt_url")
     @classmethod
@@ -80,6 +103,50 @@ class ApiSettings(BaseSettings):
             ) from exc
         return value
 
+    @field_validator("coaps_url")
+    @classmethod
+    def _check_coaps_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme != "coaps" or not parts.hostname or "," in value:
+                raise ValueError(f"coaps_url must look like coaps://host:5684, not {value!r}")
+        return value
+
+    @field_validator("trusted_proxy_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("trusted_proxy_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        # Fail at start-up on a typo rather than silently trusting nobody (or everybody).
+        return [str(ipaddress.ip_network(item.strip(), strict=False)) for item in value]
+
     @property
     def mqtt_endpoint(self) -> MqttEndpoint:
         return parse_mqtt_url(self.mqtt_url)
+
+    @cached_property
+    def coaps_endpoint(self) -> str:
+        """The coaps:// URL devices are told to use after bootstrapping (SPEC §3, §6)."""
+        if self.coaps_url is not None:
+            return self.coaps_url
+        host = (self.coaps_host or self.coap_host or "").strip()
+        if host in _WILDCARD_HOSTS:
+            host = socket.getfqdn()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        port = str(self.coaps_port or "").strip()
+        if not port.isdigit() or int(port) == 0:
+            port = str(DEFAULT_COAPS_PORT)  # unset, "off" or "any free port": the default
+        return f"coaps://{host}:{port}"
+
+    @property
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(item) for item in self.trusted_proxy_networks]

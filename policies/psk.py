@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 ALPHABET = string.ascii_letters + string.digits
 GENERATED_LENGTH = 16  # ≥ 16 of [A-Za-z0-9]: ~95 bits from the system CSPRNG
 ROTATION_AFTER = timedelta(minutes=5)
-MAX_PSK_BYTES = 64  # tinydtls' DTLS_PSK_MAX_KEY_LEN
+MAX_PSK_BYTES = 16  # tinydtls 0.8.6: DTLS_PSK_MAX_KEY_LEN = 16; DTLSSocket copies unchecked
 
 
 class PskError(ValueError):

@@ -7,14 +7,14 @@ bootstrap flow hands out, so no listing or lookup can leak it.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, ConfigDict, field_validator
+from fastapi import APIRouter, Depends, Path, Response
+from pydantic import BaseModel, ConfigDict, WithJsonSchema, field_validator
 
 from api.deps import StoreDep, require_api_key
-from api.errors import DeviceNotFound, IpInUse
-from api.store.base import Device, DeviceStatus, Iccid, IpAddress
+from api.errors import MALFORMED_BODY, DeviceNotFound, IpInUse
+from api.store.base import IP_JSON_SCHEMA, Device, DeviceStatus, Iccid, IpAddress, Location
 
 router = APIRouter(prefix="/devices", tags=["devices"], dependencies=[Depends(require_api_key)])
 
@@ -22,6 +22,16 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or invalid bearer API key"},
     503: {"description": "no API key is configured, or the device store is unavailable"},
 }
+_BODY_RESPONSES = _AUTH_RESPONSES | MALFORMED_BODY
+
+EXAMPLE_ICCID = "8988280666000000001"
+IccidPath = Annotated[
+    str,
+    Path(
+        description="The device's ICCID (19 or 20 digits)",
+        openapi_examples={"a device": {"value": EXAMPLE_ICCID}},
+    ),
+]
 
 
 class DeviceCreate(BaseModel):
@@ -40,14 +50,25 @@ class DeviceCreate(BaseModel):
 class DevicePatch(BaseModel):
     """Only the fields present change; ``null`` is refused rather than meaning "unset"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"terms_accepted": True}, {"location_barred": True}]},
+    )
 
-    ip: IpAddress | None = None
-    status: DeviceStatus | None = None
+    # "Absent" is the only way to leave a field alone, so the documented schema does not
+    # offer null either (the validator below refuses it).
+    ip: Annotated[IpAddress | None, WithJsonSchema(IP_JSON_SCHEMA)] = None
+    status: Annotated[
+        DeviceStatus | None, WithJsonSchema({"type": "string", "enum": ["active", "inactive"]})
+    ] = None
+    terms_accepted: Annotated[bool | None, WithJsonSchema({"type": "boolean"})] = None
+    """The owner accepted the terms of use: HTTPS onboarding answers 401 until then."""
+    location_barred: Annotated[bool | None, WithJsonSchema({"type": "boolean"})] = None
+    """Bar the device from reading its location (CoAP 4.03)."""
 
-    @field_validator("ip", "status")
+    @field_validator("ip", "status", "terms_accepted", "location_barred")
     @classmethod
-    def _not_null(cls, value: str | None) -> str | None:
+    def _not_null(cls, value: str | bool | None) -> str | bool | None:
         # Defaults are not validated, so this only sees an explicit null.
         if value is None:
             raise ValueError("may not be null")
@@ -61,17 +82,29 @@ class DeviceOut(BaseModel):
     psk_user_set: bool | None = None
     last_bootstrap_at: datetime | None = None
     terms_accepted: bool | None = None
+    location_barred: bool | None = None
+    location: Location | None = None
 
     @classmethod
     def of(cls, device: Device) -> DeviceOut:
-        return cls.model_validate(device.model_dump(exclude={"psk"}))
+        # Field by field: a new Device attribute (a secret, say) is never shown by accident.
+        return cls(
+            iccid=device.iccid,
+            ip=device.ip,
+            status=device.status,
+            psk_user_set=device.psk_user_set,
+            last_bootstrap_at=device.last_bootstrap_at,
+            terms_accepted=device.terms_accepted,
+            location_barred=device.location_barred,
+            location=device.location,
+        )
 
 
 @router.post(
     "",
     status_code=201,
     summary="Register a device",
-    responses=_AUTH_RESPONSES | {409: {"description": "iccid exists or ip in use"}},
+    responses=_BODY_RESPONSES | {409: {"description": "iccid exists or ip in use"}},
 )
 async def create_device(body: DeviceCreate, store: StoreDep) -> DeviceOut:
     device = await store.create(Device(iccid=body.iccid, ip=body.ip, status=body.status))
@@ -88,7 +121,7 @@ async def list_devices(store: StoreDep) -> list[DeviceOut]:
     summary="Get one device",
     responses=_AUTH_RESPONSES | {404: {"description": DeviceNotFound.default_message}},
 )
-async def get_device(iccid: str, store: StoreDep) -> DeviceOut:
+async def get_device(iccid: IccidPath, store: StoreDep) -> DeviceOut:
     device = await store.get(iccid)
     if device is None:
         raise DeviceNotFound(f"device {iccid} not found")
@@ -97,14 +130,14 @@ async def get_device(iccid: str, store: StoreDep) -> DeviceOut:
 
 @router.patch(
     "/{iccid}",
-    summary="Change a device's ip or status",
-    responses=_AUTH_RESPONSES
+    summary="Change a device's ip, status, terms acceptance or location access",
+    responses=_BODY_RESPONSES
     | {
         404: {"description": DeviceNotFound.default_message},
         409: {"description": IpInUse.default_message},
     },
 )
-async def patch_device(iccid: str, body: DevicePatch, store: StoreDep) -> DeviceOut:
+async def patch_device(iccid: IccidPath, body: DevicePatch, store: StoreDep) -> DeviceOut:
     device = await store.update(iccid, **body.model_dump(exclude_unset=True))
     return DeviceOut.of(device)
 
@@ -115,6 +148,6 @@ async def patch_device(iccid: str, body: DevicePatch, store: StoreDep) -> Device
     summary="Delete a device",
     responses=_AUTH_RESPONSES | {404: {"description": DeviceNotFound.default_message}},
 )
-async def delete_device(iccid: str, store: StoreDep) -> Response:
+async def delete_device(iccid: IccidPath, store: StoreDep) -> Response:
     await store.delete(iccid)
     return Response(status_code=204)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import builtins
 import ipaddress
 import re
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 DeviceStatus = Literal["active", "inactive"]
 
@@ -35,31 +36,93 @@ def normalise_ip(value: str) -> str:
     return str(address)
 
 
-IpAddress = Annotated[str, AfterValidator(normalise_ip)]
-Iccid = Annotated[str, AfterValidator(check_iccid)]
+# The JSON schema states the rules the validators apply, so the OpenAPI document (and a client
+# generated from it) knows them; the validators keep their own plain error messages.
+IP_JSON_SCHEMA = {
+    "type": "string",
+    "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+    "example": "10.0.0.7",
+}
+IpAddress = Annotated[str, AfterValidator(normalise_ip), WithJsonSchema(IP_JSON_SCHEMA)]
+Iccid = Annotated[
+    str,
+    AfterValidator(check_iccid),
+    WithJsonSchema({"type": "string", "pattern": ICCID_PATTERN, "example": "8988280666000000001"}),
+]
+
+
+class Location(BaseModel):
+    """A device's last known position (issue #6). Degrees are kept as the decimal text they
+    were given in, so ``13.404954`` is served as ``13.404954`` and never as a float's rounding."""
+
+    model_config = ConfigDict(frozen=True)
+
+    longitude: str
+    latitude: str
+    source: str
+    sample_time: int
 
 
 class Device(BaseModel):
-    """One SIM. ``psk`` is a secret: never part of an HTTP answer (see ``api.routes.devices``)."""
+    """One SIM. ``psk`` is a secret: never part of an HTTP answer (see ``api.routes.devices``)
+    and left out of ``repr`` so a logged device cannot leak it.
+
+    Fields are flat scalars because each is one field of the device's Redis hash; the proxy's
+    PSK mirror reads the ``psk`` field directly (``policies.keys.device_key``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     iccid: Iccid
     ip: IpAddress
     status: DeviceStatus = "active"
-    psk: str | None = None
+    psk: str | None = Field(default=None, repr=False)
     psk_user_set: bool | None = None
     last_bootstrap_at: datetime | None = None
     terms_accepted: bool | None = None
+    """The owner accepted the terms of use; HTTPS onboarding answers 401 until then (SPEC §7)."""
+    location_barred: bool | None = None
+    """``True``: the device may not read its location (CoAP 4.03, issue #6)."""
+    location_longitude: str | None = None
+    location_latitude: str | None = None
+    location_source: str | None = None
+    location_sample_time: int | None = None
+    # Per-device rate limit of bootstrap/onboarding calls: a fixed window and its call count,
+    # kept on the device so the check and the key rotation are one atomic store update.
+    bootstrap_window_start: datetime | None = None
+    bootstrap_window_calls: int | None = None
 
     @property
     def is_active(self) -> bool:
         # SPEC §2: anything but "active" is non-active.
         return self.status == "active"
 
+    @property
+    def location(self) -> Location | None:
+        if (
+            self.location_longitude is None
+            or self.location_latitude is None
+            or self.location_source is None
+            or self.location_sample_time is None
+        ):
+            return None
+        return Location(
+            longitude=self.location_longitude,
+            latitude=self.location_latitude,
+            source=self.location_source,
+            sample_time=self.location_sample_time,
+        )
+
     def with_changes(self, **changes: Any) -> Device:
         """A validated copy; ``model_copy(update=...)`` would skip validation."""
         return Device.model_validate({**self.model_dump(), **changes})
+
+
+Change = Callable[[Device], Mapping[str, Any]]
+"""Computes the changes to apply from the device as currently stored (see ``modify``)."""
+
+PskListener = Callable[[str], None]
+"""Called with an ICCID after that device's PSK was set, changed, revoked or deleted."""
 
 
 class DeviceStore(Protocol):
@@ -68,6 +131,11 @@ class DeviceStore(Protocol):
     Errors: :class:`api.errors.DeviceExists`, :class:`api.errors.IpInUse`,
     :class:`api.errors.DeviceNotFound`; a backend that cannot be reached raises
     :class:`api.errors.StoreUnavailable` and nothing else.
+
+    PSK changes are announced: whenever a write changes a device's ``psk`` (set, rotated,
+    revoked) or deletes a device, the store tells the proxies — the Redis store PUBLISHes the
+    ICCID on ``policies.keys.psk_channel(prefix)`` in the same transaction as the write, the
+    memory store calls its in-process listeners (``MemoryDeviceStore.add_psk_listener``).
     """
 
     @property
@@ -84,6 +152,13 @@ class DeviceStore(Protocol):
     async def create(self, device: Device) -> Device: ...
 
     async def update(self, iccid: str, **changes: Any) -> Device: ...
+
+    async def modify(self, iccid: str, change: Change) -> Device:
+        """Read-modify-write as one atomic step: ``change(current)`` returns the changes to
+        apply. It may run more than once (an optimistic transaction retried after a conflict)
+        so it must not have side effects beyond its return value; an exception it raises
+        aborts the write and propagates. ``update`` is ``modify`` with constant changes."""
+        ...
 
     async def delete(self, iccid: str) -> None: ...
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse
-from api.store.base import Device, normalise_ip
+from api.store.base import Change, Device, PskListener, normalise_ip
+
+log = logging.getLogger(__name__)
 
 
 class MemoryDeviceStore:
@@ -14,15 +18,42 @@ class MemoryDeviceStore:
 
     No lock is needed: every method checks and mutates without awaiting in between, so on one
     event loop each call is atomic.
+
+    **PSK change hook.** Without Redis there is no pub/sub, so this store offers the same
+    signal in process: :meth:`add_psk_listener` registers a plain callable that is called with
+    the ICCID right after a write that set, changed, rotated or revoked that device's PSK, or
+    deleted the device — the events the Redis store PUBLISHes on
+    ``policies.keys.psk_channel``. Listeners run synchronously on the event loop, after the
+    write is applied (so ``await store.get(iccid)`` inside one already sees the new state);
+    they must be quick and must not raise (an exception is logged and swallowed). This is the
+    seam for ``coap-bridge up`` without Redis to keep the proxy's PSK mirror fresh.
     """
 
     def __init__(self) -> None:
         self._devices: dict[str, Device] = {}
         self._by_ip: dict[str, str] = {}
+        self._psk_listeners: list[PskListener] = []
 
     @property
     def kind(self) -> str:
         return "memory"
+
+    def add_psk_listener(self, listener: PskListener) -> Callable[[], None]:
+        """Call ``listener(iccid)`` after every PSK change; returns a function that removes it."""
+        self._psk_listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._psk_listeners:
+                self._psk_listeners.remove(listener)
+
+        return remove
+
+    def _psk_changed(self, iccid: str) -> None:
+        for listener in list(self._psk_listeners):
+            try:
+                listener(iccid)
+            except Exception:
+                log.exception("psk listener failed for device %s", iccid)
 
     async def get(self, iccid: str) -> Device | None:
         return self._devices.get(iccid)
@@ -45,13 +76,18 @@ class MemoryDeviceStore:
             raise IpInUse(f"ip {device.ip} is already used by device {self._by_ip[device.ip]}")
         self._devices[device.iccid] = device
         self._by_ip[device.ip] = device.iccid
+        if device.psk is not None:
+            self._psk_changed(device.iccid)
         return device
 
     async def update(self, iccid: str, **changes: Any) -> Device:
+        return await self.modify(iccid, lambda _: changes)
+
+    async def modify(self, iccid: str, change: Change) -> Device:
         current = self._devices.get(iccid)
         if current is None:
             raise DeviceNotFound(f"device {iccid} not found")
-        updated = current.with_changes(**changes)
+        updated = current.with_changes(**change(current))
         if updated.iccid != iccid:
             raise ValueError("the iccid of a device cannot change")
         owner = self._by_ip.get(updated.ip)
@@ -61,6 +97,8 @@ class MemoryDeviceStore:
             del self._by_ip[current.ip]
             self._by_ip[updated.ip] = iccid
         self._devices[iccid] = updated
+        if updated.psk != current.psk:
+            self._psk_changed(iccid)
         return updated
 
     async def delete(self, iccid: str) -> None:
@@ -69,6 +107,7 @@ class MemoryDeviceStore:
             raise DeviceNotFound(f"device {iccid} not found")
         if self._by_ip.get(device.ip) == iccid:
             del self._by_ip[device.ip]
+        self._psk_changed(iccid)
 
     async def close(self) -> None:
         return None

@@ -5,6 +5,10 @@ SIM-as-an-identity index) and a set of all iccids. Writes run as optimistic tran
 (WATCH/MULTI/EXEC) that watch the device hash and the ip key they claim, so two concurrent
 writers can never both take one ip nor leave an index entry pointing at the wrong device.
 
+Every write that changes a device's ``psk`` (or deletes the device) also PUBLISHes the ICCID on
+:func:`policies.keys.psk_channel`, inside the same MULTI/EXEC: a proxy that receives the message
+and re-reads the hash always sees the new value, and a write that failed announces nothing.
+
 Redis exceptions never leave this module: they become :class:`api.errors.StoreUnavailable`.
 """
 
@@ -23,8 +27,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
-from api.store.base import Device, normalise_ip
-from policies.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key
+from api.store.base import Change, Device, normalise_ip
+from policies.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key, psk_channel
 
 # Contention on one device is rare (a management call racing another); a handful of retries
 # settles it, and a hot loop against a misbehaving server must end.
@@ -164,6 +168,8 @@ class RedisDeviceStore:
             pipe.hset(dkey, mapping=values)  # type: ignore[arg-type]
             pipe.set(ipkey, device.iccid)
             pipe.sadd(device_set_key(self._prefix), device.iccid)
+            if device.psk is not None:
+                pipe.publish(psk_channel(self._prefix), device.iccid)
             await pipe.execute()
             return device
 
@@ -171,6 +177,9 @@ class RedisDeviceStore:
         return result
 
     async def update(self, iccid: str, **changes: Any) -> Device:
+        return await self.modify(iccid, lambda _: changes)
+
+    async def modify(self, iccid: str, change: Change) -> Device:
         dkey = self._dkey(iccid)
 
         async def body(pipe: Pipeline) -> Device:
@@ -179,7 +188,7 @@ class RedisDeviceStore:
             if not raw:
                 raise DeviceNotFound(f"device {iccid} not found")
             current = _from_hash(raw)
-            updated = current.with_changes(**changes)
+            updated = current.with_changes(**change(current))
             if updated.iccid != iccid:
                 raise ValueError("the iccid of a device cannot change")
             moved = updated.ip != current.ip
@@ -197,6 +206,8 @@ class RedisDeviceStore:
             if moved:
                 pipe.delete(self._ipkey(current.ip))
                 pipe.set(new_ipkey, iccid)
+            if updated.psk != current.psk:
+                pipe.publish(psk_channel(self._prefix), iccid)
             await pipe.execute()
             return updated
 
@@ -219,6 +230,8 @@ class RedisDeviceStore:
             pipe.srem(device_set_key(self._prefix), iccid)
             if owner is not None and _text(owner) == iccid:
                 pipe.delete(ipkey)
+            # Announced even when the device had no PSK: a mirror may hold a negative entry.
+            pipe.publish(psk_channel(self._prefix), iccid)
             await pipe.execute()
 
         await self._transaction(body)

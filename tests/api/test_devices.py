@@ -71,6 +71,8 @@ async def test_crud_round_trip(client: httpx.AsyncClient) -> None:
         "psk_user_set": None,
         "last_bootstrap_at": None,
         "terms_accepted": None,
+        "location_barred": None,
+        "location": None,
     }
     await client.post("/devices", json={"iccid": B, "ip": "10.0.0.2"}, headers=AUTH)
 
@@ -92,6 +94,15 @@ async def test_crud_round_trip(client: httpx.AsyncClient) -> None:
     # A partial patch leaves the other field alone.
     patched = await client.patch(f"/devices/{A}", json={"status": "active"}, headers=AUTH)
     assert (patched.json()["ip"], patched.json()["status"]) == ("10.0.0.9", "active")
+
+    # The device attributes of onboarding (terms) and location access (issue #6).
+    patched = await client.patch(
+        f"/devices/{A}", json={"terms_accepted": True, "location_barred": True}, headers=AUTH
+    )
+    assert patched.status_code == 200
+    assert (patched.json()["terms_accepted"], patched.json()["location_barred"]) == (True, True)
+    got = (await client.get(f"/devices/{A}", headers=AUTH)).json()
+    assert (got["terms_accepted"], got["location_barred"], got["ip"]) == (True, True, "10.0.0.9")
 
     deleted = await client.delete(f"/devices/{A}", headers=AUTH)
     assert deleted.status_code == 204
@@ -167,6 +178,10 @@ async def test_invalid_create_is_422_with_a_clear_message(
         ({"ip": "nope"}, "ip", "does not appear to be an IPv4 or IPv6"),
         ({"status": "deleted"}, "status", "'active' or 'inactive'"),
         ({"ip": None}, "ip", "may not be null"),
+        ({"terms_accepted": None}, "terms_accepted", "may not be null"),
+        ({"location_barred": "sometimes"}, "location_barred", "valid boolean"),
+        ({"psk": "abcdefgh"}, "psk", "Extra inputs are not permitted"),
+        ({"last_bootstrap_at": "2026-01-01T00:00:00Z"}, "last_bootstrap_at", "Extra inputs"),
         ({"iccid": B}, "iccid", "Extra inputs are not permitted"),
     ],
 )
@@ -248,6 +263,25 @@ async def test_healthz_and_docs(store: DeviceStore) -> None:
         assert docs.status_code == 200
         schema = (await http.get("/openapi.json")).json()
     assert schema["info"]["title"] == "coap-bridge API"
-    assert {tag["name"] for tag in schema["tags"]} == {"ingest", "devices", "health"}
-    assert {"/ingest", "/devices", "/devices/{iccid}", "/healthz"} <= set(schema["paths"])
+    assert {tag["name"] for tag in schema["tags"]} == {
+        "ingest",
+        "bootstrap",
+        "location",
+        "onboarding",
+        "devices",
+        "credentials",
+        "health",
+    }
+    assert {
+        "/ingest",
+        "/devices",
+        "/devices/{iccid}",
+        "/healthz",
+        "/bootstrap",
+        "/location",
+        "/onboarding/coap",
+        "/devices/{iccid}/psk",
+        "/devices/{iccid}/credentials",
+        "/devices/{iccid}/location",
+    } <= set(schema["paths"])
     assert "psk" not in schema["components"]["schemas"]["DeviceOut"]["properties"]

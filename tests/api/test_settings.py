@@ -51,3 +51,56 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_invalid_values_fail_at_start(field: str, value: object, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         ApiSettings(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("values", "url"),
+    [
+        pytest.param({"coaps_url": "coaps://coap.example.com:5684"}, None, id="explicit"),
+        pytest.param({"coap_host": "192.0.2.7"}, "coaps://192.0.2.7:5684", id="from-coap-host"),
+        pytest.param(
+            {"coap_host": "192.0.2.7", "coaps_host": "198.51.100.1", "coaps_port": "15684"},
+            "coaps://198.51.100.1:15684",
+            id="from-the-dtls-listener",
+        ),
+        pytest.param({"coap_host": "2001:db8::1"}, "coaps://[2001:db8::1]:5684", id="ipv6"),
+        pytest.param({"coap_host": "h", "coaps_port": "off"}, "coaps://h:5684", id="dtls-off"),
+        pytest.param({"coap_host": "h", "coaps_port": 0}, "coaps://h:5684", id="port-0"),
+    ],
+)
+def test_coaps_endpoint(values: dict[str, object], url: str | None) -> None:
+    settings = ApiSettings(**values)  # type: ignore[arg-type]
+    assert settings.coaps_endpoint == (url or values["coaps_url"])
+
+
+def test_coaps_endpoint_of_a_wildcard_host_is_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("socket.getfqdn", lambda: "bridge.example.net")
+    assert ApiSettings(coap_host="0.0.0.0").coaps_endpoint == "coaps://bridge.example.net:5684"
+
+
+@pytest.mark.parametrize("value", ["http://x:5684", "coaps://", "coaps://a,b:5684"])
+def test_unusable_coaps_url_fails_at_start(value: str) -> None:
+    with pytest.raises(ValidationError, match="coaps_url"):
+        ApiSettings(coaps_url=value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "networks"),
+    [
+        ("10.0.0.0/8", ["10.0.0.0/8"]),
+        ("10.0.0.0/8, 2001:db8::/32", ["10.0.0.0/8", "2001:db8::/32"]),
+        ('["192.0.2.1"]', ["192.0.2.1/32"]),
+        ("10.1.2.3/8", ["10.0.0.0/8"]),
+        ("", []),
+    ],
+)
+def test_trusted_proxy_networks_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, networks: list[str]
+) -> None:
+    monkeypatch.setenv("COAP_BRIDGE_TRUSTED_PROXY_NETWORKS", raw)
+    assert ApiSettings().trusted_proxy_networks == networks
+
+
+def test_a_typo_in_trusted_networks_fails_at_start() -> None:
+    with pytest.raises(ValidationError):
+        ApiSettings(trusted_proxy_networks=["10.0.0.0/33"])

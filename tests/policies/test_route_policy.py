@@ -25,25 +25,39 @@ def default_policy() -> Policy:
     return load_policy()
 
 
-# SPEC §3, the default route policy (1NCE profile): (path, method, HTTP target, HTTP method).
-# /bootstrap and /location join it with the API endpoints behind them (issues #5 and #6).
+# SPEC §3, the default route policy (1NCE profile):
+# (path, method, HTTP target, HTTP method, batch target).
+# Telemetry travels in batches when many devices send at once (group commit); the device
+# reads of /bootstrap and /location (issues #5 and #6) one call each.
 DEFAULT_ROUTES = [
-    pytest.param("/", POST, "/ingest", "POST", id="root-POST"),
-    pytest.param("/data", POST, "/ingest", "POST", id="data-POST"),
+    pytest.param("/", POST, "/ingest", "POST", "/ingest/batch", id="root-POST"),
+    pytest.param("/data", POST, "/ingest", "POST", "/ingest/batch", id="data-POST"),
+    pytest.param("/bootstrap", GET, "/bootstrap", "GET", None, id="bootstrap-GET"),
+    pytest.param("/location", GET, "/location", "GET", None, id="location-GET"),
 ]
 
 
-@pytest.mark.parametrize(("path", "method", "target", "http_method"), DEFAULT_ROUTES)
+@pytest.mark.parametrize(
+    ("path", "method", "target", "http_method", "batch_target"), DEFAULT_ROUTES
+)
 def test_default_policy_routes(
-    default_policy: Policy, path: str, method: int, target: str, http_method: str
+    default_policy: Policy,
+    path: str,
+    method: int,
+    target: str,
+    http_method: str,
+    batch_target: str | None,
 ) -> None:
     found = default_policy.match(path, method)
     assert found.error == 0
     assert found.route is not None
     assert found.route.target == target
     assert found.route.http_method_for(method) == http_method
-    # Telemetry travels in batches when many devices send at once (group commit).
-    assert found.route.batch_target == target + "/batch"
+    assert found.route.batch_target == batch_target
+
+
+def test_default_policy_has_exactly_these_routes(default_policy: Policy) -> None:
+    assert set(default_policy.routes) == {"/", "/data", "/bootstrap", "/location"}
 
 
 @pytest.mark.parametrize(
@@ -51,6 +65,8 @@ def test_default_policy_routes(
     [
         pytest.param("/", True, id="root"),
         pytest.param("/data", True, id="data"),
+        pytest.param("/bootstrap", False, id="bootstrap"),
+        pytest.param("/location", False, id="location"),
     ],
 )
 def test_default_policy_topic_rules(default_policy: Policy, path: str, topic_query: bool) -> None:
@@ -67,6 +83,15 @@ DEFAULT_ERRORS = [
     pytest.param("/data", GET, METHOD_NOT_ALLOWED, id="data-GET"),
     pytest.param("/data", DELETE, METHOD_NOT_ALLOWED, id="data-DELETE"),
     pytest.param("/data", FETCH, METHOD_NOT_ALLOWED, id="data-FETCH"),
+    pytest.param("/bootstrap", POST, METHOD_NOT_ALLOWED, id="bootstrap-POST"),
+    pytest.param("/bootstrap", PUT, METHOD_NOT_ALLOWED, id="bootstrap-PUT"),
+    pytest.param("/bootstrap", DELETE, METHOD_NOT_ALLOWED, id="bootstrap-DELETE"),
+    pytest.param("/location", POST, METHOD_NOT_ALLOWED, id="location-POST"),
+    pytest.param("/location", PUT, METHOD_NOT_ALLOWED, id="location-PUT"),
+    pytest.param("/location", DELETE, METHOD_NOT_ALLOWED, id="location-DELETE"),
+    pytest.param("/location", FETCH, METHOD_NOT_ALLOWED, id="location-FETCH"),
+    pytest.param("/location/x", GET, NOT_FOUND, id="below-location"),
+    pytest.param("/Bootstrap", GET, NOT_FOUND, id="bootstrap-case-sensitive"),
     pytest.param("/nope", GET, NOT_FOUND, id="unknown-GET"),
     pytest.param("/nope", POST, NOT_FOUND, id="unknown-POST"),
     pytest.param("/data/x", POST, NOT_FOUND, id="below-data"),
