@@ -108,7 +108,7 @@ async def test_a_retransmission_on_any_replica_is_answered_from_the_first(cluste
         third = await device.request(datagram, a.port)
         await sub.wait_for(1)
         await sub.assert_silent(0.5)
-    device.close()
+    await device.aclose()
     assert first == encode_parts(ACK, status.CHANGED, 0x1111, b"\x0b\x0c", [], b"")
     assert second == first
     assert third == first
@@ -136,10 +136,14 @@ async def test_the_same_request_at_two_replicas_at_once_makes_one_upstream_call(
         await asyncio.wait_for(cluster.relay.arrived.wait(), 5)
         await asyncio.sleep(0.5)  # time for a second call, if one were coming
         cluster.relay.gate.set()
-        answers = [await device.request(datagram, port) for port in (a.port, b.port)]
+        # The replica that won the claim answers the request it holds; the other stayed silent,
+        # so the device retransmits there, and it replays the winner's answer.
+        first, winner = await device.recv_any(5)
+        other = b.port if winner == a.port else a.port
+        answers = [first, await device.request(datagram, other)]
         await sub.wait_for(1)
         await sub.assert_silent(0.5)
-    device.close()
+    await device.aclose()
     assert cluster.relay.items == 1
     assert answers[0] == answers[1]
     assert answers[0][1] == status.CHANGED
@@ -171,7 +175,7 @@ async def test_a_replica_killed_after_its_claim_is_taken_over_after_the_lease(
         answer = await device.request(datagram, b.port)
         messages = await sub.wait_for(1)
         await sub.assert_silent(0.8)
-    device.close()
+    await device.aclose()
     assert answer[1] == status.CHANGED
     assert [m.payload for m in messages] == [b"exactly once"]
     assert cluster.relay.items == 2  # B forwarded again; the API recognised the key
@@ -195,7 +199,7 @@ async def test_redis_outage_falls_back_to_local_dedup_and_recovers(cluster: Clus
         second = await device.request(after, b.port, tries=6)
         await sub.wait_for(1)
         await sub.assert_silent(0.5)
-    device.close()
+    await device.aclose()
     assert first == second
     assert "shared dedup unavailable" in a.log()
     assert "shared dedup available again" in a.log()

@@ -110,6 +110,7 @@ async def running_bridge(
         "--coap-host", "127.0.0.1",
         "--coap-port", str(coap_port),
         "--api-port", str(api_port),
+        "--coaps-port", str(free_port(kind=2)),
         f"--api-key={api_key}",
         f"--proxy-token={proxy_token}",
     ]  # fmt: skip

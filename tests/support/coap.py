@@ -56,6 +56,12 @@ class RawClient:
     def close(self) -> None:
         self._transport.close()
 
+    async def aclose(self) -> None:
+        """Close and let the loop run once: a datagram transport closes its socket in a
+        callback, which never runs if the loop ends first (ResourceWarning: unclosed)."""
+        self._transport.close()
+        await asyncio.sleep(0)
+
 
 class _AddressedCollector(asyncio.DatagramProtocol):
     def __init__(self) -> None:
@@ -84,6 +90,11 @@ class PortClient:
     def send(self, data: bytes, port: int) -> None:
         self._transport.sendto(data, ("127.0.0.1", port))
 
+    async def recv_any(self, timeout: float = 2.0) -> tuple[bytes, int]:
+        """The next datagram and the server port it came from."""
+        data, addr = await asyncio.wait_for(self._collector.queue.get(), timeout)
+        return data, addr[1]
+
     async def recv_from(self, port: int, timeout: float = 2.0) -> bytes:
         """The next datagram from ``port`` (others are dropped)."""
         loop = asyncio.get_running_loop()
@@ -105,3 +116,9 @@ class PortClient:
 
     def close(self) -> None:
         self._transport.close()
+
+    async def aclose(self) -> None:
+        """Close and let the loop run once: a datagram transport closes its socket in a
+        callback, which never runs if the loop ends first (ResourceWarning: unclosed)."""
+        self._transport.close()
+        await asyncio.sleep(0)

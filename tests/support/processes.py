@@ -97,6 +97,7 @@ class Processes:
             "proxy",
             "--coap-host=127.0.0.1",
             f"--coap-port={port}",
+            f"--coaps-port={free_port(2)}",
             f"--upstream={upstream}",
             f"--proxy-token={TOKEN}",
             "--log-level=info",
