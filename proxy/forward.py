@@ -19,6 +19,8 @@ from proxy.upstream import Upstream, UpstreamResponse
 log = logging.getLogger(__name__)
 
 WELL_KNOWN_CORE = "/.well-known/core"
+# SPEC §5, production mode (require_dtls): on plain CoAP a device may only fetch its PSK.
+PLAIN_PATHS_IN_PRODUCTION = frozenset({"/bootstrap"})
 LINK_FORMAT = 40
 
 
@@ -62,7 +64,10 @@ class ProxyHandler:
         max_payload: int = 65536,
         max_batch: int = 256,
         batch_concurrency: int = 2,
+        plain_paths: frozenset[str] | None = None,
     ) -> None:
+        """``plain_paths``: when set, the only paths served (others → 4.01); production mode
+        gives the plain-CoAP handler ``PLAIN_PATHS_IN_PRODUCTION``."""
         self._policy = policy
         self._upstream = upstream
         self._base_url = base_url.rstrip("/")
@@ -73,8 +78,11 @@ class ProxyHandler:
         self._max_batch = max_batch
         self._batch_concurrency = batch_concurrency
         self._batchers: dict[str, GroupCommit] = {}
+        self._plain_paths = plain_paths
 
     async def handle(self, request: Request) -> Response:
+        if self._plain_paths is not None and request.path not in self._plain_paths:
+            return Response(status.UNAUTHORIZED)
         if request.path == WELL_KNOWN_CORE:
             return self._discovery(request)
         match = self._policy.match(request.path, request.method)

@@ -11,7 +11,7 @@ from policies.keys import dedup_key
 from policies.routes import Policy, load_policy
 from proxy.coap.exchanges import ExchangeCache
 from proxy.coap.messaging import CoapServerProtocol, SharedDedup
-from proxy.forward import ProxyHandler
+from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
 from proxy.settings import ProxySettings
 from proxy.state.base import DedupStore
 from proxy.state.psk import PskStore, RedisPskMirror
@@ -92,6 +92,7 @@ async def start_proxy(
         max_payload=settings.max_payload,
         max_batch=settings.max_batch,
         batch_concurrency=settings.batch_concurrency,
+        plain_paths=PLAIN_PATHS_IN_PRODUCTION if settings.require_dtls else None,
     )
     if dedup is None and settings.redis_url is not None:
         dedup = RedisDedupStore.from_url(settings.redis_url)

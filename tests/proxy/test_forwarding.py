@@ -256,3 +256,51 @@ async def test_upstream_unreachable_is_5_02() -> None:
     client.close()
     await proxy.close()
     assert reply.code == status.BAD_GATEWAY
+
+
+async def test_production_mode_serves_only_bootstrap_on_plain_coap() -> None:
+    # SPEC §5: with require_dtls, plain CoAP is for fetching a PSK and nothing else.
+    calls: list[str] = []
+
+    async def bootstrap(request: HttpRequest) -> HttpResponse:
+        calls.append(request.url.path)
+        return HttpResponse(b"8988280666000000001,key,coaps://h:5684", media_type="text/plain")
+
+    app = Starlette(
+        routes=[Route("/bootstrap", bootstrap), Route("/ingest/batch", bootstrap, methods=["POST"])]
+    )
+    async with serve_app(app) as base_url:
+        settings = ProxySettings(
+            coap_host="127.0.0.1",
+            coap_port=0,
+            coaps_port="off",
+            upstream=base_url,
+            require_dtls=True,
+        )
+        proxy = await start_proxy(settings)
+        client = await RawClient.connect(*proxy.address)
+        try:
+            fetched = await client.request(
+                encode_parts(CON, status.GET, 1, b"", [(opt.URI_PATH, b"bootstrap")], b"")
+            )
+            telemetry = await client.request(encode_parts(CON, status.POST, 2, b"", [], b"x"))
+            discovery = await client.request(
+                encode_parts(
+                    CON,
+                    status.GET,
+                    3,
+                    b"",
+                    [(opt.URI_PATH, b".well-known"), (opt.URI_PATH, b"core")],
+                    b"",
+                )
+            )
+        finally:
+            await client.aclose()
+            await proxy.close()
+    assert (fetched.code, fetched.payload) == (
+        status.CONTENT,
+        b"8988280666000000001,key,coaps://h:5684",
+    )
+    assert (telemetry.code, telemetry.payload) == (status.UNAUTHORIZED, b"")
+    assert discovery.code == status.UNAUTHORIZED
+    assert calls == ["/bootstrap"]
