@@ -69,7 +69,11 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> Any:
         host, _, port = node.rpartition(":")
         nodes.append((host or node, int(port) if port.isdigit() else 26379))
     sentinel = Sentinel(nodes, **options)  # type: ignore[no-untyped-call]
-    return sentinel.master_for(service, db=int(db) if db.isdigit() else 0, **options)
+    master = sentinel.master_for(service, db=int(db) if db.isdigit() else 0, **options)
+    # Closing the master client leaves the connections to the sentinels open: keep them at
+    # hand for close().
+    master.sentinel_clients = list(sentinel.sentinels)
+    return master
 
 
 class RedisDedupStore:
@@ -110,6 +114,8 @@ class RedisDedupStore:
     async def close(self) -> None:
         await self.flush()
         await self._client.aclose()
+        for sentinel in getattr(self._client, "sentinel_clients", ()):
+            await sentinel.aclose()
 
     async def _run_batch(self, ops: list[_Op]) -> list[ClaimResult | None]:
         try:
