@@ -46,6 +46,7 @@ from tests.support.dtls import (
     CT_ALERT,
     DtlsClient,
     client_hello,
+    dtls_ready,
     hello_verify_cookie,
     recording_relay,
 )
@@ -62,21 +63,6 @@ _iccids = (f"89882806660005{n:05d}" for n in itertools.count(1))
 def new_psk() -> str:
     # 16 characters of [A-Za-z0-9], like policies.psk.generate_psk (and tinydtls' 16-byte cap).
     return secrets.token_hex(8)
-
-
-async def dtls_ready(port: int, timeout: float = 15.0) -> None:
-    """A cookie-less ClientHello is answered with a HelloVerifyRequest once DTLS listens."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        while loop.time() < deadline:
-            sock.sendto(client_hello(os.urandom(32)), ("127.0.0.1", port))
-            await asyncio.sleep(0.1)
-            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
-                if hello_verify_cookie(sock.recv(2048)):
-                    return
-    raise AssertionError(f"DTLS port {port} never answered a ClientHello")
 
 
 # -- coap-bridge up with DTLS ------------------------------------------------------------------

@@ -12,10 +12,7 @@ covered by the proxy and integration suites.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +22,7 @@ import pytest_asyncio
 
 from tests.support.bridge import Bridge, running_bridge
 from tests.support.clients import coap_client
-from tests.support.dtls import client_hello, hello_verify_cookie
+from tests.support.dtls import dtls_ready
 from tests.support.http import free_port
 from tests.support.services import MosquittoServer, RedisServer
 
@@ -57,23 +54,8 @@ async def bridge(
         mqtt_url=_mosquitto_process.url,
         extra=["--coaps-host", "127.0.0.1", "--coaps-port", str(coaps_port)],
     ) as started:
-        await _dtls_ready(coaps_port)
+        await dtls_ready(coaps_port)
         yield started
-
-
-async def _dtls_ready(port: int, timeout: float = 15.0) -> None:
-    """A cookie-less ClientHello is answered with a HelloVerifyRequest once DTLS listens."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        while loop.time() < deadline:
-            sock.sendto(client_hello(os.urandom(32)), ("127.0.0.1", port))
-            await asyncio.sleep(0.05)
-            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
-                if hello_verify_cookie(sock.recv(2048)):
-                    return
-    raise AssertionError(f"DTLS port {port} never answered a ClientHello")
 
 
 def iccid_of(ip: str) -> str:

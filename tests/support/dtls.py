@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -238,3 +239,18 @@ class DtlsClient:
         while True:
             await asyncio.sleep(0.2)
             self._dtls.checkRetransmit()
+
+
+async def dtls_ready(port: int, timeout: float = 15.0) -> None:
+    """A cookie-less ClientHello is answered with a HelloVerifyRequest once DTLS listens."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        while loop.time() < deadline:
+            sock.sendto(client_hello(os.urandom(32)), ("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                if hello_verify_cookie(sock.recv(2048)):
+                    return
+    raise AssertionError(f"DTLS port {port} never answered a ClientHello")
