@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Annotated
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.background import BackgroundTask
 
 from api.deps import IdempotencyDep, PublisherDep, SettingsDep, StoreDep, require_proxy
 from api.errors import (
@@ -17,8 +20,9 @@ from api.errors import (
     DeviceUnauthorized,
     InvalidTopic,
     PayloadTooLarge,
+    StoreUnavailable,
 )
-from api.idempotency import IdempotencyStore
+from api.idempotency import Claimed, IdempotencyStore
 from api.identity import calling_device, lookup_device, origin_from
 from api.publisher import Publisher
 from api.settings import ApiSettings
@@ -34,6 +38,8 @@ from policies.batch import (
 from policies.forwarding import IDEMPOTENCY_HEADER, Origin
 from policies.media import content_format_for
 from policies.topics import TopicError, render_topic, validate_topic
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["ingest"])
 
@@ -125,34 +131,40 @@ async def ingest(
     )
     payload = await _read_body(request, settings.max_payload)
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
-    [status] = await _publish_once(idempotency, publisher, [(key, topic, payload, properties)])
+    claims: list[Claimed | None] = list(await idempotency.claim([key])) if key else [None]
+    [status], answered, released = await _publish_claimed(
+        publisher, [(key, topic, payload, properties)], claims
+    )
+    background = _recording(idempotency, answered, released)
     if status == 503:
+        if background is not None:
+            await background()
         raise BrokerUnavailable()
-    return Response(status_code=status)
+    return Response(status_code=status, background=background)
 
 
 Outgoing = tuple[str | None, str, bytes, dict[str, str]]  # idempotency key, topic, payload, props
 
 
-async def _publish_once(
-    idempotency: IdempotencyStore, publisher: Publisher, messages: list[Outgoing]
-) -> list[int]:
-    """Publish each message whose Idempotency-Key was not processed before; the HTTP status
-    for each, in order. A key already answered gets that answer again without a publish; a
-    key some other request is publishing right now gets 503 (the device retries, and by then
-    the answer is recorded)."""
-    keyed = [(n, key) for n, (key, _, _, _) in enumerate(messages) if key]
-    claims = await idempotency.claim([key for _, key in keyed]) if keyed else []
+async def _publish_claimed(
+    publisher: Publisher, messages: list[Outgoing], claims: list[Claimed | None]
+) -> tuple[list[int], list[tuple[str, bytes]], list[str]]:
+    """Publish each message whose Idempotency-Key claim is ours (or that has no key).
+
+    Returns the HTTP status of each message, in order, and what to record afterwards: the
+    answered keys and the keys to release (their publish failed: the retry must go ahead). A
+    key answered before gets that answer again without a publish; a key some other request is
+    publishing right now gets 503 (the device retries, and by then the answer is recorded).
+    """
     statuses = [204] * len(messages)
-    skip: set[int] = set()
-    for (n, _), claim in zip(keyed, claims, strict=True):
+    sending: list[int] = []
+    for n, claim in enumerate(claims):
         if isinstance(claim, bytes):
             statuses[n] = int(claim) if claim.isdigit() else 204
-            skip.add(n)
         elif claim is dedup.BUSY:
             statuses[n] = 503
-            skip.add(n)
-    sending = [n for n in range(len(messages)) if n not in skip]
+        else:
+            sending.append(n)
     results = await publisher.publish_many(
         [(messages[n][1], messages[n][2], messages[n][3]) for n in sending]
     )
@@ -166,9 +178,25 @@ async def _publish_once(
                 released.append(key)
         elif key:
             answered.append((key, b"204"))
-    if answered or released:
-        await idempotency.settle(answered, released)
-    return statuses
+    return statuses, answered, released
+
+
+def _recording(
+    idempotency: IdempotencyStore, answered: list[tuple[str, bytes]], released: list[str]
+) -> BackgroundTask | None:
+    """Record answers after the response has gone out: a duplicate arriving meanwhile finds the
+    claim and gets 503, so it is retried, never published twice; the device is not kept waiting
+    for one more Redis round trip."""
+    if not answered and not released:
+        return None
+
+    async def record() -> None:
+        try:
+            await idempotency.settle(answered, released)
+        except StoreUnavailable as exc:
+            log.warning("idempotency records not written (claims lapse after their lease): %s", exc)
+
+    return BackgroundTask(record)
 
 
 # The proxy batches at most a few hundred messages per call; this bounds a batch body.
@@ -211,33 +239,59 @@ async def ingest_batch(
     if len(items) > MAX_BATCH_ITEMS:
         raise BadBatch(f"{len(items)} items in one batch, at most {MAX_BATCH_ITEMS}")
     statuses = [204] * len(items)
+    # Claim the Idempotency-Keys while the devices are looked up: two round trips at once.
+    keyed = [n for n, item in enumerate(items) if item.idempotency_key]
+    claiming = (
+        asyncio.ensure_future(idempotency.claim([items[n].idempotency_key for n in keyed]))
+        if keyed
+        else None
+    )
     outgoing: list[Outgoing] = []
     positions: list[int] = []
     devices: dict[tuple[str, str], Device | ApiError] = {}
-    for index, item in enumerate(items):
-        try:
-            origin = origin_from(item.forwarded)
-            device = await _cached_lookup(devices, store, origin, item.identity)
-            if len(item.payload) > settings.max_payload:
-                raise PayloadTooLarge(
-                    f"payload is {len(item.payload)} bytes, at most {settings.max_payload}"
+    try:
+        for index, item in enumerate(items):
+            try:
+                origin = origin_from(item.forwarded)
+                device = await _cached_lookup(devices, store, origin, item.identity)
+                if len(item.payload) > settings.max_payload:
+                    raise PayloadTooLarge(
+                        f"payload is {len(item.payload)} bytes, at most {settings.max_payload}"
+                    )
+                topic, properties = _message(
+                    settings, device, origin, _topics(item), item.content_type or None, received_at
                 )
-            topic, properties = _message(
-                settings, device, origin, _topics(item), item.content_type or None, received_at
-            )
-        except ApiError as exc:
-            statuses[index] = exc.status_code
-            continue
-        outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
-        positions.append(index)
+            except ApiError as exc:
+                statuses[index] = exc.status_code
+                continue
+            outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
+            positions.append(index)
+        claimed: dict[int, Claimed] = (
+            dict(zip(keyed, await claiming, strict=True)) if claiming is not None else {}
+        )
+    finally:
+        if claiming is not None and not claiming.done():
+            claiming.cancel()
+    claims = [claimed.get(index) for index in positions]
+    sent, answered, released = await _publish_claimed(publisher, outgoing, claims)
+    # Refused items took a claim too: give it back, or their retry would wait for the lease.
+    accepted = set(positions)
+    released += [
+        items[n].idempotency_key
+        for n in keyed
+        if n not in accepted and claimed.get(n) is dedup.OWNED
+    ]
     retry_after = False
-    for index, status in zip(
-        positions, await _publish_once(idempotency, publisher, outgoing), strict=True
-    ):
+    for index, status in zip(positions, sent, strict=True):
         statuses[index] = status
         retry_after = retry_after or status == 503
     headers = {"Retry-After": "1"} if retry_after else None
-    return Response(encode_statuses(statuses), media_type="application/json", headers=headers)
+    return Response(
+        encode_statuses(statuses),
+        media_type="application/json",
+        headers=headers,
+        background=_recording(idempotency, answered, released),
+    )
 
 
 def _topics(item: BatchItem) -> list[str]:

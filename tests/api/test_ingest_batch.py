@@ -149,3 +149,23 @@ async def test_a_failed_publish_releases_its_key_for_the_retry(
         assert ok.json() == {"statuses": [204]}
         [message] = await sub.wait_for(1)
     assert message.payload == b"late"
+
+
+async def test_a_refused_item_gives_its_key_back(
+    client: httpx.AsyncClient, mosquitto: MosquittoServer, device_store
+) -> None:
+    # Refused because the device is unknown; registered a moment later, its retry (same key)
+    # must go through at once rather than wait out the claim's lease.
+    from api.store.base import Device
+
+    early = item(ip="10.64.9.9", query="t=idem/late", payload=b"retry", idempotency_key="k-late")
+    first = await client.post("/ingest/batch", content=encode_batch([early]), headers=BATCH_HEADERS)
+    assert first.json() == {"statuses": [401]}
+    await device_store.create(Device(iccid="8988280666000000099", ip="10.64.9.9", status="active"))
+    async with subscribed(mosquitto.url, "idem/#") as sub:
+        again = await client.post(
+            "/ingest/batch", content=encode_batch([early]), headers=BATCH_HEADERS
+        )
+        assert again.json() == {"statuses": [204]}
+        [message] = await sub.wait_for(1)
+    assert message.payload == b"retry"
