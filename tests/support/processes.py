@@ -28,6 +28,7 @@ class Proc:
     process: subprocess.Popen[bytes]
     log_path: Path
     port: int
+    coaps_port: int = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -92,12 +93,12 @@ class Processes:
     async def proxy(
         self, name: str, *, upstream: str, redis_url: str | None, env: dict[str, str] | None = None
     ) -> Proc:
-        port = free_port(2)
+        port, coaps_port = free_port(2), free_port(2)
         args = [
             "proxy",
             "--coap-host=127.0.0.1",
             f"--coap-port={port}",
-            f"--coaps-port={free_port(2)}",
+            f"--coaps-port={coaps_port}",
             f"--upstream={upstream}",
             f"--proxy-token={TOKEN}",
             "--log-level=info",
@@ -105,6 +106,7 @@ class Processes:
         if redis_url:
             args.append(f"--redis-url={redis_url}")
         proc = self._spawn(name, args, port, env)
+        proc.coaps_port = coaps_port
         client = await RawClient.connect("127.0.0.1", port)
         deadline = time.monotonic() + 20
         try:
