@@ -8,6 +8,7 @@ header of the §10 contract is checked through the real proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -304,3 +305,43 @@ async def test_production_mode_serves_only_bootstrap_on_plain_coap() -> None:
     assert (telemetry.code, telemetry.payload) == (status.UNAUTHORIZED, b"")
     assert discovery.code == status.UNAUTHORIZED
     assert calls == ["/bootstrap"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        pytest.param("down", status.BAD_GATEWAY, id="5.02"),
+        pytest.param("slow", status.GATEWAY_TIMEOUT, id="5.04"),
+    ],
+)
+async def test_location_with_the_backend_down_or_slow(backend: str, expected: int) -> None:
+    # Issue #6's table: 5.02 when the backend is down, 5.04 when it is slow; empty payloads.
+    async def slow(request: HttpRequest) -> HttpResponse:
+        await asyncio.sleep(2)
+        return HttpResponse(b"too late", media_type="text/plain")
+
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "slow":
+            base_url = await stack.enter_async_context(
+                serve_app(Starlette(routes=[Route("/location", slow)]))
+            )
+        else:
+            base_url = f"http://127.0.0.1:{free_port()}"
+        settings = ProxySettings(
+            coap_host="127.0.0.1",
+            coap_port=0,
+            coaps_port="off",
+            upstream=base_url,
+            upstream_timeout=0.5,
+        )
+        proxy = await start_proxy(settings)
+        client = await RawClient.connect(*proxy.address)
+        try:
+            reply = await client.request(
+                encode_parts(CON, status.GET, 7, b"\x01", [(opt.URI_PATH, b"location")], b""),
+                timeout=5,
+            )
+        finally:
+            await client.aclose()
+            await proxy.close()
+    assert (reply.mtype, reply.code, reply.payload) == (ACK, expected, b"")
