@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 # What the product and its tests need from Debian (installed when root and missing).
+# nftables, conntrack, iproute2: the real-topology test (network namespaces, deploy/lb/udp-dnat.sh).
 # BUILD_DEBS: DTLSSocket (tinydtls) ships as source only; its build runs autoreconf.
 BUILD_DEBS := autoconf automake libtool gcc python3-dev
 RUN_DEBS := libcoap3-bin mosquitto-clients
-TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs
+TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs \
+	nftables conntrack iproute2
 
 .PHONY: run test lint typecheck pytest bench install clean
 

@@ -36,6 +36,39 @@ def test_compose_file_is_valid_and_wires_the_services() -> None:
     assert "http://api:8080" in services["proxy"]["command"]
 
 
+def test_compose_scales_out_behind_a_source_preserving_udp_balancer() -> None:
+    result = _config({"COAP_BRIDGE_API_KEY": "k", "COAP_BRIDGE_PROXY_TOKEN": "t"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["proxy"]["deploy"]["replicas"] == 3
+    assert services["api"]["deploy"]["replicas"] == 2
+    # Every replica shares the dedup state in one Redis.
+    assert services["proxy"]["environment"]["COAP_BRIDGE_REDIS_URL"] == "redis://redis:6379/0"
+    # The proxies publish nothing themselves: devices reach them through the balancer, which
+    # publishes both CoAP and CoAPS.
+    assert "ports" not in services["proxy"]
+    lb = services["udp-lb"]
+    published = {(p["target"], p["protocol"]) for p in lb["ports"]}
+    assert published == {(5683, "udp"), (5684, "udp")}
+    assert "NET_ADMIN" in lb["cap_add"]
+    assert str(lb["sysctls"]["net.ipv4.ip_forward"]) == "1"
+    # The balancer is the script the topology test runs, fed with the proxies' addresses.
+    assert lb["build"]["context"].endswith("deploy/lb")
+    dockerfile = (REPO / "deploy" / "lb" / "Dockerfile").read_text()
+    assert "udp-dnat.sh" in dockerfile
+    assert {"nftables", "conntrack"} <= set(dockerfile.split())
+    assert lb["command"][:3] == ["watch", "--backends-dns", "proxy"]
+    # Replies go back through the balancer: each proxy's default route points at its fixed
+    # address on the proxies' network, set before the proxy starts (then root is dropped).
+    lb_backend = lb["networks"]["backend"]["ipv4_address"]
+    entrypoint = services["proxy"]["entrypoint"]
+    assert entrypoint[:3] == ["python3", "/opt/coap-lb/route-via.py", lb_backend]
+    assert entrypoint[entrypoint.index("--user") + 1] == "bridge"
+    assert "NET_ADMIN" in services["proxy"]["cap_add"]
+    assert services["proxy"]["networks"].keys() == {"backend"}
+    assert any(v.endswith(":/opt/coap-lb:ro") for v in services["proxy"]["volumes"])
+
+
 @pytest.mark.parametrize("missing", ["COAP_BRIDGE_API_KEY", "COAP_BRIDGE_PROXY_TOKEN"])
 def test_compose_refuses_to_run_without_secrets(missing: str) -> None:
     env = {"COAP_BRIDGE_API_KEY": "k", "COAP_BRIDGE_PROXY_TOKEN": "t"}

@@ -13,6 +13,9 @@ Used by the fixtures in ``tests/conftest.py``:
     never acknowledges), ``.running``. One process per session, anonymous access, no
     persistence; restarted after a test that left it stopped. Use one topic per test.
 
+Both listen on 127.0.0.1 unless constructed with ``host=`` (the topology test binds them to the
+address of a veth that other network namespaces reach).
+
 A missing binary fails the test with a message naming the Debian package; it never skips, so a
 machine without the services cannot pass silently.
 """
@@ -56,8 +59,9 @@ class _Service:
     binary: ClassVar[str]
     package: ClassVar[str]
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.workdir = workdir
+        self.host = host  # the address it listens on (another one than loopback: topology tests)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.executable = require_binary(self.binary, self.package)
@@ -71,7 +75,7 @@ class _Service:
     def ready(self) -> bool:
         """True once the service answers on its port."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+            with socket.create_connection((self.host, self.port), timeout=0.2):
                 return True
         except OSError:
             return False
@@ -144,13 +148,17 @@ class RedisServer(_Service):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
+        # Protected mode refuses clients from any address but loopback when there is no
+        # password: off for a test instance bound to a veth address.
+        protected = "yes" if self.host.startswith("127.") else "no"
         return [
             self.executable,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
+            "--protected-mode", protected,
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.workdir),
@@ -162,7 +170,7 @@ class RedisServer(_Service):
         for arg in args:
             data = arg.encode()
             request += b"$%d\r\n%s\r\n" % (len(data), data)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+        with socket.create_connection((self.host, self.port), timeout=2) as sock:
             sock.sendall(request)
             return sock.recv(1024)
 
@@ -185,12 +193,12 @@ class MosquittoServer(_Service):
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         config = self.workdir / "mosquitto.conf"
         config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
             "log_dest stderr\n"
