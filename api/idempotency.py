@@ -15,10 +15,8 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from api.errors import StoreUnavailable
+from api.redis_client import REDIS_ERRORS, RedisConnection, connect
 from policies import dedup
 from policies.keys import idempotency_record_key
 
@@ -73,30 +71,59 @@ class MemoryIdempotencyStore:
 
 
 class RedisIdempotencyStore:
-    """Shared by every API replica; one script call per batch (``policies.dedup``)."""
+    """Shared by every API replica; one script call per batch (``policies.dedup``).
 
-    def __init__(self, client: Any, *, prefix: str) -> None:
-        self._client = client
+    On a Redis Cluster (``…?cluster=1``) the records of one batch live on different slots,
+    which one script cannot span: the batch is then a pipeline of the same SETs (the release
+    of a claim, a compare-and-delete, is a one-key script). redis-py sends each node its share
+    in one write.
+    """
+
+    def __init__(self, connection: RedisConnection, *, prefix: str) -> None:
+        self._connection = connection
+        self._client: Any = connection.client
         self._prefix = prefix
-        self._script = client.register_script(dedup.BATCH_SCRIPT)
+        self._cluster = connection.cluster
+        self._script = None if self._cluster else self._client.register_script(dedup.BATCH_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisIdempotencyStore:
-        return cls(
-            aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), prefix=prefix
-        )
+        """``url``: one server, ``redis+sentinel://…`` or a Cluster (``…?cluster=1``)."""
+        return cls(connect(url, timeout=2.0, retries=None), prefix=prefix)
 
     async def _run(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
         if not ops:
             return []
+        keyed = [
+            (op, idempotency_record_key(key, self._prefix), value, ttl)
+            for op, key, value, ttl in ops
+        ]
+        try:
+            replies: list[Any] = await (
+                self._pipelined(keyed) if self._cluster else self._scripted(keyed)
+            )
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"idempotency store unavailable: {exc}") from exc
+        return replies
+
+    async def _scripted(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
         args: list[bytes | int] = []
         for op, _, value, ttl in ops:
             args += (op, value, ttl)
-        keys = [idempotency_record_key(key, self._prefix) for _, key, _, _ in ops]
-        try:
-            replies: list[Any] = await self._script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"idempotency store unavailable: {exc}") from exc
+        assert self._script is not None
+        replies: list[Any] = await self._script(keys=[key for _, key, _, _ in ops], args=args)
+        return replies
+
+    async def _pipelined(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for op, key, value, ttl in ops:
+                if op == dedup.CLAIM:
+                    pipe.set(key, dedup.CLAIM, nx=True, px=ttl, get=True)
+                elif op == dedup.ANSWER:
+                    pipe.set(key, value, px=ttl)
+                else:
+                    pipe.eval(dedup.RELEASE_SCRIPT, 1, key)
+            replies: list[Any] = await pipe.execute()
         return replies
 
     async def claim(self, keys: list[str]) -> list[Claimed]:
@@ -109,4 +136,4 @@ class RedisIdempotencyStore:
         await self._run(ops)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._connection.aclose()

@@ -33,6 +33,9 @@ end
 return out
 """
 
+# RELEASE for one key, where BATCH_SCRIPT cannot run (Redis Cluster: its keys span slots).
+RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == 'c' then redis.call('DEL', KEYS[1]) end return 1"
+
 
 class Owned:
     """Reply marker: the caller holds the claim."""

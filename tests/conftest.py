@@ -8,6 +8,10 @@
 
 Both classes live in ``tests.support.services``.
 
+``redis_sentinel``, ``redis_cluster`` and ``redis_topology`` (a throwaway Sentinel in front of
+``redis_server``, a throwaway 3-node Redis Cluster, and each of the two in turn) come from the
+plugin ``tests.support.redis_topologies``, registered below.
+
 To watch a topic see ``tests.support.mqtt`` (``subscribed``, ``collect``).
 """
 
@@ -19,6 +23,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.support.services import MosquittoServer, RedisServer
+
+pytest_plugins = ["tests.support.redis_topologies"]
 
 
 @pytest.fixture(scope="session")

@@ -9,30 +9,39 @@ Every write that changes a device's ``psk`` (or deletes the device) also PUBLISH
 :func:`policies.keys.psk_channel`, inside the same MULTI/EXEC: a proxy that receives the message
 and re-reads the hash always sees the new value, and a write that failed announces nothing.
 
+Every key carries the ``{dev}`` hash tag, so on a Redis Cluster they all live in one slot: the
+store then talks to the master that owns that slot with a plain client (api/redis_client.py
+``SlotClient``), and the transactions and announcements work as on one server. A ``MOVED``
+reply (the slot went elsewhere) makes it look the owner up again and retry once; a lost
+connection makes it look the owner up again for the next call and answers StoreUnavailable.
+
 Redis exceptions never leave this module: they become :class:`api.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
+from api.redis_client import REDIS_ERRORS, SlotClient
 from api.store.base import Change, Device, normalise_ip
 from policies.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key, psk_channel
 
 # Contention on one device is rare (a management call racing another); a handful of retries
 # settles it, and a hot loop against a misbehaving server must end.
 _MAX_TRANSACTION_ATTEMPTS = 16
+
+_T = TypeVar("_T")
 
 
 def _to_hash(device: Device) -> tuple[dict[str, str], builtins.list[str]]:
@@ -72,22 +81,24 @@ def _begin(pipe: Pipeline) -> None:
 class RedisDeviceStore:
     """:class:`api.store.base.DeviceStore` on Redis."""
 
-    def __init__(self, redis: Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, redis: SlotClient, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
         self._prefix = prefix
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisDeviceStore:
-        """A store with its own connection pool; nothing connects until the first command."""
-        redis = Redis.from_url(
+        """A store with its own connection pool; nothing connects until the first command.
+        ``url``: one server, ``redis+sentinel://…`` or a Cluster (``…?cluster=1``)."""
+        redis = SlotClient(
             url,
+            device_set_key(prefix),  # any key of the schema: they share the {dev} slot
             decode_responses=True,
-            socket_connect_timeout=2.0,
-            socket_timeout=5.0,
+            connect_timeout=2.0,
+            timeout=5.0,
             # One immediate retry heals a pooled connection that a Redis restart closed; the
             # library default (10 retries with backoff) would hold a request for seconds when
             # Redis is really down, where a quick 503 lets the device retry instead.
-            retry=Retry(NoBackoff(), 1),
+            retries=1,
         )
         return cls(redis, prefix=prefix)
 
@@ -99,10 +110,25 @@ class RedisDeviceStore:
     async def _translated(self) -> AsyncIterator[None]:
         try:
             yield
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:  # OSError: e.g. a socket error that redis-py did not wrap
             raise StoreUnavailable(f"device store unavailable: {exc}") from exc
-        except OSError as exc:  # e.g. a socket error that redis-py did not wrap
-            raise StoreUnavailable(f"device store unavailable: {exc}") from exc
+
+    async def _run(self, work: Callable[[Redis], Awaitable[_T]]) -> _T:
+        """``work(client)``, translated; on a Cluster, follows the {dev} slot to its master."""
+        async with self._translated():
+            for attempt in range(2):
+                redis = await self._redis.client()
+                try:
+                    return await work(redis)
+                except MovedError:
+                    # Refused before anything ran: safe to send again, to the new owner.
+                    await self._redis.relocate(redis)
+                    if attempt:
+                        raise
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    await self._redis.relocate(redis)  # for the next call (a failover?)
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _dkey(self, iccid: str) -> str:
         return device_key(iccid, self._prefix)
@@ -111,8 +137,11 @@ class RedisDeviceStore:
         return device_ip_key(ip, self._prefix)
 
     async def get(self, iccid: str) -> Device | None:
-        async with self._translated():
-            raw = await self._redis.hgetall(self._dkey(iccid))
+        async def work(redis: Redis) -> dict[Any, Any]:
+            raw: dict[Any, Any] = await redis.hgetall(self._dkey(iccid))
+            return raw
+
+        raw = await self._run(work)
         return _from_hash(raw) if raw else None
 
     async def get_by_ip(self, ip: str) -> Device | None:
@@ -120,11 +149,15 @@ class RedisDeviceStore:
             ip = normalise_ip(ip)
         except ValueError:
             return None
-        async with self._translated():
-            iccid = await self._redis.get(self._ipkey(ip))
+
+        async def work(redis: Redis) -> dict[Any, Any] | None:
+            iccid = await redis.get(self._ipkey(ip))
             if iccid is None:
                 return None
-            raw = await self._redis.hgetall(self._dkey(_text(iccid)))
+            raw: dict[Any, Any] = await redis.hgetall(self._dkey(_text(iccid)))
+            return raw
+
+        raw = await self._run(work)
         if not raw:
             return None
         device = _from_hash(raw)
@@ -133,25 +166,30 @@ class RedisDeviceStore:
         return device if device.ip == ip else None
 
     async def list(self) -> builtins.list[Device]:
-        async with self._translated():
-            members = await self._redis.smembers(device_set_key(self._prefix))
+        async def work(redis: Redis) -> builtins.list[dict[bytes | str, bytes | str]]:
+            members = await redis.smembers(device_set_key(self._prefix))
             iccids = sorted(_text(member) for member in members)
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with redis.pipeline(transaction=False) as pipe:
                 for iccid in iccids:
                     pipe.hgetall(self._dkey(iccid))
                 raws: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
-        return [_from_hash(raw) for raw in raws if raw]
+            return raws
+
+        return [_from_hash(raw) for raw in await self._run(work) if raw]
 
     async def _transaction(self, body: Any) -> Any:
         """Run ``body(pipe)`` until EXEC succeeds; ``body`` WATCHes, reads, then MULTI."""
-        async with self._translated():
+
+        async def attempts(redis: Redis) -> Any:
             for _ in range(_MAX_TRANSACTION_ATTEMPTS):
-                async with self._redis.pipeline(transaction=True) as pipe:
+                async with redis.pipeline(transaction=True) as pipe:
                     try:
                         return await body(pipe)
                     except WatchError:
                         continue
-        raise StoreUnavailable("device store too busy: transaction kept conflicting")
+            raise StoreUnavailable("device store too busy: transaction kept conflicting")
+
+        return await self._run(attempts)
 
     async def create(self, device: Device) -> Device:
         dkey, ipkey = self._dkey(device.iccid), self._ipkey(device.ip)

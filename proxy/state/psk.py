@@ -24,11 +24,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from policies.keys import DEFAULT_PREFIX, device_key, device_set_key, psk_channel
 from policies.psk import PskError, psk_bytes
+from policies.redis_url import parse_redis_url
+from proxy.state.redis_store import REDIS_ERRORS, close_client, connect
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +136,7 @@ class RedisPskMirror:
         reconnect_delay: float = 0.5,
         health_check_interval: float = 5.0,
     ) -> None:
+        parse_redis_url(url)  # a malformed URL fails here, not in the background task
         self._url = url
         self._prefix = prefix
         self._timeout = timeout
@@ -183,10 +183,15 @@ class RedisPskMirror:
     # -- mirroring ------------------------------------------------------------------------
 
     def _client(self) -> Any:
-        return aioredis.Redis.from_url(
+        # Any URL the dedup store takes (policies.redis_url): one server, Sentinel or Cluster.
+        # Every device key carries the {dev} hash tag, so on a Cluster the SMEMBERS and the
+        # HGET pipeline all go to the one node that owns that slot; the announcements are
+        # classic pub/sub, which a Cluster broadcasts to every node, so the subscription may
+        # sit on any of them (redis-py picks the node that owns the channel's slot).
+        return connect(
             self._url,
-            socket_connect_timeout=self._timeout,
-            socket_timeout=self._timeout,
+            timeout=self._timeout,
+            retries=None,  # redis-py's default schedule, as before
             health_check_interval=self._health_check_interval,
             decode_responses=False,
         )
@@ -197,6 +202,9 @@ class RedisPskMirror:
             client = self._client()
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
+                # A Cluster client learns the slot map here: its pub/sub picks a node from it
+                # (and fails with a KeyError on an empty map). A no-op for the other clients.
+                await client.initialize()
                 # Subscribe before loading: a change made while the load runs is then seen
                 # twice at worst, never missed.
                 await pubsub.subscribe(psk_channel(self._prefix))
@@ -207,7 +215,7 @@ class RedisPskMirror:
                 self.connected = True
                 self._synced.set()
                 await self._follow(client, pubsub)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.connected = False
                 if not outage_logged:
                     log.warning(
@@ -217,10 +225,10 @@ class RedisPskMirror:
                     )
                     outage_logged = True
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()
-                with contextlib.suppress(RedisError, OSError):
-                    await client.aclose()
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await close_client(client)
             await asyncio.sleep(self._reconnect_delay)
 
     async def _load_all(self, client: Any) -> None:

@@ -22,9 +22,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from policies import dedup
+from policies.redis_url import RedisTarget, parse_redis_url
 from proxy.coalesce import Coalescer
 from proxy.state.base import Claim, ClaimResult, DedupUnavailable
 
@@ -33,47 +34,61 @@ log = logging.getLogger(__name__)
 # (op, key, value, ttl_ms)
 _Op = tuple[bytes, str, bytes, int]
 
+# What a lost or unreachable Redis raises. A Cluster client that cannot reach any node raises
+# RedisClusterException, which is not a RedisError.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
-def connect(url: str, *, timeout: float = 1.0) -> Any:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URLs.
 
-    No retries inside redis-py: a failed call is answered by falling back to local dedup, which
-    is better for the device than waiting through a retry schedule.
+def connect(url: str, *, timeout: float = 1.0, retries: int | None = 0, **extra: Any) -> Any:
+    """A client for any URL :func:`policies.redis_url.parse_redis_url` accepts: one server
+    (``redis://``, ``rediss://``, ``unix://``), ``redis+sentinel://h1:26379,h2/service[/db]``
+    or a Redis Cluster (``redis://seed:6379?cluster=1``).
+
+    By default (``retries=0``) no retries inside redis-py: a failed call is answered by falling
+    back to local dedup, which is better for the device than waiting through a retry schedule
+    (``retries=None`` keeps the library's default schedule). ``extra`` goes to the connections (e.g.
+    ``decode_responses``). Close the client with :func:`close_client`, which also closes a
+    Sentinel's own connections.
     """
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-    }
-    if url.startswith("redis+sentinel://"):
-        return _sentinel_client(url, options)
-    if "cluster=1" in url or "cluster=true" in url:
+    target = parse_redis_url(url)
+    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if target.kind == "cluster":
         from redis.asyncio.cluster import RedisCluster
 
-        base = url.replace("?cluster=1", "").replace("?cluster=true", "")
-        return RedisCluster.from_url(base, socket_timeout=timeout, socket_connect_timeout=timeout)
-    return aioredis.Redis.from_url(url, **options)
+        # The cluster client keeps its own retry schedule: it is how it follows MOVED
+        # redirections and a failover to a new master.
+        return RedisCluster.from_url(target.url, **timeouts, **extra)
+    options: dict[str, Any] = {**timeouts, **extra}
+    if retries is not None:
+        options["retry"] = Retry(NoBackoff(), retries)
+    if target.kind == "sentinel":
+        return _sentinel_client(target, options)
+    return aioredis.Redis.from_url(target.url, **options)
 
 
-def _sentinel_client(url: str, options: dict[str, Any]) -> Any:
-    """``redis+sentinel://host1:26379,host2:26379/service_name[/db]``."""
+def _sentinel_client(target: RedisTarget, options: dict[str, Any]) -> Any:
     from redis.asyncio.sentinel import Sentinel
 
-    rest = url.removeprefix("redis+sentinel://")
-    hosts, _, path = rest.partition("/")
-    service, _, db = path.partition("/")
-    if not service:
-        raise ValueError("redis+sentinel:// URL needs a service name: .../mymaster")
-    nodes = []
-    for node in hosts.split(","):
-        host, _, port = node.rpartition(":")
-        nodes.append((host or node, int(port) if port.isdigit() else 26379))
-    sentinel = Sentinel(nodes, **options)  # type: ignore[no-untyped-call]
-    master = sentinel.master_for(service, db=int(db) if db.isdigit() else 0, **options)
+    # The sentinels' own clients get the same timeouts and retries (redis-py's default gives
+    # them only the timeouts, and its retry schedule: seconds per call when they are down).
+    sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **options
+    )
+    master = sentinel.master_for(target.service, db=target.db, **options)
     # Closing the master client leaves the connections to the sentinels open: keep them at
-    # hand for close().
+    # hand for close_client().
     master.sentinel_clients = list(sentinel.sentinels)
     return master
+
+
+async def close_client(client: Any) -> None:
+    """Close a client from :func:`connect` and, for Sentinel, its clients of the sentinels."""
+    try:
+        await client.aclose()
+    finally:
+        for sentinel in getattr(client, "sentinel_clients", ()):
+            await sentinel.aclose()
 
 
 class RedisDedupStore:
@@ -113,14 +128,12 @@ class RedisDedupStore:
 
     async def close(self) -> None:
         await self.flush()
-        await self._client.aclose()
-        for sentinel in getattr(self._client, "sentinel_clients", ()):
-            await sentinel.aclose()
+        await close_client(self._client)
 
     async def _run_batch(self, ops: list[_Op]) -> list[ClaimResult | None]:
         try:
             replies = await (self._pipelined(ops) if self._cluster else self._scripted(ops))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise DedupUnavailable(f"redis: {exc}") from exc
         return [
             _claim_result(reply) if op == dedup.CLAIM else None

@@ -1,114 +1,36 @@
-"""The dedup store behind Redis Sentinel and Redis Cluster URLs (issue #4), on real servers.
+"""The proxy's Redis users behind Redis Sentinel and Redis Cluster URLs (issue #4), on real
+servers: the dedup store and the PSK mirror.
 
-Sentinel: one throwaway sentinel monitors the test's redis-server; the store finds the master
+Sentinel: one throwaway sentinel monitors the test's redis-server; the clients find the master
 through it (``redis+sentinel://host:port/name``). Cluster: three throwaway redis-server nodes
-made into a cluster by ``redis-cli --cluster create``; dedup keys of one batch land on
-different slots, so the store runs the batch as a pipeline instead of one script.
+made into a cluster by ``redis-cli --cluster create`` (``redis://seed/0?cluster=1``); dedup
+keys of one batch land on different slots, so the store runs the batch as a pipeline instead of
+one script; the PSK mirror reads the ``{dev}`` slot and hears announcements PUBLISHed on any
+node. Fixtures: ``tests/support/redis_topologies.py``.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
-from policies.keys import dedup_key
-from proxy.state.base import Claim
+from policies.keys import dedup_key, device_key, device_set_key, psk_channel
+from policies.psk import psk_bytes
+from proxy.state.base import Claim, DedupUnavailable
+from proxy.state.psk import RedisPskMirror
 from proxy.state.redis_store import RedisDedupStore
 from tests.support.http import free_port
-from tests.support.services import RedisServer
+from tests.support.redis_topologies import SERVICE, ClusterDeployment, SentinelDeployment
 
-
-def _wait(check, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _cli(port: int, *args: str) -> str:
-    cli = shutil.which("redis-cli")
-    assert cli, "redis-cli not found: install the Debian package redis-tools"
-    done = subprocess.run(
-        [cli, "-p", str(port), *args], capture_output=True, text=True, check=False
-    )
-    return done.stdout
-
-
-@pytest.fixture
-def sentinel(redis_server: RedisServer, tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    config = tmp_path / "sentinel.conf"
-    config.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor cbtest 127.0.0.1 {redis_server.port} 1\n"
-    )
-    process = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", str(config), "--sentinel"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait(lambda: "cbtest" in _cli(port, "SENTINEL", "MASTERS"), "the sentinel")
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[int]]:
-    # A node also listens on port + 10000 (the cluster bus): pick ports that leave room.
-    ports = []
-    while len(ports) < 3:
-        port = free_port()
-        if port + 10000 <= 65535 and port not in ports:
-            ports.append(port)
-    processes = []
-    try:
-        for port in ports:
-            node = tmp_path / str(port)
-            node.mkdir()
-            processes.append(
-                subprocess.Popen(
-                    [
-                        shutil.which("redis-server") or "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(node),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        for port in ports:
-            _wait(lambda port=port: "PONG" in _cli(port, "PING"), f"node {port}")
-        created = subprocess.run(
-            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
-             *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        assert created.returncode == 0, created.stdout + created.stderr
-        _wait(lambda: "cluster_state:ok" in _cli(ports[0], "CLUSTER", "INFO"), "cluster_state:ok")
-        yield ports
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
+PREFIX = "t"
+A = "8988280666000000301"
+B = "8988280666000000302"
 
 
 async def _exercise(store: RedisDedupStore) -> None:
@@ -124,9 +46,96 @@ async def _exercise(store: RedisDedupStore) -> None:
         await store.close()
 
 
-async def test_sentinel_url_finds_the_master(sentinel: int) -> None:
-    await _exercise(RedisDedupStore.from_url(f"redis+sentinel://127.0.0.1:{sentinel}/cbtest"))
+async def test_sentinel_url_finds_the_master(redis_sentinel: SentinelDeployment) -> None:
+    await _exercise(RedisDedupStore.from_url(redis_sentinel.url))
 
 
-async def test_cluster_url_spreads_keys_over_slots(cluster: list[int]) -> None:
-    await _exercise(RedisDedupStore.from_url(f"redis://127.0.0.1:{cluster[0]}/0?cluster=1"))
+async def test_cluster_url_spreads_keys_over_slots(redis_cluster: ClusterDeployment) -> None:
+    await _exercise(RedisDedupStore.from_url(redis_cluster.url))
+
+
+@contextlib.asynccontextmanager
+async def _writer(deployment: SentinelDeployment | ClusterDeployment) -> AsyncIterator[Any]:
+    """A redis-py client that reaches every key of the deployment."""
+    if isinstance(deployment, ClusterDeployment):
+        client: Any = RedisCluster.from_url(deployment.seed)
+    else:
+        client = aioredis.Redis.from_url(deployment.node_urls[0])
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _eventually(check: Any, timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not true in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_psk_mirror_loads_and_follows_announcements(
+    redis_topology: SentinelDeployment | ClusterDeployment,
+) -> None:
+    async with _writer(redis_topology) as writer:
+        for identity, psk in ((A, "first-key-0001"), (B, "second-key-0002")):
+            await writer.sadd(device_set_key(PREFIX), identity)
+            await writer.hset(device_key(identity, PREFIX), "psk", psk)
+        mirror = RedisPskMirror(redis_topology.url, prefix=PREFIX)
+        changed: list[str] = []
+        mirror.subscribe(changed.append)
+        await mirror.start()
+        try:
+            assert mirror.connected
+            assert (mirror.lookup(A), mirror.lookup(B)) == (
+                psk_bytes("first-key-0001"),
+                psk_bytes("second-key-0002"),
+            )
+            # A change announced from each master in turn: on a Cluster, classic PUBLISH is
+            # broadcast, so the mirror's one subscription hears every node.
+            for n, url in enumerate(redis_topology.node_urls):
+                psk = f"changed-key-{n:04d}"
+                await writer.hset(device_key(A, PREFIX), "psk", psk)
+                node = aioredis.Redis.from_url(url)
+                try:
+                    await node.publish(psk_channel(PREFIX), A)
+                finally:
+                    await node.aclose()
+                await _eventually(lambda psk=psk: mirror.lookup(A) == psk_bytes(psk))
+            assert changed == [A] * len(redis_topology.node_urls)
+            await writer.hdel(device_key(B, PREFIX), "psk")
+            await writer.publish(psk_channel(PREFIX), B)
+            await _eventually(lambda: mirror.lookup(B) is None)
+            assert changed[-1] == B
+        finally:
+            await mirror.close()
+
+
+@pytest.fixture(params=["sentinel", "cluster"])
+def unreachable_url(request: pytest.FixtureRequest) -> str:
+    port = free_port()  # nothing listens there
+    if request.param == "sentinel":
+        return f"redis+sentinel://127.0.0.1:{port}/{SERVICE}"
+    return f"redis://127.0.0.1:{port}/0?cluster=1"
+
+
+async def test_unreachable_deployment_means_local_dedup_and_a_waiting_mirror(
+    unreachable_url: str,
+) -> None:
+    # A Cluster client that reaches no node raises RedisClusterException (no RedisError):
+    # it must still become DedupUnavailable, and must not end the mirror's retry loop.
+    store = RedisDedupStore.from_url(unreachable_url)
+    try:
+        with pytest.raises(DedupUnavailable):
+            await store.claim("k", lease=1)
+    finally:
+        await store.close()
+    mirror = RedisPskMirror(unreachable_url, prefix=PREFIX, reconnect_delay=0.05)
+    await mirror.start(wait=0.2)
+    try:
+        assert not mirror.connected
+        await asyncio.sleep(0.1)  # a few more attempts
+        assert mirror._task is not None
+        assert not mirror._task.done()
+    finally:
+        await mirror.close()

@@ -1,0 +1,187 @@
+"""Redis clients for the API's stores, from any URL :mod:`policies.redis_url` accepts: one
+server, a Sentinel-managed master (``redis+sentinel://…``) or a Redis Cluster (``…?cluster=1``).
+The proxy builds its own clients from the same parsed target (``proxy/state/redis_store.py``).
+
+- :func:`connect` → :class:`RedisConnection`: the client (a ``Redis`` or a ``RedisCluster``) and
+  whatever else the URL made us open (a Sentinel's own clients), closed together.
+- :class:`SlotClient`: a plain ``Redis`` client on the server that holds one hash slot — for the
+  device store, whose WATCH/MULTI/EXEC transactions and PUBLISH inside MULTI need a real
+  connection to that server. With one server or Sentinel it is just that server's client. On a
+  Cluster it is a client of the master that owns the slot, found through a ``RedisCluster``
+  client and looked up again after a ``MOVED`` reply or a lost connection (a failover or a
+  resharding). redis-py's own cluster transactions are not usable for this (checked with
+  redis-py 8.1): its ``ClusterPipeline(transaction=True)`` refuses PUBLISH, drops a WATCHed
+  EXISTS (split across slots, never awaited) and runs each WATCHed command in a new event loop
+  on a thread of its own (~7 ms a transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+from policies.redis_url import RedisTarget, parse_redis_url
+
+# What a lost or unreachable Redis raises. A Cluster client that cannot reach any node raises
+# RedisClusterException, which is not a RedisError.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+@dataclass
+class RedisConnection:
+    """A client built from a URL, and the clients of the sentinels that found its master."""
+
+    client: Redis | RedisCluster
+    sentinels: list[Redis] = field(default_factory=list)
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.client, RedisCluster)
+
+    async def aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        finally:
+            for sentinel in self.sentinels:
+                await sentinel.aclose()
+
+
+def _options(timeout: float, retries: int | None, decode_responses: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": decode_responses,
+    }
+    if retries is not None:  # None: redis-py's default schedule
+        options["retry"] = Retry(NoBackoff(), retries)
+    return options
+
+
+def connect(
+    url: str | RedisTarget,
+    *,
+    timeout: float = 2.0,
+    connect_timeout: float | None = None,
+    retries: int | None = 0,
+    decode_responses: bool = False,
+) -> RedisConnection:
+    """A client for ``url``; nothing connects until the first command. ``retries``: immediate
+    retries of a failed command, None for redis-py's default schedule (a Cluster client keeps
+    its own: it is how it follows redirections and failovers)."""
+    target = parse_redis_url(url) if isinstance(url, str) else url
+    options = _options(timeout, retries, decode_responses)
+    if connect_timeout is not None:
+        options["socket_connect_timeout"] = connect_timeout
+    if target.kind == "cluster":
+        options.pop("retry", None)
+        return RedisConnection(RedisCluster.from_url(target.url, **options))
+    if target.kind == "sentinel":
+        # The sentinels' own clients get the same timeouts and retries (redis-py's default
+        # gives them only the timeouts, and its retry schedule: seconds when they are down).
+        sentinel_kwargs = {
+            k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"
+        }
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **options
+        )
+        master: Redis = sentinel.master_for(target.service, db=target.db, **options)
+        return RedisConnection(master, list(sentinel.sentinels))
+    return RedisConnection(Redis.from_url(target.url, **options))
+
+
+class SlotClient:
+    """A plain client of the server holding the slot of ``key`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str | RedisTarget,
+        key: str,
+        *,
+        timeout: float = 2.0,
+        connect_timeout: float | None = None,
+        retries: int = 0,
+        decode_responses: bool = False,
+    ) -> None:
+        self._target = parse_redis_url(url) if isinstance(url, str) else url
+        self._key = key
+        self._options = _options(timeout, retries, decode_responses)
+        if connect_timeout is not None:
+            self._options["socket_connect_timeout"] = connect_timeout
+        self._connection: RedisConnection | None = None  # one server / Sentinel: the client
+        self._cluster: RedisCluster | None = None  # Cluster: finds the slot's master …
+        self._node: Redis | None = None  # … and this is the client of that master
+        self._lock = asyncio.Lock()
+        if self._target.kind == "cluster":
+            cluster_options = {k: v for k, v in self._options.items() if k != "retry"}
+            self._cluster = RedisCluster.from_url(self._target.url, **cluster_options)
+        else:
+            self._connection = connect(
+                self._target,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                retries=retries,
+                decode_responses=decode_responses,
+            )
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster is not None
+
+    async def client(self) -> Redis:
+        """The client to send the next command to (on a Cluster: asks it on first use)."""
+        if self._connection is not None:
+            client = self._connection.client
+            assert isinstance(client, Redis)
+            return client
+        if self._node is None:
+            async with self._lock:
+                if self._node is None:
+                    self._node = await self._node_client()
+        return self._node
+
+    async def _node_client(self) -> Redis:
+        assert self._cluster is not None
+        await self._cluster.initialize()
+        node = self._cluster.get_node_from_key(self._key)
+        if node is None:  # only for replica=True; kept for the type checker
+            raise RedisError(f"no Redis Cluster node holds the slot of {self._key}")
+        # The URL's credentials, TLS and other options, with the master's address.
+        options: dict[str, Any] = {**parse_url(self._target.url), **self._options}
+        options.update(host=node.host, port=node.port, db=0)
+        return Redis.from_pool(ConnectionPool(**options))
+
+    async def relocate(self, stale: Redis) -> None:
+        """``stale`` was told MOVED or lost its connection: on a Cluster, forget it and refresh
+        the slot map so the next :meth:`client` goes to the slot's current master."""
+        if self._cluster is None:
+            return
+        async with self._lock:
+            if self._node is not stale:
+                return  # another task already moved on
+            self._node = None
+            with contextlib.suppress(*REDIS_ERRORS):
+                await stale.aclose()
+            # The next initialize() asks the cluster for its slots again.
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._cluster.nodes_manager.initialize()
+
+    async def aclose(self) -> None:
+        try:
+            if self._connection is not None:
+                await self._connection.aclose()
+            if self._node is not None:
+                node, self._node = self._node, None
+                await node.aclose()
+        finally:
+            if self._cluster is not None:
+                await self._cluster.aclose()
