@@ -8,8 +8,17 @@ Scenarios (one table row per system, with the ratio to the baseline):
   proxy → HTTP → API → Redis + Mosquitto (MQTT 5, QoS 1) → 2.04; baseline: aiocoap's do-nothing
   POST. An MQTT subscriber checks that every acknowledged message arrived exactly once.
 - **L** latency: E in open loop at 50% of E's measured maximum.
+- **R** replicas: E through one ``coap-bridge proxy --workers N`` (SO_REUSEPORT, dedup shared
+  in Redis) with ``coap-bridge api --workers M``; the E table names the best N.
+- **D** E over DTLS: one device with its own PSK per client (dedup keys on identity and MID),
+  sessions established before the clock starts (``bench/dtls_loadgen.py``, tinydtls).
+- **H** DTLS handshakes: full handshakes with fresh sessions per second, server CPU each.
 - **M** memory: proxy RSS before/after T at full rate; Redis bytes per dedup entry (``cb:dd:*``).
 
-Modules: ``loadgen`` (the CoAP load generator), ``services`` (processes and probes),
+Every row reports the CPU each process used and what limited it (client, server or the
+machine's cores). Every proxy gets a free coaps port or ``--coaps-port=off``, never 5684.
+
+Modules: ``loadgen`` (the CoAP load generator), ``dtls_loadgen`` (the same over DTLS, and
+handshakes), ``services`` (processes and probes),
 ``subscriber`` (the MQTT witness), ``harness`` (scenarios), ``report`` (tables, BENCHMARKS.md).
 """

@@ -16,13 +16,18 @@ from bench.harness import SYSTEMS, Bench, Settings, workdir
 from bench.report import render, update_file
 from bench.services import stop_all
 
-SCENARIOS = ("T", "E", "L", "M")
+SCENARIOS = ("T", "E", "L", "R", "D", "H", "M")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short durations (smoke test)")
-    parser.add_argument("--scenarios", default="T,E,L,M", help="comma-separated: T,E,L,M")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated: T,E,L,R (E through --workers N), D (E over DTLS), "
+        "H (DTLS handshakes), M",
+    )
     parser.add_argument(
         "--t-systems", default=",".join(SYSTEMS), help=f"systems for T ({','.join(SYSTEMS)})"
     )
@@ -34,6 +39,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loadgen-workers", type=int, default=1, help="load generator processes")
     parser.add_argument("--proxy-workers", type=int, default=1, help="coap-bridge proxy --workers")
     parser.add_argument("--api-workers", type=int, default=1, help="coap-bridge api --workers")
+    parser.add_argument(
+        "--r-workers", type=int, default=2, help="R: coap-bridge proxy --workers (SO_REUSEPORT)"
+    )
+    parser.add_argument("--r-api-workers", type=int, default=2, help="R: coap-bridge api --workers")
+    parser.add_argument(
+        "--dtls-clients",
+        type=int,
+        help="D: DTLS sessions (= devices with a PSK); default --clients",
+    )
+    parser.add_argument(
+        "--dtls-loadgen-workers", type=int, default=1, help="D: DTLS load generator processes"
+    )
+    parser.add_argument("--h-duration", type=float, help="H: measured window (s)")
+    parser.add_argument("--h-workers", type=int, default=1, help="H: handshake client processes")
+    parser.add_argument(
+        "--h-concurrency", type=int, default=8, help="H: handshakes in flight per process"
+    )
     parser.add_argument(
         "--subscriber",
         choices=("mosquitto_sub", "aiomqtt"),
@@ -84,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             workdir=work,
             quick=quick,
             subscriber=args.subscriber,
+            r_workers=args.r_workers,
+            r_api_workers=args.r_api_workers,
+            dtls_clients=args.dtls_clients or args.clients,
+            dtls_loadgen_workers=args.dtls_loadgen_workers,
+            h_duration=args.h_duration or (1.0 if quick else 5.0),
+            h_workers=args.h_workers,
+            h_concurrency=args.h_concurrency,
         )
         bench = Bench(settings)
         try:
@@ -91,7 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_all()
     elapsed = time.monotonic() - t0
-    text = render(bench.rows, settings, argv, bench.redis_dedup, bench.notes, started, elapsed)
+    text = render(
+        bench.rows,
+        settings,
+        argv,
+        bench.redis_dedup,
+        bench.notes,
+        started,
+        elapsed,
+        loadavg_start=bench.loadavg_start,
+    )
     print()
     print(text)
     if args.output:

@@ -28,7 +28,11 @@ async def serve(host: str, port: int) -> None:
         [".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader)
     )
     site.add_resource([], DoNothing())
-    context = await aiocoap.Context.create_server_context(site, bind=(host, port))
+    # UDP only: by default aiocoap would also open its tinydtls server (on port + 1), TCP, TLS
+    # and WebSocket listeners, none of which the baseline uses.
+    context = await aiocoap.Context.create_server_context(
+        site, bind=(host, port), transports=["udp6"]
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,18 +12,20 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from bench import loadgen
+from bench import dtls_loadgen, loadgen
+from bench.dtls_loadgen import Credential, DtlsLoadConfig, HandshakeResult
 from bench.loadgen import LoadConfig, LoadResult, RequestSpec
 from bench.services import (
     Service,
     coap_ready,
     cpu_seconds,
     free_port,
+    machine_cpu_seconds,
     redis_command,
     rss_bytes,
     start_mosquitto,
@@ -36,7 +38,9 @@ from bench.subscriber import MosquittoSubscriber, Subscriber, check_delivery
 DEVICE = {"iccid": "8988280666000000001", "ip": "127.0.0.1", "status": "active"}
 TOPIC = "bench/x"
 SYSTEMS = ("coap-bridge", "libcoap", "aiocoap")
+DTLS_SYSTEM = "coap-bridge over DTLS"
 EXCHANGE_LIFETIME = 247.0
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -56,6 +60,15 @@ class Settings:
     workdir: Path
     quick: bool = False
     subscriber: str = "mosquitto_sub"  # or "aiomqtt"
+    # R: E through one proxy started with --workers (SO_REUSEPORT) and shared dedup in Redis.
+    r_workers: int = 2
+    r_api_workers: int = 2
+    # D: E over DTLS; H: full DTLS handshakes with fresh sessions.
+    dtls_clients: int = 64  # sessions, one PSK identity (device) each
+    dtls_loadgen_workers: int = 1
+    h_duration: float = 5.0
+    h_workers: int = 1
+    h_concurrency: int = 8  # handshakes in flight per worker
     # The proxy caps its dedup table (COAP_BRIDGE_DEDUP_MAX_ENTRIES); for M it must hold every
     # exchange, or bytes/exchange would be measured on evicted entries.
     m_dedup_max_entries: int = 100_000_000
@@ -66,6 +79,7 @@ class Row:
     scenario: str
     system: str
     result: LoadResult | None = None
+    handshakes: HandshakeResult | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -88,6 +102,21 @@ class Row:
                 "codes": r.codes,
                 "send_errors": r.send_errors,
                 "sockets": r.sockets,
+                "worker_cpu": r.worker_cpu,
+                "handshake_failures": r.handshake_failures,
+            }
+        if self.handshakes is not None:
+            h = self.handshakes
+            data |= {
+                "handshake_rate": h.rate,
+                "handshakes_completed": h.completed,
+                "handshakes_in_window": h.in_window,
+                "handshakes_failed": h.failed,
+                "window": h.window,
+                "p50_ms": h.p50_ms,
+                "p99_ms": h.p99_ms,
+                "worker_cpu": h.worker_cpu,
+                "concurrency": h.concurrency,
             }
         data |= self.extra
         if self.error is not None:
@@ -111,12 +140,13 @@ class SourcePorts:
         self.high = max(self.next + block, ephemeral_low)
         self.block = block
 
-    def take(self) -> tuple[int, int]:
+    def take(self, blocks: int = 1) -> tuple[int, int]:
+        size = self.block * blocks
         low = self.next
-        if low + self.block > self.high:
+        if low + size > self.high:
             low = 10000  # wrapped: only after many runs (minutes), and ports are skipped if busy
-        self.next = low + self.block
-        return low, low + self.block
+        self.next = low + size
+        return low, low + size
 
 
 def _coap_bridge() -> str:
@@ -159,8 +189,17 @@ class Bench:
         self.redis_dedup: dict[str, Any] | None = None
         self._seq_tag = 0
         self.last_cpu: dict[str, float] = {}
-        self._chain_services: tuple[Service, ...] = ()
+        self.last_wall = 0.0
+        self.last_other = 0.0
+        self.loadavg_start = os.getloadavg()
+        self._chain: dict[str, Service] = {}
         self._chain_mqtt_url = ""
+        self._redis_url = ""
+        self._api_port = 0
+        self._api_workers = 0
+        self._api_key = ""
+        self._proxy_token = ""
+        self._dtls_batch = 0
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -196,17 +235,40 @@ class Bench:
             port_range=self.ports.take(),
             seq_base=self._seq_tag << 56,
         )
+        return self._measured(lambda: loadgen.run_load(config), watch)
+
+    def _measured(self, run: Callable[[], _R], watch: dict[str, int] | None) -> _R:
+        """``run()``; the CPU seconds each ``watch`` process (name → pid, with its children)
+        and the load generator spent meanwhile land in ``self.last_cpu``, the wall-clock
+        seconds in ``self.last_wall``."""
         watch = watch or {}
         before = {name: cpu_seconds(pid) for name, pid in watch.items()}
         own = os.times()
-        result = loadgen.run_load(config)
+        machine = machine_cpu_seconds()
+        t0 = time.monotonic()
+        result = run()
+        self.last_wall = time.monotonic() - t0
+        machine = machine_cpu_seconds() - machine
         own_after = os.times()
         self.last_cpu = {name: cpu_seconds(pid) - before[name] for name, pid in watch.items()}
+        # The harness process and its joined children: the load generator's workers.
         self.last_cpu["load generator"] = sum(own_after[:4]) - sum(own[:4])
-        self._log(f"  {result.summary()}")
-        cpu = ", ".join(f"{name} {sec:.1f}" for name, sec in self.last_cpu.items())
-        self._log(f"  CPU seconds: {cpu}")
+        # Whatever else ran on the machine meanwhile (other people's tests: noise).
+        self.last_other = max(0.0, machine - sum(self.last_cpu.values()))
+        self._log(f"  {result.summary()}")  # type: ignore[attr-defined]
+        cpu = ", ".join(
+            f"{name} {sec:.1f} ({100 * sec / self.last_wall:.0f}%)"
+            for name, sec in self.last_cpu.items()
+        )
+        other = self.last_other
+        self._log(
+            f"  CPU seconds (% of one core) over {self.last_wall:.1f} s: {cpu}; processes "
+            f"outside the bench {other:.1f} ({100 * other / max(self.last_wall, 1e-9):.0f}%)"
+        )
         return result
+
+    def _cpu_extra(self) -> dict[str, Any]:
+        return {"cpu": self.last_cpu, "wall": self.last_wall, "other_cpu": self.last_other}
 
     def _service(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
         service = Service(name, argv, self.settings.workdir / name)
@@ -242,14 +304,23 @@ class Bench:
         token: str = "bench",
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
+        *,
+        workers: int | None = None,
+        coaps_port: int | None = None,
     ) -> Service:
+        """The proxy under test. ``coaps_port`` None: DTLS off (never the default 5684, which
+        another bridge on this machine may hold)."""
         argv = [
             _coap_bridge(), "proxy", "--coap-host", "127.0.0.1", "--coap-port", str(port),
             "--upstream", upstream, f"--proxy-token={token}", "--log-level", "warning",
         ]  # fmt: skip
-        argv += _workers_flag("proxy", self.settings.proxy_workers)
+        argv += _workers_flag("proxy", self.settings.proxy_workers if workers is None else workers)
         if redis_url is not None and _supports("proxy", "--redis-url"):
             argv.append(f"--redis-url={redis_url}")
+        if _supports("proxy", "--coaps-port"):
+            argv.append(f"--coaps-port={'off' if coaps_port is None else coaps_port}")
+        elif coaps_port is not None:
+            raise RuntimeError("coap-bridge proxy has no --coaps-port flag yet")
         full_env = _clean_env() | (env or {})
         return self._service("coap-bridge-proxy", argv, env=full_env)
 
@@ -266,7 +337,7 @@ class Bench:
                         port, RequestSpec.wkc(), duration=self.settings.duration,
                         watch={system: service.pid},
                     )  # fmt: skip
-                    row.extra["cpu"] = self.last_cpu
+                    row.extra |= self._cpu_extra()
                     service.check_alive()
                 finally:
                     service.stop()
@@ -275,12 +346,17 @@ class Bench:
                 self._log(f"  ERROR {row.error}")
             self.rows.append(row)
 
-    # --- E and L -----------------------------------------------------------------------------
+    # --- E, L, R, D, H: the telemetry chain ----------------------------------------------------
 
-    def scenario_e(self, with_l: bool, with_e_rows: bool = True) -> None:
+    def scenario_chain(self, chosen: Sequence[str]) -> None:
+        """E (aiocoap baseline, then the chain with one proxy worker) and L; D and H over DTLS
+        (a proxy with a coaps port, devices with PSKs); R last (E through ``--workers``, with
+        the API restarted when R asks for another worker count). Redis, Mosquitto and the API
+        are started once; each scenario gets its own proxy, stopped when it is done."""
         s = self.settings
         spec = RequestSpec.telemetry(TOPIC, 100)
-        if with_e_rows:
+        with_e = "E" in chosen or "L" in chosen
+        if with_e:
             self._log("E: aiocoap do-nothing POST server (baseline)")
             row = Row("E", "aiocoap")
             try:
@@ -289,7 +365,7 @@ class Bench:
                     row.result = self._load(
                         port, spec, duration=s.e_duration, watch={"aiocoap": service.pid}
                     )
-                    row.extra["cpu"] = self.last_cpu
+                    row.extra |= self._cpu_extra()
                 finally:
                     service.stop()
             except Exception as exc:
@@ -297,20 +373,61 @@ class Bench:
                 self._log(f"  ERROR {row.error}")
             self.rows.append(row)
 
-        self._log("E: coap-bridge chain (proxy → API → Redis + Mosquitto)")
-        row = Row("E", "coap-bridge")
         with contextlib.ExitStack() as stack:
             try:
-                port, redis_port = self._chain(stack)
-                row = self._telemetry_run(
-                    "E", port, spec, mode="closed", rate=0.0, duration=s.e_duration
-                )
-                if row.result is not None:
-                    self.e_rate = row.result.rate
+                self._backend(stack, s.api_workers)
             except Exception as exc:
-                row.error = f"{type(exc).__name__}: {exc}"
-                self._log(f"  ERROR {row.error}")
-                redis_port = None
+                error = f"{type(exc).__name__}: {exc}"
+                self._log(f"  ERROR starting Redis, Mosquitto, API: {error}")
+                for scenario, system in self._chain_rows(chosen):
+                    self.rows.append(Row(scenario, system, error=error))
+                return
+            if with_e:
+                self._scenario_e_and_l(spec, with_l="L" in chosen)
+            if "D" in chosen or "H" in chosen:
+                self._scenarios_dtls(spec, chosen)
+            if "R" in chosen:
+                self._scenario_r(spec)
+
+    @staticmethod
+    def _chain_rows(chosen: Sequence[str]) -> list[tuple[str, str]]:
+        rows = []
+        if "E" in chosen or "L" in chosen:
+            rows.append(("E", "coap-bridge"))
+        if "L" in chosen:
+            rows.append(("L", "coap-bridge"))
+        if "D" in chosen:
+            rows.append(("E", DTLS_SYSTEM))
+        if "H" in chosen:
+            rows.append(("H", "coap-bridge"))
+        if "R" in chosen:
+            rows.append(("E", "coap-bridge --workers N"))
+        return rows
+
+    def _scenario_e_and_l(self, spec: RequestSpec, with_l: bool) -> None:
+        s = self.settings
+        self._log("E: coap-bridge chain (proxy → API → Redis + Mosquitto)")
+        row = Row("E", "coap-bridge")
+        port = 0
+        try:
+            proxy, port, _ = self._chain_proxy(s.proxy_workers)
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"
+            self._log(f"  ERROR {row.error}")
+            proxy = None
+        try:
+            if proxy is not None:
+                try:
+                    row = self._telemetry_run(
+                        "E", "coap-bridge", self._plain_load(port, spec, s.e_duration)
+                    )
+                    row.extra["proxy_workers"] = s.proxy_workers
+                    row.extra["api_workers"] = self._api_workers
+                    if row.result is not None:
+                        self.e_rate = row.result.rate
+                except Exception as exc:
+                    row.error = f"{type(exc).__name__}: {exc}"
+                    self._log(f"  ERROR {row.error}")
             self.rows.append(row)
             if with_l:
                 lrow = Row("L", "coap-bridge")
@@ -319,57 +436,266 @@ class Bench:
                     self._log(f"L: open loop at {rate:,.0f} req/s (50% of E)")
                     try:
                         lrow = self._telemetry_run(
-                            "L", port, spec, mode="open", rate=rate, duration=s.l_duration
-                        )
+                            "L", "coap-bridge",
+                            self._plain_load(port, spec, s.l_duration, mode="open", rate=rate),
+                        )  # fmt: skip
                     except Exception as exc:
                         lrow.error = f"{type(exc).__name__}: {exc}"
                         self._log(f"  ERROR {lrow.error}")
                 else:
                     lrow.error = "E failed: no maximum rate to take 50% of"
                 self.rows.append(lrow)
-            if redis_port is not None:
-                self.redis_dedup = _redis_dedup_sample(redis_port)
+            with contextlib.suppress(Exception):
+                self.redis_dedup = _redis_dedup_sample(_port_of(self._redis_url))
+        finally:
+            if proxy is not None:
+                proxy.stop()
 
-    def _chain(self, stack: contextlib.ExitStack) -> tuple[int, int]:
+    def _scenario_r(self, spec: RequestSpec) -> None:
         s = self.settings
-        redis, redis_url = start_redis(s.workdir / "redis")
+        system = "coap-bridge --workers N"
+        if self._api_workers != s.r_api_workers:
+            self._log(f"R: restarting the API with {s.r_api_workers} worker(s)")
+        self._log(
+            f"R: E through coap-bridge proxy --workers {s.r_workers} (SO_REUSEPORT, dedup "
+            f"shared in Redis), API workers {s.r_api_workers}"
+        )
+        row = Row("E", system)
+        proxy = None
+        try:
+            if self._api_workers != s.r_api_workers:
+                self._restart_api(s.r_api_workers)
+            proxy, port, _ = self._chain_proxy(s.r_workers)
+            row = self._telemetry_run(
+                "E", system, self._plain_load(port, spec, s.e_duration), replicas=s.r_workers
+            )
+            row.extra["proxy_workers"] = s.r_workers
+            row.extra["api_workers"] = self._api_workers
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"
+            self._log(f"  ERROR {row.error}")
+        finally:
+            if proxy is not None:
+                proxy.stop()
+        self.rows.append(row)
+
+    def _scenarios_dtls(self, spec: RequestSpec, chosen: Sequence[str]) -> None:
+        s = self.settings
+        proxy = None
+        try:
+            self._log(f"D/H: registering {s.dtls_clients} devices, each with its own PSK")
+            credentials = self._psk_devices(s.dtls_clients)
+            proxy, _, coaps_port = self._chain_proxy(1, dtls=True)
+            assert coaps_port is not None
+            self._wait_dtls(proxy, coaps_port, credentials[0])
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self._log(f"  ERROR {error}")
+            for scenario, system in self._chain_rows([c for c in chosen if c in "DH"]):
+                self.rows.append(Row(scenario, system, error=error))
+            if proxy is not None:
+                proxy.stop()
+            return
+        try:
+            if "D" in chosen:
+                self._log(
+                    f"D: E over DTLS: {len(credentials)} sessions established first, one "
+                    f"request in flight each, {s.dtls_loadgen_workers} load generator process(es)"
+                )
+                row = Row("E", DTLS_SYSTEM)
+                try:
+                    row = self._telemetry_run(
+                        "E", DTLS_SYSTEM, self._dtls_load(coaps_port, spec, credentials)
+                    )
+                    row.extra["proxy_workers"] = 1
+                    row.extra["api_workers"] = self._api_workers
+                except Exception as exc:
+                    row.error = f"{type(exc).__name__}: {exc}"
+                    self._log(f"  ERROR {row.error}")
+                self.rows.append(row)
+            if "H" in chosen:
+                self._scenario_h(proxy, coaps_port, credentials)
+        finally:
+            proxy.stop()
+
+    def _scenario_h(self, proxy: Service, coaps_port: int, credentials: list[Credential]) -> None:
+        s = self.settings
+        self._log(
+            f"H: full DTLS handshakes, fresh session each, {s.h_workers} process(es) × "
+            f"{s.h_concurrency} in flight, {s.h_duration:g} s"
+        )
+        row = Row("H", "coap-bridge")
+        try:
+            config = DtlsLoadConfig(
+                host="127.0.0.1",
+                port=coaps_port,
+                credentials=credentials,
+                duration=s.h_duration,
+                warmup=min(1.0, s.warmup),
+                workers=s.h_workers,
+                concurrency=s.h_concurrency,
+                handshake_timeout=s.timeout,
+                # Source ports in turn from a range, each back only after the others: see the
+                # note in the report on what the kernel's own choice does to the proxy.
+                port_range=self.ports.take(4),
+            )
+            result = self._measured(
+                lambda: dtls_loadgen.run_handshakes(config), {"proxy": proxy.pid}
+            )
+            row.handshakes = result
+            row.extra = self._cpu_extra()
+            try:
+                proxy.check_alive()
+            except RuntimeError as exc:
+                # The figures stand for the time before; the row still fails the run.
+                first = str(exc).splitlines()[0]
+                row.error = f"{first} during the run, after {result.completed:,} handshakes"
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"
+            self._log(f"  ERROR {row.error}")
+        self.rows.append(row)
+
+    # -- the chain's processes
+
+    def _backend(self, stack: contextlib.ExitStack, api_workers: int) -> None:
+        s = self.settings
+        redis, self._redis_url = start_redis(s.workdir / "redis")
         stack.callback(redis.stop)
-        mosquitto, mqtt_url = start_mosquitto(s.workdir / "mosquitto")
+        mosquitto, self._chain_mqtt_url = start_mosquitto(s.workdir / "mosquitto")
         stack.callback(mosquitto.stop)
+        self._chain = {"redis": redis, "mosquitto": mosquitto}
+        self._api_key = secrets.token_urlsafe(16)
+        self._proxy_token = secrets.token_urlsafe(16)
+        stack.callback(self._stop_api)
+        self._restart_api(api_workers)
+        _register_device(self._api_port, self._api_key, self._chain["api"], DEVICE)
+
+    def _restart_api(self, workers: int) -> None:
+        self._stop_api()
         api_port = free_port()
-        api_key = secrets.token_urlsafe(16)
-        token = secrets.token_urlsafe(16)
         argv = [
             _coap_bridge(), "api", "--api-host", "127.0.0.1", "--api-port", str(api_port),
-            f"--redis-url={redis_url}", f"--mqtt-url={mqtt_url}", f"--api-key={api_key}",
-            f"--proxy-token={token}", "--log-level", "warning",
+            f"--redis-url={self._redis_url}", f"--mqtt-url={self._chain_mqtt_url}",
+            f"--api-key={self._api_key}", f"--proxy-token={self._proxy_token}",
+            "--log-level", "warning",
         ]  # fmt: skip
-        argv += _workers_flag("api", s.api_workers)
+        argv += _workers_flag("api", workers)
         api = self._service("coap-bridge-api", argv)
-        stack.callback(api.stop)
+        self._chain["api"] = api
         api.wait_until(lambda: tcp_ready(api_port), 30.0, "accepting HTTP")
-        _register_device(api_port, api_key, api)
+        if workers > 1:
+            time.sleep(1.0)  # the other uvicorn workers
+        self._api_port = api_port
+        self._api_workers = workers
+
+    def _stop_api(self) -> None:
+        api = self._chain.pop("api", None)
+        if api is not None:
+            api.stop()
+
+    def _chain_proxy(self, workers: int, dtls: bool = False) -> tuple[Service, int, int | None]:
+        """A proxy in front of the running API: (service, CoAP port, coaps port or None)."""
         port = free_port()
-        proxy = self._proxy(port, f"http://127.0.0.1:{api_port}", token, redis_url)
-        stack.callback(proxy.stop)
-        proxy.wait_until(lambda: coap_ready(port), 30.0, "answering CoAP")
-        if s.proxy_workers > 1:
-            time.sleep(1.0)
-        self._chain_services = (redis, mosquitto, api, proxy)
-        self._chain_mqtt_url = mqtt_url
-        return port, _port_of(redis_url)
+        coaps_port = free_port() if dtls else None
+        proxy = self._proxy(
+            port, f"http://127.0.0.1:{self._api_port}", self._proxy_token, self._redis_url,
+            workers=workers, coaps_port=coaps_port,
+        )  # fmt: skip
+        try:
+            proxy.wait_until(lambda: coap_ready(port), 30.0, "answering CoAP")
+            if workers > 1:
+                time.sleep(1.0)  # the other SO_REUSEPORT workers
+        except BaseException:
+            proxy.stop()
+            raise
+        self._chain["proxy"] = proxy
+        return proxy, port, coaps_port
+
+    def _psk_devices(self, count: int) -> list[Credential]:
+        """``count`` devices registered through the API, each with its own PSK: the DTLS
+        identity is the ICCID, and dedup keys on (identity, MID), so every load generator
+        client needs an identity of its own."""
+        import httpx
+
+        self._dtls_batch += 1
+        credentials: list[Credential] = []
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        base = f"http://127.0.0.1:{self._api_port}"
+        with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+            for n in range(count):
+                number = self._dtls_batch * 10_000 + n
+                iccid = f"898828066620{number:07d}"
+                ip = f"10.{200 + self._dtls_batch}.{n // 250}.{n % 250 + 1}"
+                psk = secrets.token_hex(8)  # 16 characters: tinydtls takes at most 16 bytes
+                device = {"iccid": iccid, "ip": ip, "status": "active"}
+                answer = client.post("/devices", json=device)
+                if answer.status_code not in (200, 201):
+                    raise RuntimeError(
+                        f"POST /devices answered {answer.status_code}: {answer.text}"
+                    )
+                answer = client.put(f"/devices/{iccid}/psk", json={"psk": psk, "format": "plain"})
+                if answer.status_code >= 300:
+                    raise RuntimeError(
+                        f"PUT /devices/{iccid}/psk answered {answer.status_code}: {answer.text}"
+                    )
+                credentials.append((iccid, psk.encode()))
+        return credentials
+
+    def _wait_dtls(self, proxy: Service, coaps_port: int, credential: Credential) -> None:
+        """Until one handshake with ``credential`` completes: the DTLS listener is up and the
+        proxy's PSK mirror holds the keys."""
+        import asyncio
+
+        async def handshake() -> bool:
+            endpoint = dtls_loadgen.Endpoint(*credential)
+            try:
+                return await endpoint.connect("127.0.0.1", coaps_port, 1.0)
+            finally:
+                endpoint.close()
+
+        proxy.wait_until(lambda: asyncio.run(handshake()), 30.0, "completing a DTLS handshake")
+
+    # -- loads
+
+    def _plain_load(
+        self, port: int, spec: RequestSpec, duration: float, mode: str = "closed", rate: float = 0
+    ) -> Callable[[dict[str, int]], LoadResult]:
+        def run(watch: dict[str, int]) -> LoadResult:
+            return self._load(port, spec, duration=duration, mode=mode, rate=rate, watch=watch)
+
+        return run
+
+    def _dtls_load(
+        self, coaps_port: int, spec: RequestSpec, credentials: list[Credential]
+    ) -> Callable[[dict[str, int]], LoadResult]:
+        s = self.settings
+
+        def run(watch: dict[str, int]) -> LoadResult:
+            self._seq_tag += 1
+            config = DtlsLoadConfig(
+                host="127.0.0.1",
+                port=coaps_port,
+                credentials=credentials,
+                spec=spec,
+                duration=s.e_duration,
+                warmup=s.warmup,
+                timeout=s.timeout,
+                workers=s.dtls_loadgen_workers,
+                seq_base=self._seq_tag << 56,
+                handshake_timeout=s.timeout,
+            )
+            return self._measured(lambda: dtls_loadgen.run_sessions(config), watch)
+
+        return run
 
     def _telemetry_run(
         self,
         scenario: str,
-        port: int,
-        spec: RequestSpec,
-        *,
-        mode: str,
-        rate: float,
-        duration: float,
+        system: str,
+        load: Callable[[dict[str, int]], LoadResult],
+        replicas: int = 1,
     ) -> Row:
-        row = Row(scenario, "coap-bridge")
+        row = Row(scenario, system)
         mqtt_url = self._mqtt_url()
         witness: Subscriber | MosquittoSubscriber
         if self.settings.subscriber == "aiomqtt":
@@ -377,14 +703,13 @@ class Bench:
         else:
             witness = MosquittoSubscriber(mqtt_url, TOPIC, self.settings.workdir / "subscriber")
         with witness as subscriber:
-            names = ("redis", "mosquitto", "api", "proxy")
-            watch = {n: svc.pid for n, svc in zip(names, self._chain_services, strict=True)}
+            watch = {name: svc.pid for name, svc in self._chain.items()}
             watch["subscriber"] = subscriber.pid
-            result = self._load(port, spec, duration=duration, mode=mode, rate=rate, watch=watch)
-            cpu = self.last_cpu
+            result = load(watch)
+            cpu_extra = self._cpu_extra()
             subscriber.settle(result.sent, quiet=1.5, limit=15.0)
             received = subscriber.close()
-        for service in self._chain_services:
+        for service in self._chain.values():
             service.check_alive()
         mine = Counter(seq for seq in received if seq >> 56 == self._seq_tag)
         acked = result.acked()
@@ -400,7 +725,7 @@ class Bench:
             "delivered_unacked": unacked,
             "foreign": len(received) - sum(mine.values()),
             "status": "OK" if lost == 0 and duplicated == 0 else "FAILED",
-            "cpu": cpu,
+            **cpu_extra,
         }
         self._log(
             f"  MQTT: {len(acked)} acked, {sum(mine.values())} delivered, lost {lost}, "
@@ -483,8 +808,8 @@ class Bench:
         chosen = self.settings.scenarios
         if "T" in chosen:
             self.scenario_t()
-        if "E" in chosen or "L" in chosen:
-            self.scenario_e(with_l="L" in chosen, with_e_rows=True)
+        if set(chosen) & {"E", "L", "R", "D", "H"}:
+            self.scenario_chain(chosen)
         if "M" in chosen:
             self.scenario_m()
 
@@ -498,13 +823,13 @@ def _port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
-def _register_device(api_port: int, api_key: str, api: Service) -> None:
+def _register_device(api_port: int, api_key: str, api: Service, device: dict[str, str]) -> None:
     import httpx
 
     response = httpx.post(
         f"http://127.0.0.1:{api_port}/devices",
         headers={"Authorization": f"Bearer {api_key}"},
-        json=DEVICE,
+        json=device,
         timeout=10,
     )
     if response.status_code not in (200, 201, 409):

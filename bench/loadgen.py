@@ -289,6 +289,8 @@ class LoadResult:
     port_fallbacks: int = 0
     workers: int = 1
     offered_rate: float = 0.0
+    worker_cpu: list[float] = field(default_factory=list)  # CPU seconds per worker process
+    handshake_failures: int = 0  # DTLS sessions that could not be established
 
     @property
     def rate(self) -> float:
@@ -329,6 +331,8 @@ class LoadResult:
         self.send_errors += other.send_errors
         self.sockets += other.sockets
         self.port_fallbacks += other.port_fallbacks
+        self.worker_cpu += other.worker_cpu
+        self.handshake_failures += other.handshake_failures
 
     def summary(self) -> str:
         codes = " ".join(f"{k}:{v}" for k, v in sorted(self.codes.items()))
@@ -393,6 +397,10 @@ class _Client(asyncio.DatagramProtocol):
         self.stats.sent += 1
         assert self.transport is not None
         self.transport.sendto(data)
+
+    def datagram_received_plain(self, data: bytes) -> None:
+        """A response that reached this client by another way (decrypted DTLS)."""
+        self.datagram_received(data, None)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         if len(data) < 4:
@@ -513,6 +521,7 @@ class _Worker:
         self.clients = [await self._open() for _ in range(clients)]
         # start_at is wall-clock (shared by the workers); convert to this process's clock.
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu0 = sum(os.times()[:2])
         t0 = _now()
         stats = self.stats
         stats.window_start = t0 + config.warmup
@@ -543,7 +552,9 @@ class _Worker:
             for client in (*self.clients, *self.retiring):
                 if client.transport is not None:
                     client.transport.close()
-        return self._result(min(_now(), stats.window_end) - stats.window_start)
+        result = self._result(min(_now(), stats.window_end) - stats.window_start)
+        result.worker_cpu = [sum(os.times()[:2]) - cpu0]
+        return result
 
     async def _open_loop(self, t0: float, end: float, rate: float) -> None:
         interval = 1.0 / rate

@@ -73,8 +73,15 @@ class Service:
         _RUNNING.append(self)
 
     def check_alive(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+        if self.process is None:
+            raise RuntimeError(f"{self.name} is not running")
+        code = self.process.poll()
+        if code is not None:
+            how = f"status {code}"
+            if code < 0:
+                with contextlib.suppress(ValueError):
+                    how = f"signal {signal.Signals(-code).name}"
+            raise RuntimeError(f"{self.name} exited ({how}):\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -249,3 +256,16 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (``/proc/stat``: every
+    state but idle and iowait)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()[1:]
+    except OSError:
+        return 0.0
+    ticks = [int(f) for f in fields[:8]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")

@@ -4,6 +4,7 @@ percentiles, result merging, delivery check, BENCHMARKS.md markers."""
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections import Counter
 from pathlib import Path
@@ -207,3 +208,41 @@ def test_update_file_keeps_hand_written_text(tmp_path: Path) -> None:
     update_file(other, "gen")
     assert other.read_text().startswith("no markers\n")
     assert f"{START}\ngen\n{END}" in (other.read_text())
+
+
+def test_port_cycle_hands_ports_out_in_turn_skips_busy_ones_and_wraps() -> None:
+    from bench.dtls_loadgen import PortCycle
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        low = probe.getsockname()[1]
+    cycle = PortCycle(low, low + 3)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        try:
+            busy.bind(("127.0.0.1", low + 1))
+        except OSError:
+            pytest.skip("port taken meanwhile")
+        ports = []
+        for _ in range(3):
+            sock = cycle.open("127.0.0.1", 9)
+            ports.append(sock.getsockname()[1])
+            sock.close()
+    assert ports == [low, low + 2, low]
+
+
+def test_limit_names_the_client_the_server_or_the_cores() -> None:
+    from bench.harness import Row
+    from bench.loadgen import LoadResult
+    from bench.report import limit
+
+    def row(cpu: dict[str, float], workers: list[float], other: float = 0.0) -> Row:
+        result = LoadResult(completed=1, worker_cpu=workers)
+        extra = {"cpu": cpu, "wall": 10.0, "other_cpu": other, "proxy_workers": 1}
+        return Row("E", "x", result=result, extra=extra)
+
+    assert limit(row({"proxy": 3.0, "load generator": 9.5}, [9.5])).startswith("the client")
+    assert limit(row({"proxy": 9.5, "load generator": 1.0}, [1.0])).startswith("the server")
+    cores = os.cpu_count() or 1
+    busy = row({"proxy": 5.0, "load generator": 1.0}, [1.0], other=10.0 * cores)
+    assert limit(busy).startswith(f"the machine's {cores} cores")
+    assert limit(row({"proxy": 1.0, "load generator": 1.0}, [1.0])).startswith("no process")
