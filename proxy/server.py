@@ -64,6 +64,29 @@ class RunningProxy:
             await self.dedup.close()
 
 
+def _handler(
+    settings: ProxySettings,
+    policy: Policy,
+    upstream: Upstream,
+    *,
+    proto: str,
+    plain_paths: frozenset[str] | None = None,
+) -> ProxyHandler:
+    """One per transport: coap and coaps differ in the ``proto`` they report upstream (and,
+    in production mode, in what plain CoAP may reach)."""
+    return ProxyHandler(
+        policy=policy,
+        upstream=upstream,
+        base_url=settings.upstream,
+        proxy_token=settings.proxy_token,
+        proto=proto,
+        max_payload=settings.max_payload,
+        max_batch=settings.max_batch,
+        batch_concurrency=settings.batch_concurrency,
+        plain_paths=plain_paths,
+    )
+
+
 async def start_proxy(
     settings: ProxySettings,
     *,
@@ -84,14 +107,11 @@ async def start_proxy(
         upstream = HttpxUpstream(
             timeout=settings.upstream_timeout, max_connections=settings.upstream_connections
         )
-    handler = ProxyHandler(
-        policy=policy,
-        upstream=upstream,
-        base_url=settings.upstream,
-        proxy_token=settings.proxy_token,
-        max_payload=settings.max_payload,
-        max_batch=settings.max_batch,
-        batch_concurrency=settings.batch_concurrency,
+    handler = _handler(
+        settings,
+        policy,
+        upstream,
+        proto="coap",
         plain_paths=PLAIN_PATHS_IN_PRODUCTION if settings.require_dtls else None,
     )
     if dedup is None and settings.redis_url is not None:
@@ -151,16 +171,7 @@ async def _start_dtls(
         running.owns_psk_store = True
     running.psk_store = psk_store
     await psk_store.start()
-    handler = ProxyHandler(
-        policy=policy,
-        upstream=running.upstream,
-        base_url=settings.upstream,
-        proxy_token=settings.proxy_token,
-        proto="coaps",
-        max_payload=settings.max_payload,
-        max_batch=settings.max_batch,
-        batch_concurrency=settings.batch_concurrency,
-    )
+    handler = _handler(settings, policy, running.upstream, proto="coaps")
     running.dtls_handler = handler
 
     def protocol_for(transport: DtlsTransport) -> CoapServerProtocol:
