@@ -233,19 +233,19 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             return
         mtype = message.mtype
         code = message.code
-        peer = (addr[0], addr[1])
+        ip, port = addr[0], addr[1]
         if code == 0:
             if mtype == CON:
                 transport.sendto(encode_empty(RST, message.mid), addr)
             elif mtype != NON:
-                self._peer_answered(peer_key(peer[0], peer[1], message.mid))
+                self._peer_answered(peer_key(ip, port, message.mid))
             return
         if code >= 64:
             # A response sent to a server: nothing asked for it (§4.2 reject a CON, §4.3 NON).
             if mtype == CON:
                 transport.sendto(encode_empty(RST, message.mid), addr)
             elif mtype in (ACK, RST):
-                self._peer_answered(peer_key(peer[0], peer[1], message.mid))
+                self._peer_answered(peer_key(ip, port, message.mid))
             return
         if mtype >= ACK:
             # A request can only travel in a CON or NON; an ACK/RST carrying one is malformed
@@ -254,7 +254,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             return
         identity = self._identity_of(addr) if self._identity_of is not None else None
         if identity is None:
-            key = peer_key(peer[0], peer[1], message.mid)
+            key = peer_key(ip, port, message.mid)
         else:
             key = identity_key(identity, message.mid)
         seen = self._exchanges.get(key)
