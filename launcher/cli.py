@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
 import secrets
 import signal
@@ -251,26 +253,49 @@ def _proxy_worker(given: dict[str, Any]) -> None:
 
 def run_proxy_workers(given: dict[str, Any], workers: int) -> None:
     """N processes, each a whole proxy on the same UDP port (SO_REUSEPORT). Forked before any
-    event loop exists; the parent only forwards SIGTERM/SIGINT and waits."""
+    event loop exists; the parent forwards SIGTERM/SIGINT and supervises.
+
+    A worker killed by a signal is started again: a crash (tinydtls 0.8.6 can be made to
+    divide by zero by a client churning handshakes, see BENCHMARKS.md) then costs a restart
+    of about a second, not the service; exchanges already answered stay deduplicated through
+    Redis. A worker that exits with an error (a bad setting, a port in use) is not restarted.
+    """
     context = multiprocessing.get_context("fork")
-    children = [
-        context.Process(target=_proxy_worker, args=(given,), name=f"proxy-worker-{n}")
-        for n in range(workers)
-    ]
-    for child in children:
+
+    def spawn(n: int) -> multiprocessing.process.BaseProcess:
+        child = context.Process(target=_proxy_worker, args=(given,), name=f"proxy-worker-{n}")
         child.start()
+        return child
+
+    children = {n: spawn(n) for n in range(workers)}
     log.info("proxy: %d workers sharing the port (SO_REUSEPORT)", workers)
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
             if child.is_alive() and child.pid is not None:
                 os.kill(child.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
-    failed = [child.name for child in children if child.exitcode not in (0, -signal.SIGTERM)]
+    failed: list[str] = []
+    while children:
+        multiprocessing.connection.wait([child.sentinel for child in children.values()])
+        for n, child in list(children.items()):
+            if child.is_alive():
+                continue
+            child.join()
+            del children[n]
+            code = child.exitcode
+            if stopping or code == 0:
+                continue
+            if code is not None and code < 0 and code != -signal.SIGTERM:
+                log.error("proxy worker %d killed by signal %d; starting it again", n, -code)
+                children[n] = spawn(n)
+            elif code != -signal.SIGTERM:
+                failed.append(f"{child.name} (exit {code})")
     if failed:
         raise SystemExit(f"proxy workers failed: {', '.join(failed)}")
 

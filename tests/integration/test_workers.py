@@ -74,3 +74,41 @@ async def test_two_workers_share_the_port_and_both_serve(tmp_path: Path) -> None
     assert total >= 10, used
     assert all(ticks >= total * 0.2 for ticks in used.values()), used
     assert process.returncode == 0, (tmp_path / "proxy.log").read_text()
+
+
+async def test_a_worker_killed_by_a_signal_is_started_again(tmp_path: Path) -> None:
+    port = free_port(2)
+    log = (tmp_path / "proxy.log").open("wb")
+    process = subprocess.Popen(
+        [*bridge_command(), "proxy", "--coap-host=127.0.0.1", f"--coap-port={port}",
+         "--coaps-port=off", "--workers=2", "--upstream=http://127.0.0.1:9"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while len(first := children(process.pid)) < 2:
+            assert time.monotonic() < deadline, "workers did not start"
+            await asyncio.sleep(0.1)
+        os.kill(first[0], signal.SIGKILL)  # what a crash in native code looks like from outside
+        deadline = time.monotonic() + 15
+        while True:
+            now = children(process.pid)
+            if len(now) == 2 and first[0] not in now:
+                break
+            assert process.poll() is None, (tmp_path / "proxy.log").read_text()
+            assert time.monotonic() < deadline, f"no replacement worker: {now}"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # the new worker binds
+        discovery = [(opt.URI_PATH, b".well-known"), (opt.URI_PATH, b"core")]
+        clients = [await RawClient.connect("127.0.0.1", port) for _ in range(32)]
+        for client in clients:
+            client.send(encode_parts(CON, status.GET, 1, b"", discovery, b""))
+        codes = [(await c.recv_message(5)).code for c in clients]
+        for client in clients:
+            await client.aclose()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
+        log.close()
+    assert codes == [status.CONTENT] * 32
+    assert "killed by signal 9; starting it again" in (tmp_path / "proxy.log").read_text()
