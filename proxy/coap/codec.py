@@ -48,15 +48,6 @@ class Message:
         self.options: list[tuple[int, bytes]] = options if options is not None else []
         self.payload = payload
 
-    def option_values(self, number: int) -> list[bytes]:
-        return [value for n, value in self.options if n == number]
-
-    def first_option(self, number: int) -> bytes | None:
-        for n, value in self.options:
-            if n == number:
-                return value
-        return None
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented

@@ -308,18 +308,6 @@ def test_uint_round_trip_is_minimal(value: int) -> None:
     assert not data.startswith(b"\x00")
 
 
-# --- Message helpers -------------------------------------------------------------------------
-
-
-def test_option_lookups() -> None:
-    message = Message(CON, GET, 1, b"", [(11, b"a"), (15, b"x=1"), (11, b"b")])
-    assert message.option_values(11) == [b"a", b"b"]
-    assert message.option_values(12) == []
-    assert message.first_option(15) == b"x=1"
-    assert message.first_option(11) == b"a"
-    assert message.first_option(12) is None
-
-
 @pytest.mark.parametrize(
     "other",
     [
