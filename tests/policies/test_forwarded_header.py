@@ -5,10 +5,16 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.forwarding import Origin, format_forwarded, idempotency_key, parse_forwarded
+from policies.forwarding import (
+    Origin,
+    canonical_ip,
+    format_forwarded,
+    idempotency_key,
+    parse_forwarded,
+)
 
 FORMAT_ROWS = [
     pytest.param("192.0.2.1", 5683, "coap", 'for="192.0.2.1:5683";proto=coap', id="ipv4"),
@@ -142,3 +148,25 @@ def test_idempotency_key_is_injective(
     # IPv6 addresses contain ':' too; the key must still tell exchanges apart.
     if first != second:
         assert idempotency_key(*first) != idempotency_key(*second)
+
+
+def _oracle(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.0.0.1", "010.0.0.1", "10.1", "1.2.3.256", "::1", "0:0::1", "::ffff:10.0.0.1",
+     "2001:DB8::1", "fe80::1%eth0", "1.2.3.4.5", "", " 1.2.3.4", "::", "1::2::3", "::ffff:1.2.3"],
+)  # fmt: skip
+def test_canonical_ip_agrees_with_ipaddress(text: str) -> None:
+    assert canonical_ip(text) == _oracle(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="0123456789abcdefABCDEF:.", max_size=24))
+def test_canonical_ip_agrees_with_ipaddress_on_anything(text: str) -> None:
+    assert canonical_ip(text) == _oracle(text)
