@@ -115,18 +115,28 @@ def test_mid_sequence_random_start_wraps_around() -> None:
     assert not mids.exhausted
 
 
-def test_port_pool_hands_out_each_port_once_and_skips_busy_ones() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
-    pool = PortPool(base, base + 3)
-    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    opened: list[socket.socket] = []
-    try:
+def _busy_neighbour() -> tuple[int, socket.socket]:
+    """A free port ``base`` whose neighbour ``base + 1`` is held by a socket of ours (another
+    process may take a port between the kernel's pick and our bind: pick again)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             busy.bind(("127.0.0.1", base + 1))
         except OSError:
-            pytest.skip("port taken meanwhile")
+            busy.close()
+            continue
+        return base, busy
+    raise AssertionError("no free pair of neighbouring UDP ports in 50 tries")
+
+
+def test_port_pool_hands_out_each_port_once_and_skips_busy_ones() -> None:
+    base, busy = _busy_neighbour()
+    pool = PortPool(base, base + 3)
+    opened: list[socket.socket] = []
+    try:
         opened = [pool.open("127.0.0.1", 9) for _ in range(3)]
         ports = [sock.getsockname()[1] for sock in opened]
         assert ports[:2] == [base, base + 2]
@@ -213,15 +223,9 @@ def test_update_file_keeps_hand_written_text(tmp_path: Path) -> None:
 def test_port_cycle_hands_ports_out_in_turn_skips_busy_ones_and_wraps() -> None:
     from bench.dtls_loadgen import PortCycle
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        low = probe.getsockname()[1]
+    low, busy = _busy_neighbour()
     cycle = PortCycle(low, low + 3)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
-        try:
-            busy.bind(("127.0.0.1", low + 1))
-        except OSError:
-            pytest.skip("port taken meanwhile")
+    with busy:
         ports = []
         for _ in range(3):
             sock = cycle.open("127.0.0.1", 9)
