@@ -39,6 +39,7 @@ from typing import Any
 
 from bench.loadgen import (
     BUCKETS,
+    LatencyFigures,
     LoadResult,
     RequestSpec,
     _Client,
@@ -47,7 +48,6 @@ from bench.loadgen import (
     _Stats,
     build_template,
     code_name,
-    histogram_percentile,
 )
 
 EVENT_CONNECTED = 0x01DE  # tinydtls: handshake finished
@@ -251,7 +251,7 @@ class DtlsLoadConfig:
 
 
 @dataclass
-class HandshakeResult:
+class HandshakeResult(LatencyFigures):
     completed: int = 0  # handshakes finished, warm-up included
     in_window: int = 0
     window: float = 0.0
@@ -261,25 +261,6 @@ class HandshakeResult:
     worker_cpu: list[float] = field(default_factory=list)  # CPU seconds per worker process
     workers: int = 1
     concurrency: int = 0  # handshakes in flight, all workers
-
-    @property
-    def rate(self) -> float:
-        return self.in_window / self.window if self.window > 0 else 0.0
-
-    def latency(self, q: float) -> float:
-        return histogram_percentile(self.hist, sorted(self.overflow), q)
-
-    @property
-    def p50_ms(self) -> float:
-        return self.latency(0.5) * 1e3
-
-    @property
-    def p99_ms(self) -> float:
-        return self.latency(0.99) * 1e3
-
-    @property
-    def p999_ms(self) -> float:
-        return self.latency(0.999) * 1e3
 
     def merge(self, other: HandshakeResult) -> None:
         self.completed += other.completed

@@ -41,6 +41,7 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # --- CoAP constants ------------------------------------------------------------------------
 
@@ -272,25 +273,14 @@ class LoadConfig:
     seq_base: int = 0  # sequence ids of worker w start at seq_base + w << 40
 
 
-@dataclass
-class LoadResult:
-    sent: int = 0
-    completed: int = 0  # responses (any code) to requests, warm-up and drain included
-    in_window: int = 0  # responses that arrived inside the measured window
-    window: float = 0.0
-    timeouts: int = 0
-    separate: int = 0  # responses that came as separate messages after an empty ACK
-    codes: dict[str, int] = field(default_factory=dict)
-    hist: list[int] = field(default_factory=lambda: [0] * BUCKETS)
-    overflow: list[float] = field(default_factory=list)
-    acked_seqs: bytes = b""  # array('Q') of the sequence ids answered 2.04
-    send_errors: int = 0
-    sockets: int = 0
-    port_fallbacks: int = 0
-    workers: int = 1
-    offered_rate: float = 0.0
-    worker_cpu: list[float] = field(default_factory=list)  # CPU seconds per worker process
-    handshake_failures: int = 0  # DTLS sessions that could not be established
+class LatencyFigures:
+    """Rate and percentiles of a result holding ``in_window``, ``window``, ``hist`` and
+    ``overflow`` (shared by the request and the handshake results)."""
+
+    in_window: int
+    window: float
+    hist: Any
+    overflow: list[float]
 
     @property
     def rate(self) -> float:
@@ -310,6 +300,27 @@ class LoadResult:
     @property
     def p999_ms(self) -> float:
         return self.latency(0.999) * 1e3
+
+
+@dataclass
+class LoadResult(LatencyFigures):
+    sent: int = 0
+    completed: int = 0  # responses (any code) to requests, warm-up and drain included
+    in_window: int = 0  # responses that arrived inside the measured window
+    window: float = 0.0
+    timeouts: int = 0
+    separate: int = 0  # responses that came as separate messages after an empty ACK
+    codes: dict[str, int] = field(default_factory=dict)
+    hist: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    overflow: list[float] = field(default_factory=list)
+    acked_seqs: bytes = b""  # array('Q') of the sequence ids answered 2.04
+    send_errors: int = 0
+    sockets: int = 0
+    port_fallbacks: int = 0
+    workers: int = 1
+    offered_rate: float = 0.0
+    worker_cpu: list[float] = field(default_factory=list)  # CPU seconds per worker process
+    handshake_failures: int = 0  # DTLS sessions that could not be established
 
     def acked(self) -> array[int]:
         seqs = array("Q")

@@ -49,7 +49,7 @@ from tests.support.coap import RawClient
 from tests.support.dtls import DtlsClient, _ClientSocket
 from tests.support.http import free_port
 from tests.support.mqtt import subscribed
-from tests.support.processes import Proc
+from tests.support.processes import Proc, api_healthy
 from tests.support.services import MosquittoServer, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -254,16 +254,8 @@ async def _api(topo: netns.Topology, tmp: Path, mqtt_url: str, redis_url: str) -
          f"--api-key={API_KEY}", "--log-level=warning"],
     )  # fmt: skip
     proc.port = port
-    deadline = time.monotonic() + 20
-    async with httpx.AsyncClient(timeout=1) as client:
-        while True:
-            assert proc.process.poll() is None, proc.log()
-            with contextlib.suppress(httpx.HTTPError):
-                health = await client.get(f"http://{topo.backend_ip}:{port}/healthz")
-                if health.status_code == 200 and health.json()["mqtt"] == "connected":
-                    return proc
-            assert time.monotonic() < deadline, proc.log()
-            await asyncio.sleep(0.1)
+    await api_healthy(proc, f"http://{topo.backend_ip}:{port}")
+    return proc
 
 
 async def _ready(proc: Proc, address: str) -> None:

@@ -79,16 +79,8 @@ class Processes:
         if redis_url:
             args.append(f"--redis-url={redis_url}")
         proc = self._spawn("api", args, port, None)
-        deadline = time.monotonic() + 20
-        async with httpx.AsyncClient(timeout=1) as client:
-            while True:
-                assert proc.process.poll() is None, proc.log()
-                with contextlib.suppress(httpx.HTTPError):
-                    health = await client.get(f"http://127.0.0.1:{port}/healthz")
-                    if health.status_code == 200 and health.json()["mqtt"] == "connected":
-                        return proc
-                assert time.monotonic() < deadline, proc.log()
-                await asyncio.sleep(0.1)
+        await api_healthy(proc, f"http://127.0.0.1:{port}")
+        return proc
 
     async def proxy(
         self, name: str, *, upstream: str, redis_url: str | None, env: dict[str, str] | None = None
@@ -123,6 +115,20 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.started):
             proc.stop()
+
+
+async def api_healthy(proc: Proc, base_url: str, timeout: float = 20.0) -> None:
+    """Wait until ``coap-bridge api`` answers /healthz with its broker connected."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=1) as client:
+        while True:
+            assert proc.process.poll() is None, proc.log()
+            with contextlib.suppress(httpx.HTTPError):
+                health = await client.get(f"{base_url}/healthz")
+                if health.status_code == 200 and health.json()["mqtt"] == "connected":
+                    return
+            assert time.monotonic() < deadline, proc.log()
+            await asyncio.sleep(0.1)
 
 
 async def register(api: Proc, iccid: str, ip: str) -> None:
