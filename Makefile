@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 
 # What the product and its tests need from Debian (installed when root and missing).
 # nftables, conntrack, iproute2: the real-topology test (network namespaces, deploy/lb/udp-dnat.sh).
-# BUILD_DEBS: DTLSSocket (tinydtls) ships as source only; its build runs autoreconf.
-BUILD_DEBS := autoconf automake libtool gcc python3-dev
+# BUILD_DEBS: DTLSSocket (tinydtls) ships as source only; its build runs autoreconf, and our fix
+# to it is applied with patch(1).
+BUILD_DEBS := autoconf automake libtool gcc python3-dev patch
 RUN_DEBS := libcoap3-bin mosquitto-clients
 TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs \
 	nftables conntrack iproute2
@@ -16,10 +17,13 @@ TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compos
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# DTLSSocket is built first, from its sdist with our tinydtls fix (scripts/patches/); pip then
+# finds it installed. The proxy refuses coaps with any other build.
+$(STAMP): pyproject.toml scripts/install-dtlssocket.sh $(wildcard scripts/patches/*.patch)
 	@$(PYTHON) -m venv $(VENV) || { scripts/ensure-debian-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
 	@scripts/ensure-debian-packages.sh $(BUILD_DEBS) || echo "(DTLSSocket builds from source and needs these: pip may fail below)"
 	$(BIN)/python -m pip install -q --upgrade pip
+	scripts/install-dtlssocket.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 

@@ -238,8 +238,16 @@ async def test_vendor_flow_bootstrap_then_post_with_node_coap_client(
 # -- two replicas sharing Redis: revocation ----------------------------------------------------
 
 
+@dataclass
+class Replica:
+    coap_port: int
+    coaps_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
 @contextlib.contextmanager
-def proxy_replica(tmp_path: Path, name: str, redis_url: str) -> Iterator[tuple[int, int]]:
+def proxy_replica(tmp_path: Path, name: str, redis_url: str) -> Iterator[Replica]:
     coap_port, coaps_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     log_path = tmp_path / f"proxy-{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
@@ -251,7 +259,7 @@ def proxy_replica(tmp_path: Path, name: str, redis_url: str) -> Iterator[tuple[i
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
-        yield coap_port, coaps_port
+        yield Replica(coap_port, coaps_port, process, log_path)
     finally:
         process.terminate()
         try:
@@ -278,9 +286,10 @@ async def test_revoked_and_changed_psk_take_effect_on_two_replicas_within_a_seco
 
     try:
         with (
-            proxy_replica(tmp_path, "A", redis_server.url) as (_, port_a),
-            proxy_replica(tmp_path, "B", redis_server.url) as (_, port_b),
+            proxy_replica(tmp_path, "A", redis_server.url) as replica_a,
+            proxy_replica(tmp_path, "B", redis_server.url) as replica_b,
         ):
+            port_a, port_b = replica_a.coaps_port, replica_b.coaps_port
             await asyncio.gather(dtls_ready(port_a), dtls_ready(port_b))
             open_sessions = [await session(port, old) for port in (port_a, port_b)]
             for client in open_sessions:
@@ -314,6 +323,49 @@ async def test_revoked_and_changed_psk_take_effect_on_two_replicas_within_a_seco
         await redis.aclose()
 
 
+@pytest.mark.integration
+async def test_clients_closing_handshakes_at_once_cannot_crash_the_proxy(
+    tmp_path, redis_server
+) -> None:
+    """The published tinydtls 0.8.6 took a peer out of its hash table twice when the peer sent
+    close_notify while other peers were in the table; the table's counts went wrong and a later
+    handshake died with SIGFPE inside uthash, taking the proxy with it. This test, run against
+    the published build (its check bypassed), failed 3 runs of 3: the proxy died after 4,085,
+    4,478 and 38,031 handshakes. The patched build must survive the same load, and the build
+    check must accept nothing else."""
+    from bench.dtls_loadgen import DtlsLoadConfig, run_handshakes
+    from proxy.transports.dtls import PATCHED_BUILD, installed_build
+
+    assert installed_build() == PATCHED_BUILD
+    iccid, psk = next(_iccids), new_psk()
+    redis = aioredis.Redis.from_url(redis_server.url)
+    await redis.sadd(device_set_key(), iccid)
+    await redis.hset(device_key(iccid), mapping={"iccid": iccid, "ip": "10.9.9.9", "psk": psk})
+    await redis.aclose()
+    with proxy_replica(tmp_path, "storm", redis_server.url) as replica:
+        await dtls_ready(replica.coaps_port)
+        completed = 0
+        for in_flight in (3, 4, 8):
+            config = DtlsLoadConfig(
+                "127.0.0.1", replica.coaps_port, [(iccid, psk.encode())],
+                duration=4.0, warmup=0.0, timeout=2.0, handshake_timeout=2.0,
+                concurrency=in_flight,
+            )  # fmt: skip
+            result = await asyncio.to_thread(run_handshakes, config)
+            assert replica.process.poll() is None, (
+                f"proxy died ({replica.process.returncode}) after {completed + result.completed} "
+                f"handshakes: {replica.log_path.read_text()[-2000:]}"
+            )
+            assert result.completed > 1000, result
+            completed += result.completed
+        client = DtlsClient(iccid, psk.encode())
+        try:
+            assert await client.connect("127.0.0.1", replica.coaps_port, timeout=2.0)
+            assert (await client.get(".well-known", "core")).code == CONTENT
+        finally:
+            client.close()
+
+
 # -- in-process: state bounds under a flood, idle eviction, the identity header ---------------
 
 
@@ -335,19 +387,41 @@ async def dtls_proxy(tmp_path: Path, psks: dict[str, str], **settings_: object):
     store = MemoryPskStore(psks)
     async with serve_app(Starlette(routes=[Route("/thing", thing)])) as base_url:
         settings = ProxySettings(
-            coap_host="127.0.0.1",
-            coap_port=0,
-            coaps_port=0,
-            upstream=base_url,
-            policy=str(policy),
-            proxy_token="t",
-            **settings_,
+            **{
+                "coap_host": "127.0.0.1",
+                "coap_port": 0,
+                "coaps_port": 0,
+                "upstream": base_url,
+                "policy": str(policy),
+                "proxy_token": "t",
+                **settings_,
+            }
         )
         proxy = await start_proxy(settings, psk_store=store)
         try:
             yield proxy, store, seen
         finally:
             await proxy.close()
+
+
+@pytest.mark.parametrize("version", ["0.2.3", "0.2.4", "0.2.3+other.1", None])
+async def test_coaps_refuses_any_dtlssocket_build_but_the_patched_one(
+    tmp_path, monkeypatch, version
+) -> None:
+    from proxy.transports import dtls
+
+    monkeypatch.setattr(dtls, "installed_build", lambda: version)
+    coaps_port = free_port(socket.SOCK_DGRAM)
+    with pytest.raises(dtls.DtlsError) as refused:
+        async with dtls_proxy(tmp_path, {}, coaps_port=coaps_port):
+            pass
+    message = str(refused.value)
+    assert f"is not the patched build {dtls.PATCHED_BUILD}" in message
+    assert "scripts/install-dtlssocket.sh" in message
+    assert "--coaps-port off" in message
+    # Refused before binding: the port is still free.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", coaps_port))
 
 
 def rss_kib() -> int:

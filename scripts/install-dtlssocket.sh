@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build DTLSSocket 0.2.3 (tinydtls 0.8.6 inside) with our fix into a Python environment.
+#
+# Usage: scripts/install-dtlssocket.sh PYTHON
+#
+# tinydtls 0.8.6 as published removes a peer from its hash table twice when the peer sends
+# close_notify or a fatal alert (handle_alert, then dtls_destroy_peer). The table's counts go
+# wrong and a later handshake divides by zero (SIGFPE) inside uthash: any client that runs a few
+# handshakes at once and closes them cleanly can crash the proxy. The same fault is reported as
+# eclipse-tinydtls/tinydtls#269 (2026-05). scripts/patches/ holds our change; the build it makes
+# is versioned 0.2.3+coapbridge.1, and proxy/transports/dtls.py refuses coaps without it.
+set -euo pipefail
+PY=${1:?usage: $0 PYTHON}
+WANT=0.2.3+coapbridge.1
+SDIST_SHA256=f06cbe32df8562dbbccbe274aaf27d2773e8492a86c41c334b3a0a70a50037cf
+here=$(cd "$(dirname "$0")" && pwd)
+
+have=$("$PY" -c 'import importlib.metadata as m; print(m.version("DTLSSocket"))' 2>/dev/null || true)
+[ "$have" = "$WANT" ] && exit 0
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$PY" -m pip download -q --no-deps --no-binary DTLSSocket DTLSSocket==0.2.3 -d "$work" 2>/dev/null
+sdist="$work/dtlssocket-0.2.3.tar.gz"
+echo "$SDIST_SHA256  $sdist" | sha256sum -c --quiet -
+tar xzf "$sdist" -C "$work"
+(cd "$work/dtlssocket-0.2.3" && patch -s -p1 < "$here/patches/dtlssocket-0.2.3-alert-double-delete.patch")
+echo "building DTLSSocket $WANT (tinydtls with the alert double-delete fix)"
+# setuptools' deprecation warnings about the package's own metadata would bury real errors:
+# the build's output is shown only if it fails.
+if ! "$PY" -m pip install -q "$work/dtlssocket-0.2.3" >"$work/build.log" 2>&1; then
+    cat "$work/build.log" >&2
+    exit 1
+fi
