@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
 from api.errors import BrokerUnavailable
@@ -350,14 +351,65 @@ class MqttPublisher:
     async def publish_many(
         self, messages: Sequence[tuple[str, bytes, Mapping[str, str]]]
     ) -> list[BrokerUnavailable | None]:
-        """The batch form of :meth:`publish`: all PUBLISHes go out at once, and one wait covers
-        every PUBACK (one timer for the batch instead of a task and a timer per message)."""
+        """The batch form of :meth:`publish`: every PUBLISH goes out at once and one wait covers
+        all the PUBACKs.
+
+        aiomqtt's ``publish()`` costs a task, an ``asyncio.Event`` and a scan of every pending
+        call per message (O(n²) for a batch). Here paho publishes directly and each PUBACK
+        settles a slot of this batch (:class:`_BatchAcks`) through aiomqtt's own table of
+        pending publishes, whose ``on_publish`` handler calls ``.set()`` on what it finds
+        there. Those are aiomqtt internals: if they are missing, every message takes aiomqtt's
+        public ``publish()`` instead (:meth:`_publish_each`).
+        """
         if not messages:
             return []
         try:
             conn = await self._connection()
         except BrokerUnavailable as exc:
             return [exc] * len(messages)
+        direct = _direct_handles(conn.client)
+        if direct is None:
+            return await self._publish_each(conn, messages)
+        paho, table = direct
+        acks = _BatchAcks(asyncio.get_running_loop(), len(messages))
+        registered: list[tuple[int, _Ack]] = []
+        try:
+            for index, (topic, payload, props) in enumerate(messages):
+                try:
+                    info = paho.publish(topic, payload, 1, False, self._properties(props))
+                except ValueError as exc:  # paho's own checks (topic, payload size)
+                    acks.fail(index, BrokerUnavailable(f"MQTT publish failed: {exc}"))
+                    continue
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    reason = mqtt.error_string(info.rc)
+                    acks.fail(index, BrokerUnavailable(f"MQTT publish failed: {reason}"))
+                elif info.is_published():
+                    acks.set(index)
+                else:
+                    ack = _Ack(acks, index)
+                    table[info.mid] = ack
+                    registered.append((info.mid, ack))
+            if not acks.complete.done():
+                await asyncio.wait(
+                    (acks.complete, conn.lost),
+                    timeout=self._publish_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            for mid, ack in registered:
+                if table.get(mid) is ack:
+                    del table[mid]
+        return acks.outcomes(self._unfinished(conn))
+
+    def _unfinished(self, conn: _Connection) -> BrokerUnavailable:
+        if conn.lost.done():
+            return BrokerUnavailable("MQTT connection lost before PUBACK")
+        return BrokerUnavailable(f"no PUBACK within {self._publish_timeout:g} s")
+
+    async def _publish_each(
+        self, conn: _Connection, messages: Sequence[tuple[str, bytes, Mapping[str, str]]]
+    ) -> list[BrokerUnavailable | None]:
+        """:meth:`publish_many` through aiomqtt's public ``publish()``, a task per message."""
         client = conn.client
         sendings = [
             asyncio.ensure_future(
@@ -368,17 +420,11 @@ class MqttPublisher:
             for topic, payload, props in messages
         ]
         try:
-            pending: set[asyncio.Future[None]] = set(sendings)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._publish_timeout
-            while pending and not conn.lost.done():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                _, pending_now = await asyncio.wait(
-                    pending | {conn.lost}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                pending = {fut for fut in pending_now if fut is not conn.lost}
+            await asyncio.wait(
+                (asyncio.gather(*sendings, return_exceptions=True), conn.lost),
+                timeout=self._publish_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             unfinished = [sending for sending in sendings if not sending.done()]
             for sending in unfinished:
@@ -388,14 +434,72 @@ class MqttPublisher:
         results: list[BrokerUnavailable | None] = []
         for sending in sendings:
             if sending.cancelled():
-                reason = (
-                    "MQTT connection lost before PUBACK"
-                    if conn.lost.done()
-                    else f"no PUBACK within {self._publish_timeout:g} s"
-                )
-                results.append(BrokerUnavailable(reason))
+                results.append(self._unfinished(conn))
             elif (failure := sending.exception()) is not None:
                 results.append(BrokerUnavailable(f"MQTT publish failed: {failure}"))
             else:
                 results.append(None)
         return results
+
+
+def _direct_handles(client: aiomqtt.Client) -> tuple[mqtt.Client, dict[int, Any]] | None:
+    """paho's client inside aiomqtt's and aiomqtt's table of pending publishes, if both are
+    where aiomqtt 2.x keeps them."""
+    paho = getattr(client, "_client", None)
+    table = getattr(client, "_pending_publishes", None)
+    if isinstance(paho, mqtt.Client) and isinstance(table, dict):
+        return paho, table
+    return None
+
+
+_WAITING = object()
+
+
+class _BatchAcks:
+    """The outcomes of one :meth:`MqttPublisher.publish_many` call; ``complete`` resolves once
+    every message is acknowledged or failed."""
+
+    __slots__ = ("_left", "_outcomes", "complete")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.complete: asyncio.Future[None] = loop.create_future()
+        self._outcomes: list[object] = [_WAITING] * count
+        self._left = count
+
+    def set(self, index: int) -> None:
+        self._settle(index, None)
+
+    def fail(self, index: int, error: BrokerUnavailable) -> None:
+        self._settle(index, error)
+
+    def _settle(self, index: int, outcome: BrokerUnavailable | None) -> None:
+        if self._outcomes[index] is not _WAITING:
+            return
+        self._outcomes[index] = outcome
+        self._left -= 1
+        if not self._left and not self.complete.done():
+            self.complete.set_result(None)
+
+    def outcomes(self, unfinished: BrokerUnavailable) -> list[BrokerUnavailable | None]:
+        """Each message's outcome, ``unfinished`` where no PUBACK came."""
+        results: list[BrokerUnavailable | None] = []
+        for outcome in self._outcomes:
+            if outcome is _WAITING:
+                results.append(unfinished)
+            else:
+                assert outcome is None or isinstance(outcome, BrokerUnavailable)
+                results.append(outcome)
+        return results
+
+
+class _Ack:
+    """What aiomqtt's ``on_publish`` finds under a message id: ``.set()`` on its PUBACK."""
+
+    __slots__ = ("_acks", "_index")
+
+    def __init__(self, acks: _BatchAcks, index: int) -> None:
+        self._acks = acks
+        self._index = index
+
+    def set(self) -> None:
+        self._acks.set(self._index)

@@ -24,7 +24,7 @@ class GroupCommit:
         headers: dict[str, str],
         *,
         max_batch: int = 256,
-        max_concurrency: int = 2,
+        max_concurrency: int = 1,
     ) -> None:
         self._upstream = upstream
         self._url = url

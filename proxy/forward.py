@@ -63,7 +63,7 @@ class ProxyHandler:
         proto: str = "coap",
         max_payload: int = 65536,
         max_batch: int = 256,
-        batch_concurrency: int = 2,
+        batch_concurrency: int = 1,
         plain_paths: frozenset[str] | None = None,
     ) -> None:
         """``plain_paths``: when set, the only paths served (others → 4.01); production mode

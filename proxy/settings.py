@@ -33,7 +33,7 @@ class ProxySettings(BaseSettings):
     upstream_connections: int = Field(100, gt=0, description="HTTP connection pool size")
     max_batch: int = Field(256, gt=0, le=1024, description="Most requests in one batch call")
     batch_concurrency: int = Field(
-        2, gt=0, description="Batch calls in flight per target before requests wait and group"
+        1, gt=0, description="Batch calls in flight per target before requests wait and group"
     )
     coaps_host: str | None = Field(
         None, description="Address the CoAP-over-DTLS listener binds to (unset: coap_host)"

@@ -97,7 +97,7 @@ class RedisDedupStore:
         self._cluster = not hasattr(client, "register_script") or _is_cluster(client)
         self._script = None if self._cluster else client.register_script(dedup.BATCH_SCRIPT)
         self._ops: Coalescer[_Op, ClaimResult | None] = Coalescer(
-            self._run_batch, max_batch=max_batch, max_concurrency=2, name="dedup"
+            self._run_batch, max_batch=max_batch, max_concurrency=1, name="dedup"
         )
         self._pending: set[asyncio.Future[ClaimResult | None]] = set()
 

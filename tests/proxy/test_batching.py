@@ -84,6 +84,21 @@ async def test_requests_arriving_during_a_call_travel_together(backend, upstream
     assert (group.calls, group.items) == (2, 1 + len(statuses))
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_requests_of_one_event_loop_turn_travel_together_when_nothing_is_in_flight(
+    backend, upstream, concurrency
+) -> None:
+    # A burst of datagrams, or the answers of one batch resuming their callers, submit in one
+    # turn of the loop: launching the first at once would send it alone and make the rest wait
+    # for its round trip.
+    state, url = backend
+    group = GroupCommit(upstream, url, {}, max_concurrency=concurrency)
+    statuses = [204, 401] * 10
+    results = await asyncio.gather(*(group.call(item(s)) for s in statuses))
+    assert [outcome[0] for outcome in results] == statuses
+    assert state.sizes == [len(statuses)]
+
+
 async def test_batches_are_capped_at_max_batch(backend, upstream) -> None:
     state, url = backend
     state.delay = 0.2

@@ -117,6 +117,12 @@ class _Service:
                 process.wait(_STOP_TIMEOUT)
         self._reap()
 
+    def kill(self) -> None:
+        """SIGKILL: gone at once, without a word to its clients (even when paused)."""
+        if self._process is not None:
+            self._process.kill()
+        self._reap()
+
     def pause(self) -> None:
         """SIGSTOP: the process keeps its sockets but answers nothing (a hung server)."""
         if self._process is not None:
