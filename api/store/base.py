@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol
 
@@ -146,6 +146,14 @@ class DeviceStore(Protocol):
     async def get(self, iccid: str) -> Device | None: ...
 
     async def get_by_ip(self, ip: str) -> Device | None: ...
+
+    async def get_many(self, iccids: Sequence[str]) -> builtins.list[Device | None]:
+        """``get`` for each, in order, in one round trip: the devices of one ingest batch."""
+        ...
+
+    async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
+        """``get_by_ip`` for each, in order, in a fixed number of round trips (not one per ip)."""
+        ...
 
     async def list(self) -> builtins.list[Device]: ...
 

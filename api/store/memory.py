@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse
@@ -65,6 +65,12 @@ class MemoryDeviceStore:
             return None
         iccid = self._by_ip.get(key)
         return self._devices.get(iccid) if iccid is not None else None
+
+    async def get_many(self, iccids: Sequence[str]) -> builtins.list[Device | None]:
+        return [self._devices.get(iccid) for iccid in iccids]
+
+    async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
+        return [await self.get_by_ip(ip) for ip in ips]
 
     async def list(self) -> builtins.list[Device]:
         return [self._devices[iccid] for iccid in sorted(self._devices)]

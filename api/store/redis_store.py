@@ -21,7 +21,7 @@ Redis exceptions never leave this module: they become :class:`api.errors.StoreUn
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -164,6 +164,55 @@ class RedisDeviceStore:
         # Between the two reads the device may have moved to another ip; the index read is
         # then stale and the answer is "nobody has this ip".
         return device if device.ip == ip else None
+
+    async def get_many(self, iccids: Sequence[str]) -> builtins.list[Device | None]:
+        if not iccids:
+            return []
+
+        async def work(redis: Redis) -> builtins.list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                for iccid in iccids:
+                    pipe.hgetall(self._dkey(iccid))
+                raws: builtins.list[Any] = await pipe.execute()
+            return raws
+
+        return [_from_hash(raw) if raw else None for raw in await self._run(work)]
+
+    async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
+        """Two pipelined round trips whatever the number of ips: the index entries, then the
+        devices they name."""
+        keys: builtins.list[str | None] = []
+        for ip in ips:
+            try:
+                keys.append(normalise_ip(ip))
+            except ValueError:
+                keys.append(None)
+        wanted = [ip for ip in keys if ip is not None]
+        if not wanted:
+            return [None] * len(keys)
+
+        async def work(redis: Redis) -> builtins.list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                for ip in wanted:
+                    pipe.get(self._ipkey(ip))
+                named: builtins.list[Any] = await pipe.execute()
+            iccids = [_text(iccid) for iccid in named if iccid is not None]
+            if not iccids:
+                return []
+            async with redis.pipeline(transaction=False) as pipe:
+                for iccid in iccids:
+                    pipe.hgetall(self._dkey(iccid))
+                raws: builtins.list[Any] = await pipe.execute()
+            return raws
+
+        by_ip: dict[str, Device] = {}
+        for raw in await self._run(work):
+            if raw:
+                device = _from_hash(raw)
+                by_ip[device.ip] = device
+        # A device that moved between the two reads is found under its new ip only: its old
+        # ip then names nobody (as in get_by_ip).
+        return [by_ip.get(ip) if ip is not None else None for ip in keys]
 
     async def list(self) -> builtins.list[Device]:
         async def work(redis: Redis) -> builtins.list[dict[bytes | str, bytes | str]]:

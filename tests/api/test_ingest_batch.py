@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import httpx
 
-from api.publisher import PackedUserProperties, pack_user_properties
+from api.app import create_app
+from api.publisher import MqttPublisher, PackedUserProperties, pack_user_properties
+from api.store.base import Device
+from api.store.memory import MemoryDeviceStore
 from policies.batch import BATCH_CONTENT_TYPE, BatchItem, encode_batch
 from policies.forwarding import format_forwarded
-from tests.api.conftest import ACTIVE, ACTIVE_IP, INACTIVE_IP, PROXY_HEADERS
+from tests.api.conftest import ACTIVE, ACTIVE_IP, INACTIVE_IP, PROXY_HEADERS, make_settings
 from tests.support.mqtt import subscribed
 from tests.support.services import MosquittoServer
 
@@ -169,3 +173,62 @@ async def test_a_refused_item_gives_its_key_back(
         assert again.json() == {"statuses": [204]}
         [message] = await sub.wait_for(1)
     assert message.payload == b"retry"
+
+
+class CountingStore(MemoryDeviceStore):
+    """The real in-memory store, counting the lookups the batch route makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def get(self, iccid: str) -> Device | None:
+        self.calls.append("get")
+        return await super().get(iccid)
+
+    async def get_by_ip(self, ip: str) -> Device | None:
+        self.calls.append("get_by_ip")
+        return await super().get_by_ip(ip)
+
+    async def get_many(self, iccids: Sequence[str]) -> list[Device | None]:
+        self.calls.append("get_many")
+        return [self._devices.get(iccid) for iccid in iccids]
+
+    async def get_many_by_ip(self, ips: Sequence[str]) -> list[Device | None]:
+        self.calls.append("get_many_by_ip")
+        return [await super(CountingStore, self).get_by_ip(ip) for ip in ips]
+
+
+async def test_a_batch_from_many_devices_looks_them_up_together(
+    mosquitto: MosquittoServer, publisher: MqttPublisher
+) -> None:
+    # Each device its own address (the usual case): one lookup call for the whole batch, not
+    # one (two Redis round trips) per device one after another.
+    store = CountingStore()
+    iccids = [f"89882806660001{n:05d}" for n in range(40)]
+    for n, iccid in enumerate(iccids):
+        await store.create(Device(iccid=iccid, ip=f"10.70.0.{n + 1}", status="active"))
+    await store.create(Device(iccid="8988280666000200001", ip="10.70.1.1", status="inactive"))
+    items = [item(ip=f"10.70.0.{n + 1}", query=f"t=many/{n}") for n in range(40)]
+    items += [
+        item(ip="10.70.1.1"),  # inactive
+        item(ip="10.70.9.9"),  # unknown
+        item(identity=iccids[3], ip="10.99.0.1", query="t=many/dtls"),
+    ]
+    app = create_app(make_settings(mosquitto), store=store, publisher=publisher)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+        subscribed(mosquitto.url, "many/#") as sub,
+    ):
+        response = await client.post(
+            "/ingest/batch", content=encode_batch(items), headers=BATCH_HEADERS
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"statuses": [204] * 40 + [401, 401, 204]}
+        received = await sub.wait_for(41)
+    assert sorted(store.calls) == ["get_many", "get_many_by_ip"]
+    by_topic = {str(m.topic): m for m in received}
+    assert by_topic["many/7"].properties is not None
+    assert dict(by_topic["many/7"].properties.UserProperty)["iccid"] == iccids[7]
+    assert dict(by_topic["many/dtls"].properties.UserProperty)["iccid"] == iccids[3]

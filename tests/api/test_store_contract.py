@@ -42,6 +42,21 @@ async def test_create_then_get_and_get_by_ip(store: DeviceStore) -> None:
     assert await store.get_by_ip("not an ip") is None
 
 
+async def test_get_many_answers_each_in_order(store: DeviceStore) -> None:
+    a = await store.create(Device(iccid=A, ip="10.0.0.1", status="active"))
+    b = await store.create(Device(iccid=B, ip="::1", status="inactive"))
+    assert await store.get_many([]) == []
+    assert await store.get_many([B, C, A, A]) == [b, None, a, a]
+    assert await store.get_many_by_ip([]) == []
+    # Addresses in any spelling the single form accepts; unknown and malformed ones are None.
+    assert await store.get_many_by_ip(
+        ["10.0.0.1", "0:0::1", "10.0.0.2", "not an ip", "10.0.0.1"]
+    ) == [a, b, None, None, a]
+    await store.update(A, ip="10.0.0.7")  # moved: the old address names nobody
+    moved = await store.get(A)
+    assert await store.get_many_by_ip(["10.0.0.1", "10.0.0.7"]) == [None, moved]
+
+
 async def test_list_is_sorted_by_iccid(store: DeviceStore) -> None:
     assert await store.list() == []
     await store.create(Device(iccid=B, ip="10.0.0.2"))
