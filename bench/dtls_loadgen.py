@@ -47,7 +47,6 @@ from bench.loadgen import (
     _run_loop,
     _Stats,
     build_template,
-    code_name,
 )
 
 EVENT_CONNECTED = 0x01DE  # tinydtls: handshake finished
@@ -358,18 +357,8 @@ class _SessionWorker:
         finally:
             for endpoint in self.endpoints:
                 endpoint.close()
-        window = min(time.perf_counter(), stats.window_end) - stats.window_start
-        return LoadResult(
-            sent=stats.sent,
-            completed=stats.completed,
-            in_window=stats.in_window,
-            window=max(window, 0.0),
-            timeouts=stats.timeouts,
-            separate=stats.separate,
-            codes={("RST" if c < 0 else code_name(c)): n for c, n in stats.codes.items()},
-            hist=stats.hist,
-            overflow=stats.overflow,
-            acked_seqs=stats.acked.tobytes(),
+        return stats.result(
+            time.perf_counter(),
             send_errors=sum(e.errors for e in self.endpoints),
             sockets=len(self.endpoints),
             worker_cpu=[cpu],

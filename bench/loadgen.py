@@ -376,6 +376,24 @@ class _Stats:
         self.window_start = math.inf
         self.window_end = math.inf
 
+    def result(self, now: float, **extra: Any) -> LoadResult:
+        """The counters as a result, the window closed at ``now`` (or at its planned end);
+        ``extra``: the fields only the caller knows (sockets, send errors, CPU ...)."""
+        window = min(now, self.window_end) - self.window_start
+        return LoadResult(
+            sent=self.sent,
+            completed=self.completed,
+            in_window=self.in_window,
+            window=max(window, 0.0),
+            timeouts=self.timeouts,
+            separate=self.separate,
+            codes={("RST" if c < 0 else code_name(c)): n for c, n in self.codes.items()},
+            hist=self.hist,
+            overflow=self.overflow,
+            acked_seqs=self.acked.tobytes(),
+            **extra,
+        )
+
 
 class _Client(asyncio.DatagramProtocol):
     """One socket. ``outstanding`` maps the request counter (= token) to
@@ -563,7 +581,12 @@ class _Worker:
             for client in (*self.clients, *self.retiring):
                 if client.transport is not None:
                     client.transport.close()
-        result = self._result(min(_now(), stats.window_end) - stats.window_start)
+        result = stats.result(
+            _now(),
+            send_errors=stats.send_errors,
+            sockets=self.ports.used,
+            port_fallbacks=self.ports.fallbacks,
+        )
         result.worker_cpu = [sum(os.times()[:2]) - cpu0]
         return result
 
@@ -589,24 +612,6 @@ class _Worker:
             # Sleep until the next request is due; at least 1 ms (the loop's timer granularity),
             # so a fast rate goes out in small bursts instead of spinning the CPU.
             await asyncio.sleep(max(0.001, t0 + k * interval - _now()))
-
-    def _result(self, window: float) -> LoadResult:
-        stats = self.stats
-        return LoadResult(
-            sent=stats.sent,
-            completed=stats.completed,
-            in_window=stats.in_window,
-            window=max(window, 0.0),
-            timeouts=stats.timeouts,
-            separate=stats.separate,
-            codes={("RST" if c < 0 else code_name(c)): n for c, n in stats.codes.items()},
-            hist=stats.hist,
-            overflow=stats.overflow,
-            acked_seqs=stats.acked.tobytes(),
-            send_errors=stats.send_errors,
-            sockets=self.ports.used,
-            port_fallbacks=self.ports.fallbacks,
-        )
 
 
 def _share(total: int, parts: int, index: int) -> int:
