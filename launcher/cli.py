@@ -24,11 +24,12 @@ import uvicorn
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from api.app import create_app
+from api.app import create_app, create_app_from_env
 from api.settings import ApiSettings
 from api.store.base import Device
 from api.store.memory import MemoryDeviceStore
 from launcher.broker import EmbeddedBroker
+from launcher.heap import freeze_startup_heap
 from policies.routes import PolicyError
 from proxy.server import start_proxy
 from proxy.settings import ProxySettings
@@ -198,6 +199,7 @@ async def run_up(given: dict[str, Any]) -> None:
         'coap-bridge is up: try  coap-client-notls -m post -e hello "coap://127.0.0.1:%s/?t=demo"',
         proxy.address[1],
     )
+    freeze_startup_heap()
     try:
         await _wait(stop, api_task)
     finally:
@@ -241,6 +243,7 @@ async def run_proxy(given: dict[str, Any], reuse_port: bool = False) -> None:
     settings = ProxySettings(**given)
     stop = _stop_event()
     proxy = await start_proxy(settings, reuse_port=reuse_port)
+    freeze_startup_heap()
     try:
         await stop.wait()
     finally:
@@ -309,7 +312,7 @@ def run_api_workers(given: dict[str, Any], workers: int) -> None:
         if value is not None:
             os.environ[f"COAP_BRIDGE_{name.upper()}"] = str(value)
     uvicorn.run(
-        "api.app:create_app_from_env",
+        "launcher.cli:api_worker_app",
         factory=True,
         host=settings.api_host,
         port=settings.api_port,
@@ -320,6 +323,14 @@ def run_api_workers(given: dict[str, Any], workers: int) -> None:
     )
 
 
+def api_worker_app() -> Any:
+    """uvicorn's factory in each API worker: the app from ``COAP_BRIDGE_*``, with the heap
+    frozen once it is built (uvicorn has imported everything by then; see launcher/heap.py)."""
+    app = create_app_from_env()
+    freeze_startup_heap()
+    return app
+
+
 async def run_api(given: dict[str, Any]) -> None:
     launcher = LauncherSettings(**given)
     settings = ApiSettings(**given)
@@ -328,6 +339,7 @@ async def run_api(given: dict[str, Any]) -> None:
         create_app(settings), settings.api_host, settings.api_port, launcher.log_level
     )
     log.info("HTTP API on http://%s:%s (docs at /docs)", settings.api_host, settings.api_port)
+    freeze_startup_heap()
     try:
         await _wait(stop, task)
     finally:
