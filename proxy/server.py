@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -12,6 +13,7 @@ from policies.routes import Policy, load_policy
 from proxy.coap.exchanges import ExchangeCache
 from proxy.coap.messaging import CoapServerProtocol, SharedDedup
 from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
+from proxy.http1 import Http1Upstream
 from proxy.settings import ProxySettings
 from proxy.state.base import DedupStore
 from proxy.state.psk import PskStore, RedisPskMirror
@@ -20,6 +22,9 @@ from proxy.transports.dtls import DtlsTransport, create_dtls_endpoint
 from proxy.upstream import HttpxUpstream, Upstream
 
 log = logging.getLogger(__name__)
+
+# ``upstream_client`` → the Upstream implementation (each takes timeout and max_connections).
+UPSTREAMS: dict[str, Callable[..., Upstream]] = {"http1": Http1Upstream, "httpx": HttpxUpstream}
 
 
 @dataclass
@@ -104,7 +109,7 @@ async def start_proxy(
     :class:`RedisPskMirror` of ``settings.redis_url``; with neither it stays off."""
     policy = load_policy(settings.policy)
     if upstream is None:
-        upstream = HttpxUpstream(
+        upstream = UPSTREAMS[settings.upstream_client](
             timeout=settings.upstream_timeout, max_connections=settings.upstream_connections
         )
     handler = _handler(

@@ -43,6 +43,18 @@ _MAX_TRANSACTION_ATTEMPTS = 16
 
 _T = TypeVar("_T")
 
+# KEYS: ip index keys; ARGV[1]: the device key prefix (``device_key("")``). For each ip, the
+# device's hash as a flat field/value list, or an empty list. Every key it touches carries the
+# {dev} tag: one slot, so it runs on a Cluster's slot owner as on one server.
+_BY_IP_SCRIPT = """
+local out = {}
+for i = 1, #KEYS do
+  local iccid = redis.call('GET', KEYS[i])
+  if iccid then out[i] = redis.call('HGETALL', ARGV[1] .. iccid) else out[i] = {} end
+end
+return out
+"""
+
 
 def _to_hash(device: Device) -> tuple[dict[str, str], builtins.list[str]]:
     """Fields to HSET and the names of unset optional fields to HDEL."""
@@ -179,39 +191,35 @@ class RedisDeviceStore:
         return [_from_hash(raw) if raw else None for raw in await self._run(work)]
 
     async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
-        """Two pipelined round trips whatever the number of ips: the index entries, then the
-        devices they name."""
+        """One round trip whatever the number of ips: :data:`_BY_IP_SCRIPT` follows each index
+        entry to its device inside Redis (two pipelined reads measured 0.76 ms per batch of one
+        device in the API, most of it redis-py's work per call; the script, one call). Being one
+        script, it also cannot see an ip that moved between the two reads."""
         keys: builtins.list[str | None] = []
         for ip in ips:
             try:
                 keys.append(normalise_ip(ip))
             except ValueError:
                 keys.append(None)
-        wanted = [ip for ip in keys if ip is not None]
+        wanted = sorted({ip for ip in keys if ip is not None})
         if not wanted:
             return [None] * len(keys)
 
         async def work(redis: Redis) -> builtins.list[Any]:
-            async with redis.pipeline(transaction=False) as pipe:
-                for ip in wanted:
-                    pipe.get(self._ipkey(ip))
-                named: builtins.list[Any] = await pipe.execute()
-            iccids = [_text(iccid) for iccid in named if iccid is not None]
-            if not iccids:
-                return []
-            async with redis.pipeline(transaction=False) as pipe:
-                for iccid in iccids:
-                    pipe.hgetall(self._dkey(iccid))
-                raws: builtins.list[Any] = await pipe.execute()
-            return raws
+            found: builtins.list[Any] = await redis.eval(
+                _BY_IP_SCRIPT,
+                len(wanted),
+                *[self._ipkey(ip) for ip in wanted],
+                self._dkey(""),
+            )
+            return found
 
         by_ip: dict[str, Device] = {}
-        for raw in await self._run(work):
-            if raw:
-                device = _from_hash(raw)
-                by_ip[device.ip] = device
-        # A device that moved between the two reads is found under its new ip only: its old
-        # ip then names nobody (as in get_by_ip).
+        for ip, flat in zip(wanted, await self._run(work), strict=True):
+            if flat:
+                device = _from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+                if device.ip == ip:
+                    by_ip[ip] = device
         return [by_ip.get(ip) if ip is not None else None for ip in keys]
 
     async def list(self) -> builtins.list[Device]:

@@ -104,6 +104,9 @@ async def test_device_store_essentials(redis_topology: Deployment) -> None:
             assert await store.get_by_ip("10.0.0.2") == updated
             await store.create(Device(iccid=B, ip="10.0.0.1", psk="created-with-key"))
             assert await events.next() == B
+            # The batch lookup is one script over {dev} keys: it must run on a Cluster too.
+            both = await store.get_many_by_ip(["10.0.0.2", "10.0.0.3", "10.0.0.1"])
+            assert both == [updated, None, await store.get(B)]
             assert [d.iccid for d in await store.list()] == [A, B]
 
             # Read-modify-write under contention: WATCH/MULTI/EXEC really conflict and retry.
