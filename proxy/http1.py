@@ -11,8 +11,10 @@ What it does: one :class:`asyncio.Protocol` per TCP (or TLS) connection; the req
 body) goes out in one write; the answer is parsed by ``httptools`` (llhttp: Content-Length,
 chunked, and bodies delimited by the server closing). Connections are kept alive and reused,
 most recently used first, at most ``max_connections`` per origin; a request on a reused
-connection that the server had closed meanwhile is sent once more on a fresh one (nothing of
-the answer had arrived, so the server never read it). Every failure becomes the project's own
+connection that closes before any byte of the answer is sent once more on a fresh one. The
+usual cause is a server closing an idle connection (uvicorn after 5 s) just as it is reused;
+a server that had read the request and died can tell the repeat by its Idempotency-Key, which
+every forwarded request carries. Every failure becomes the project's own
 error: refused, reset or malformed → :class:`UpstreamUnreachable` (5.02); no answer within
 ``timeout`` (connecting included) → :class:`UpstreamTimeout` (5.04).
 """
@@ -136,9 +138,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.lower()
         if key == b"content-type":
-            self._content_type = value.decode("latin-1")
+            self._content_type = value.decode("latin-1").strip(" \t")  # RFC 9110 §5.5
         elif key == b"retry-after":
-            self._retry_after = value.decode("latin-1")
+            self._retry_after = value.decode("latin-1").strip(" \t")
         elif key in (b"content-length", b"transfer-encoding"):
             self._delimited = True
 
@@ -166,9 +168,10 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
+        # An answer that ended by itself (its length known, chunked, or none by its status)
+        # leaves the connection usable; one delimited by the close has closed it.
         parser = self._parser
-        keep_alive = parser is not None and parser.should_keep_alive()
-        self.reusable = keep_alive and self._delimited and not self.closed
+        self.reusable = parser is not None and parser.should_keep_alive() and not self.closed
         waiter.set_result(
             UpstreamResponse(
                 status=self._status,

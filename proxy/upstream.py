@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -41,7 +42,10 @@ def _refused(exc: BaseException) -> bool:
     """
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+        # aiohttp's ServerDisconnectedError (closed before or during the answer) is not an
+        # OSError but is no more a timeout than a reset is.
+        lost = isinstance(cause, OSError | aiohttp.ClientConnectionError)
+        if lost and not isinstance(cause, TimeoutError):
             return True
         cause = cause.__cause__ or cause.__context__
     return False
@@ -79,8 +83,13 @@ class HttpxUpstream:
             # A pool timeout means every connection is busy for longer than the request's whole
             # budget: from the device's point of view the backend did not answer in time.
             raise UpstreamTimeout(f"{method} {url}: {type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, aiohttp.ClientError) as exc:
+            # aiohttp's ClientResponseError (an answer that is not HTTP) gets through
+            # httpx_aiohttp unmapped.
             raise UpstreamUnreachable(f"{method} {url}: {exc!r}") from exc
+        except ValueError as exc:
+            # aiohttp refuses a header value holding CR/LF (injection) with a ValueError.
+            raise UpstreamUnreachable(f"{method} {url}: not sent: {exc}") from exc
         return UpstreamResponse(
             status=response.status_code,
             content_type=response.headers.get("content-type"),
