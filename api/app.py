@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from api.errors import install_error_handler
+from api.fast_path import BatchFastPath
 from api.idempotency import (
     IdempotencyStore,
     MemoryIdempotencyStore,
@@ -83,12 +84,14 @@ def create_app(
     store: DeviceStore | None = None,
     publisher: Publisher | None = None,
     idempotency: IdempotencyStore | None = None,
+    fast_path: bool = True,
 ) -> FastAPI:
     """Build the API. A given ``store``/``publisher`` is used as is and left open at shutdown
     (its owner closes it); the ones built here are closed by the lifespan.
 
     The app starts even when the broker is down: the publisher keeps reconnecting and
-    ``/ingest`` answers 503 until it is back.
+    ``/ingest`` answers 503 until it is back. ``fast_path``: the proxy's batch calls skip
+    FastAPI's router (api/fast_path.py); off, the route serves them (tests run both).
     """
 
     @asynccontextmanager
@@ -129,6 +132,8 @@ def create_app(
     app.state.publisher = publisher
     app.state.idempotency = idempotency or MemoryIdempotencyStore()
     install_error_handler(app)
+    if fast_path:
+        app.add_middleware(BatchFastPath)
     app.include_router(ingest.router)
     app.include_router(bootstrap.router)
     app.include_router(location.router)

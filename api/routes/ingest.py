@@ -230,8 +230,24 @@ async def ingest_batch(
     publisher: PublisherDep,
     idempotency: IdempotencyDep,
 ) -> Response:
+    body = await _read_body(request, batch_body_limit(settings))
+    return await answer_batch(body, settings, store, publisher, idempotency)
+
+
+def batch_body_limit(settings: ApiSettings) -> int:
+    return (settings.max_payload + 1024) * MAX_BATCH_ITEMS
+
+
+async def answer_batch(
+    body: bytes,
+    settings: ApiSettings,
+    store: DeviceStore,
+    publisher: Publisher,
+    idempotency: IdempotencyStore,
+) -> Response:
+    """The whole of ``POST /ingest/batch`` once the caller is known to be the proxy and the
+    body is read: the route above and the fast path (api/fast_path.py) both end here."""
     received_at = time.time_ns() // 1_000_000
-    body = await _read_body(request, (settings.max_payload + 1024) * MAX_BATCH_ITEMS)
     try:
         items = decode_batch(body)
     except BatchFormatError as exc:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
+import pytest
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.app import create_app
 from api.publisher import MqttPublisher, PackedUserProperties, pack_user_properties
@@ -33,6 +36,52 @@ def item(ip: str = ACTIVE_IP, query: str = "", payload: bytes = b"p", **fields: 
     }
     values.update(fields)
     return BatchItem(payload=payload, **values)
+
+
+@pytest.fixture(params=["fast path", "route"])
+async def client(
+    request: pytest.FixtureRequest,
+    mosquitto: MosquittoServer,
+    device_store: MemoryDeviceStore,
+    publisher: MqttPublisher,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Every test here runs through the fast path (api/fast_path.py) and through the route."""
+    app = create_app(
+        make_settings(mosquitto),
+        store=device_store,
+        publisher=publisher,
+        fast_path=request.param == "fast path",
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        yield http
+
+
+async def test_the_fast_path_answers_the_proxy_before_the_router(
+    mosquitto: MosquittoServer, device_store: MemoryDeviceStore, publisher: MqttPublisher
+) -> None:
+    app = create_app(make_settings(mosquitto), store=device_store, publisher=publisher)
+    reached_router: list[str] = []
+
+    class Witness:
+        """Innermost middleware: sees what the fast path passed on to the router."""
+
+        def __init__(self, inner: ASGIApp) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            reached_router.append(scope["path"])
+            await self.inner(scope, receive, send)
+
+    app.user_middleware.append(Middleware(Witness))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as c:
+        ok = await c.post("/ingest/batch", content=encode_batch([item()]), headers=BATCH_HEADERS)
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {"statuses": [204]}
+        assert reached_router == []
+        # What it leaves to the route (here: no token) is answered there.
+        assert (await c.post("/ingest/batch", content=encode_batch([item()]))).status_code == 403
+        assert reached_router == ["/ingest/batch"]
 
 
 async def test_each_item_gets_the_status_the_single_form_would_give(

@@ -95,3 +95,37 @@ async def test_redis_memory_per_answered_exchange(redis_server: RedisServer) -> 
     finally:
         await store.close()
     assert max(usage) <= 150, usage
+
+
+async def test_answers_travel_with_the_next_claims_ahead_of_them(
+    redis_server: RedisServer,
+) -> None:
+    one = RedisDedupStore.from_url(redis_server.url, answer_delay=60)
+    other = RedisDedupStore.from_url(redis_server.url)
+    try:
+        assert await one.claim("m1", lease=5) is Claim.OWNED
+        one.complete("m1", b"answer-1", lifetime=5)
+        assert await other.claim("m1", lease=5) is Claim.BUSY  # queued, not written (60 s)
+        calls = one._ops.flushes
+        assert await one.claim("m2", lease=5) is Claim.OWNED
+        assert one._ops.flushes == calls + 1  # the answer went in the claim's own call
+        assert await other.claim("m1", lease=5) == b"answer-1"
+        # A retransmission claimed in the same call as its answer gets the answer.
+        one.complete("m2", b"answer-2", lifetime=5)
+        assert await one.claim("m2", lease=5) == b"answer-2"
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_answers_left_alone_are_written_within_the_delay(redis_server: RedisServer) -> None:
+    store = RedisDedupStore.from_url(redis_server.url, answer_delay=0.05)
+    other = RedisDedupStore.from_url(redis_server.url)
+    try:
+        assert await store.claim("alone", lease=5) is Claim.OWNED
+        store.complete("alone", b"done", lifetime=5)
+        await asyncio.sleep(0.5)  # no flush(), no claim: only the delay can write it
+        assert await other.claim("alone", lease=5) == b"done"
+    finally:
+        await store.close()
+        await other.close()

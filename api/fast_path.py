@@ -1,0 +1,95 @@
+"""``POST /ingest/batch`` from the proxy, served before FastAPI's router.
+
+The batch route is the one the proxy calls for every group of device messages; at half of E's
+maximum that is ~300 calls a second, most carrying a handful of messages. Measured in process
+(a batch of one, in-memory store): the whole app took 263 µs per call, the route's own code 71
+µs; the difference is FastAPI's routing and dependency resolution. This middleware answers the
+common case itself — the proxy's token is right and the body has a declared length within the
+limit — by calling the same :func:`api.routes.ingest.answer_batch` the route calls, with the
+same objects from ``app.state``. Everything else (no or wrong token, no Content-Length, too
+large, another path, tests overriding dependencies) goes to FastAPI untouched, so every error
+is still answered by the route and documented in /docs. An :class:`ApiError` raised while
+answering is rendered as the app's error handler renders it.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import ApiError
+from api.routes.ingest import answer_batch, batch_body_limit
+from api.settings import ApiSettings
+from policies.forwarding import TOKEN_HEADER
+
+BATCH_PATH = "/ingest/batch"
+_TOKEN = TOKEN_HEADER.lower().encode("latin-1")
+
+
+class BatchFastPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != BATCH_PATH
+            or scope["method"] != "POST"
+            or scope["app"].dependency_overrides
+        ):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        settings: ApiSettings = state.settings
+        length = _accepted_length(scope, settings)
+        if length is None:
+            await self.app(scope, receive, send)
+            return
+        body = await _read(receive, length)
+        if body is None:
+            return  # the client went away before sending its body
+        try:
+            response: Response = await answer_batch(
+                body, settings, state.store, state.publisher, state.idempotency
+            )
+        except ApiError as exc:
+            response = JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        await response(scope, receive, send)
+
+
+def _accepted_length(scope: Scope, settings: ApiSettings) -> int | None:
+    """The declared body length if this call may take the fast path, else None."""
+    if settings.proxy_token is None:
+        return None
+    token: bytes | None = None
+    length: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == _TOKEN:
+            token = value
+        elif name == b"content-length":
+            length = value
+    if token is None or not hmac.compare_digest(token, settings.proxy_token.encode()):
+        return None
+    if length is None or not length.isdigit():
+        return None
+    declared = int(length)
+    return declared if declared <= batch_body_limit(settings) else None
+
+
+async def _read(receive: Receive, length: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > length:
+            break  # more than declared: the server's parser would not allow it; be safe
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
