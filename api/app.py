@@ -14,6 +14,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
+from api.admission import SeparateAdmission, admission_for
 from api.errors import install_error_handler
 from api.fast_path import BatchFastPath
 from api.idempotency import (
@@ -108,6 +109,13 @@ def create_app(
                 )
                 owned.push_async_callback(shared.close)
                 app.state.idempotency = shared
+            # One script for both questions when this app built both stores on one server.
+            app.state.admission = admission_for(
+                app.state.store,
+                app.state.idempotency,
+                same_server=store is None and idempotency is None and bool(settings.redis_url),
+                prefix=settings.redis_prefix,
+            )
             app.state.publisher = publisher
             if publisher is None:
                 mqtt = MqttPublisher.from_settings(settings)
@@ -131,6 +139,9 @@ def create_app(
     app.state.store = store
     app.state.publisher = publisher
     app.state.idempotency = idempotency or MemoryIdempotencyStore()
+    app.state.admission = (
+        SeparateAdmission(store, app.state.idempotency) if store is not None else None
+    )
     install_error_handler(app)
     if fast_path:
         app.add_middleware(BatchFastPath)

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from api.admission import Admission
 from api.errors import NotAuthenticated, NotConfigured, ProxyForbidden
 from api.idempotency import IdempotencyStore
 from api.publisher import Publisher
@@ -44,6 +45,11 @@ async def get_now() -> datetime:
     return datetime.now(UTC)
 
 
+async def get_admission(request: Request) -> Admission:
+    admission: Admission = request.app.state.admission
+    return admission
+
+
 async def get_idempotency(request: Request) -> IdempotencyStore:
     idempotency: IdempotencyStore = request.app.state.idempotency
     return idempotency
@@ -51,6 +57,7 @@ async def get_idempotency(request: Request) -> IdempotencyStore:
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 IdempotencyDep = Annotated[IdempotencyStore, Depends(get_idempotency)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 NowDep = Annotated[datetime, Depends(get_now)]
 StoreDep = Annotated[DeviceStore, Depends(get_store)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]

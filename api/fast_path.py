@@ -52,7 +52,7 @@ class BatchFastPath:
             return  # the client went away before sending its body
         try:
             response: Response = await answer_batch(
-                body, settings, state.store, state.publisher, state.idempotency
+                body, settings, state.admission, state.publisher, state.idempotency
             )
         except ApiError as exc:
             response = JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from api.errors import StoreUnavailable
@@ -105,6 +106,7 @@ class RedisIdempotencyStore:
         self._prefix = prefix
         self._cluster = connection.cluster
         self._script = None if self._cluster else self._client.register_script(dedup.BATCH_SCRIPT)
+        self._scripts: dict[str, Any] = {}
 
     @classmethod
     def from_url(
@@ -148,6 +150,41 @@ class RedisIdempotencyStore:
                     pipe.eval(dedup.RELEASE_SCRIPT, 1, key)
             replies: list[Any] = await pipe.execute()
         return replies
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
+    async def claim_alongside(
+        self,
+        keys: Sequence[str],
+        script: str,
+        lookup_keys: list[str],
+        lookup_args: list[bytes | int | str],
+    ) -> tuple[list[Any], list[Claimed]]:
+        """:meth:`claim` inside ``script``, one call with the reads it makes first: ``script``
+        takes ``lookup_keys`` then the record keys as KEYS, ``lookup_args`` then (op, value,
+        ttl) per record as ARGV, and replies the lookups' replies then the records', like
+        ``policies.dedup.BATCH_SCRIPT`` (api/admission.py). Not on a Cluster."""
+        if self._cluster:
+            raise StoreUnavailable("one script cannot span a Cluster's slots")
+        deferred = self._take_deferred()
+        ops = deferred + [(dedup.CLAIM, key, b"", LEASE_MS) for key in keys]
+        args: list[bytes | int | str] = list(lookup_args)
+        for op, _, value, ttl in ops:
+            args += (op, value, ttl)
+        record_keys = [idempotency_record_key(key, self._prefix) for _, key, _, _ in ops]
+        runner = self._scripts.get(script)
+        if runner is None:
+            runner = self._scripts[script] = self._client.register_script(script)
+        try:
+            replies: list[Any] = await runner(keys=lookup_keys + record_keys, args=args)
+        except REDIS_ERRORS as exc:
+            if deferred:
+                log.warning("idempotency records not written (claims lapse): %s", exc)
+            raise StoreUnavailable(f"store unavailable: {exc}") from exc
+        claimed = replies[len(lookup_keys) + len(deferred) :]
+        return replies[: len(lookup_keys)], [dedup.read_claim(reply) for reply in claimed]
 
     async def claim(self, keys: list[str]) -> list[Claimed]:
         deferred = self._take_deferred()

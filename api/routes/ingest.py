@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Annotated
@@ -11,7 +10,15 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.background import BackgroundTask
 
-from api.deps import IdempotencyDep, PublisherDep, SettingsDep, StoreDep, require_proxy
+from api.admission import Admission
+from api.deps import (
+    AdmissionDep,
+    IdempotencyDep,
+    PublisherDep,
+    SettingsDep,
+    StoreDep,
+    require_proxy,
+)
 from api.errors import (
     ApiError,
     BadBatch,
@@ -26,7 +33,7 @@ from api.idempotency import Claimed, IdempotencyStore
 from api.identity import calling_device, origin_from
 from api.publisher import Publisher
 from api.settings import ApiSettings
-from api.store.base import Device, DeviceStore
+from api.store.base import Device
 from policies import dedup
 from policies.batch import (
     BATCH_CONTENT_TYPE,
@@ -226,12 +233,12 @@ MAX_BATCH_ITEMS = 1024
 async def ingest_batch(
     request: Request,
     settings: SettingsDep,
-    store: StoreDep,
+    admission: AdmissionDep,
     publisher: PublisherDep,
     idempotency: IdempotencyDep,
 ) -> Response:
     body = await _read_body(request, batch_body_limit(settings))
-    return await answer_batch(body, settings, store, publisher, idempotency)
+    return await answer_batch(body, settings, admission, publisher, idempotency)
 
 
 def batch_body_limit(settings: ApiSettings) -> int:
@@ -241,7 +248,7 @@ def batch_body_limit(settings: ApiSettings) -> int:
 async def answer_batch(
     body: bytes,
     settings: ApiSettings,
-    store: DeviceStore,
+    admission: Admission,
     publisher: Publisher,
     idempotency: IdempotencyStore,
 ) -> Response:
@@ -255,44 +262,33 @@ async def answer_batch(
     if len(items) > MAX_BATCH_ITEMS:
         raise BadBatch(f"{len(items)} items in one batch, at most {MAX_BATCH_ITEMS}")
     statuses = [204] * len(items)
-    # Claim the Idempotency-Keys while the devices are looked up: round trips at once.
     keyed = [n for n, item in enumerate(items) if item.idempotency_key]
-    claiming = (
-        asyncio.ensure_future(idempotency.claim([items[n].idempotency_key for n in keyed]))
-        if keyed
-        else None
-    )
+    origins = [_origin(item) for item in items]
+    # Who sent each item, and its Idempotency-Key claim: one question (api/admission.py).
+    devices, claimed_in_order = await _admit(admission, items, origins, keyed)
+    claimed: dict[int, Claimed] = dict(zip(keyed, claimed_in_order, strict=True))
     outgoing: list[Outgoing] = []
     positions: list[int] = []
-    try:
-        origins = [_origin(item) for item in items]
-        devices = await _lookup_all(store, items, origins)
-        for index, item in enumerate(items):
-            try:
-                origin = origins[index]
-                if isinstance(origin, ApiError):
-                    raise origin
-                device = devices[(item.identity, "") if item.identity else ("", origin.ip)]
-                if isinstance(device, ApiError):
-                    raise device
-                if len(item.payload) > settings.max_payload:
-                    raise PayloadTooLarge(
-                        f"payload is {len(item.payload)} bytes, at most {settings.max_payload}"
-                    )
-                topic, properties = _message(
-                    settings, device, origin, _topics(item), item.content_type or None, received_at
+    for index, item in enumerate(items):
+        try:
+            origin = origins[index]
+            if isinstance(origin, ApiError):
+                raise origin
+            device = devices[(item.identity, "") if item.identity else ("", origin.ip)]
+            if isinstance(device, ApiError):
+                raise device
+            if len(item.payload) > settings.max_payload:
+                raise PayloadTooLarge(
+                    f"payload is {len(item.payload)} bytes, at most {settings.max_payload}"
                 )
-            except ApiError as exc:
-                statuses[index] = exc.status_code
-                continue
-            outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
-            positions.append(index)
-        claimed: dict[int, Claimed] = (
-            dict(zip(keyed, await claiming, strict=True)) if claiming is not None else {}
-        )
-    finally:
-        if claiming is not None and not claiming.done():
-            claiming.cancel()
+            topic, properties = _message(
+                settings, device, origin, _topics(item), item.content_type or None, received_at
+            )
+        except ApiError as exc:
+            statuses[index] = exc.status_code
+            continue
+        outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
+        positions.append(index)
     claims = [claimed.get(index) for index in positions]
     sent, answered, released = await _publish_claimed(publisher, outgoing, claims)
     # Refused items took a claim too: give it back, or their retry would wait for the lease.
@@ -326,12 +322,16 @@ def _origin(item: BatchItem) -> Origin | ApiError:
         return exc
 
 
-async def _lookup_all(
-    store: DeviceStore, items: list[BatchItem], origins: list[Origin | ApiError]
-) -> dict[tuple[str, str], Device | ApiError]:
-    """Every distinct device of a batch, by PSK identity (DTLS) or by address (SPEC §2), in a
-    fixed number of store round trips — not one per device — keyed ``(identity, "")`` or
-    ``("", ip)``. Unknown or non-active → 401; a store failure is every item's 503."""
+async def _admit(
+    admission: Admission,
+    items: list[BatchItem],
+    origins: list[Origin | ApiError],
+    keyed: list[int],
+) -> tuple[dict[tuple[str, str], Device | ApiError], list[Claimed]]:
+    """Every distinct device of a batch, by PSK identity (DTLS) or by address (SPEC §2), keyed
+    ``(identity, "")`` or ``("", ip)``, and the claims of the keyed items, in one question to
+    the stores. Unknown or non-active → 401; a failed lookup is every item's 503; failed
+    claims raise StoreUnavailable (the whole batch 503)."""
     identities = sorted({item.identity for item in items if item.identity})
     ips = sorted(
         {
@@ -341,13 +341,10 @@ async def _lookup_all(
         }
     )
     keys = [(identity, "") for identity in identities] + [("", ip) for ip in ips]
-    try:
-        by_identity, by_ip = await asyncio.gather(
-            store.get_many(identities), store.get_many_by_ip(ips)
-        )
-    except ApiError as exc:
-        return dict.fromkeys(keys, exc)
+    admitted = await admission.admit(identities, ips, [items[n].idempotency_key for n in keyed])
+    if admitted.lookup_error is not None:
+        return dict.fromkeys(keys, admitted.lookup_error), admitted.claims
     found: dict[tuple[str, str], Device | ApiError] = {}
-    for key, device in zip(keys, [*by_identity, *by_ip], strict=True):
+    for key, device in zip(keys, [*admitted.by_identity, *admitted.by_ip], strict=True):
         found[key] = device if device is not None and device.is_active else DeviceUnauthorized()
-    return found
+    return found, admitted.claims

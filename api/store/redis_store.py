@@ -77,7 +77,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _from_hash(raw: Mapping[bytes | str, bytes | str]) -> Device:
+def device_from_hash(raw: Mapping[bytes | str, bytes | str]) -> Device:
     # Fields this version does not model (SPEC §2 lists more, e.g. location) are skipped so a
     # hash written by a newer replica still loads. pydantic's lax mode turns "1"/"0" into
     # booleans and ISO strings into datetimes.
@@ -154,7 +154,7 @@ class RedisDeviceStore:
             return raw
 
         raw = await self._run(work)
-        return _from_hash(raw) if raw else None
+        return device_from_hash(raw) if raw else None
 
     async def get_by_ip(self, ip: str) -> Device | None:
         try:
@@ -172,7 +172,7 @@ class RedisDeviceStore:
         raw = await self._run(work)
         if not raw:
             return None
-        device = _from_hash(raw)
+        device = device_from_hash(raw)
         # Between the two reads the device may have moved to another ip; the index read is
         # then stale and the answer is "nobody has this ip".
         return device if device.ip == ip else None
@@ -188,7 +188,7 @@ class RedisDeviceStore:
                 raws: builtins.list[Any] = await pipe.execute()
             return raws
 
-        return [_from_hash(raw) if raw else None for raw in await self._run(work)]
+        return [device_from_hash(raw) if raw else None for raw in await self._run(work)]
 
     async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
         """One round trip whatever the number of ips: :data:`_BY_IP_SCRIPT` follows each index
@@ -217,7 +217,7 @@ class RedisDeviceStore:
         by_ip: dict[str, Device] = {}
         for ip, flat in zip(wanted, await self._run(work), strict=True):
             if flat:
-                device = _from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+                device = device_from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
                 if device.ip == ip:
                     by_ip[ip] = device
         return [by_ip.get(ip) if ip is not None else None for ip in keys]
@@ -232,7 +232,7 @@ class RedisDeviceStore:
                 raws: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
             return raws
 
-        return [_from_hash(raw) for raw in await self._run(work) if raw]
+        return [device_from_hash(raw) for raw in await self._run(work) if raw]
 
     async def _transaction(self, body: Any) -> Any:
         """Run ``body(pipe)`` until EXEC succeeds; ``body`` WATCHes, reads, then MULTI."""
@@ -282,7 +282,7 @@ class RedisDeviceStore:
             raw = await pipe.hgetall(dkey)
             if not raw:
                 raise DeviceNotFound(f"device {iccid} not found")
-            current = _from_hash(raw)
+            current = device_from_hash(raw)
             updated = current.with_changes(**change(current))
             if updated.iccid != iccid:
                 raise ValueError("the iccid of a device cannot change")
