@@ -79,6 +79,8 @@ class Coalescer(Generic[Item, Result]):
     async def _run(self, group: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         self.flushes += 1
         self.items += len(group)
+        results: list[Result] | None = None
+        failure: Exception | None = None
         try:
             results = await self._flush([item for item, _ in group])
             if len(results) != len(group):
@@ -86,17 +88,21 @@ class Coalescer(Generic[Item, Result]):
         except Exception as exc:
             if not isinstance(exc, ConnectionError | OSError | TimeoutError):
                 log.debug("%s flush failed", self._name, exc_info=True)
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-        else:
-            for (_, future), result in zip(group, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            failure = exc
         finally:
             self._in_flight -= 1
+            # The next flush starts before this one's callers resume: its task runs first, so
+            # its request leaves before they do their work (answering their devices), not after.
             if self._waiting:
                 self._launch()
+        if failure is not None or results is None:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(failure or RuntimeError(f"{self._name}: no results"))
+            return
+        for (_, future), result in zip(group, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     async def drain(self) -> None:
         while self._tasks:

@@ -131,3 +131,32 @@ async def test_unreachable_upstream_fails_every_waiting_request(upstream) -> Non
     )
     assert all(isinstance(r, UpstreamUnreachable) for r in results)
     await group.drain()
+
+
+async def test_the_next_flush_leaves_before_the_last_ones_callers_resume() -> None:
+    # Pure logic of the coalescer (no I/O): the order of events on one event loop.
+    from proxy.coalesce import Coalescer
+
+    events: list[str] = []
+    release = asyncio.Event()
+
+    async def flush(items: list[str]) -> list[str]:
+        events.append("flush " + ",".join(items))
+        if items == ["a"]:
+            await release.wait()
+        return items
+
+    batches: Coalescer[str, str] = Coalescer(flush, max_concurrency=1)
+
+    async def caller(name: str) -> None:
+        await batches.submit(name)
+        events.append("resumed " + name)
+
+    first = asyncio.create_task(caller("a"))
+    await asyncio.sleep(0)  # the first flush is in flight
+    await asyncio.sleep(0)
+    second = asyncio.create_task(caller("b"))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, second)
+    assert events == ["flush a", "flush b", "resumed a", "resumed b"]
