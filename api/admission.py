@@ -19,6 +19,7 @@ from api.errors import ApiError, StoreUnavailable
 from api.idempotency import Claimed, IdempotencyStore, RedisIdempotencyStore
 from api.store.base import Device, DeviceStore, normalise_ip
 from api.store.redis_store import device_from_hash
+from policies import dedup
 from policies.keys import device_ip_key, device_key
 
 
@@ -70,7 +71,9 @@ class SeparateAdmission:
 # ARGV[1], ARGV[2]: how many of each of the first two; ARGV[3]: the device key prefix
 # (device_key("")); then (op, value, ttl) per record, as in policies.dedup.BATCH_SCRIPT.
 # Replies in KEYS order: a device as a flat field/value list ({} if none), then each record's.
-_ADMIT_SCRIPT = """
+_ADMIT_SCRIPT = (
+    dedup.RECORD_OP_LUA
+    + """
 local n_ip, n_id, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local out = {}
 for i = 1, n_ip do
@@ -82,19 +85,11 @@ for i = n_ip + 1, n_ip + n_id do
 end
 for i = n_ip + n_id + 1, #KEYS do
   local j = 3 * (i - n_ip - n_id - 1) + 3
-  local op, value, ttl = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
-  if op == 'c' then
-    out[i] = redis.call('SET', KEYS[i], 'c', 'NX', 'PX', ttl, 'GET')
-  elseif op == 'a' then
-    redis.call('SET', KEYS[i], value, 'PX', ttl)
-    out[i] = 1
-  else
-    if redis.call('GET', KEYS[i]) == 'c' then redis.call('DEL', KEYS[i]) end
-    out[i] = 1
-  end
+  out[i] = record_op(KEYS[i], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3])
 end
 return out
 """
+)
 
 
 class RedisAdmission:

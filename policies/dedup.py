@@ -14,24 +14,34 @@ ANSWER = b"a"  # op code in BATCH_SCRIPT
 RELEASE = b"r"  # op code in BATCH_SCRIPT: drop a claim so a retry can go ahead
 DONE = b"d"  # prefix of an answered record
 
-# ARGV holds (op, value, ttl_ms) per key. A nil reply from SET ... GET arrives in Lua as false
-# and goes back as nil. One call runs a whole batch: one socket write, one reply.
-BATCH_SCRIPT = """
+# One record operation, as a Lua function other scripts can start with (api/admission.py runs
+# it after device reads). A nil reply from SET ... GET arrives in Lua as false and goes back as
+# nil.
+RECORD_OP_LUA = """
+local function record_op(key, op, value, ttl)
+  if op == 'c' then
+    return redis.call('SET', key, 'c', 'NX', 'PX', ttl, 'GET')
+  elseif op == 'a' then
+    redis.call('SET', key, value, 'PX', ttl)
+    return 1
+  end
+  if redis.call('GET', key) == 'c' then redis.call('DEL', key) end
+  return 1
+end
+"""
+
+# ARGV holds (op, value, ttl_ms) per key. One call runs a whole batch: one socket write, one
+# reply.
+BATCH_SCRIPT = (
+    RECORD_OP_LUA
+    + """
 local out = {}
 for i = 1, #KEYS do
-  local op, value, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
-  if op == 'c' then
-    out[i] = redis.call('SET', KEYS[i], 'c', 'NX', 'PX', ttl, 'GET')
-  elseif op == 'a' then
-    redis.call('SET', KEYS[i], value, 'PX', ttl)
-    out[i] = 1
-  else
-    if redis.call('GET', KEYS[i]) == 'c' then redis.call('DEL', KEYS[i]) end
-    out[i] = 1
-  end
+  out[i] = record_op(KEYS[i], ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i])
 end
 return out
 """
+)
 
 # RELEASE for one key, where BATCH_SCRIPT cannot run (Redis Cluster: its keys span slots).
 RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == 'c' then redis.call('DEL', KEYS[1]) end return 1"
