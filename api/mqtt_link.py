@@ -237,7 +237,11 @@ class MqttLink(asyncio.Protocol):
             except ValueError as exc:
                 future.set_exception(exc)
                 continue
-            mid = self._take_mid()
+            try:
+                mid = self._take_mid()
+            except LinkError as exc:  # 65,535 unanswered: a broker that stopped acknowledging
+                future.set_exception(exc)
+                continue
             if self._protocol == "5":
                 block = properties if properties is not None else b"\x00"  # none: length 0
             else:

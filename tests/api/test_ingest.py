@@ -278,8 +278,9 @@ async def test_many_concurrent_publishes_wait_for_their_own_puback(
         assert [r.status_code for r in responses] == [204] * count
         messages = await sub.wait_for(count)
     assert sorted(m.payload for m in messages) == sorted(b"%d" % n for n in range(count))
-    # FINDINGS: aiomqtt warns per publish past 10 pending unless told otherwise.
-    assert not [r for r in caplog.records if "pending" in r.getMessage()]
+    # A burst is not an incident: nothing logged at warning level (aiomqtt used to warn per
+    # publish past 10 pending, FINDINGS; the link must not complain either).
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_mqtt_311_publishes_without_properties(

@@ -600,3 +600,21 @@ async def test_packet_ids_wrap_and_are_reused_only_after_their_puback() -> None:
     assert 0 not in mids
     assert mids.count(1) == 1  # held across the wrap
     assert mids.count(2) == 2  # reused after its PUBACK
+
+
+async def test_a_message_beyond_65535_unacknowledged_fails_alone() -> None:
+    # A broker that stopped acknowledging: every packet id is taken, the next message cannot
+    # have one. It fails by itself (the API answers it 503); the call does not blow up.
+    async with (
+        FakeBroker(connack_v5(), ack=lambda index, mid: None) as broker,
+        opened(broker) as link,
+    ):
+        futures = link.publish_many([("ids/hung", b"x", _NO_PROPERTIES)] * 65536)
+        assert not any(future.done() for future in futures[:65535])
+        last = futures[65535]
+        assert last.done()
+        assert isinstance(last.exception(), LinkError)
+        assert "65535" in str(last.exception())
+        assert link.in_flight == 65535
+        link.close()  # the waiting ones fail now: read them, or asyncio reports each one
+        assert all(isinstance(future.exception(), LinkError) for future in futures)
