@@ -34,6 +34,8 @@ from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.upstream import UpstreamResponse
 
 _FORBIDDEN_IN_HEADERS = frozenset("\r\n\0")
+# RFC 9110 §8.6: no Content-Length on a request without content whose method expects none.
+_NO_CONTENT_EXPECTED = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
 class _Target(NamedTuple):
@@ -71,7 +73,9 @@ def _encode_head(method: str, target: _Target, headers: dict[str, str], length: 
             # Header injection (RFC 9112 §2.2: CR/LF end a field line): refused, never sent.
             raise UpstreamUnreachable(f"header {name!r} holds CR, LF or NUL: not sent")
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    lines.append(b"Content-Length: %d\r\n\r\n" % length)
+    if length or method not in _NO_CONTENT_EXPECTED:
+        lines.append(b"Content-Length: %d\r\n" % length)
+    lines.append(b"\r\n")
     return b"".join(lines)
 
 

@@ -570,3 +570,25 @@ async def test_a_header_value_with_a_line_break_never_injects_a_header(
         assert not re.search(rb"[\r\n]x-injected\s*:", request.raw_head, re.IGNORECASE)
     # Refusing the value is fine, but as the seam's own error: the proxy catches ProxyError only.
     assert raised is None or isinstance(raised, ProxyError), repr(raised)
+
+
+async def test_http1_sends_content_length_only_where_content_is_expected(
+    raw_server: StartServer,
+) -> None:
+    # RFC 9110 §8.6: not on a GET or DELETE without content; always on a POST, even empty.
+    from proxy.http1 import Http1Upstream
+
+    received: list[ReceivedRequest] = []
+    server = await raw_server(keep_alive_answering(echo_target, received))
+    upstream = Http1Upstream(timeout=2.0)
+    try:
+        for method in ("GET", "DELETE", "POST", "PUT"):
+            await upstream.request(method, server.url("/x"), {}, b"")
+    finally:
+        await upstream.aclose()
+    assert [(r.method, r.header("content-length")) for r in received] == [
+        ("GET", None),
+        ("DELETE", None),
+        ("POST", "0"),
+        ("PUT", "0"),
+    ]
