@@ -47,6 +47,7 @@ from bench.loadgen import (
     _run_loop,
     _Stats,
     build_template,
+    run_forked,
 )
 
 EVENT_CONNECTED = 0x01DE  # tinydtls: handshake finished
@@ -424,45 +425,6 @@ def _handshakes_main(config: DtlsLoadConfig, index: int, start_at: float) -> Han
 # --- running workers ---------------------------------------------------------------------------
 
 
-def _entry(target: Callable[..., Any], args: tuple[Any, ...], index: int, queue: Any) -> None:
-    try:
-        queue.put((index, target(*args), None))
-    except BaseException as exc:
-        queue.put((index, None, f"{type(exc).__name__}: {exc}"))
-        raise
-
-
-def _fork(
-    workers: int,
-    target: Callable[..., Any],
-    args_of: Callable[[int], tuple[Any, ...]],
-    limit: float,
-) -> list[Any]:
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    processes = [
-        context.Process(target=_entry, args=(target, args_of(i), i, queue), daemon=True)
-        for i in range(workers)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        parts: list[Any] = []
-        deadline = time.time() + limit
-        for _ in processes:
-            _, part, error = queue.get(timeout=max(1.0, deadline - time.time()))
-            if error is not None:
-                raise RuntimeError(f"DTLS load worker failed: {error}")
-            parts.append(part)
-    finally:
-        for process in processes:
-            process.join(2)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    return parts
-
-
 def run_sessions(config: DtlsLoadConfig) -> LoadResult:
     """Establish one session per credential, then load them in closed loop (blocking)."""
     if config.workers < 1 or len(config.credentials) < config.workers:
@@ -472,10 +434,7 @@ def run_sessions(config: DtlsLoadConfig) -> LoadResult:
         result = _sessions_main(config, 0, None)
     else:
         barrier = multiprocessing.get_context("fork").Barrier(config.workers)
-        parts = _fork(config.workers, _sessions_main, lambda i: (config, i, barrier), limit)
-        result = parts[0]
-        for part in parts[1:]:
-            result.merge(part)
+        result = run_forked(config.workers, _sessions_main, lambda i: (config, i, barrier), limit)
     result.workers = config.workers
     return result
 
@@ -489,10 +448,9 @@ def run_handshakes(config: DtlsLoadConfig) -> HandshakeResult:
         result = _handshakes_main(config, 0, start_at)
     else:
         limit = 10 + config.warmup + config.duration + config.handshake_timeout + 30
-        parts = _fork(config.workers, _handshakes_main, lambda i: (config, i, start_at), limit)
-        result = parts[0]
-        for part in parts[1:]:
-            result.merge(part)
+        result = run_forked(
+            config.workers, _handshakes_main, lambda i: (config, i, start_at), limit
+        )
     result.workers = config.workers
     return result
 

@@ -39,7 +39,7 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -639,9 +639,48 @@ def _worker_main(config: LoadConfig, index: int, start_at: float) -> LoadResult:
     return _run_loop(worker.run(start_at, clients, rate))
 
 
-def _worker_entry(config: LoadConfig, index: int, start_at: float, queue: object) -> None:
-    result = _worker_main(config, index, start_at)
-    queue.put((index, result))  # type: ignore[attr-defined]
+def _entry(target: Callable[..., Any], args: tuple[Any, ...], index: int, queue: Any) -> None:
+    try:
+        queue.put((index, target(*args), None))
+    except BaseException as exc:
+        queue.put((index, None, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def run_forked(
+    workers: int,
+    target: Callable[..., Any],
+    args_of: Callable[[int], tuple[Any, ...]],
+    limit: float,
+) -> Any:
+    """``target(*args_of(i))`` in ``workers`` forked processes, at most ``limit`` seconds; their
+    results merged into the first (``LoadResult`` and ``HandshakeResult`` both ``merge``)."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_entry, args=(target, args_of(i), i, queue), daemon=True)
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        parts: list[Any] = []
+        deadline = time.time() + limit
+        for _ in processes:
+            _, part, error = queue.get(timeout=max(1.0, deadline - time.time()))
+            if error is not None:
+                raise RuntimeError(f"load worker failed: {error}")
+            parts.append(part)
+    finally:
+        for process in processes:
+            process.join(2)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    result = parts[0]
+    for part in parts[1:]:
+        result.merge(part)
+    return result
 
 
 def run_load(config: LoadConfig) -> LoadResult:
@@ -651,29 +690,9 @@ def run_load(config: LoadConfig) -> LoadResult:
     if config.workers == 1:
         result = _worker_main(config, 0, time.time() + 0.05)
     else:
-        context = multiprocessing.get_context("fork")
-        queue = context.Queue()
         start_at = time.time() + 0.5 + 0.05 * config.workers
-        processes = [
-            context.Process(target=_worker_entry, args=(config, i, start_at, queue), daemon=True)
-            for i in range(config.workers)
-        ]
-        for process in processes:
-            process.start()
-        try:
-            limit = start_at + config.warmup + config.duration + config.timeout + 30
-            parts = []
-            for _ in processes:
-                parts.append(queue.get(timeout=max(1.0, limit - time.time()))[1])
-        finally:
-            for process in processes:
-                process.join(2)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        result = parts[0]
-        for part in parts[1:]:
-            result.merge(part)
+        limit = start_at - time.time() + config.warmup + config.duration + config.timeout + 30
+        result = run_forked(config.workers, _worker_main, lambda i: (config, i, start_at), limit)
     result.workers = config.workers
     result.offered_rate = config.rate if config.mode == "open" else 0.0
     return result
