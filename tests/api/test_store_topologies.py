@@ -26,8 +26,7 @@ from api.store.base import Device
 from api.store.redis_store import RedisDeviceStore
 from policies import dedup
 from policies.keys import device_set_key, psk_channel
-from tests.support.http import free_port
-from tests.support.redis_topologies import SERVICE, ClusterDeployment, SentinelDeployment, cli
+from tests.support.redis_topologies import ClusterDeployment, SentinelDeployment, cli
 
 PREFIX = "t"
 A = "8988280666000000401"
@@ -164,14 +163,6 @@ async def test_idempotency_claim_answer_release(redis_topology: Deployment) -> N
         assert await store.claim(keys) == [b"204"] * 15 + [dedup.OWNED] * 15
     finally:
         await store.close()
-
-
-@pytest.fixture(params=["sentinel", "cluster"])
-def unreachable_url(request: pytest.FixtureRequest) -> str:
-    port = free_port()  # nothing listens there
-    if request.param == "sentinel":
-        return f"redis+sentinel://127.0.0.1:{port}/{SERVICE}"
-    return f"redis://127.0.0.1:{port}/0?cluster=1"
 
 
 async def test_unreachable_deployment_is_store_unavailable(unreachable_url: str) -> None:

@@ -25,8 +25,7 @@ from policies.psk import psk_bytes
 from proxy.state.base import Claim, DedupUnavailable
 from proxy.state.psk import RedisPskMirror
 from proxy.state.redis_store import RedisDedupStore
-from tests.support.http import free_port
-from tests.support.redis_topologies import SERVICE, ClusterDeployment, SentinelDeployment
+from tests.support.redis_topologies import ClusterDeployment, SentinelDeployment
 
 PREFIX = "t"
 A = "8988280666000000301"
@@ -109,14 +108,6 @@ async def test_psk_mirror_loads_and_follows_announcements(
             assert changed[-1] == B
         finally:
             await mirror.close()
-
-
-@pytest.fixture(params=["sentinel", "cluster"])
-def unreachable_url(request: pytest.FixtureRequest) -> str:
-    port = free_port()  # nothing listens there
-    if request.param == "sentinel":
-        return f"redis+sentinel://127.0.0.1:{port}/{SERVICE}"
-    return f"redis://127.0.0.1:{port}/0?cluster=1"
 
 
 async def test_unreachable_deployment_means_local_dedup_and_a_waiting_mirror(

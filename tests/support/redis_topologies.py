@@ -223,6 +223,15 @@ def redis_topology(request: pytest.FixtureRequest) -> SentinelDeployment | Clust
     return deployment
 
 
+@pytest.fixture(params=["sentinel", "cluster"])
+def unreachable_url(request: pytest.FixtureRequest) -> str:
+    """A Sentinel URL and a Cluster URL on which nothing listens."""
+    port = free_port()
+    if request.param == "sentinel":
+        return f"redis+sentinel://127.0.0.1:{port}/{SERVICE}"
+    return f"redis://127.0.0.1:{port}/0?cluster=1"
+
+
 @pytest.fixture(scope="session")
 def _redis_cluster_process(
     tmp_path_factory: pytest.TempPathFactory,
