@@ -45,11 +45,10 @@ from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, RST, Message, decode, encode_empty, encode_parts
 from tests.support import netns
 from tests.support.bridge import bridge_command
-from tests.support.coap import RawClient
 from tests.support.dtls import DtlsClient, _ClientSocket
 from tests.support.http import free_port
 from tests.support.mqtt import subscribed
-from tests.support.processes import Proc, api_healthy
+from tests.support.processes import Proc, api_healthy, coap_ready
 from tests.support.services import MosquittoServer, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -258,22 +257,6 @@ async def _api(topo: netns.Topology, tmp: Path, mqtt_url: str, redis_url: str) -
     return proc
 
 
-async def _ready(proc: Proc, address: str) -> None:
-    """An empty CON answered with RST: the replica serves (asked from the root namespace)."""
-    client = await RawClient.connect(address, 5683)
-    deadline = time.monotonic() + 20
-    try:
-        while True:
-            assert proc.process.poll() is None, proc.log()
-            client.send(encode_empty(CON, 1))
-            with contextlib.suppress(TimeoutError):
-                if decode(await client.recv(0.2)).mtype == RST:
-                    return
-            assert time.monotonic() < deadline, proc.log()
-    finally:
-        await client.aclose()
-
-
 async def test_a_replica_taken_out_mid_stream_loses_and_duplicates_nothing(
     tmp_path: Path, mosquitto: MosquittoServer
 ) -> None:
@@ -322,7 +305,7 @@ async def test_a_replica_taken_out_mid_stream_loses_and_duplicates_nothing(
                     env={"COAP_BRIDGE_DEDUP_LEASE": LEASE},
                 )  # fmt: skip
                 procs.append(replicas[address])
-            await asyncio.gather(*(_ready(p, a) for a, p in replicas.items()))
+            await asyncio.gather(*(coap_ready(p, a, 5683) for a, p in replicas.items()))
             print(await asyncio.to_thread(topo.balance, *replicas))
 
             stream = Stream(topic=f"topo/{topo.suffix}")

@@ -99,22 +99,28 @@ class Processes:
             args.append(f"--redis-url={redis_url}")
         proc = self._spawn(name, args, port, env)
         proc.coaps_port = coaps_port
-        client = await RawClient.connect("127.0.0.1", port)
-        deadline = time.monotonic() + 20
-        try:
-            while True:
-                assert proc.process.poll() is None, proc.log()
-                client.send(encode_empty(CON, 1))
-                with contextlib.suppress(TimeoutError):
-                    if decode(await client.recv(0.2)).mtype == RST:
-                        return proc
-                assert time.monotonic() < deadline, proc.log()
-        finally:
-            client.close()
+        await coap_ready(proc, "127.0.0.1", port)
+        return proc
 
     def stop_all(self) -> None:
         for proc in reversed(self.started):
             proc.stop()
+
+
+async def coap_ready(proc: Proc, host: str, port: int, timeout: float = 20.0) -> None:
+    """Wait until a proxy answers an empty CON with RST: it serves on ``host:port``."""
+    client = await RawClient.connect(host, port)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            assert proc.process.poll() is None, proc.log()
+            client.send(encode_empty(CON, 1))
+            with contextlib.suppress(TimeoutError):
+                if decode(await client.recv(0.2)).mtype == RST:
+                    return
+            assert time.monotonic() < deadline, proc.log()
+    finally:
+        await client.aclose()
 
 
 async def api_healthy(proc: Proc, base_url: str, timeout: float = 20.0) -> None:
