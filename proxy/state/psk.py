@@ -72,6 +72,17 @@ class _Listeners:
                 log.exception("PSK change listener failed for identity %s", identity)
 
 
+def _replace(keys: dict[str, bytes], identity: str, key: bytes | None) -> bool:
+    """Set (or with None, drop) ``identity``'s key; True when a key it had changed or went,
+    which is what sessions established with the old key must hear about."""
+    old = keys.get(identity)
+    if key is None:
+        keys.pop(identity, None)
+    else:
+        keys[identity] = key
+    return old is not None and old != key
+
+
 def _key_of(identity: str, psk: str | bytes | None) -> bytes | None:
     """The stored string form (policies.psk) → key bytes; an unusable value counts as none."""
     if psk is None:
@@ -102,13 +113,7 @@ class MemoryPskStore:
 
     def set(self, identity: str, psk: str | None) -> None:
         """Set (``psk`` in the stored string form, see policies.psk) or, with None, revoke."""
-        key = _key_of(identity, psk)
-        old = self._keys.get(identity)
-        if key is None:
-            self._keys.pop(identity, None)
-        else:
-            self._keys[identity] = key
-        if old is not None and old != key:
+        if _replace(self._keys, identity, _key_of(identity, psk)):
             self._listeners.notify(identity)
 
     def delete(self, identity: str) -> None:
@@ -267,12 +272,7 @@ class RedisPskMirror:
             self._update(identity, _key_of(identity, value))
 
     def _update(self, identity: str, key: bytes | None) -> None:
-        old = self._keys.get(identity)
-        if key is None:
-            self._keys.pop(identity, None)
-        else:
-            self._keys[identity] = key
-        if old is not None and old != key:
+        if _replace(self._keys, identity, key):
             self._announce((identity,))
 
     def _announce(self, identities: Iterable[str]) -> None:

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -24,7 +23,7 @@ from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
 from policies.forwarding import IDENTITY_HEADER, TOKEN_HEADER, format_forwarded
 from policies.keys import psk_channel
-from tests.support.http import free_port
+from tests.support.http import serve_app
 from tests.support.services import MosquittoServer, RedisServer
 
 ACTIVE = "8988280666000000001"
@@ -202,18 +201,5 @@ async def psk_events(redis_url: str, prefix: str = REDIS_PREFIX) -> AsyncIterato
 async def real_server(app: FastAPI) -> AsyncIterator[str]:
     """uvicorn on a real socket, with its own X-Forwarded-For handling off (the app decides
     whom to trust: ``trusted_proxy_networks``)."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", proxy_headers=False
-    )
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[assignment, method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app, proxy_headers=False) as url:
+        yield url

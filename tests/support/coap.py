@@ -16,7 +16,20 @@ class _Collector(asyncio.DatagramProtocol):
         self.queue.put_nowait(data)
 
 
-class RawClient:
+class _DatagramClient:
+    _transport: asyncio.DatagramTransport
+
+    def close(self) -> None:
+        self._transport.close()
+
+    async def aclose(self) -> None:
+        """Close and let the loop run once: a datagram transport closes its socket in a
+        callback, which never runs if the loop ends first (ResourceWarning: unclosed)."""
+        self._transport.close()
+        await asyncio.sleep(0)
+
+
+class RawClient(_DatagramClient):
     """One UDP socket (one source port) talking to one server address."""
 
     def __init__(self, transport: asyncio.DatagramTransport, collector: _Collector) -> None:
@@ -53,15 +66,6 @@ class RawClient:
         self.send(data)
         return await self.recv_message(timeout)
 
-    def close(self) -> None:
-        self._transport.close()
-
-    async def aclose(self) -> None:
-        """Close and let the loop run once: a datagram transport closes its socket in a
-        callback, which never runs if the loop ends first (ResourceWarning: unclosed)."""
-        self._transport.close()
-        await asyncio.sleep(0)
-
 
 class _AddressedCollector(asyncio.DatagramProtocol):
     def __init__(self) -> None:
@@ -71,7 +75,7 @@ class _AddressedCollector(asyncio.DatagramProtocol):
         self.queue.put_nowait((data, addr))
 
 
-class PortClient:
+class PortClient(_DatagramClient):
     """One UDP socket (one source port) talking to several servers: a device whose datagrams a
     load balancer sends to different replicas."""
 
@@ -113,12 +117,3 @@ class PortClient:
             with contextlib.suppress(TimeoutError):
                 return await self.recv_from(port, wait)
         raise AssertionError(f"no answer from port {port} after {tries} tries")
-
-    def close(self) -> None:
-        self._transport.close()
-
-    async def aclose(self) -> None:
-        """Close and let the loop run once: a datagram transport closes its socket in a
-        callback, which never runs if the loop ends first (ResourceWarning: unclosed)."""
-        self._transport.close()
-        await asyncio.sleep(0)

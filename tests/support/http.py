@@ -24,10 +24,13 @@ class _QuietServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
-    """Yield the base URL (``http://127.0.0.1:PORT``) while ``app`` is being served."""
+async def serve_app(app: Any, port: int | None = None, **options: Any) -> AsyncIterator[str]:
+    """Yield the base URL (``http://127.0.0.1:PORT``) while ``app`` is being served;
+    ``options`` go to ``uvicorn.Config``."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options
+    )
     server = _QuietServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
