@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from api.errors import ApiError, StoreUnavailable
+from api.errors import ApiError
 from api.idempotency import Claimed, IdempotencyStore, RedisIdempotencyStore
 from api.store.base import Device, DeviceStore, normalise_ip
 from api.store.redis_store import device_from_hash
@@ -151,6 +151,3 @@ def admission_for(
     ):
         return RedisAdmission(idempotency, prefix=prefix)
     return SeparateAdmission(store, idempotency)
-
-
-__all__ = ["Admission", "Admitted", "RedisAdmission", "SeparateAdmission", "StoreUnavailable"]
