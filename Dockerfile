@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY policies policies
+COPY links links
 COPY proxy proxy
 COPY api api
 COPY launcher launcher

@@ -11,6 +11,7 @@ import pytest
 from api.admission import Admission, RedisAdmission, SeparateAdmission, admission_for
 from api.errors import StoreUnavailable
 from api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from api.redis_client import connect
 from api.store.base import Device, DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
@@ -29,7 +30,9 @@ class Rig:
     idempotency: IdempotencyStore
 
 
-@pytest.fixture(params=["separate, memory", "separate, redis", "one script, redis"])
+@pytest.fixture(
+    params=["separate, memory", "separate, redis", "one script, redis", "one script, redis-py"]
+)
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     if request.param == "separate, memory":
         store: DeviceStore = MemoryDeviceStore()
@@ -37,11 +40,15 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisDeviceStore.from_url(server.url, prefix="adm")
-        idempotency = RedisIdempotencyStore.from_url(server.url, prefix="adm", settle_delay=60)
-    admission = admission_for(
-        store, idempotency, same_server=request.param == "one script, redis", prefix="adm"
-    )
-    expected = RedisAdmission if request.param == "one script, redis" else SeparateAdmission
+        if request.param.endswith("redis-py"):  # the script through redis-py, not our link
+            idempotency = RedisIdempotencyStore(
+                connect(server.url, retries=None), prefix="adm", settle_delay=60
+            )
+        else:
+            idempotency = RedisIdempotencyStore.from_url(server.url, prefix="adm", settle_delay=60)
+    one_script = request.param.startswith("one script")
+    admission = admission_for(store, idempotency, same_server=one_script, prefix="adm")
+    expected = RedisAdmission if one_script else SeparateAdmission
     assert isinstance(admission, expected)
     await store.create(Device(iccid=A, ip="10.1.0.1", status="active"))
     await store.create(Device(iccid=B, ip="10.1.0.2", status="active"))

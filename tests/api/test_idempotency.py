@@ -11,18 +11,25 @@ import redis.asyncio
 
 from api.errors import StoreUnavailable
 from api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from api.redis_client import connect
 from policies import dedup
 from policies.keys import idempotency_record_key
 from tests.support.services import RedisServer
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-py"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[IdempotencyStore]:
+    """In memory; in Redis with the scripts over our own link (one server); in Redis through
+    redis-py alone (what Sentinel and TLS URLs use)."""
     if request.param == "memory":
         built: IdempotencyStore = MemoryIdempotencyStore()
     else:
         redis_server: RedisServer = request.getfixturevalue("redis_server")
-        built = RedisIdempotencyStore.from_url(redis_server.url, prefix="t")
+        if request.param == "redis":
+            built = RedisIdempotencyStore.from_url(redis_server.url, prefix="t")
+            assert built._link is not None
+        else:
+            built = RedisIdempotencyStore(connect(redis_server.url, retries=None), prefix="t")
     yield built
     await built.close()
 

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 
 import pytest
 
+from policies import dedup
 from proxy.state.base import Claim, DedupStore, DedupUnavailable
 from proxy.state.memory import MemoryDedupStore
-from proxy.state.redis_store import RedisDedupStore
+from proxy.state.redis_store import (
+    LinkBatches,
+    RedisDedupStore,
+    ScriptBatches,
+    batches_for,
+    connect,
+)
 from tests.support.services import RedisServer
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-py"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[DedupStore]:
+    """In memory; in Redis over the proxy's own link (one server); in Redis through redis-py
+    (what Sentinel and TLS URLs use)."""
     if request.param == "memory":
         built: DedupStore = MemoryDedupStore()
     else:
         redis_server: RedisServer = request.getfixturevalue("redis_server")
-        built = RedisDedupStore.from_url(redis_server.url)
+        if request.param == "redis":
+            built = RedisDedupStore.from_url(redis_server.url)
+        else:
+            built = RedisDedupStore(ScriptBatches(connect(redis_server.url)))
     yield built
     await built.close()
 
@@ -129,3 +142,26 @@ async def test_answers_left_alone_are_written_within_the_delay(redis_server: Red
     finally:
         await store.close()
         await other.close()
+
+
+async def test_a_flushed_script_cache_is_reloaded(redis_server: RedisServer) -> None:
+    store = RedisDedupStore.from_url(redis_server.url)
+    try:
+        assert isinstance(store._batches, LinkBatches)
+        assert await store.claim("before", lease=5) is not None
+        assert redis_server.execute("SCRIPT", "FLUSH").startswith(b"+OK")
+        store.complete("before", b"answer", lifetime=5)
+        await store.flush()
+        assert await store.claim("before", lease=5) == b"answer"
+        sha = hashlib.sha1(dedup.BATCH_SCRIPT.encode()).hexdigest()
+        assert redis_server.execute("SCRIPT", "EXISTS", sha) == b"*1\r\n:1\r\n"
+    finally:
+        await store.close()
+
+
+def test_each_kind_of_url_gets_its_runner(redis_server: RedisServer) -> None:
+    assert isinstance(batches_for(redis_server.url), LinkBatches)
+    assert isinstance(batches_for("unix:///run/redis.sock"), LinkBatches)
+    # redis-py clients connect lazily: building them reaches no server.
+    assert isinstance(batches_for("rediss://127.0.0.1:1"), ScriptBatches)
+    assert isinstance(batches_for("redis+sentinel://127.0.0.1:1/mymaster"), ScriptBatches)

@@ -24,7 +24,7 @@ from policies.keys import dedup_key, device_key, device_set_key, psk_channel
 from policies.psk import psk_bytes
 from proxy.state.base import Claim, DedupUnavailable
 from proxy.state.psk import RedisPskMirror
-from proxy.state.redis_store import RedisDedupStore
+from proxy.state.redis_store import PipelineBatches, RedisDedupStore, ScriptBatches
 from tests.support.redis_topologies import ClusterDeployment, SentinelDeployment
 
 PREFIX = "t"
@@ -46,11 +46,15 @@ async def _exercise(store: RedisDedupStore) -> None:
 
 
 async def test_sentinel_url_finds_the_master(redis_sentinel: SentinelDeployment) -> None:
-    await _exercise(RedisDedupStore.from_url(redis_sentinel.url))
+    store = RedisDedupStore.from_url(redis_sentinel.url)
+    assert isinstance(store._batches, ScriptBatches)  # redis-py follows the sentinels
+    await _exercise(store)
 
 
 async def test_cluster_url_spreads_keys_over_slots(redis_cluster: ClusterDeployment) -> None:
-    await _exercise(RedisDedupStore.from_url(redis_cluster.url))
+    store = RedisDedupStore.from_url(redis_cluster.url)
+    assert isinstance(store._batches, PipelineBatches)  # scripts cannot span slots
+    await _exercise(store)
 
 
 @contextlib.asynccontextmanager
