@@ -126,7 +126,9 @@ class RedisIdempotencyStore:
     ) -> RedisIdempotencyStore:
         """``url``: one server, ``redis+sentinel://…`` or a Cluster (``…?cluster=1``). Script
         calls to one server without TLS go over :class:`links.resp.ScriptLink`: through
-        redis-py each cost ~90 µs more CPU (links/resp.py), once per batch."""
+        redis-py each cost ~90 µs more CPU (links/resp.py), once per batch. The link does not
+        retry a failed call (redis-py here retries on its default schedule): the batch is
+        answered 503, the device sends again, and the next call opens a new connection."""
         target = parse_redis_url(url)
         connection = connect(target, timeout=2.0, retries=None)
         address = address_of(target.url) if target.kind == "single" else None

@@ -149,15 +149,17 @@ class RespLink(asyncio.Protocol):
         """Connect, authenticate and select the database; :class:`LinkDown` if any of it fails
         (a refused AUTH or SELECT included). ``wait_limit`` seconds for all of that, and later
         for each reply."""
-        timeout = wait_limit
         loop = asyncio.get_running_loop()
+        link: RespLink | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait_limit):
                 if address.path is not None:
-                    _, link = await loop.create_unix_connection(lambda: cls(timeout), address.path)
+                    _, link = await loop.create_unix_connection(
+                        lambda: cls(wait_limit), address.path
+                    )
                 else:
                     _, link = await loop.create_connection(
-                        lambda: cls(timeout), address.host, address.port
+                        lambda: cls(wait_limit), address.host, address.port
                     )
                 setup: list[asyncio.Future[Reply]] = []
                 if address.password is not None:
@@ -168,14 +170,17 @@ class RespLink(asyncio.Protocol):
                 for future in setup:
                     reply = await future
                     if isinstance(reply, RespError):
-                        link.close()
                         raise LinkDown(f"redis refused the connection's setup: {reply}")
-        except LinkDown:
+        except BaseException as exc:
+            if link is not None:
+                link.close()
+            if isinstance(exc, LinkDown):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise LinkDown(f"redis: no connection within {wait_limit:g} s") from exc
+            if isinstance(exc, OSError):
+                raise LinkDown(f"redis: {exc}") from exc
             raise
-        except TimeoutError as exc:
-            raise LinkDown(f"redis: no connection within {timeout:g} s") from exc
-        except OSError as exc:
-            raise LinkDown(f"redis: {exc}") from exc
         return link
 
     def call(self, *args: bytes | str | int) -> asyncio.Future[Reply]:
@@ -193,6 +198,9 @@ class RespLink(asyncio.Protocol):
         return future
 
     def close(self) -> None:
+        """Close the connection (after writing what is queued); what waits fails."""
+        if self._transport is not None and not self.closed:
+            self._transport.close()
         self._end(LinkDown("redis: link closed"))
 
     def _expired(self) -> None:
@@ -205,7 +213,7 @@ class RespLink(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if self._transport is not None:
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()
         waiting, self._waiting = self._waiting, deque()
         for future in waiting:

@@ -182,6 +182,27 @@ async def test_a_silent_server_is_link_down_within_the_wait_limit() -> None:
         listener.close()
 
 
+async def test_a_setup_that_gets_no_answer_is_link_down_and_leaves_no_connection() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        address = Address(*listener.getsockname(), password="secret")
+        with pytest.raises(LinkDown, match="no connection within"):
+            await RespLink.open(address, wait_limit=0.2)
+        accepted, _ = listener.accept()
+        with accepted:
+            accepted.setblocking(False)
+            loop = asyncio.get_running_loop()
+            asked = await asyncio.wait_for(loop.sock_recv(accepted, 100), 2)
+            assert asked.startswith(b"*2\r\n$4\r\nAUTH")  # it asked, then gave up
+            closed = await asyncio.wait_for(loop.sock_recv(accepted, 100), 2)
+            assert closed == b""  # and closed the connection
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize(
     "sent",
     [
