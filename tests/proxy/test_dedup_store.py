@@ -148,7 +148,7 @@ async def test_a_flushed_script_cache_is_reloaded(redis_server: RedisServer) -> 
     store = RedisDedupStore.from_url(redis_server.url)
     try:
         assert isinstance(store._batches, LinkBatches)
-        assert await store.claim("before", lease=5) is not None
+        assert await store.claim("before", lease=5) is Claim.OWNED
         assert redis_server.execute("SCRIPT", "FLUSH").startswith(b"+OK")
         store.complete("before", b"answer", lifetime=5)
         await store.flush()
