@@ -4,11 +4,11 @@ over one :class:`asyncio.Protocol`.
 Why: the proxy sends one script call per batch of dedup claims (proxy/state/redis_store.py),
 the API one per batch of telemetry (api/admission.py).
 Through redis-py's asyncio client one call of four claims cost 158 µs of CPU (command packing,
-the connection pool, the reply parser in Python), 205 µs end to end; over this link 70 µs and
-130 µs (sequential calls against redis-server, process CPU). At half of E's maximum the proxy
-makes ~900 such calls a second: with the link the latency scenario's p99 went from 7.5–10.4 ms
-to 4.8–6.3 ms and the proxy's CPU from ~51% to 43% of a core (BENCHMARKS.md, "Fourth
-session").
+the connection pool, the reply parser in Python), 205 µs end to end; over this link 67–73 µs
+and 122–140 µs (sequential calls against redis-server, process CPU). At half of E's maximum
+the proxy makes ~900 such calls a second: with the link the latency scenario's p99 went from
+7.5–10.4 ms to 4.8–6.3 ms and the proxy's CPU from ~51% to 43% of a core (BENCHMARKS.md,
+"Fourth session").
 
 What it speaks: requests as RESP arrays of bulk strings; replies of the five RESP2 types
 (simple string, error, integer, bulk string, array; nil bulk and nil array as ``None``). Replies
@@ -17,10 +17,10 @@ and selects the database (SELECT) of the URL when it connects.
 
 Where it is used: one server reached by ``redis://`` or ``unix://``. TLS (``rediss://``),
 Sentinel and Cluster keep redis-py, which knows how to follow them. redis-py tuning parameters
-in the URL's query (``socket_timeout`` …) do not apply to this link; its ``timeout`` does.
+in the URL's query (``socket_timeout`` …) do not apply to this link; its ``wait_limit`` does.
 
 Failures: an error reply is :class:`RespError`; a connection that cannot be made, is lost, or
-does not answer within ``timeout`` is :class:`LinkDown` (the link closes; open another).
+does not answer within ``wait_limit`` is :class:`LinkDown` (the link closes; open another).
 """
 
 from __future__ import annotations
