@@ -111,7 +111,7 @@ class RedisIdempotencyStore:
         hot path (one per batch); redis-py's ``connection`` serves the rest."""
         self._connection = connection
         self._settle_delay = settle_delay
-        self._deferred: list[tuple[bytes, str, bytes, int]] = []
+        self._deferred: list[dedup.RecordOp] = []
         self._deferred_flush: asyncio.TimerHandle | None = None
         self._writing: set[asyncio.Task[None]] = set()
         self._client: Any = connection.client
@@ -135,7 +135,7 @@ class RedisIdempotencyStore:
         scripts = None if address is None else ScriptLink(address, wait_limit=2.0)
         return cls(connection, prefix=prefix, settle_delay=settle_delay, scripts=scripts)
 
-    async def _run(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
+    async def _run(self, ops: list[dedup.RecordOp]) -> list[Any]:
         if not ops:
             return []
         keyed = [
@@ -150,11 +150,9 @@ class RedisIdempotencyStore:
             raise StoreUnavailable(f"idempotency store unavailable: {exc}") from exc
         return replies
 
-    async def _scripted(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
-        args: list[bytes | int] = []
-        for op, _, value, ttl in ops:
-            args += (op, value, ttl)
-        return await self._run_script(dedup.BATCH_SCRIPT, [key for _, key, _, _ in ops], args)
+    async def _scripted(self, ops: list[dedup.RecordOp]) -> list[Any]:
+        keys = [key for _, key, _, _ in ops]
+        return await self._run_script(dedup.BATCH_SCRIPT, keys, dedup.record_argv(ops))
 
     async def _run_script(
         self, script: str, keys: list[str], args: Sequence[bytes | int | str]
@@ -172,7 +170,7 @@ class RedisIdempotencyStore:
         replies: list[Any] = await runner(keys=keys, args=list(args))
         return replies
 
-    async def _pipelined(self, ops: list[tuple[bytes, str, bytes, int]]) -> list[Any]:
+    async def _pipelined(self, ops: list[dedup.RecordOp]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for op, key, value, ttl in ops:
                 if op == dedup.CLAIM:
@@ -203,9 +201,7 @@ class RedisIdempotencyStore:
             raise StoreUnavailable("one script cannot span a Cluster's slots")
         deferred = self._take_deferred()
         ops = deferred + [(dedup.CLAIM, key, b"", LEASE_MS) for key in keys]
-        args: list[bytes | int | str] = list(lookup_args)
-        for op, _, value, ttl in ops:
-            args += (op, value, ttl)
+        args = [*lookup_args, *dedup.record_argv(ops)]
         record_keys = [idempotency_record_key(key, self._prefix) for _, key, _, _ in ops]
         try:
             replies = await self._run_script(script, lookup_keys + record_keys, args)
@@ -237,7 +233,7 @@ class RedisIdempotencyStore:
             loop = asyncio.get_running_loop()
             self._deferred_flush = loop.call_later(self._settle_delay, self._write_deferred)
 
-    def _take_deferred(self) -> list[tuple[bytes, str, bytes, int]]:
+    def _take_deferred(self) -> list[dedup.RecordOp]:
         ops, self._deferred = self._deferred, []
         if self._deferred_flush is not None:
             self._deferred_flush.cancel()
@@ -252,7 +248,7 @@ class RedisIdempotencyStore:
             self._writing.add(task)
             task.add_done_callback(self._writing.discard)
 
-    async def _write(self, ops: list[tuple[bytes, str, bytes, int]]) -> None:
+    async def _write(self, ops: list[dedup.RecordOp]) -> None:
         try:
             await self._run(ops)
         except StoreUnavailable as exc:

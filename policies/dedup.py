@@ -43,6 +43,19 @@ return out
 """
 )
 
+# One record operation: (op, key, value, ttl_ms).
+RecordOp = tuple[bytes, str, bytes, int]
+
+
+def record_argv(ops: list[RecordOp]) -> list[bytes | int]:
+    """The ARGV of BATCH_SCRIPT (and of scripts that end with its loop) for ``ops``, whose keys
+    go in KEYS in the same order."""
+    argv: list[bytes | int] = []
+    for op, _, value, ttl_ms in ops:
+        argv += (op, value, ttl_ms)
+    return argv
+
+
 # RELEASE for one key, where BATCH_SCRIPT cannot run (Redis Cluster: its keys span slots).
 RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == 'c' then redis.call('DEL', KEYS[1]) end return 1"
 

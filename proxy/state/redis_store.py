@@ -29,14 +29,12 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from links.resp import Address, RespError, ScriptLink, address_of
 from policies import dedup
+from policies.dedup import RecordOp
 from policies.redis_url import RedisTarget, parse_redis_url
 from proxy.coalesce import Coalescer
 from proxy.state.base import Claim, ClaimResult, DedupUnavailable
 
 log = logging.getLogger(__name__)
-
-# (op, key, value, ttl_ms)
-_Op = tuple[bytes, str, bytes, int]
 
 # What a lost or unreachable Redis raises. A Cluster client that cannot reach any node raises
 # RedisClusterException, which is not a RedisError.
@@ -112,11 +110,11 @@ class RedisDedupStore:
         self, batches: Batches, *, max_batch: int = 512, answer_delay: float = 0.02
     ) -> None:
         self._batches = batches
-        self._ops: Coalescer[_Op, ClaimResult | None] = Coalescer(
+        self._ops: Coalescer[RecordOp, ClaimResult | None] = Coalescer(
             self._run_batch, max_batch=max_batch, max_concurrency=1, name="dedup"
         )
         self._answer_delay = answer_delay
-        self._answers: list[_Op] = []
+        self._answers: list[RecordOp] = []
         self._answers_due: asyncio.TimerHandle | None = None
         self._pending: set[asyncio.Future[ClaimResult | None]] = set()
 
@@ -137,7 +135,7 @@ class RedisDedupStore:
             loop = asyncio.get_running_loop()
             self._answers_due = loop.call_later(self._answer_delay, self._send_answers)
 
-    def _take_answers(self) -> list[_Op]:
+    def _take_answers(self) -> list[RecordOp]:
         answers, self._answers = self._answers, []
         if self._answers_due is not None:
             self._answers_due.cancel()
@@ -167,7 +165,7 @@ class RedisDedupStore:
         await self.flush()
         await self._batches.close()
 
-    async def _run_batch(self, claims: list[_Op]) -> list[ClaimResult | None]:
+    async def _run_batch(self, claims: list[RecordOp]) -> list[ClaimResult | None]:
         answers = self._take_answers()
         ops = answers + claims
         try:
@@ -185,7 +183,7 @@ class RedisDedupStore:
 class Batches(Protocol):
     """Runs a batch of record operations in Redis, in order: one reply per operation."""
 
-    async def run(self, ops: list[_Op]) -> list[Any]: ...
+    async def run(self, ops: list[RecordOp]) -> list[Any]: ...
 
     async def close(self) -> None: ...
 
@@ -201,11 +199,8 @@ def batches_for(url: str, *, timeout: float = 1.0) -> Batches:
     return ScriptBatches(client)
 
 
-def _script_args(ops: list[_Op]) -> tuple[list[str], list[bytes | int]]:
-    args: list[bytes | int] = []
-    for op, _, value, ttl_ms in ops:
-        args += (op, value, ttl_ms)
-    return [key for _, key, _, _ in ops], args
+def _script_args(ops: list[RecordOp]) -> tuple[list[str], list[bytes | int]]:
+    return [key for _, key, _, _ in ops], dedup.record_argv(ops)
 
 
 class LinkBatches:
@@ -214,7 +209,7 @@ class LinkBatches:
     def __init__(self, address: Address, *, timeout: float = 1.0) -> None:
         self._scripts = ScriptLink(address, wait_limit=timeout)
 
-    async def run(self, ops: list[_Op]) -> list[Any]:
+    async def run(self, ops: list[RecordOp]) -> list[Any]:
         keys, args = _script_args(ops)
         reply = await self._scripts.run(dedup.BATCH_SCRIPT, keys, args)
         if not isinstance(reply, list) or len(reply) != len(ops):
@@ -232,7 +227,7 @@ class ScriptBatches:
         self._client = client
         self._script = client.register_script(dedup.BATCH_SCRIPT)
 
-    async def run(self, ops: list[_Op]) -> list[Any]:
+    async def run(self, ops: list[RecordOp]) -> list[Any]:
         keys, args = _script_args(ops)
         replies: list[Any] = await self._script(keys=keys, args=args)
         return replies
@@ -247,7 +242,7 @@ class PipelineBatches:
     def __init__(self, client: Any) -> None:
         self._client = client
 
-    async def run(self, ops: list[_Op]) -> list[Any]:
+    async def run(self, ops: list[RecordOp]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for op, key, value, ttl_ms in ops:
                 if op == dedup.CLAIM:
