@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from api.errors import StoreUnavailable
 from api.redis_client import REDIS_ERRORS, RedisConnection, connect
+from links.deferred import Deferred
 from links.resp import RespError, ScriptLink, address_of
 from policies import dedup
 from policies.keys import idempotency_record_key
@@ -110,9 +111,7 @@ class RedisIdempotencyStore:
         """``scripts``: our own connection to the same server for the script calls of the
         hot path (one per batch); redis-py's ``connection`` serves the rest."""
         self._connection = connection
-        self._settle_delay = settle_delay
-        self._deferred: list[dedup.RecordOp] = []
-        self._deferred_flush: asyncio.TimerHandle | None = None
+        self._deferred: Deferred[dedup.RecordOp] = Deferred(settle_delay, self._write_deferred)
         self._writing: set[asyncio.Task[None]] = set()
         self._client: Any = connection.client
         self._prefix = prefix
@@ -199,7 +198,7 @@ class RedisIdempotencyStore:
         ``policies.dedup.BATCH_SCRIPT`` (api/admission.py). Not on a Cluster."""
         if self._cluster:
             raise StoreUnavailable("one script cannot span a Cluster's slots")
-        deferred = self._take_deferred()
+        deferred = self._deferred.take()
         ops = deferred + [(dedup.CLAIM, key, b"", LEASE_MS) for key in keys]
         args = [*lookup_args, *dedup.record_argv(ops)]
         record_keys = [idempotency_record_key(key, self._prefix) for _, key, _, _ in ops]
@@ -213,7 +212,7 @@ class RedisIdempotencyStore:
         return replies[: len(lookup_keys)], [dedup.read_claim(reply) for reply in claimed]
 
     async def claim(self, keys: list[str]) -> list[Claimed]:
-        deferred = self._take_deferred()
+        deferred = self._deferred.take()
         ops = deferred + [(dedup.CLAIM, key, b"", LEASE_MS) for key in keys]
         try:
             replies = await self._run(ops)
@@ -226,27 +225,13 @@ class RedisIdempotencyStore:
     async def settle(self, answered: list[tuple[str, bytes]], released: list[str]) -> None:
         ops = [(dedup.ANSWER, key, dedup.DONE + status, LIFETIME_MS) for key, status in answered]
         ops += [(dedup.RELEASE, key, b"", 0) for key in released]
-        if not ops:
-            return
-        self._deferred += ops
-        if self._deferred_flush is None:
-            loop = asyncio.get_running_loop()
-            self._deferred_flush = loop.call_later(self._settle_delay, self._write_deferred)
+        self._deferred.add_all(ops)
 
-    def _take_deferred(self) -> list[dedup.RecordOp]:
-        ops, self._deferred = self._deferred, []
-        if self._deferred_flush is not None:
-            self._deferred_flush.cancel()
-            self._deferred_flush = None
-        return ops
-
-    def _write_deferred(self) -> None:
-        self._deferred_flush = None
-        ops = self._take_deferred()
-        if ops:
-            task = asyncio.get_running_loop().create_task(self._write(ops))
-            self._writing.add(task)
-            task.add_done_callback(self._writing.discard)
+    def _write_deferred(self, ops: list[dedup.RecordOp]) -> None:
+        """No claim came to carry them: the records go on their own."""
+        task = asyncio.get_running_loop().create_task(self._write(ops))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
 
     async def _write(self, ops: list[dedup.RecordOp]) -> None:
         try:
@@ -255,7 +240,7 @@ class RedisIdempotencyStore:
             log.warning("idempotency records not written (claims lapse after their lease): %s", exc)
 
     async def close(self) -> None:
-        ops = self._take_deferred()
+        ops = self._deferred.take()
         if ops:
             await self._write(ops)
         if self._writing:

@@ -27,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from links.deferred import Deferred
 from links.resp import Address, RespError, ScriptLink, address_of
 from policies import dedup
 from policies.dedup import RecordOp
@@ -113,9 +114,7 @@ class RedisDedupStore:
         self._ops: Coalescer[RecordOp, ClaimResult | None] = Coalescer(
             self._run_batch, max_batch=max_batch, max_concurrency=1, name="dedup"
         )
-        self._answer_delay = answer_delay
-        self._answers: list[RecordOp] = []
-        self._answers_due: asyncio.TimerHandle | None = None
+        self._answers: Deferred[RecordOp] = Deferred(answer_delay, self._send_answers)
         self._pending: set[asyncio.Future[ClaimResult | None]] = set()
 
     @classmethod
@@ -130,22 +129,11 @@ class RedisDedupStore:
         return result
 
     def complete(self, key: str, response: bytes, lifetime: float) -> None:
-        self._answers.append((dedup.ANSWER, key, dedup.DONE + response, int(lifetime * 1000)))
-        if self._answers_due is None:
-            loop = asyncio.get_running_loop()
-            self._answers_due = loop.call_later(self._answer_delay, self._send_answers)
+        self._answers.add((dedup.ANSWER, key, dedup.DONE + response, int(lifetime * 1000)))
 
-    def _take_answers(self) -> list[RecordOp]:
-        answers, self._answers = self._answers, []
-        if self._answers_due is not None:
-            self._answers_due.cancel()
-            self._answers_due = None
-        return answers
-
-    def _send_answers(self) -> None:
+    def _send_answers(self, answers: list[RecordOp]) -> None:
         """No claim came to carry them: the answers go on their own."""
-        self._answers_due = None
-        for op in self._take_answers():
+        for op in answers:
             future = self._ops.submit_nowait(op)
             self._pending.add(future)
             future.add_done_callback(self._answered)
@@ -157,7 +145,7 @@ class RedisDedupStore:
 
     async def flush(self) -> None:
         """Write every queued answer now."""
-        self._send_answers()
+        self._send_answers(self._answers.take())
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
@@ -166,7 +154,7 @@ class RedisDedupStore:
         await self._batches.close()
 
     async def _run_batch(self, claims: list[RecordOp]) -> list[ClaimResult | None]:
-        answers = self._take_answers()
+        answers = self._answers.take()
         ops = answers + claims
         try:
             replies = await self._batches.run(ops)
