@@ -12,14 +12,63 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 TOKEN_HEADER = "X-Bridge-Token"
 IDENTITY_HEADER = "X-Bridge-Identity"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 FORWARDED_HEADER = "Forwarded"
+# The proxy's upstream timeout in seconds, sent with every internal call: the backend bounds its
+# own waits (the broker's PUBACK) by :func:`backend_budget` of it, so its 503 reaches the proxy
+# before the proxy gives up with 5.04 (docs/ARCHITECTURE.md, "Timeouts are ordered").
+TIMEOUT_HEADER = "X-Bridge-Timeout"
+# Room left for the hop itself (the answer's way back, the proxy's loop) after the backend's wait.
+_BUDGET_MARGIN = 1.0
+
+
+def backend_budget(proxy_timeout: float) -> float:
+    """Seconds the backend may spend waiting on its dependencies for a call the proxy gives up
+    on after ``proxy_timeout``: one second less, but never less than half of it."""
+    return max(proxy_timeout - _BUDGET_MARGIN, proxy_timeout / 2)
+
+
+def parse_timeout(value: str | bytes | None) -> float | None:
+    """A :data:`TIMEOUT_HEADER` value: positive seconds, or None (absent or not a number)."""
+    if value is None or len(value) > 16:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < 86400 else None
+
 
 _PARAM_RE = re.compile(r'(?:^|;)\s*([A-Za-z]+)=("[^"]*"|[^;,]*)')
 _ASCII_DIGITS = frozenset("0123456789")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def http_origin(url: str) -> str | None:
+    """The origin of an absolute http(s) URL as ``scheme://host:port`` (RFC 6454 §4: scheme and
+    host lower-cased, the default port written out), or None when ``url`` is not one.
+
+    The proxy compares origins to decide who may see its internal headers: the token and the
+    device identity go to the configured upstream and to origins the policy trusts, nowhere else.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port if port is not None else _DEFAULT_PORTS[scheme]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
+from urllib.parse import urlsplit
 
 from policies import status
+from policies.forwarding import http_origin
 
 _METHODS_BY_NAME = {name: number for number, name in status.METHOD_NAMES.items()}
 _HTTP_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH"}
@@ -58,6 +60,11 @@ class RouteMatch:
 @dataclass(frozen=True, slots=True)
 class Policy:
     routes: dict[str, Route]
+    # Origins (``scheme://host:port``, policies.forwarding.http_origin) besides the proxy's
+    # --upstream that may receive the internal headers: the proxy token, the device's PSK
+    # identity, the Idempotency-Key. Any other origin a route targets gets only what a public
+    # reverse proxy sends (Forwarded and the content headers), docs/ARCHITECTURE.md.
+    trusted_origins: frozenset[str] = frozenset()
 
     def match(self, path: str, method: int) -> RouteMatch:
         route = self.routes.get(path)
@@ -128,6 +135,10 @@ def parse_policy(text: str) -> Policy:
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         raise PolicyError("policy has no [[route]] tables")
+    unknown = set(data) - {"route", "trusted_origins"}
+    if unknown:
+        raise PolicyError(f"policy: unknown top-level keys {sorted(unknown)}")
+    trusted = _trusted_origins(data.get("trusted_origins", []))
     routes: dict[str, Route] = {}
     for index, raw in enumerate(raw_routes):
         if not isinstance(raw, dict):
@@ -136,7 +147,27 @@ def parse_policy(text: str) -> Policy:
         if route.path in routes:
             raise PolicyError(f"route {route.path!r} is defined twice")
         routes[route.path] = route
-    return Policy(routes=routes)
+    return Policy(routes=routes, trusted_origins=trusted)
+
+
+def _bare_origin(url: str) -> bool:
+    parts = urlsplit(url.strip())
+    return parts.path in ("", "/") and not parts.query and not parts.fragment and not parts.username
+
+
+def _trusted_origins(raw: object) -> frozenset[str]:
+    if not isinstance(raw, list):
+        raise PolicyError("'trusted_origins' must be a list such as [\"https://billing:8443\"]")
+    origins = set()
+    for value in raw:
+        origin = http_origin(value) if isinstance(value, str) else None
+        if origin is None or not _bare_origin(value):
+            raise PolicyError(
+                f"'trusted_origins': {value!r} is not an origin such as https://billing:8443 "
+                "(scheme, host and optional port; no path)"
+            )
+        origins.add(origin)
+    return frozenset(origins)
 
 
 def default_policy_text() -> str:

@@ -1,7 +1,7 @@
 """HTTP → CoAP status translation (SPEC §9: RFC 7252 §10.1, Californium proxy2's table).
 
-The table is data: :data:`HTTP_TO_COAP` lists each explicit row, :func:`coap_code_for` adds the
-class fallbacks and the method-dependent 2.xx rows.
+The table is data: :data:`HTTP_TO_COAP` holds every row — the method-dependent ones and the
+class fallbacks included; :class:`StatusTable` compiles it into one list index per answer.
 """
 
 from __future__ import annotations
@@ -52,43 +52,87 @@ SERVICE_UNAVAILABLE = code(5, 3)
 GATEWAY_TIMEOUT = code(5, 4)
 PROXYING_NOT_SUPPORTED = code(5, 5)
 
-# Explicit rows. 200 and 204 depend on the request method and are resolved below.
-HTTP_TO_COAP: dict[int, int] = {
-    201: CREATED,
-    304: VALID,
-    400: BAD_REQUEST,
-    401: UNAUTHORIZED,
-    403: FORBIDDEN,
-    404: NOT_FOUND,
-    405: METHOD_NOT_ALLOWED,
-    406: NOT_ACCEPTABLE,
-    412: PRECONDITION_FAILED,
-    413: REQUEST_ENTITY_TOO_LARGE,
-    415: UNSUPPORTED_CONTENT_FORMAT,
-    429: TOO_MANY_REQUESTS,
-    500: INTERNAL_SERVER_ERROR,
-    501: NOT_IMPLEMENTED,
-    502: BAD_GATEWAY,
-    503: SERVICE_UNAVAILABLE,
-    504: GATEWAY_TIMEOUT,
+ANY = "*"
+
+# The table (SPEC §9; RFC 7252 §10.1 and RFC 8075 §7 for the 2.xx rows): (HTTP status or
+# status class "2xx", CoAP method name or ANY) → CoAP code. Every method-dependent row is a row
+# here, not code around the table. A lookup takes the first of: (status, method),
+# (status, ANY), (class, method), (class, ANY); anything the table does not name — 1xx, 3xx
+# other than 304, a status outside 100-599 — is 5.02: the origin answered something a CoAP
+# client cannot act on.
+HTTP_TO_COAP: dict[tuple[int | str, str], int] = {
+    # A successful GET or FETCH returns a representation, possibly empty: 2.05 Content.
+    # 2.04 Changed would claim a resource changed, which a safe method never does.
+    ("2xx", "GET"): CONTENT,
+    ("2xx", "FETCH"): CONTENT,
+    ("2xx", "POST"): CHANGED,
+    ("2xx", "PUT"): CHANGED,
+    ("2xx", "PATCH"): CHANGED,
+    ("2xx", "iPATCH"): CHANGED,
+    # RFC 7252 §5.9.1.2: 2.02 Deleted answers DELETE, whatever success code the origin chose
+    # (200 with a body, 202 accepted, 204).
+    ("2xx", "DELETE"): DELETED,
+    # RFC 7252 §5.9.1.1: 2.01 Created answers POST and PUT only.
+    (201, "POST"): CREATED,
+    (201, "PUT"): CREATED,
+    # RFC 7252 §5.9.1.3: 2.03 Valid validates a cached representation (a conditional GET or
+    # FETCH); a 304 to any other method is not something a CoAP client can act on.
+    (304, "GET"): VALID,
+    (304, "FETCH"): VALID,
+    (400, ANY): BAD_REQUEST,
+    (401, ANY): UNAUTHORIZED,
+    (403, ANY): FORBIDDEN,
+    (404, ANY): NOT_FOUND,
+    (405, ANY): METHOD_NOT_ALLOWED,
+    (406, ANY): NOT_ACCEPTABLE,
+    (412, ANY): PRECONDITION_FAILED,
+    (413, ANY): REQUEST_ENTITY_TOO_LARGE,
+    (415, ANY): UNSUPPORTED_CONTENT_FORMAT,
+    (429, ANY): TOO_MANY_REQUESTS,
+    ("4xx", ANY): BAD_REQUEST,
+    (500, ANY): INTERNAL_SERVER_ERROR,
+    (501, ANY): NOT_IMPLEMENTED,
+    (502, ANY): BAD_GATEWAY,
+    (503, ANY): SERVICE_UNAVAILABLE,
+    (504, ANY): GATEWAY_TIMEOUT,
+    ("5xx", ANY): INTERNAL_SERVER_ERROR,
 }
+UNMAPPED = BAD_GATEWAY
+
+
+def lookup(table: dict[tuple[int | str, str], int], http_status: int, method: int) -> int:
+    """One cell of ``table`` by the lookup order above (the readable form of the rule)."""
+    name = METHOD_NAMES.get(method, "")
+    cls = f"{http_status // 100}xx"
+    for key in ((http_status, name), (http_status, ANY), (cls, name), (cls, ANY)):
+        found = table.get(key)
+        if found is not None:
+            return found
+    return UNMAPPED
+
+
+class StatusTable:
+    """A table compiled for the hot path: one list index per answer.
+
+    Built from :data:`HTTP_TO_COAP` by default; a profile may pass its own rows.
+    """
+
+    __slots__ = ("_cells",)
+
+    def __init__(self, table: dict[tuple[int | str, str], int] = HTTP_TO_COAP) -> None:
+        self._cells = [
+            lookup(table, http_status, method) for http_status in range(1000) for method in range(8)
+        ]
+
+    def code_for(self, http_status: int, method: int) -> int:
+        if 0 <= http_status < 1000 and 0 <= method < 8:
+            return self._cells[http_status * 8 + method]
+        return UNMAPPED
+
+
+DEFAULT_TABLE = StatusTable()
 
 
 def coap_code_for(http_status: int, method: int) -> int:
     """The CoAP response code for an HTTP status answering a request with CoAP ``method``."""
-    if http_status == 200:
-        return CHANGED if method in (POST, PUT) else CONTENT
-    if http_status == 204:
-        return DELETED if method == DELETE else CHANGED
-    explicit = HTTP_TO_COAP.get(http_status)
-    if explicit is not None:
-        return explicit
-    if 200 <= http_status < 300:
-        return CHANGED if method in (POST, PUT) else CONTENT
-    if 400 <= http_status < 500:
-        return BAD_REQUEST
-    if 500 <= http_status < 600:
-        return INTERNAL_SERVER_ERROR
-    # 1xx, other 3xx, anything outside the registry: the upstream answered something a CoAP
-    # client cannot act on.
-    return BAD_GATEWAY
+    return DEFAULT_TABLE.code_for(http_status, method)

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from policies import forwarding, media, status
 from policies.batch import BatchItem
-from policies.routes import Policy, Route
+from policies.routes import Policy, PolicyError, Route
 from policies.topics import TopicError, topic_from_queries
 from proxy.batching import GroupCommit
 from proxy.coap import options as opt
@@ -31,15 +31,16 @@ def _max_age_from_retry_after(value: str | None) -> int | None:
     return min(int(value.strip()), 0xFFFFFFFF)
 
 
+# Answers that tell the device when to come back: the origin's Retry-After becomes Max-Age
+# (RFC 8075 §7.1.2 for 5.03; 4.29 per RFC 8516 §3 carries Max-Age the same way).
+_RETRY_LATER = frozenset({status.SERVICE_UNAVAILABLE, status.TOO_MANY_REQUESTS})
+
+
 def translate(upstream: UpstreamResponse, method: int) -> Response:
-    """An HTTP answer as a CoAP response. Errors carry no payload (SPEC §3, seed 004)."""
+    """An HTTP answer as a CoAP response. Errors carry no payload (SPEC §3, docs/API.md)."""
     code = status.coap_code_for(upstream.status, method)
     if code >= status.BAD_REQUEST:
-        max_age = (
-            _max_age_from_retry_after(upstream.retry_after)
-            if code == status.SERVICE_UNAVAILABLE
-            else None
-        )
+        max_age = _max_age_from_retry_after(upstream.retry_after) if code in _RETRY_LATER else None
         options = [(opt.MAX_AGE, uint_bytes(max_age))] if max_age is not None else []
         return Response(code, options)
     options = []
@@ -60,6 +61,7 @@ class ProxyHandler:
         upstream: Upstream,
         base_url: str,
         proxy_token: str | None,
+        upstream_timeout: float | None = None,
         proto: str = "coap",
         max_payload: int = 65536,
         max_batch: int = 256,
@@ -67,11 +69,12 @@ class ProxyHandler:
         plain_paths: frozenset[str] | None = None,
     ) -> None:
         """``plain_paths``: when set, the only paths served (others → 4.01); production mode
-        gives the plain-CoAP handler ``PLAIN_PATHS_IN_PRODUCTION``."""
+        gives the plain-CoAP handler ``PLAIN_PATHS_IN_PRODUCTION``. ``upstream_timeout``: the
+        upstream client's timeout, told to internal origins (forwarding.TIMEOUT_HEADER) so they
+        answer before it runs out."""
         self._policy = policy
         self._upstream = upstream
         self._base_url = base_url.rstrip("/")
-        self._proxy_token = proxy_token
         self._proto = proto
         self._max_payload = max_payload
         self._well_known = ",".join(f"<{path}>" for path in policy.routes).encode()
@@ -79,6 +82,25 @@ class ProxyHandler:
         self._batch_concurrency = batch_concurrency
         self._batchers: dict[str, GroupCommit] = {}
         self._plain_paths = plain_paths
+        # Sent to internal origins only, with every call (policies/forwarding.py).
+        self._internal_headers: dict[str, str] = {}
+        if proxy_token is not None:
+            self._internal_headers[forwarding.TOKEN_HEADER] = proxy_token
+        if upstream_timeout is not None:
+            self._internal_headers[forwarding.TIMEOUT_HEADER] = f"{upstream_timeout:g}"
+        # Who may see the internal headers (token, PSK identity, Idempotency-Key): the
+        # configured upstream and the origins the policy trusts. Decided once per target.
+        upstream_origin = forwarding.http_origin(self._base_url)
+        self._insiders = policy.trusted_origins | ({upstream_origin} if upstream_origin else set())
+        self._internal: dict[str, bool] = {}
+        for route in policy.routes.values():
+            if route.batch_target is not None and not self._is_internal(route.batch_target):
+                # A batch carries every device's identity and the exchange keys: that contract
+                # is between the proxy and a backend it trusts.
+                raise PolicyError(
+                    f"route {route.path!r}: batch_target {route.batch_target!r} is not the "
+                    "upstream nor a trusted origin; add its origin to 'trusted_origins'"
+                )
 
     async def handle(self, request: Request) -> Response:
         if self._plain_paths is not None and request.path not in self._plain_paths:
@@ -112,16 +134,20 @@ class ProxyHandler:
     def _url(self, target: str) -> str:
         return target if target.startswith("http") else self._base_url + target
 
+    def _is_internal(self, target: str) -> bool:
+        internal = self._internal.get(target)
+        if internal is None:
+            internal = forwarding.http_origin(self._url(target)) in self._insiders
+            self._internal[target] = internal
+        return internal
+
     def _batcher(self, target: str) -> GroupCommit:
         batcher = self._batchers.get(target)
         if batcher is None:
-            headers = {}
-            if self._proxy_token is not None:
-                headers[forwarding.TOKEN_HEADER] = self._proxy_token
             batcher = GroupCommit(
                 self._upstream,
                 self._url(target),
-                headers,
+                self._internal_headers,
                 max_batch=self._max_batch,
                 max_concurrency=self._batch_concurrency,
             )
@@ -158,11 +184,12 @@ class ProxyHandler:
                 return translate(
                     UpstreamResponse(http_status, None, retry_after, b""), request.method
                 )
-            headers = {forwarding.FORWARDED_HEADER: forwarded, forwarding.IDEMPOTENCY_HEADER: key}
-            if request.identity is not None:
-                headers[forwarding.IDENTITY_HEADER] = request.identity
-            if self._proxy_token is not None:
-                headers[forwarding.TOKEN_HEADER] = self._proxy_token
+            headers = {forwarding.FORWARDED_HEADER: forwarded}
+            if self._is_internal(route.target):
+                headers[forwarding.IDEMPOTENCY_HEADER] = key
+                if request.identity is not None:
+                    headers[forwarding.IDENTITY_HEADER] = request.identity
+                headers.update(self._internal_headers)
             if content_type is not None:
                 headers["Content-Type"] = content_type
             if accept is not None:

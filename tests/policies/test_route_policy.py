@@ -266,3 +266,52 @@ def test_policy_error_names_the_route() -> None:
     text = route_toml() + route_toml(path='"/bad"', methods='["NOPE"]')
     with pytest.raises(PolicyError, match="route '/bad'"):
         parse_policy(text)
+
+
+_ONE_ROUTE = '[[route]]\npath = "/"\nmethods = ["POST"]\ntarget = "/ingest"\n'
+
+
+@pytest.mark.parametrize(
+    ("listed", "origin"),
+    [
+        pytest.param("https://billing.example", "https://billing.example:443", id="https"),
+        pytest.param("http://Billing.Example/", "http://billing.example:80", id="case-slash"),
+        pytest.param("https://10.0.0.5:8443", "https://10.0.0.5:8443", id="port"),
+        pytest.param("http://[::1]:8080", "http://[::1]:8080", id="ipv6"),
+    ],
+)
+def test_trusted_origins_are_normalised(listed: str, origin: str) -> None:
+    policy = parse_policy(f'trusted_origins = ["{listed}"]\n' + _ONE_ROUTE)
+    assert policy.trusted_origins == frozenset({origin})
+
+
+def test_no_trusted_origins_by_default() -> None:
+    assert parse_policy(_ONE_ROUTE).trusted_origins == frozenset()
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        pytest.param('"https://billing.example/api"', id="path"),
+        pytest.param('"https://billing.example?x=1"', id="query"),
+        pytest.param('"ftp://billing.example"', id="scheme"),
+        pytest.param('"billing.example"', id="no-scheme"),
+        pytest.param('"https://user@billing.example"', id="userinfo"),
+        pytest.param('"https://billing.example:99999"', id="bad-port"),
+        pytest.param("42", id="not-a-string"),
+    ],
+)
+def test_malformed_trusted_origin(listed: str) -> None:
+    with pytest.raises(PolicyError, match="trusted_origins"):
+        parse_policy(f"trusted_origins = [{listed}]\n" + _ONE_ROUTE)
+
+
+def test_trusted_origins_must_be_a_list() -> None:
+    with pytest.raises(PolicyError, match="must be a list"):
+        parse_policy('trusted_origins = "https://billing.example"\n' + _ONE_ROUTE)
+
+
+def test_unknown_top_level_key() -> None:
+    # A misspelt trusted_origins must not silently trust nothing (or everything).
+    with pytest.raises(PolicyError, match="unknown top-level keys"):
+        parse_policy('trusted_origin = ["https://billing.example"]\n' + _ONE_ROUTE)

@@ -117,6 +117,19 @@ async def test_a_refused_batch_gives_every_item_its_status(backend, upstream) ->
     assert results == [(503, "3")] * 3
 
 
+@pytest.mark.parametrize("whole_status", [400, 401, 403, 404, 413, 415, 429, 500, 504])
+async def test_a_refused_batch_is_bad_gateway_for_every_device(
+    backend, upstream, whole_status: int
+) -> None:
+    # A 403 (wrong token) or 400/413 (the proxy and the backend disagree on the format or the
+    # limits) is about the internal hop, not about any device's request: 5.02 for each.
+    state, url = backend
+    state.whole_status = whole_status
+    group = GroupCommit(upstream, url, {})
+    results = await asyncio.gather(*(group.call(item(204)) for _ in range(3)))
+    assert results == [(502, None)] * 3
+
+
 async def test_a_garbled_answer_is_bad_gateway(backend, upstream) -> None:
     state, url = backend
     state.garbage = True
