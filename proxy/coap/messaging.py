@@ -119,13 +119,41 @@ class _BadRequest(Exception):
         self.code = code
 
 
+# RFC 7959 §2.2: SZX 7 (it would mean 2048-byte blocks) is reserved; in a request it is 4.00.
+_SZX_RESERVED = 7
+
+
 def _interpret(message: Message, peer: Peer, identity: str | None) -> Request:
-    """Pick the request options apart; raise :class:`_BadRequest` for 4.02 / 4.00 / 5.05."""
+    """Pick the request options apart; raise :class:`_BadRequest` for 4.02 / 4.00 / 5.05.
+
+    Each option this server reads is first held against ``opt.REQUEST_RULES``: a value
+    length outside the option's range (RFC 7252 §5.4.3) or a further occurrence of an option
+    that is not repeatable (§5.4.5; the first occurrence stands) is treated like an
+    unrecognized option: critical → 4.02, elective → skipped (§5.4.1). Options come out of
+    decode in ascending order, so a repetition is the same number as the option before it.
+    A NON request gets its 4.02 too, as a NON response: §5.4.1 words the NON case as
+    "rejected" (§4.3), which the CoRE working group's corrections and clarifications draft
+    (draft-ietf-core-corr-clar §2.2) resolves as a 4.02 response rather than a Reset; libcoap
+    answers the same way. A request never reaches the handler either way.
+    """
     path_segments: list[str] = []
     queries: list[str] = []
     content_format: int | None = None
     accept: int | None = None
+    rules = opt.REQUEST_RULES
+    previous = -1
     for number, value in message.options:
+        repeated = number == previous
+        previous = number
+        rule = rules.get(number)
+        if rule is None:
+            if number & 1:
+                raise _BadRequest(status.BAD_OPTION)  # critical and not understood
+            continue  # elective and not read: ignored
+        if len(value) not in rule[0] or (repeated and not rule[1]):
+            if number & 1:
+                raise _BadRequest(status.BAD_OPTION)
+            continue
         if number == opt.URI_PATH:
             path_segments.append(_text(value))
         elif number == opt.URI_QUERY:
@@ -134,26 +162,27 @@ def _interpret(message: Message, peer: Peer, identity: str | None) -> Request:
             content_format = parse_uint(value)
         elif number == opt.ACCEPT:
             accept = parse_uint(value)
-        elif number in (opt.PROXY_URI, opt.PROXY_SCHEME):
+        elif number == opt.PROXY_URI or number == opt.PROXY_SCHEME:
             # We are a reverse proxy (an origin server to the device), not a forward proxy.
             raise _BadRequest(status.PROXYING_NOT_SUPPORTED)
-        elif number == opt.BLOCK1:
+        elif number == opt.BLOCK1 or number == opt.BLOCK2:
+            block = parse_uint(value)
+            if block & 0x07 == _SZX_RESERVED:
+                raise _BadRequest(status.BAD_REQUEST)
             # Block-wise transfer of request bodies is not implemented: only a single block
             # (NUM 0, M 0) is accepted; anything else would need reassembly (RFC 7959 §2.5).
-            block = parse_uint(value)
-            if block >> 3 or block & 0x08:
+            if number == opt.BLOCK1 and (block >> 3 or block & 0x08):
                 raise _BadRequest(status.BAD_OPTION)
-        elif number & 1 and number not in opt.UNDERSTOOD_CRITICAL:
-            raise _BadRequest(status.BAD_OPTION)
+    # Positional: keyword arguments to a slots dataclass cost ~250 ns here, every request.
     return Request(
-        method=message.code,
-        path="/" + "/".join(path_segments),
-        queries=queries,
-        message=message,
-        peer=peer,
-        content_format=content_format,
-        accept=accept,
-        identity=identity,
+        message.code,
+        "/" + "/".join(path_segments),
+        queries,
+        message,
+        peer,
+        content_format,
+        accept,
+        identity,
     )
 
 
@@ -193,6 +222,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._identity_of = identity_of
         self._shared_down_until = 0.0
         self._shared_down = False
+        # False once a graceful shutdown began (stop_accepting): no new exchange is taken.
+        self._accepting = True
         self.stats = MessagingStats()
 
     # -- asyncio plumbing -----------------------------------------------------------------
@@ -210,10 +241,53 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         # ICMP port unreachable and the like: the peer is gone; retransmission gives up itself.
         log.debug("datagram error: %s", exc)
 
-    async def drain(self) -> None:
-        """Wait for every request being handled (used on shutdown and by tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    def stop_accepting(self) -> None:
+        """Begin a graceful shutdown: from now on no new exchange is taken. A new request gets
+        silence (the device retransmits it, by then to a replica or process that serves), and
+        so does a ping, so that health checks see this process going. What keeps being read:
+        ACKs and RSTs for our separate responses (their retransmission stops, §4.2), and
+        duplicates of exchanges already known here, which get the stored answer or, while
+        still in flight, the empty ACK (§4.5), so that the device waits for the answer."""
+        self._accepting = False
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Without ``grace``: wait for every request being handled (tests use it, and the
+        shutdown after the transport has closed).
+
+        With ``grace`` seconds (a graceful shutdown, after :meth:`stop_accepting`, transport
+        still open): wait until every request in flight has been answered and every separate
+        CON response has been acknowledged, reset or given up (retransmitted per §4.2
+        meanwhile), for at most that long. What is left then is abandoned: its handlers are
+        cancelled and its retransmissions stopped. True when nothing was abandoned."""
+        if grace is None:
+            while self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            return True
+        deadline = self._loop.time() + grace
+        while self._tasks or self._awaiting_ack:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                break
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=left)
+            else:
+                # Retransmission timers end in _retransmit/_peer_answered, not in a task.
+                await asyncio.sleep(min(left, 0.02))
+        if not self._tasks and not self._awaiting_ack:
+            return True
+        log.warning(
+            "drain timeout: %d request(s) still in flight, %d separate response(s) not "
+            "acknowledged; abandoned",
+            len(self._tasks),
+            len(self._awaiting_ack),
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for timer in self._awaiting_ack.values():
+            timer.cancel()
+        self._awaiting_ack.clear()
+        return False
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -236,7 +310,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         ip, port = addr[0], addr[1]
         if code == 0:
             if mtype == CON:
-                transport.sendto(encode_empty(RST, message.mid), addr)
+                if self._accepting:
+                    transport.sendto(encode_empty(RST, message.mid), addr)
             elif mtype != NON:
                 self._peer_answered(peer_key(ip, port, message.mid))
             return
@@ -261,6 +336,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         if seen is not None:
             self._duplicate(key, seen, message, addr, identity)
             return
+        if not self._accepting:
+            return  # shutting down: see stop_accepting
         self.stats.requests += 1
         state = HANDLING if self._shared is None else CHECKING
         pending = self._exchanges.add(key, mtype, self._loop.time(), state)
@@ -302,6 +379,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                 transport.sendto(seen, addr)
             return  # duplicate NON: silently ignored (§4.5)
         if seen.state == ELSEWHERE:
+            if not self._accepting:
+                return  # shutting down: not taken over here (see stop_accepting)
             # Another replica had it: ask again. It may have answered by now, or its lease may
             # have run out (it died), and then this replica takes the exchange over.
             seen.state = CHECKING

@@ -19,6 +19,7 @@ from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
 from policies import forwarding, status
+from policies.routes import PolicyError
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, encode_parts, parse_uint
 from proxy.server import RunningProxy, start_proxy
@@ -159,6 +160,10 @@ async def test_accept_is_carried_and_content_type_becomes_content_format(rig: Ri
         (201, status.POST, status.CREATED),
         (204, status.POST, status.CHANGED),
         (204, status.DELETE, status.DELETED),
+        (200, status.DELETE, status.DELETED),
+        (202, status.DELETE, status.DELETED),
+        (204, status.GET, status.CONTENT),
+        (202, status.GET, status.CONTENT),
         (304, status.GET, status.VALID),
         (400, status.POST, status.BAD_REQUEST),
         (401, status.POST, status.UNAUTHORIZED),
@@ -192,18 +197,33 @@ async def test_status_translation_through_real_http(
         assert reply.payload == b""  # errors never carry a payload (SPEC §3)
 
 
-async def test_retry_after_becomes_max_age_on_503(rig: Rig) -> None:
-    rig.backend.status = 503
+@pytest.mark.parametrize(
+    ("http_status", "expected"),
+    [(503, status.SERVICE_UNAVAILABLE), (429, status.TOO_MANY_REQUESTS)],
+)
+async def test_retry_after_becomes_max_age(rig: Rig, http_status: int, expected: int) -> None:
+    rig.backend.status = http_status
     rig.backend.headers = {"retry-after": "7"}
-    reply = await rig.send(status.POST, "/data")
-    assert reply.code == status.SERVICE_UNAVAILABLE
+    reply = await rig.send(status.GET, "/thing")
+    assert (reply.code, reply.payload) == (expected, b"")
     assert [parse_uint(v) for n, v in reply.options if n == opt.MAX_AGE] == [7]
 
 
-@pytest.mark.parametrize("topic", ["a//b", "a" * 254, "a-b", "ä", ""])
-async def test_bad_topic_is_rejected_before_forwarding(rig: Rig, topic: str) -> None:
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("a//b", status.BAD_REQUEST),
+        ("a-b", status.BAD_REQUEST),
+        ("ä", status.BAD_REQUEST),
+        ("", status.BAD_REQUEST),
+        # t= and 254 characters: a Uri-Query of 256 bytes, over the option's 255 (RFC 7252
+        # §5.10, §5.4.3): the critical option is unrecognized before the topic rule is asked.
+        ("a" * 254, status.BAD_OPTION),
+    ],
+)
+async def test_bad_topic_is_rejected_before_forwarding(rig: Rig, topic: str, expected) -> None:
     reply = await rig.send(status.POST, "/", queries=[f"t={topic}"])
-    assert reply.code == status.BAD_REQUEST
+    assert (reply.code, reply.payload) == (expected, b"")
     assert rig.backend.requests == []
 
 
@@ -345,3 +365,75 @@ async def test_location_with_the_backend_down_or_slow(backend: str, expected: in
             await client.aclose()
             await proxy.close()
     assert (reply.mtype, reply.code, reply.payload) == (ACK, expected, b"")
+
+
+async def test_internal_headers_go_only_to_the_upstream_and_trusted_origins(tmp_path) -> None:
+    # The proxy token lets its holder claim any device identity at the API (GET /bootstrap
+    # with a forged X-Bridge-Identity hands out that device's PSK): it must never reach an
+    # origin the operator did not trust. A third-party origin gets what a public reverse proxy
+    # sends: Forwarded and the content headers.
+    upstream, third_party, partner = Backend(), Backend(), Backend()
+
+    def app(backend: Backend) -> Starlette:
+        return Starlette(routes=[Route("/hook", backend.endpoint, methods=["POST"])])
+
+    async with contextlib.AsyncExitStack() as stack:
+        upstream_url = await stack.enter_async_context(serve_app(app(upstream)))
+        third_party_url = await stack.enter_async_context(serve_app(app(third_party)))
+        partner_url = await stack.enter_async_context(serve_app(app(partner)))
+        policy = tmp_path / "policy.toml"
+        policy.write_text(
+            f'trusted_origins = ["{partner_url.upper()}/"]\n'  # origins compare case-blind
+            '[[route]]\npath = "/relative"\nmethods = ["POST"]\ntarget = "/hook"\n'
+            f'[[route]]\npath = "/same"\nmethods = ["POST"]\ntarget = "{upstream_url}/hook"\n'
+            f'[[route]]\npath = "/other"\nmethods = ["POST"]\ntarget = "{third_party_url}/hook"\n'
+            f'[[route]]\npath = "/partner"\nmethods = ["POST"]\ntarget = "{partner_url}/hook"\n'
+        )
+        settings = ProxySettings(
+            coap_host="127.0.0.1",
+            coap_port=0,
+            coaps_port="off",
+            upstream=upstream_url,
+            policy=str(policy),
+            proxy_token="s3cret",
+        )
+        proxy = await start_proxy(settings)
+        stack.push_async_callback(proxy.close)
+        client = await RawClient.connect(*proxy.address)
+        stack.push_async_callback(client.aclose)
+        rig = Rig(upstream, proxy, client)
+        for path in ("/relative", "/same", "/other", "/partner"):
+            reply = await rig.send(
+                status.POST, path, payload=b"{}", extra=[(opt.CONTENT_FORMAT, bytes([50]))]
+            )
+            assert reply.code == status.CHANGED, path
+
+    internal = {
+        forwarding.TOKEN_HEADER.lower(),
+        forwarding.IDEMPOTENCY_HEADER.lower(),
+        forwarding.TIMEOUT_HEADER.lower(),
+    }
+    assert len(upstream.requests) == 2
+    for _method, _url, headers, _body in upstream.requests + partner.requests:
+        assert internal <= set(headers)
+        assert headers[forwarding.TOKEN_HEADER.lower()] == "s3cret"
+    [(_method, _url, headers, body)] = third_party.requests
+    assert not internal & set(headers)
+    assert not any(name.startswith("x-bridge") for name in headers)
+    assert headers["forwarded"] == f'for="127.0.0.1:{client.port}";proto=coap'
+    assert headers["content-type"] == "application/json"
+    assert body == b"{}"
+
+
+async def test_a_batch_target_outside_the_trusted_origins_is_refused_at_start(tmp_path) -> None:
+    # A batch carries every device's identity and exchange key: not for a third party.
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[[route]]\npath = "/"\nmethods = ["POST"]\ntarget = "/ingest"\n'
+        'batch_target = "https://elsewhere.example:8443/ingest/batch"\n'
+    )
+    settings = ProxySettings(
+        coap_host="127.0.0.1", coap_port=0, coaps_port="off", policy=str(policy)
+    )
+    with pytest.raises(PolicyError, match="trusted_origins"):
+        await start_proxy(settings)
