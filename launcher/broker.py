@@ -10,6 +10,10 @@ import logging
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.errors import BrokerError
+
+from launcher.listeners import bind_tcp
+from proxy.server import ListenerError
 
 
 class EmbeddedBroker:
@@ -29,11 +33,33 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    def _listener_error(self, exc: OSError) -> ListenerError:
+        return ListenerError(
+            "embedded MQTT broker",
+            self.host,
+            self.port,
+            exc,
+            host_setting="mqtt_port",
+            port_setting="mqtt_port",
+        )
+
     async def start(self) -> None:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self._broker = Broker(self._config)
-        await self._broker.start()
+        # Try the port first, bound as amqtt binds it: amqtt reports a taken port with a
+        # logged traceback and a BrokerError; this way it is one line (launcher/listeners.py).
+        try:
+            bind_tcp(self.host, self.port).close()
+        except OSError as exc:
+            raise self._listener_error(exc) from exc
+        broker = Broker(self._config)
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, OSError):
+                raise self._listener_error(exc.__cause__) from exc
+            raise
+        self._broker = broker
 
     async def stop(self) -> None:
         if self._broker is not None:

@@ -10,12 +10,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -30,8 +32,9 @@ from api.store.base import Device
 from api.store.memory import MemoryDeviceStore
 from launcher.broker import EmbeddedBroker
 from launcher.heap import freeze_startup_heap
+from launcher.listeners import bind_tcp, describe
 from policies.routes import PolicyError
-from proxy.server import start_proxy
+from proxy.server import ListenerError, RunningProxy, start_proxy
 from proxy.settings import ProxySettings
 from proxy.state.psk import MemoryPskStore
 
@@ -47,6 +50,10 @@ class LauncherSettings(BaseSettings):
     mqtt_port: int = 1883
     log_level: str = "info"
     workers: int = Field(default=1, ge=1, le=64)
+    drain_timeout: float = Field(default=10.0, ge=0)
+    """Seconds a SIGTERM/SIGINT leaves for what is in flight: the proxy answers it and
+    retransmits separate responses until ACKed (RFC 7252 §4.2), the API finishes its requests
+    (publishes included); then the process exits. Under ``up`` one deadline covers both."""
 
 
 _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
@@ -67,6 +74,12 @@ _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
     ("--proxy-token", str, "secret the proxy presents to the backend", ("up", "proxy", "api")),
     ("--log-level", str, "debug, info, warning, error (default info)", ("up", "proxy", "api")),
     ("--workers", int, "processes (proxy: SO_REUSEPORT; api: uvicorn workers)", ("proxy", "api")),
+    (
+        "--drain-timeout",
+        float,
+        "seconds to finish what is in flight on SIGTERM/SIGINT (default 10)",
+        ("up", "proxy", "api"),
+    ),
 ]
 
 
@@ -114,11 +127,30 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
+def _bind_api(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound here rather than by uvicorn: a port in use is then one
+    line naming the setting (ListenerError), before the app starts, instead of uvicorn's log
+    and exit. Listening at once: under ``up`` the proxy may forward before uvicorn serves, and
+    its connections wait in the backlog instead of being refused."""
+    try:
+        sock = bind_tcp(host, port)
+    except OSError as exc:
+        raise ListenerError(
+            "HTTP API", host, port, exc, host_setting="api_host", port_setting="api_port"
+        ) from exc
+    sock.listen(2048)
+    return sock
+
+
 async def _start_api(
-    app: Any, host: str, port: int, log_level: str
+    app: Any, sock: socket.socket, log_level: str, drain_timeout: float
 ) -> tuple[uvicorn.Server, asyncio.Task[None]]:
     # proxy_headers=False: the client address is never rewritten from X-Forwarded-For here;
     # the onboarding endpoint decides itself which proxies it trusts (trusted_proxy_networks).
+    # timeout_graceful_shutdown: on should_exit uvicorn stops accepting, lets the requests in
+    # flight finish (a publish waits for its PUBACK inside its request) for that long, then
+    # cancels what is left and runs the lifespan shutdown.
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app,
         host=host,
@@ -127,15 +159,28 @@ async def _start_api(
         lifespan="on",
         access_log=False,
         proxy_headers=False,
+        timeout_graceful_shutdown=_whole_seconds(drain_timeout),
     )
     server = _EmbeddedUvicorn(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
+            sock.close()
             task.result()
             raise SystemExit(f"HTTP API could not start on {host}:{port}")
         await asyncio.sleep(0.02)
     return server, task
+
+
+def _whole_seconds(grace: float) -> int:
+    """uvicorn takes its graceful-shutdown timeout in whole seconds: round up, never below 0."""
+    return max(math.ceil(grace), 0)
+
+
+async def _stop_api(server: uvicorn.Server, task: asyncio.Task[None], grace: float) -> None:
+    server.config.timeout_graceful_shutdown = _whole_seconds(grace)
+    server.should_exit = True
+    await task
 
 
 def _stop_event() -> asyncio.Event:
@@ -154,16 +199,8 @@ async def run_up(given: dict[str, Any]) -> None:
         updates["proxy_token"] = secrets.token_urlsafe(32)
     if api_settings.api_key is None:
         updates["api_key"] = secrets.token_urlsafe(24)
-    broker: EmbeddedBroker | None = None
-    if "mqtt_url" not in api_settings.model_fields_set:
-        broker = EmbeddedBroker("127.0.0.1", launcher.mqtt_port)
-        await broker.start()
-        updates["mqtt_url"] = broker.url
-        updates["mqtt_protocol"] = "3.1.1"
-        log.info("embedded MQTT broker (MQTT 3.1.1) listening on %s", broker.url)
-    api_settings = api_settings.model_copy(update=updates)
     proxy_given = dict(given)
-    proxy_given["proxy_token"] = api_settings.proxy_token
+    proxy_given["proxy_token"] = updates.get("proxy_token", api_settings.proxy_token)
     proxy_settings = ProxySettings(**proxy_given)
     if "upstream" not in proxy_settings.model_fields_set:
         proxy_settings = proxy_settings.model_copy(
@@ -171,30 +208,58 @@ async def run_up(given: dict[str, Any]) -> None:
                 "upstream": f"http://{_connect_host(api_settings.api_host)}:{api_settings.api_port}"
             }
         )
-
-    store = None
-    psk_store = None
-    if api_settings.redis_url is None:
-        store = MemoryDeviceStore()
-        psk_store = _mirror_psks(store)
-        await store.create(Device(iccid=DEMO_ICCID, ip=DEMO_IP, status="active"))
-        log.info(
-            "in-memory state: demo device %s registered for source address %s", DEMO_ICCID, DEMO_IP
-        )
-    else:
-        log.info("shared state in Redis at %s", api_settings.redis_url)
-    if "api_key" in updates:
-        log.info("management API key (generated): %s", api_settings.api_key)
-
-    app = create_app(api_settings, store=store)
     stop = _stop_event()
-    server, api_task = await _start_api(
-        app, api_settings.api_host, api_settings.api_port, launcher.log_level
-    )
+    broker: EmbeddedBroker | None = None
+    api_socket: socket.socket | None = None
+    proxy: RunningProxy | None = None
+    try:
+        if "mqtt_url" not in api_settings.model_fields_set:
+            broker = EmbeddedBroker("127.0.0.1", launcher.mqtt_port)
+            await broker.start()
+            updates["mqtt_url"] = broker.url
+            updates["mqtt_protocol"] = "3.1.1"
+            log.info("embedded MQTT broker (MQTT 3.1.1) listening on %s", broker.url)
+        api_socket = _bind_api(api_settings.api_host, api_settings.api_port)
+        store = None
+        psk_store = None
+        if api_settings.redis_url is None:
+            store = MemoryDeviceStore()
+            psk_store = _mirror_psks(store)
+            await store.create(Device(iccid=DEMO_ICCID, ip=DEMO_IP, status="active"))
+            log.info(
+                "in-memory state: demo device %s registered for source address %s",
+                DEMO_ICCID,
+                DEMO_IP,
+            )
+        else:
+            log.info("shared state in Redis at %s", api_settings.redis_url)
+        # The proxy before the API: /bootstrap hands out the coaps URL the proxy actually
+        # serves (the port it bound, none with --coaps-port off) unless coaps_url is set. Its
+        # first forwards wait in the API socket's backlog until uvicorn serves.
+        proxy = await start_proxy(proxy_settings, psk_store=psk_store)
+        served = proxy.dtls_address
+        updates["coaps_port"] = served[1] if served is not None else "off"
+        api_settings = api_settings.model_copy(update=updates)
+        if "api_key" in updates:
+            log.info("management API key (generated): %s", api_settings.api_key)
+        server, api_task = await _start_api(
+            create_app(api_settings, store=store),
+            api_socket,
+            launcher.log_level,
+            launcher.drain_timeout,
+        )
+    except BaseException:
+        # A part that could not start (a port in use): stop the ones already running.
+        if proxy is not None:
+            await proxy.close()
+        if api_socket is not None:
+            api_socket.close()
+        if broker is not None:
+            await broker.stop()
+        raise
     log.info(
         "HTTP API on http://%s:%s (docs at /docs)", api_settings.api_host, api_settings.api_port
     )
-    proxy = await start_proxy(proxy_settings, psk_store=psk_store)
     log.info(
         'coap-bridge is up: try  coap-client-notls -m post -e hello "coap://127.0.0.1:%s/?t=demo"',
         proxy.address[1],
@@ -203,9 +268,12 @@ async def run_up(given: dict[str, Any]) -> None:
     try:
         await _wait(stop, api_task)
     finally:
-        await proxy.close()
-        server.should_exit = True
-        await api_task
+        # One deadline for both: the proxy drains first (what it has in flight needs the API),
+        # then the API gets what is left for its own requests (management, onboarding).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + launcher.drain_timeout
+        await proxy.close(launcher.drain_timeout)
+        await _stop_api(server, api_task, deadline - loop.time())
         if broker is not None:
             await broker.stop()
         log.info("coap-bridge stopped")
@@ -241,22 +309,41 @@ async def _wait(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
 
 async def run_proxy(given: dict[str, Any], reuse_port: bool = False) -> None:
     settings = ProxySettings(**given)
+    drain_timeout = LauncherSettings(**given).drain_timeout
     stop = _stop_event()
     proxy = await start_proxy(settings, reuse_port=reuse_port)
     freeze_startup_heap()
     try:
         await stop.wait()
     finally:
-        await proxy.close()
+        await proxy.close(drain_timeout)
 
 
-def _proxy_worker(given: dict[str, Any]) -> None:
-    _run(run_proxy(given, reuse_port=True))
+class WorkersFailed(Exception):
+    """Workers that could not run; ``lines`` are what they reported, once each."""
+
+    def __init__(self, lines: list[str], code: int) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+        self.code = code
+
+
+def _proxy_worker(given: dict[str, Any], reports: Any) -> None:
+    try:
+        _run(run_proxy(given, reuse_port=True))
+    except Exception as exc:
+        failure = failure_of(exc)
+        if failure is None:
+            raise
+        # Every worker fails the same way (a port in use): the parent prints it once.
+        reports.put(failure[0])
+        sys.exit(failure[1])
 
 
 def run_proxy_workers(given: dict[str, Any], workers: int) -> None:
     """N processes, each a whole proxy on the same UDP port (SO_REUSEPORT). Forked before any
-    event loop exists; the parent forwards SIGTERM/SIGINT and supervises.
+    event loop exists; the parent forwards SIGTERM/SIGINT and supervises. On SIGTERM each
+    worker drains what it has in flight (``--drain-timeout``) before it exits.
 
     A worker killed by a signal is started again: a crash (tinydtls 0.8.6 can be made to
     divide by zero by a client churning handshakes, see BENCHMARKS.md) then costs a restart
@@ -264,9 +351,12 @@ def run_proxy_workers(given: dict[str, Any], workers: int) -> None:
     Redis. A worker that exits with an error (a bad setting, a port in use) is not restarted.
     """
     context = multiprocessing.get_context("fork")
+    reports = context.SimpleQueue()
 
     def spawn(n: int) -> multiprocessing.process.BaseProcess:
-        child = context.Process(target=_proxy_worker, args=(given,), name=f"proxy-worker-{n}")
+        child = context.Process(
+            target=_proxy_worker, args=(given, reports), name=f"proxy-worker-{n}"
+        )
         child.start()
         return child
 
@@ -284,6 +374,7 @@ def run_proxy_workers(given: dict[str, Any], workers: int) -> None:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     failed: list[str] = []
+    codes: set[int] = set()
     while children:
         multiprocessing.connection.wait([child.sentinel for child in children.values()])
         for n, child in list(children.items()):
@@ -299,14 +390,25 @@ def run_proxy_workers(given: dict[str, Any], workers: int) -> None:
                 children[n] = spawn(n)
             elif code != -signal.SIGTERM:
                 failed.append(f"{child.name} (exit {code})")
+                codes.add(code or 1)
     if failed:
-        raise SystemExit(f"proxy workers failed: {', '.join(failed)}")
+        lines: list[str] = []
+        while not reports.empty():
+            line = reports.get()
+            if line not in lines:
+                lines.append(line)
+        raise WorkersFailed(
+            lines or [f"proxy workers failed: {', '.join(failed)}"], max(codes, default=1)
+        )
 
 
 def run_api_workers(given: dict[str, Any], workers: int) -> None:
     """uvicorn's own multi-process mode: each worker builds the app from ``COAP_BRIDGE_*``."""
     launcher = LauncherSettings(**given)
     settings = ApiSettings(**given)  # validate in the parent, so a bad flag fails once
+    # uvicorn binds the port in this process and reports a taken one with a log line and
+    # exit 3; trying it first, bound the same way, makes that the one-line error of the rest.
+    _bind_api(settings.api_host, settings.api_port).close()
     for name in ApiSettings.model_fields:
         value = getattr(settings, name)
         if value is not None:
@@ -320,6 +422,7 @@ def run_api_workers(given: dict[str, Any], workers: int) -> None:
         log_level=launcher.log_level,
         access_log=False,
         proxy_headers=False,
+        timeout_graceful_shutdown=_whole_seconds(launcher.drain_timeout),
     )
 
 
@@ -335,16 +438,16 @@ async def run_api(given: dict[str, Any]) -> None:
     launcher = LauncherSettings(**given)
     settings = ApiSettings(**given)
     stop = _stop_event()
+    sock = _bind_api(settings.api_host, settings.api_port)
     server, task = await _start_api(
-        create_app(settings), settings.api_host, settings.api_port, launcher.log_level
+        create_app(settings), sock, launcher.log_level, launcher.drain_timeout
     )
     log.info("HTTP API on http://%s:%s (docs at /docs)", settings.api_host, settings.api_port)
     freeze_startup_heap()
     try:
         await _wait(stop, task)
     finally:
-        server.should_exit = True
-        await task
+        await _stop_api(server, task, launcher.drain_timeout)
 
 
 _RUNNERS = {"up": run_up, "proxy": run_proxy, "api": run_api}
@@ -357,6 +460,20 @@ def _run(coro: Any) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+def failure_of(exc: BaseException) -> tuple[str, int] | None:
+    """The one line (without the ``coap-bridge:`` prefix) and the exit code a failure to start
+    is reported with, or None for anything else (a bug: its traceback is wanted)."""
+    if isinstance(exc, ValidationError):
+        return f"invalid setting: {exc}", 2
+    if isinstance(exc, PolicyError):
+        return str(exc), 2
+    if isinstance(exc, ListenerError):
+        return describe(exc), 2
+    if isinstance(exc, OSError):
+        return str(exc), 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,15 +497,16 @@ def main(argv: list[str] | None = None) -> int:
             run_api_workers(given, workers)
         else:
             _run(_RUNNERS[args.command](given))
-    except ValidationError as exc:
-        print(f"coap-bridge: invalid setting: {exc}", file=sys.stderr)
-        return 2
-    except PolicyError as exc:
-        print(f"coap-bridge: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"coap-bridge: {exc}", file=sys.stderr)
-        return 1
+    except WorkersFailed as exc:
+        for line in exc.lines:
+            print(f"coap-bridge: {line}", file=sys.stderr)
+        return exc.code
+    except Exception as exc:
+        failure = failure_of(exc)
+        if failure is None:
+            raise
+        print(f"coap-bridge: {failure[0]}", file=sys.stderr)
+        return failure[1]
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -18,13 +20,66 @@ from proxy.settings import ProxySettings
 from proxy.state.base import DedupStore
 from proxy.state.psk import PskStore, RedisPskMirror
 from proxy.state.redis_store import RedisDedupStore
-from proxy.transports.dtls import DtlsTransport, create_dtls_endpoint
+from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
 from proxy.upstream import HttpxUpstream, Upstream
 
 log = logging.getLogger(__name__)
 
 # ``upstream_client`` → the Upstream implementation (each takes timeout and max_connections).
 UPSTREAMS: dict[str, Callable[..., Upstream]] = {"http1": Http1Upstream, "httpx": HttpxUpstream}
+
+
+class ListenerError(OSError):
+    """A listening socket could not be bound: which listener, where, the OS's reason, and the
+    settings that move it (``host_setting``/``port_setting``: field names, which are the
+    flags and ``COAP_BRIDGE_*`` variables of the launcher). The launcher prints it as one line
+    instead of a traceback."""
+
+    def __init__(
+        self,
+        listener: str,
+        host: str,
+        port: int,
+        cause: OSError,
+        *,
+        host_setting: str,
+        port_setting: str,
+    ) -> None:
+        code = os_errno(cause)
+        reason = os.strerror(code) if code is not None else str(cause)
+        super().__init__(code, reason)
+        self.listener = listener
+        self.host = host
+        self.port = port
+        self.reason = reason[:1].lower() + reason[1:]
+        self.host_setting = host_setting
+        self.port_setting = port_setting
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def setting(self) -> str:
+        """The setting to change: the host when the address is not this machine's, else the
+        port (in use, or privileged)."""
+        return self.host_setting if self.errno == errno.EADDRNOTAVAIL else self.port_setting
+
+    def __str__(self) -> str:
+        return f"{self.listener} on {self.address}: {self.reason}"
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The errno of an OSError, or of the OSError it was raised from: uvloop raises its own
+    "could not bind to local_addr" with the bind(2) error as the context."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return int(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @dataclass
@@ -53,7 +108,29 @@ class RunningProxy:
         host, port = self.dtls.get_extra_info("sockname")[:2]
         return host, port
 
-    async def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """Begin a graceful shutdown: no new exchange or DTLS handshake is taken; answers in
+        flight, retransmissions and ACKs keep going (CoapServerProtocol.stop_accepting)."""
+        self.protocol.stop_accepting()
+        if self.dtls is not None:
+            self.dtls.stop_accepting()
+        if self.dtls_protocol is not None:
+            self.dtls_protocol.stop_accepting()
+
+    async def close(self, drain_timeout: float = 0.0) -> bool:
+        """Release everything. With ``drain_timeout`` > 0, first stop taking new requests and
+        give those in flight up to that many seconds to be answered and, for separate
+        responses, acknowledged (RFC 7252 §4.2), over both transports; then close. Returns
+        False when something had to be abandoned at the deadline."""
+        drained = True
+        if drain_timeout > 0:
+            self.stop_accepting()
+            log.info("stopping: finishing what is in flight (at most %g s)", drain_timeout)
+            protocols = [self.protocol]
+            if self.dtls_protocol is not None:
+                protocols.append(self.dtls_protocol)
+            results = await asyncio.gather(*(p.drain(drain_timeout) for p in protocols))
+            drained = all(results)
         self.transport.close()
         if self.dtls is not None:
             self.dtls.close()
@@ -67,6 +144,7 @@ class RunningProxy:
         await self.upstream.aclose()
         if self.dedup is not None:
             await self.dedup.close()
+        return drained
 
 
 def _handler(
@@ -84,6 +162,7 @@ def _handler(
         upstream=upstream,
         base_url=settings.upstream,
         proxy_token=settings.proxy_token,
+        upstream_timeout=settings.upstream_timeout,
         proto=proto,
         max_payload=settings.max_payload,
         max_batch=settings.max_batch,
@@ -108,6 +187,7 @@ async def start_proxy(
     if given (``coap-bridge up`` without Redis passes its in-process store), else a
     :class:`RedisPskMirror` of ``settings.redis_url``; with neither it stays off."""
     policy = load_policy(settings.policy)
+    made_upstream, made_dedup = upstream is None, dedup is None
     if upstream is None:
         upstream = UPSTREAMS[settings.upstream_client](
             timeout=settings.upstream_timeout, max_connections=settings.upstream_connections
@@ -130,16 +210,30 @@ async def start_proxy(
             lease=settings.dedup_lease,
         )
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: CoapServerProtocol(
-            handler,
-            exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
-            ack_window=settings.ack_window,
-            shared=shared,
-        ),
-        local_addr=(settings.coap_host, settings.coap_port),
-        reuse_port=reuse_port or None,
-    )
+    try:
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: CoapServerProtocol(
+                handler,
+                exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
+                ack_window=settings.ack_window,
+                shared=shared,
+            ),
+            local_addr=(settings.coap_host, settings.coap_port),
+            reuse_port=reuse_port or None,
+        )
+    except OSError as exc:
+        if made_upstream:
+            await upstream.aclose()
+        if made_dedup and dedup is not None:
+            await dedup.close()
+        raise ListenerError(
+            "CoAP UDP",
+            settings.coap_host,
+            settings.coap_port,
+            exc,
+            host_setting="coap_host",
+            port_setting="coap_port",
+        ) from exc
     running = RunningProxy(
         transport=transport, protocol=protocol, handler=handler, upstream=upstream, dedup=dedup
     )
@@ -189,18 +283,30 @@ async def _start_dtls(
         )
 
     host = settings.coaps_host if settings.coaps_host is not None else settings.coap_host
-    transport, protocol = await create_dtls_endpoint(
-        protocol_for,
-        psk_store=psk_store,
-        host=host,
-        port=settings.coaps_port,
-        max_sessions=settings.dtls_max_sessions,
-        max_handshakes=settings.dtls_max_handshakes,
-        idle_timeout=settings.dtls_idle_timeout,
-        handshake_timeout=settings.dtls_handshake_timeout,
-        require_extended_master_secret=settings.dtls_require_extended_master_secret,
-        reuse_port=reuse_port,
-    )
+    try:
+        transport, protocol = await create_dtls_endpoint(
+            protocol_for,
+            psk_store=psk_store,
+            host=host,
+            port=settings.coaps_port,
+            max_sessions=settings.dtls_max_sessions,
+            max_handshakes=settings.dtls_max_handshakes,
+            idle_timeout=settings.dtls_idle_timeout,
+            handshake_timeout=settings.dtls_handshake_timeout,
+            require_extended_master_secret=settings.dtls_require_extended_master_secret,
+            reuse_port=reuse_port,
+        )
+    except DtlsError:
+        raise  # DTLSSocket missing or not the patched build: its message says what to do
+    except OSError as exc:
+        raise ListenerError(
+            "CoAP DTLS",
+            host,
+            settings.coaps_port,
+            exc,
+            host_setting="coaps_host",
+            port_setting="coaps_port",
+        ) from exc
     running.dtls = transport
     running.dtls_protocol = cast(CoapServerProtocol, protocol)
     address = running.dtls_address

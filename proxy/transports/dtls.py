@@ -183,6 +183,7 @@ class DtlsStats:
     closed_by_peer: int = 0
     closed_psk_change: int = 0
     unsent: int = 0  # responses for a peer without a session
+    refused_stopping: int = 0  # ClientHellos dropped after stop_accepting
 
 
 class _Peer:
@@ -332,6 +333,7 @@ class DtlsTransport(asyncio.DatagramTransport):
         self._ticker: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._closing = False
+        self._accepting = True
         self._cap_warned_at = -1e9
         self.stats = DtlsStats()
 
@@ -346,14 +348,13 @@ class DtlsTransport(asyncio.DatagramTransport):
         reuse_port: bool = False,
     ) -> None:
         """Bind ``host:port`` (the any-address included) and start serving ``protocol``."""
-        try:
-            udp, _ = await self._loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self),
-                local_addr=(host, port),
-                reuse_port=reuse_port or None,
-            )
-        except OSError as exc:
-            raise DtlsError(f"cannot bind DTLS to {host}:{port}: {exc}") from exc
+        # A failure to bind stays a plain OSError (not DtlsError): the caller names the
+        # listener and the setting that moves it (proxy.server.ListenerError).
+        udp, _ = await self._loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self),
+            local_addr=(host, port),
+            reuse_port=reuse_port or None,
+        )
         self._udp = udp
         self._v4 = udp.get_extra_info("socket").family == socket.AF_INET
         self._protocol = protocol
@@ -407,6 +408,13 @@ class DtlsTransport(asyncio.DatagramTransport):
     def abort(self) -> None:
         self.close()
 
+    def stop_accepting(self) -> None:
+        """A graceful shutdown began: no new handshake is started (ClientHellos are dropped,
+        so the client's retransmissions find a process that serves), while established
+        sessions keep working until :meth:`close`, so that answers in flight and the ACKs
+        of separate responses still get through."""
+        self._accepting = False
+
     # -- what the messaging layer and operators ask -----------------------------------------
 
     def identity_of(self, addr: Address) -> str | None:
@@ -455,6 +463,9 @@ class DtlsTransport(asyncio.DatagramTransport):
             and data[4] == 0
             and data[_RECORD_HEADER] == _HT_CLIENT_HELLO
         )
+        if hello and not self._accepting:
+            self.stats.refused_stopping += 1
+            return
         peer = self._sessions.get(key)
         if peer is not None:
             self._sessions.move_to_end(key)
