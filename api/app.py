@@ -7,16 +7,19 @@ device store and the MQTT publisher. For ``uvicorn --factory`` there is
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from api.admission import SeparateAdmission, admission_for
-from api.errors import install_error_handler
+from api.errors import ApiError, install_error_handler
 from api.fast_path import BatchFastPath
+from api.guard import Guard
 from api.idempotency import (
     IdempotencyStore,
     MemoryIdempotencyStore,
@@ -24,6 +27,7 @@ from api.idempotency import (
 )
 from api.publisher import MqttPublisher, Publisher
 from api.routes import bootstrap, credentials, devices, ingest, location, onboarding
+from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from api.store.memory import MemoryDeviceStore
@@ -50,7 +54,11 @@ _TAGS = [
         "name": "credentials",
         "description": "A device's DTLS PSK: set, revoke, generate (shown once) (SPEC §5, §11).",
     },
-    {"name": "health", "description": "Liveness and dependency state."},
+    {
+        "name": "health",
+        "description": "Probes for an orchestrator: `/healthz` (liveness: the process serves "
+        "HTTP) and `/readyz` (readiness: the MQTT broker and the device store are reachable).",
+    },
 ]
 
 _DESCRIPTION = """\
@@ -63,6 +71,12 @@ The HTTP side of coap-bridge.
   address.
 * **Management** (`/devices/...`): `Authorization: Bearer <api key>`. A PSK is never returned by
   any of them, except once by `POST /devices/{iccid}/credentials`.
+
+The caller is checked and the body's size judged from the headers before any body is read:
+401/403 without the key or token, 413 over the cap (management 8 KiB, `/ingest` `max_payload`,
+`/ingest/batch` `max_batch` × (`max_payload` + 1 KiB), anything else 8 KiB). JSON number
+literals longer than 64 characters, beyond a double's range, or `NaN`/`Infinity` are a 422
+(`json_invalid`); an error repeats at most 64 characters of any value it quotes.
 """
 
 
@@ -70,6 +84,39 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     mqtt: Literal["connected", "disconnected"]
     store: str
+
+
+READINESS_TIMEOUT = 1.0
+"""Seconds the store gets to answer the readiness lookup (an orchestrator's probe timeout is
+typically 1 s too)."""
+
+
+class Readiness(BaseModel):
+    """What ``/readyz`` found: ready only when both dependencies answer."""
+
+    status: Literal["ready", "unready"]
+    mqtt: Literal["connected", "disconnected"] = Field(
+        description="the publisher's connection to the broker"
+    )
+    store: Literal["reachable", "unreachable"] = Field(
+        description=f"the device store answered a lookup within {READINESS_TIMEOUT:g} s"
+    )
+    store_kind: str = Field(description="memory or redis")
+
+
+# A well-formed iccid no SIM has (the 89 prefix, then zeros): the lookup finds nothing and
+# only proves the store answers.
+_PROBE_ICCID = "8900000000000000000"
+
+
+async def _store_reachable(store: DeviceStore | None) -> bool:
+    if store is None:
+        return False
+    try:
+        await asyncio.wait_for(store.get(_PROBE_ICCID), READINESS_TIMEOUT)
+    except (ApiError, TimeoutError, OSError):
+        return False
+    return True
 
 
 def build_store(settings: ApiSettings) -> DeviceStore:
@@ -143,8 +190,11 @@ def create_app(
         SeparateAdmission(store, app.state.idempotency) if store is not None else None
     )
     install_error_handler(app)
+    # Routes declared on the app itself parse JSON bodies at a bounded cost too.
+    app.router.route_class = SafeJsonRoute
     if fast_path:
         app.add_middleware(BatchFastPath)
+    app.add_middleware(Guard)  # added last: outermost, so it runs before any body is read
     app.include_router(ingest.router)
     app.include_router(bootstrap.router)
     app.include_router(location.router)
@@ -153,7 +203,13 @@ def create_app(
     app.include_router(credentials.router)
     app.include_router(location.management)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness and dependency state")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Liveness: 200 while the process serves HTTP",
+        description="Cheap and always 200; `mqtt` and `store` are for information only. "
+        "Whether the API can do its work is `/readyz`.",
+    )
     async def healthz(request: Request) -> Health:
         current_store: DeviceStore | None = request.app.state.store
         current_publisher: Publisher | None = request.app.state.publisher
@@ -162,6 +218,29 @@ def create_app(
             mqtt="connected" if connected else "disconnected",
             store=current_store.kind if current_store is not None else "none",
         )
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: 200 when the MQTT broker and the device store are reachable",
+        description="503 while the broker is disconnected or the store does not answer a "
+        f"lookup within {READINESS_TIMEOUT:g} s; the body says which.",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "a dependency is unreachable"}},
+    )
+    async def readyz(request: Request) -> JSONResponse:
+        current_store: DeviceStore | None = request.app.state.store
+        current_publisher: Publisher | None = request.app.state.publisher
+        connected = current_publisher is not None and current_publisher.connected
+        reachable = await _store_reachable(current_store)
+        ready = connected and reachable
+        body = Readiness(
+            status="ready" if ready else "unready",
+            mqtt="connected" if connected else "disconnected",
+            store="reachable" if reachable else "unreachable",
+            store_kind=current_store.kind if current_store is not None else "none",
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     return app
 

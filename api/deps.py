@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.admission import Admission
-from api.errors import NotAuthenticated, NotConfigured, ProxyForbidden
+from api.errors import ApiError, NotAuthenticated, NotConfigured, ProxyForbidden
 from api.idempotency import IdempotencyStore
 from api.publisher import Publisher
 from api.settings import ApiSettings
@@ -75,19 +75,34 @@ def _same_secret(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+def api_key_refusal(settings: ApiSettings, scheme: str, key: str) -> ApiError | None:
+    """Why a management call with ``Authorization: <scheme> <key>`` is refused, if it is.
+    Shared by :func:`require_api_key` and the guard that runs before the body is read
+    (api/guard.py), so both answer alike."""
+    if settings.api_key is None:
+        return NotConfigured("management API disabled: no API key is configured")
+    if scheme.lower() != "bearer" or not _same_secret(key, settings.api_key):
+        return NotAuthenticated()
+    return None
+
+
+def proxy_refusal(settings: ApiSettings, token: str | None) -> ApiError | None:
+    """Why a call that claims to come from the proxy is refused, if it is (SPEC §10)."""
+    if settings.proxy_token is None:
+        return NotConfigured("ingest disabled: no proxy token configured")
+    if token is None or not _same_secret(token, settings.proxy_token):
+        return ProxyForbidden()
+    return None
+
+
 async def require_api_key(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Management endpoints: ``Authorization: Bearer <api_key>``."""
-    if settings.api_key is None:
-        raise NotConfigured("management API disabled: no API key is configured")
-    if (
-        credentials is None
-        or credentials.scheme.lower() != "bearer"
-        or not _same_secret(credentials.credentials, settings.api_key)
-    ):
-        raise NotAuthenticated()
+    scheme, key = (credentials.scheme, credentials.credentials) if credentials else ("", "")
+    if (refusal := api_key_refusal(settings, scheme, key)) is not None:
+        raise refusal
 
 
 async def require_proxy(
@@ -95,7 +110,5 @@ async def require_proxy(
     token: Annotated[str | None, Depends(_proxy_token)],
 ) -> None:
     """Endpoints that trust device identity headers: only the proxy may call them (SPEC §10)."""
-    if settings.proxy_token is None:
-        raise NotConfigured("ingest disabled: no proxy token configured")
-    if token is None or not _same_secret(token, settings.proxy_token):
-        raise ProxyForbidden()
+    if (refusal := proxy_refusal(settings, token)) is not None:
+        raise refusal

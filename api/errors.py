@@ -10,11 +10,29 @@ always ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+
+ECHO_LIMIT = 64
+"""Most characters of a caller's input an error repeats (issue 12: a 5 MB value in a 422, or a
+10 KB path in a 404, came back whole)."""
+MESSAGE_LIMIT = 256
+"""Longest error message: a message that quotes the caller (an iccid from the path) is cut."""
+_ECHO_ITEMS = 8
+_ECHO_DEPTH = 2
+_DECIMAL_EXPONENT = 18  # a Decimal this close to 1 is shown as a number, as FastAPI would
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when something was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 class ApiError(Exception):
@@ -24,7 +42,7 @@ class ApiError(Exception):
     default_message: ClassVar[str] = "internal error"
 
     def __init__(self, message: str | None = None) -> None:
-        self.message = message or self.default_message
+        self.message = clip(message or self.default_message, MESSAGE_LIMIT)
         super().__init__(self.message)
 
     @property
@@ -144,6 +162,12 @@ class PayloadTooLarge(ApiError):
     default_message = "payload too large"
 
 
+class BodyTooLarge(PayloadTooLarge):
+    """A request body over the route's cap (api/guard.py), refused before it is read."""
+
+    default_message = "request body too large"
+
+
 class InvalidPsk(InvalidField):
     """A user-supplied PSK that cannot be used (``policies.psk.PskError``); the message says
     why and never repeats the key."""
@@ -232,11 +256,89 @@ MALFORMED_BODY: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _render(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)  # registered for ApiError only
+# Every route with a body: larger than its cap is refused unread (api/guard.py).
+BODY_TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {
+        "description": "the body is larger than this endpoint accepts",
+        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+    }
+}
+
+
+def render(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+async def _render(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)  # registered for ApiError only
+    return render(exc)
+
+
+def echo(value: Any, depth: int = 0) -> Any:
+    """What a 422 may repeat of the caller's ``value``: JSON-ready, bounded in size and cost.
+
+    Strings are cut to :data:`ECHO_LIMIT` characters, containers to a few items and levels;
+    numbers that JSON cannot carry (inf, a Decimal, a huge int) become short text without
+    being converted: ``int(Decimal("1e999999999"))`` is what froze the API (issue 12)."""
+    if value is None or isinstance(value, bool | str):
+        return clip(value) if isinstance(value, str) else value
+    if isinstance(value, int):
+        return value if value.bit_length() <= 64 else f"<{value.bit_length()}-bit integer>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Decimal):
+        if value.is_finite() and -_DECIMAL_EXPONENT <= value.adjusted() <= _DECIMAL_EXPONENT:
+            return int(value) if value.as_tuple().exponent >= 0 else float(value)  # type: ignore[operator]
+        return clip(str(value))  # scientific notation: never expanded to its digits
+    if isinstance(value, bytes | bytearray):
+        return clip(bytes(value[: ECHO_LIMIT * 4]).decode("utf-8", "replace"))
+    if isinstance(value, Mapping | list | tuple):
+        if depth >= _ECHO_DEPTH:
+            return "…"
+        if isinstance(value, Mapping):
+            pairs = list(value.items())[:_ECHO_ITEMS]
+            shown = {clip(str(key)): echo(item, depth + 1) for key, item in pairs}
+            return shown | ({"…": "…"} if len(value) > _ECHO_ITEMS else {})
+        items = [echo(item, depth + 1) for item in value[:_ECHO_ITEMS]]
+        return items + (["…"] if len(value) > _ECHO_ITEMS else [])
+    return clip(str(value))
+
+
+def _loc_part(part: Any) -> str | int:
+    if isinstance(part, int) and not isinstance(part, bool):
+        return part
+    return clip(str(part))  # an extra field's name is the caller's text too
+
+
+async def _render_validation(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 ``{"detail": [{"loc", "msg", "type", "input", "ctx"}]}``, with every
+    part that repeats the caller bounded (:func:`echo`) instead of encoded whole."""
+    assert isinstance(exc, RequestValidationError)
+    detail: list[dict[str, Any]] = []
+    for error in exc.errors()[:_ECHO_ITEMS]:
+        item: dict[str, Any] = {
+            "type": clip(str(error.get("type", "value_error"))),
+            "loc": [_loc_part(part) for part in list(error.get("loc", ()))[:_ECHO_ITEMS]],
+            "msg": clip(str(error.get("msg", "")), MESSAGE_LIMIT),
+        }
+        if "input" in error:
+            item["input"] = echo(error["input"])
+        ctx = error.get("ctx")
+        if isinstance(ctx, Mapping):
+            item["ctx"] = {clip(str(k)): _ctx_value(v) for k, v in list(ctx.items())[:_ECHO_ITEMS]}
+        detail.append(item)
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _ctx_value(value: Any) -> Any:
+    # ctx holds the rule (a bound, a pattern) or the validator's exception: text for the latter.
+    if isinstance(value, bool | int | float | str | Decimal):
+        return echo(value)
+    return clip(str(value), MESSAGE_LIMIT)
+
+
 def install_error_handler(app: FastAPI) -> None:
-    """Render every :class:`ApiError` as JSON with its status and headers."""
+    """Render every :class:`ApiError` as JSON with its status and headers, and FastAPI's
+    validation errors with what they repeat of the request cut short."""
     app.add_exception_handler(ApiError, _render)
+    app.add_exception_handler(RequestValidationError, _render_validation)

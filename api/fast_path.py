@@ -20,12 +20,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import ApiError
-from api.routes.ingest import answer_batch, batch_body_limit
+from api.routes.ingest import answer_batch, batch_body_limit, publish_budget
 from api.settings import ApiSettings
-from policies.forwarding import TOKEN_HEADER
+from policies.forwarding import TIMEOUT_HEADER, TOKEN_HEADER
 
 BATCH_PATH = "/ingest/batch"
 _TOKEN = TOKEN_HEADER.lower().encode("latin-1")
+_TIMEOUT = TIMEOUT_HEADER.lower().encode("latin-1")
 
 
 class BatchFastPath:
@@ -43,39 +44,49 @@ class BatchFastPath:
             return
         state = scope["app"].state
         settings: ApiSettings = state.settings
-        length = _accepted_length(scope, settings)
-        if length is None:
+        accepted = _accepted(scope, settings)
+        if accepted is None:
             await self.app(scope, receive, send)
             return
+        length, proxy_timeout = accepted
         body = await _read(receive, length)
         if body is None:
             return  # the client went away before sending its body
         try:
             response: Response = await answer_batch(
-                body, settings, state.admission, state.publisher, state.idempotency
+                body,
+                settings,
+                state.admission,
+                state.publisher,
+                state.idempotency,
+                publish_budget(proxy_timeout),
             )
         except ApiError as exc:
             response = JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
         await response(scope, receive, send)
 
 
-def _accepted_length(scope: Scope, settings: ApiSettings) -> int | None:
-    """The declared body length if this call may take the fast path, else None."""
+def _accepted(scope: Scope, settings: ApiSettings) -> tuple[int, bytes | None] | None:
+    """The declared body length and the proxy's timeout header if this call may take the fast
+    path, else None."""
     if settings.proxy_token is None:
         return None
     token: bytes | None = None
     length: bytes | None = None
+    proxy_timeout: bytes | None = None
     for name, value in scope["headers"]:
         if name == _TOKEN:
             token = value
         elif name == b"content-length":
             length = value
+        elif name == _TIMEOUT:
+            proxy_timeout = value
     if token is None or not hmac.compare_digest(token, settings.proxy_token.encode()):
         return None
     if length is None or not length.isdigit():
         return None
     declared = int(length)
-    return declared if declared <= batch_body_limit(settings) else None
+    return (declared, proxy_timeout) if declared <= batch_body_limit(settings) else None
 
 
 async def _read(receive: Receive, length: int) -> bytes | None:

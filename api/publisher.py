@@ -40,9 +40,15 @@ class Publisher(Protocol):
         ...
 
     async def publish_many(
-        self, messages: Sequence[tuple[str, bytes, Mapping[str, str]]]
+        self,
+        messages: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        within: float | None = None,
     ) -> list[BrokerUnavailable | None]:
-        """Publish each with QoS 1; ``None`` where a PUBACK came, else the error, in order."""
+        """Publish each with QoS 1; ``None`` where a PUBACK came, else the error, in order.
+
+        ``within``: seconds the whole call may take (waiting for a connection included), on
+        top of the publisher's own limits; what has no PUBACK by then is ``BrokerUnavailable``.
+        """
         ...
 
     async def close(self) -> None: ...
@@ -174,7 +180,7 @@ class MqttPublisher:
                 await asyncio.wait_for(self._wake.wait(), backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
-    async def _connection(self) -> MqttLink:
+    async def _connection(self, limit: float) -> MqttLink:
         link = self._link
         if link is not None:
             return link
@@ -184,7 +190,7 @@ class MqttPublisher:
         # gets its 5.03 in time to retry.
         self._wake.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), self._reconnect_wait)
+            await asyncio.wait_for(self._up.wait(), min(self._reconnect_wait, limit))
         link = self._link
         if link is None:
             raise BrokerUnavailable("MQTT broker is not connected")
@@ -201,16 +207,22 @@ class MqttPublisher:
             raise outcome
 
     async def publish_many(
-        self, messages: Sequence[tuple[str, bytes, Mapping[str, str]]]
+        self,
+        messages: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        within: float | None = None,
     ) -> list[BrokerUnavailable | None]:
         """Every PUBLISH goes out at once (as far as the broker's Receive Maximum allows) and
         one wait covers all the PUBACKs; a lost connection ends the wait at once."""
         if not messages:
             return []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        limit = self._publish_timeout if within is None else min(within, self._publish_timeout)
         try:
-            link = await self._connection()
+            link = await self._connection(limit)
         except BrokerUnavailable as exc:
             return [exc] * len(messages)
+        wait = max(0.0, limit - (loop.time() - started))
         futures = link.publish_many(
             [(topic, payload, self._properties(props)) for topic, payload, props in messages]
         )
@@ -229,12 +241,14 @@ class MqttPublisher:
 
             for future in waiting:
                 future.add_done_callback(settled)
-            await asyncio.wait((all_settled,), timeout=self._publish_timeout)
-        return [self._outcome(future, link) for future in futures]
+            await asyncio.wait((all_settled,), timeout=wait)
+        return [self._outcome(future, link, limit) for future in futures]
 
-    def _outcome(self, future: asyncio.Future[None], link: MqttLink) -> BrokerUnavailable | None:
+    def _outcome(
+        self, future: asyncio.Future[None], link: MqttLink, limit: float
+    ) -> BrokerUnavailable | None:
         if not future.done():
-            return BrokerUnavailable(f"no PUBACK within {self._publish_timeout:g} s")
+            return BrokerUnavailable(f"no PUBACK within {limit:g} s")
         failure = future.exception()
         if failure is None:
             return None

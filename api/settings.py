@@ -22,6 +22,9 @@ from policies.topics import DEFAULT_TOPIC_TEMPLATE, render_topic, validate_topic
 _MQTT_SCHEMES = {"mqtt": 1883, "tcp": 1883}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 DEFAULT_COAPS_PORT = 5684
+# Values of ``coaps_port`` that mean "no DTLS listener": the proxy's own list
+# (proxy/settings.py; api/ does not import proxy/).
+_COAPS_OFF = frozenset({"", "off", "none", "false", "no", "disabled"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +70,20 @@ class ApiSettings(BaseSettings):
     """Shared secret the proxy sends; ``None`` switches ``/ingest`` off (503)."""
     topic_template: str = DEFAULT_TOPIC_TEMPLATE
     max_payload: int = Field(default=65536, ge=0)
+    max_batch: int = Field(default=256, gt=0, le=1024)
+    """The proxy's setting of the same name (same env var): most device messages in one
+    ``/ingest/batch`` call. With ``max_payload`` it bounds a batch body (api/guard.py)."""
     coaps_url: str | None = None
     """The coaps:// endpoint handed out by ``/bootstrap`` and the credentials API. Unset:
     ``coaps://<coaps_host or coap_host>:<coaps_port or 5684>``, with this machine's FQDN for a
-    wildcard host. Set it whenever devices reach the proxy under a public name."""
+    wildcard host, or nothing (an empty field) when ``coaps_port`` is off. Set it whenever
+    devices reach the proxy under a public name, or DTLS is served somewhere else."""
     coap_host: str | None = None
     coaps_host: str | None = None
     coaps_port: int | str | None = None
     """These three are the proxy's settings of the same names (same flags under ``up``, same
-    env vars); the API only uses them to derive ``coaps_url``."""
+    env vars; under ``up`` the port is the one the proxy actually bound, or off when it serves
+    no DTLS); the API only uses them to derive ``coaps_url``."""
     trusted_proxy_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """CIDRs of reverse proxies whose ``X-Forwarded-For`` HTTPS onboarding believes; comma
     separated or a JSON list in the environment. Empty: the TCP peer is the device."""
@@ -134,17 +142,22 @@ class ApiSettings(BaseSettings):
 
     @cached_property
     def coaps_endpoint(self) -> str:
-        """The coaps:// URL devices are told to use after bootstrapping (SPEC §3, §6)."""
+        """The coaps:// URL devices are told to use after bootstrapping (SPEC §3, §6); empty
+        when no DTLS is served and none is configured: the key is still the device's (HTTPS
+        onboarding hands it out without any URL), but no endpoint is advertised that nobody
+        serves (docs/API.md)."""
         if self.coaps_url is not None:
             return self.coaps_url
+        port = "" if self.coaps_port is None else str(self.coaps_port).strip()
+        if port.lower() in _COAPS_OFF and self.coaps_port is not None:
+            return ""
         host = (self.coaps_host or self.coap_host or "").strip()
         if host in _WILDCARD_HOSTS:
             host = socket.getfqdn()
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        port = str(self.coaps_port or "").strip()
         if not port.isdigit() or int(port) == 0:
-            port = str(DEFAULT_COAPS_PORT)  # unset, "off" or "any free port": the default
+            port = str(DEFAULT_COAPS_PORT)  # unset or "any free port": the default
         return f"coaps://{host}:{port}"
 
     @property

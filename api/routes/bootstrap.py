@@ -2,7 +2,9 @@
 
 Called by the proxy for CoAP ``GET /bootstrap``. The answer is one CSV line
 ``<iccid>,<psk>,<coaps url>`` (text/plain → Content-Format 0), with no line end: the vendor
-sample splits the payload on ``,`` and uses the third field as the URL as is.
+sample splits the payload on ``,`` and uses the third field as the URL as is. Without a DTLS
+listener (and no ``coaps_url``) the third field is empty: always three fields, so that split
+still works, and no URL that nothing serves.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ NO_STORE = {"Cache-Control": "no-store"}
         "Rotation (SPEC §6): no key yet → a new one; a key set by the user is returned as is; "
         "a generated key is regenerated when this call comes 5 minutes or more after the "
         "previous bootstrap or onboarding call (the old key stops working at once); every call "
-        "is recorded. Calls per device are rate limited (429 → CoAP 4.29)."
+        "is recorded. Calls per device are rate limited (429 → CoAP 4.29).\n\n"
+        "`coapsEndpointUrl` is the setting `coaps_url`, else the DTLS listener's address; it is "
+        "empty (the line ends in `,`) when DTLS is switched off and no `coaps_url` is set: the "
+        "key is still handed out, but no endpoint that nobody serves is advertised."
     ),
     response_class=PlainTextResponse,
     dependencies=[Depends(require_proxy)],

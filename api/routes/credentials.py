@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SettingsDep, StoreDep, require_api_key
 from api.errors import (
+    BODY_TOO_LARGE,
     MALFORMED_BODY,
     DeviceNotFound,
     NotAuthenticated,
@@ -26,11 +27,17 @@ from api.errors import (
 from api.psk_lifecycle import issue_credentials, parse_user_psk, revoke_psk, set_user_psk
 from api.routes.bootstrap import NO_STORE
 from api.routes.devices import IccidPath
+from api.safe_json import SafeJsonRoute
 
-router = APIRouter(prefix="/devices", tags=["credentials"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/devices",
+    tags=["credentials"],
+    dependencies=[Depends(require_api_key)],
+    route_class=SafeJsonRoute,
+)
 
 _ERRORS = error_responses(DeviceNotFound, NotAuthenticated, NotConfigured, StoreUnavailable)
-_BODY_ERRORS = _ERRORS | MALFORMED_BODY
+_BODY_ERRORS = _ERRORS | MALFORMED_BODY | BODY_TOO_LARGE
 
 
 class PskIn(BaseModel):

@@ -13,16 +13,22 @@ from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict, WithJsonSchema, field_validator
 
 from api.deps import StoreDep, require_api_key
-from api.errors import MALFORMED_BODY, DeviceNotFound, IpInUse
+from api.errors import BODY_TOO_LARGE, MALFORMED_BODY, DeviceNotFound, IpInUse, clip
+from api.safe_json import SafeJsonRoute
 from api.store.base import IP_JSON_SCHEMA, Device, DeviceStatus, Iccid, IpAddress, Location
 
-router = APIRouter(prefix="/devices", tags=["devices"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/devices",
+    tags=["devices"],
+    dependencies=[Depends(require_api_key)],
+    route_class=SafeJsonRoute,
+)
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or invalid bearer API key"},
     503: {"description": "no API key is configured, or the device store is unavailable"},
 }
-_BODY_RESPONSES = _AUTH_RESPONSES | MALFORMED_BODY
+_BODY_RESPONSES = _AUTH_RESPONSES | MALFORMED_BODY | BODY_TOO_LARGE
 
 EXAMPLE_ICCID = "8988280666000000001"
 IccidPath = Annotated[
@@ -124,7 +130,7 @@ async def list_devices(store: StoreDep) -> list[DeviceOut]:
 async def get_device(iccid: IccidPath, store: StoreDep) -> DeviceOut:
     device = await store.get(iccid)
     if device is None:
-        raise DeviceNotFound(f"device {iccid} not found")
+        raise DeviceNotFound(f"device {clip(iccid)} not found")
     return DeviceOut.of(device)
 
 

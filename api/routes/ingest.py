@@ -32,6 +32,7 @@ from api.errors import (
 from api.idempotency import Claimed, IdempotencyStore
 from api.identity import calling_device, origin_from
 from api.publisher import Publisher
+from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import Device
 from policies import dedup
@@ -42,13 +43,19 @@ from policies.batch import (
     decode_batch,
     encode_statuses,
 )
-from policies.forwarding import IDEMPOTENCY_HEADER, Origin
+from policies.forwarding import (
+    IDEMPOTENCY_HEADER,
+    TIMEOUT_HEADER,
+    Origin,
+    backend_budget,
+    parse_timeout,
+)
 from policies.media import content_format_for
 from policies.topics import TopicError, render_topic, validate_topic
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["ingest"])
+router = APIRouter(tags=["ingest"], route_class=SafeJsonRoute)
 
 
 def _error_responses(*errors: type[ApiError]) -> dict[int | str, dict[str, str]]:
@@ -140,7 +147,10 @@ async def ingest(
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
     claims: list[Claimed | None] = list(await idempotency.claim([key])) if key else [None]
     [status], answered, released = await _publish_claimed(
-        publisher, [(key, topic, payload, properties)], claims
+        publisher,
+        [(key, topic, payload, properties)],
+        claims,
+        publish_budget(request.headers.get(TIMEOUT_HEADER)),
     )
     background = _recording(idempotency, answered, released)
     if status == 503:
@@ -153,10 +163,22 @@ async def ingest(
 Outgoing = tuple[str | None, str, bytes, dict[str, str]]  # idempotency key, topic, payload, props
 
 
+def publish_budget(proxy_timeout: str | bytes | None) -> float | None:
+    """How long a publish may wait, from the caller's :data:`TIMEOUT_HEADER`: short enough that
+    our 503 reaches the proxy before it gives up with 5.04 (policies.forwarding.backend_budget);
+    None (the publisher's own limit) when the header is absent or not a number."""
+    seconds = parse_timeout(proxy_timeout)
+    return None if seconds is None else backend_budget(seconds)
+
+
 async def _publish_claimed(
-    publisher: Publisher, messages: list[Outgoing], claims: list[Claimed | None]
+    publisher: Publisher,
+    messages: list[Outgoing],
+    claims: list[Claimed | None],
+    within: float | None = None,
 ) -> tuple[list[int], list[tuple[str, bytes]], list[str]]:
-    """Publish each message whose Idempotency-Key claim is ours (or that has no key).
+    """Publish each message whose Idempotency-Key claim is ours (or that has no key), waiting
+    at most ``within`` seconds (see :func:`publish_budget`).
 
     Returns the HTTP status of each message, in order, and what to record afterwards: the
     answered keys and the keys to release (their publish failed: the retry must go ahead). A
@@ -173,7 +195,7 @@ async def _publish_claimed(
         else:
             sending.append(n)
     results = await publisher.publish_many(
-        [(messages[n][1], messages[n][2], messages[n][3]) for n in sending]
+        [(messages[n][1], messages[n][2], messages[n][3]) for n in sending], within=within
     )
     answered: list[tuple[str, bytes]] = []
     released: list[str] = []
@@ -206,8 +228,12 @@ def _recording(
     return BackgroundTask(record)
 
 
-# The proxy batches at most a few hundred messages per call; this bounds a batch body.
+# The most a proxy may put in one call (its max_batch is at most this); settings.max_batch,
+# the proxy's configured value, bounds the body (batch_body_limit).
 MAX_BATCH_ITEMS = 1024
+# Per item beyond its payload: six length prefixes, Forwarded, PSK identity, Idempotency-Key,
+# query and Content-Type (policies/batch.py); all but the query are a few dozen bytes.
+BATCH_ITEM_FRAMING = 1024
 
 
 @router.post(
@@ -228,6 +254,7 @@ MAX_BATCH_ITEMS = 1024
         },
         400: {"description": "the body is not a valid batch"},
         403: {"description": "missing or invalid proxy token"},
+        413: {"description": "the body is larger than max_batch items of max_payload"},
     },
 )
 async def ingest_batch(
@@ -238,11 +265,19 @@ async def ingest_batch(
     idempotency: IdempotencyDep,
 ) -> Response:
     body = await _read_body(request, batch_body_limit(settings))
-    return await answer_batch(body, settings, admission, publisher, idempotency)
+    return await answer_batch(
+        body,
+        settings,
+        admission,
+        publisher,
+        idempotency,
+        publish_budget(request.headers.get(TIMEOUT_HEADER)),
+    )
 
 
 def batch_body_limit(settings: ApiSettings) -> int:
-    return (settings.max_payload + 1024) * MAX_BATCH_ITEMS
+    """The largest batch the proxy can send: ``max_batch`` items of ``max_payload`` each."""
+    return (settings.max_payload + BATCH_ITEM_FRAMING) * settings.max_batch
 
 
 async def answer_batch(
@@ -251,9 +286,11 @@ async def answer_batch(
     admission: Admission,
     publisher: Publisher,
     idempotency: IdempotencyStore,
+    within: float | None = None,
 ) -> Response:
     """The whole of ``POST /ingest/batch`` once the caller is known to be the proxy and the
-    body is read: the route above and the fast path (api/fast_path.py) both end here."""
+    body is read: the route above and the fast path (api/fast_path.py) both end here.
+    ``within``: the publish budget (:func:`publish_budget`)."""
     received_at = time.time_ns() // 1_000_000
     try:
         items = decode_batch(body)
@@ -290,7 +327,7 @@ async def answer_batch(
         outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
         positions.append(index)
     claims = [claimed.get(index) for index in positions]
-    sent, answered, released = await _publish_claimed(publisher, outgoing, claims)
+    sent, answered, released = await _publish_claimed(publisher, outgoing, claims, within)
     # Refused items took a claim too: give it back, or their retry would wait for the lease.
     accepted = set(positions)
     released += [

@@ -3,25 +3,24 @@
 the management API (``PUT /devices/{iccid}/location``).
 
 Degrees are kept as the decimal text they arrived in: the request body's JSON numbers are
-parsed as :class:`decimal.Decimal` (see :class:`DecimalJsonRoute`), so ``13.404954`` is stored,
-listed and served as ``13.404954``, never as a binary float's nearest neighbour.
+parsed as :class:`decimal.Decimal` (:class:`api.safe_json.DecimalJsonRoute`), so ``13.404954``
+is stored, listed and served as ``13.404954``, never as a binary float's nearest neighbour.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import NowDep, StoreDep, require_api_key, require_proxy
 from api.errors import (
+    BODY_TOO_LARGE,
     MALFORMED_BODY,
     ApiError,
     BadForwarded,
@@ -35,10 +34,12 @@ from api.errors import (
     ProxyForbidden,
     SampleTimeInFuture,
     StoreUnavailable,
+    clip,
     error_responses,
 )
 from api.identity import calling_device
 from api.routes.devices import IccidPath
+from api.safe_json import DecimalJsonRoute, SafeJsonRoute
 from api.store.base import Device, Location
 
 CSV_HEADER = "Longitude,Latitude,Source,SampleTime\n"
@@ -61,28 +62,9 @@ def _decimal_text(value: Decimal) -> str:
     return format(value, "f")
 
 
-class _DecimalJsonRequest(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_float=Decimal)
-        return self._json
-
-
-class DecimalJsonRoute(APIRoute):
-    """Parses JSON bodies with ``parse_float=Decimal`` (FastAPI's custom-request pattern)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def decimal_handler(request: Request) -> Response:
-            return await handler(_DecimalJsonRequest(request.scope, request.receive))
-
-        return decimal_handler
-
-
 # --- CoAP side (called by the proxy) --------------------------------------------------------
 
-router = APIRouter(tags=["location"])
+router = APIRouter(tags=["location"], route_class=SafeJsonRoute)
 
 
 async def _has_payload(request: Request) -> bool:
@@ -213,7 +195,7 @@ class LocationUpdate(BaseModel):
         "one is ignored and the answer says so (`stored: false`); an equal time replaces it. "
         "A `sample_time` more than one day ahead of the server's clock is refused."
     ),
-    responses=error_responses(DeviceNotFound, *_AUTH_ERRORS) | MALFORMED_BODY,
+    responses=error_responses(DeviceNotFound, *_AUTH_ERRORS) | MALFORMED_BODY | BODY_TOO_LARGE,
 )
 async def put_location(
     iccid: IccidPath, body: LocationIn, store: StoreDep, now: NowDep
@@ -263,7 +245,7 @@ async def put_location(
 async def get_location(iccid: IccidPath, store: StoreDep) -> LocationOut:
     device = await store.get(iccid)
     if device is None:
-        raise DeviceNotFound(f"device {iccid} not found")
+        raise DeviceNotFound(f"device {clip(iccid)} not found")
     location = device.location
     if location is None:
         raise LocationNotFound()

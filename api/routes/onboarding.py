@@ -44,10 +44,11 @@ from api.errors import (
     TermsNotAccepted,
 )
 from api.psk_lifecycle import hand_out_psk
+from api.safe_json import SafeJsonRoute
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["onboarding"])
+router = APIRouter(tags=["onboarding"], route_class=SafeJsonRoute)
 
 Format = Literal["application/json", "text/csv"]
 JSON: Format = "application/json"

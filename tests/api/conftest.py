@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +28,7 @@ from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
 from policies.forwarding import IDENTITY_HEADER, TOKEN_HEADER, format_forwarded
 from policies.keys import psk_channel
-from tests.support.http import serve_app
+from tests.support.http import free_port, serve_app
 from tests.support.services import MosquittoServer, RedisServer
 
 ACTIVE = "8988280666000000001"
@@ -105,7 +110,7 @@ class NoPublisher:
     async def publish(self, topic: str, payload: bytes, properties: object) -> None:
         raise AssertionError("this endpoint must not publish")
 
-    async def publish_many(self, messages: object) -> list[None]:
+    async def publish_many(self, messages: object, within: float | None = None) -> list[None]:
         raise AssertionError("this endpoint must not publish")
 
     async def close(self) -> None:
@@ -203,3 +208,94 @@ async def real_server(app: FastAPI) -> AsyncIterator[str]:
     whom to trust: ``trusted_proxy_networks``)."""
     async with serve_app(app, proxy_headers=False) as url:
         yield url
+
+
+# --- the API as a separate process ----------------------------------------------------------
+# For requests that might hold the server's event loop (or its core) for good: the test keeps
+# its own loop and its timeouts, and a stuck server is killed and started again.
+
+
+class ApiProcess:
+    """``uvicorn --factory api.app:create_app_from_env`` on a free port: memory store, the
+    test broker, the keys of this package's tests."""
+
+    def __init__(self, mqtt_url: str, log_path: Path) -> None:
+        self.mqtt_url = mqtt_url
+        self.log_path = log_path
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def start(self) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")} | {
+            "COAP_BRIDGE_API_KEY": API_KEY,
+            "COAP_BRIDGE_PROXY_TOKEN": PROXY_TOKEN,
+            "COAP_BRIDGE_MQTT_URL": self.mqtt_url,
+            "COAP_BRIDGE_COAPS_URL": COAPS_URL,
+        }
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "uvicorn", "api.app:create_app_from_env", "--factory",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--no-proxy-headers",
+                    "--log-level", "warning",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not self.responsive():
+            assert self._process.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+        with httpx.Client(base_url=self.url, headers=AUTH, timeout=5) as http:
+            created = http.post("/devices", json={"iccid": ACTIVE, "ip": "127.0.0.1"})
+            assert created.status_code == 201, created.text
+
+    def responsive(self, timeout: float = 2.0) -> bool:
+        """True when ``/healthz`` answers within ``timeout`` seconds."""
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()  # a process stuck in one computation ignores this: then SIGKILL
+        try:
+            process.wait(3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart_if_stuck(self) -> None:
+        if self._process is None or not self.responsive():
+            self.stop()
+            self.start()
+
+
+@pytest.fixture(scope="module")
+def _api_process(
+    _mosquitto_process: MosquittoServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiProcess]:
+    server = ApiProcess(_mosquitto_process.url, tmp_path_factory.mktemp("api") / "api.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def api_process(_api_process: ApiProcess, mosquitto: MosquittoServer) -> ApiProcess:
+    """The module's API process, started again if an earlier test left it stuck."""
+    _api_process.restart_if_stuck()
+    return _api_process

@@ -187,3 +187,21 @@ async def test_publish_many_without_connection_fails_fast() -> None:
     never = MqttPublisher(host="127.0.0.1", port=1, reconnect_wait=0.2)
     results = await never.publish_many([("x", b"", {})] * 3)
     assert [type(r) for r in results] == [BrokerUnavailable] * 3
+
+
+async def test_publish_many_within_bounds_the_wait_below_the_publish_timeout(
+    mosquitto: MosquittoServer,
+) -> None:
+    # The proxy's budget (X-Bridge-Timeout) shortens the wait for a PUBACK, so the API's 503
+    # is on its way before the proxy gives up with 5.04.
+    publisher = MqttPublisher(host="127.0.0.1", port=mosquitto.port, publish_timeout=30)
+    await publisher.start()
+    try:
+        mosquitto.pause()
+        results = await asyncio.wait_for(
+            publisher.publish_many([("pub/w", b"x", {})] * 3, within=0.3), 10
+        )
+    finally:
+        mosquitto.resume()
+        await publisher.close()
+    assert [str(r) for r in results] == ["no PUBACK within 0.3 s"] * 3

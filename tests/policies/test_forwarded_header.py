@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from policies.forwarding import (
     Origin,
+    backend_budget,
     canonical_ip,
     format_forwarded,
     idempotency_key,
     parse_forwarded,
+    parse_timeout,
 )
 
 FORMAT_ROWS = [
@@ -170,3 +172,35 @@ def test_canonical_ip_agrees_with_ipaddress(text: str) -> None:
 @given(st.text(alphabet="0123456789abcdefABCDEF:.", max_size=24))
 def test_canonical_ip_agrees_with_ipaddress_on_anything(text: str) -> None:
     assert canonical_ip(text) == _oracle(text)
+
+
+@pytest.mark.parametrize(
+    ("proxy_timeout", "budget"),
+    [(5.0, 4.0), (10.0, 9.0), (2.0, 1.0), (1.0, 0.5), (0.4, 0.2)],
+)
+def test_the_backend_budget_leaves_the_proxy_time_to_hear_the_answer(
+    proxy_timeout: float, budget: float
+) -> None:
+    assert backend_budget(proxy_timeout) == pytest.approx(budget)
+    assert backend_budget(proxy_timeout) < proxy_timeout
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("5", 5.0),
+        (b"2.5", 2.5),
+        ("0.25", 0.25),
+        (None, None),
+        ("", None),
+        ("0", None),
+        ("-1", None),
+        ("nan", None),
+        ("inf", None),
+        ("1e999", None),
+        ("five", None),
+        ("1" * 17, None),
+    ],
+)
+def test_timeout_header_values(value: str | bytes | None, seconds: float | None) -> None:
+    assert parse_timeout(value) == seconds
