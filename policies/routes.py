@@ -43,6 +43,11 @@ class Route:
     # The batch form of `target` (policies/batch.py): requests arriving while a call is in
     # flight travel together in the next call. None: one HTTP request per CoAP request.
     batch_target: str | None = None
+    # Safe requests (GET, FETCH) on this route may run twice without harm, so they need no
+    # cross-replica claim: local deduplication is enough (RFC 7252 §4.5 leaves it to the
+    # application for idempotent requests). Off by default: a GET may still change state
+    # (/bootstrap rotates a key).
+    idempotent: bool = False
 
     def http_method_for(self, coap_method: int) -> str:
         """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
@@ -110,7 +115,19 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     topic_query = raw.get("topic_query", False)
     if not isinstance(topic_query, bool):
         raise PolicyError(f"{where}: 'topic_query' must be true or false")
-    unknown = set(raw) - {"path", "methods", "target", "http_method", "topic_query", "batch_target"}
+    idempotent = raw.get("idempotent", False)
+    if not isinstance(idempotent, bool):
+        raise PolicyError(f"{where}: 'idempotent' must be true or false")
+    known = {
+        "path",
+        "methods",
+        "target",
+        "http_method",
+        "topic_query",
+        "batch_target",
+        "idempotent",
+    }
+    unknown = set(raw) - known
     if unknown:
         raise PolicyError(f"{where}: unknown keys {sorted(unknown)}")
     return Route(
@@ -120,6 +137,7 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         http_method=str(http_method).upper() if http_method else None,
         topic_query=topic_query,
         batch_target=batch_target,
+        idempotent=idempotent,
     )
 
 

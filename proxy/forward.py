@@ -12,7 +12,7 @@ from policies.topics import TopicError, topic_from_queries
 from proxy.batching import GroupCommit
 from proxy.coap import options as opt
 from proxy.coap.codec import uint_bytes
-from proxy.coap.messaging import Request, Response
+from proxy.coap.requests import Request, Response
 from proxy.errors import ProxyError
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -22,6 +22,7 @@ WELL_KNOWN_CORE = "/.well-known/core"
 # SPEC §5, production mode (require_dtls): on plain CoAP a device may only fetch its PSK.
 PLAIN_PATHS_IN_PRODUCTION = frozenset({"/bootstrap"})
 LINK_FORMAT = 40
+_SAFE = frozenset({status.GET, status.FETCH})  # RFC 7252 §5.1, RFC 8132 §2
 
 
 def _max_age_from_retry_after(value: str | None) -> int | None:
@@ -101,6 +102,21 @@ class ProxyHandler:
                     f"route {route.path!r}: batch_target {route.batch_target!r} is not the "
                     "upstream nor a trusted origin; add its origin to 'trusted_origins'"
                 )
+
+    def needs_claim(self, request: Request) -> bool:
+        """Only what is forwarded, and is not a safe request on an idempotent route, needs the
+        cross-replica claim: what this handler answers itself (discovery, 4.01 in production
+        mode, 4.04, 4.05) is the same on every replica, and a GET the policy calls idempotent
+        may run twice (docs/ARCHITECTURE.md)."""
+        path = request.path
+        if path == WELL_KNOWN_CORE:
+            return False
+        if self._plain_paths is not None and path not in self._plain_paths:
+            return False
+        route = self._policy.match(path, request.method).route
+        if route is None:
+            return False
+        return not (route.idempotent and request.method in _SAFE)
 
     async def handle(self, request: Request) -> Response:
         if self._plain_paths is not None and request.path not in self._plain_paths:

@@ -18,11 +18,10 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol, cast
+from dataclasses import dataclass
+from typing import cast
 
 from policies import status
-from proxy.coap import options as opt
 from proxy.coap.codec import (
     ACK,
     CON,
@@ -34,7 +33,6 @@ from proxy.coap.codec import (
     decode,
     encode_empty,
     encode_parts,
-    parse_uint,
 )
 from proxy.coap.exchanges import (
     CHECKING,
@@ -47,6 +45,7 @@ from proxy.coap.exchanges import (
     identity_key,
     peer_key,
 )
+from proxy.coap.requests import BadRequest, Request, RequestHandler, Response, interpret
 from proxy.state.base import Claim, ClaimResult, DedupStore, DedupUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,34 +54,6 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT = 2.0
 ACK_RANDOM_FACTOR = 1.5
 MAX_RETRANSMIT = 4
-
-Peer = tuple[str, int]
-
-
-@dataclass(slots=True)
-class Request:
-    """A request as the handler sees it: decoded once, options already interpreted."""
-
-    method: int
-    path: str
-    queries: list[str]
-    message: Message
-    peer: Peer
-    content_format: int | None = None
-    accept: int | None = None
-    # The authenticated PSK identity over DTLS; None on plain CoAP (SPEC §2).
-    identity: str | None = None
-
-
-@dataclass(slots=True)
-class Response:
-    code: int
-    options: list[tuple[int, bytes]] = field(default_factory=list)  # sorted by number
-    payload: bytes = b""
-
-
-class RequestHandler(Protocol):
-    async def handle(self, request: Request) -> Response: ...
 
 
 @dataclass(slots=True)
@@ -112,85 +83,6 @@ class SharedDedup:
     key: Callable[[str, int, int, str | None], str]  # (ip, port, MID, PSK identity)
     lease: float = 10.0
     retry_after: float = 1.0
-
-
-class _BadRequest(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-# RFC 7959 §2.2: SZX 7 (it would mean 2048-byte blocks) is reserved; in a request it is 4.00.
-_SZX_RESERVED = 7
-
-
-def _interpret(message: Message, peer: Peer, identity: str | None) -> Request:
-    """Pick the request options apart; raise :class:`_BadRequest` for 4.02 / 4.00 / 5.05.
-
-    Each option this server reads is first held against ``opt.REQUEST_RULES``: a value
-    length outside the option's range (RFC 7252 §5.4.3) or a further occurrence of an option
-    that is not repeatable (§5.4.5; the first occurrence stands) is treated like an
-    unrecognized option: critical → 4.02, elective → skipped (§5.4.1). Options come out of
-    decode in ascending order, so a repetition is the same number as the option before it.
-    A NON request gets its 4.02 too, as a NON response: §5.4.1 words the NON case as
-    "rejected" (§4.3), which the CoRE working group's corrections and clarifications draft
-    (draft-ietf-core-corr-clar §2.2) resolves as a 4.02 response rather than a Reset; libcoap
-    answers the same way. A request never reaches the handler either way.
-    """
-    path_segments: list[str] = []
-    queries: list[str] = []
-    content_format: int | None = None
-    accept: int | None = None
-    rules = opt.REQUEST_RULES
-    previous = -1
-    for number, value in message.options:
-        repeated = number == previous
-        previous = number
-        rule = rules.get(number)
-        if rule is None:
-            if number & 1:
-                raise _BadRequest(status.BAD_OPTION)  # critical and not understood
-            continue  # elective and not read: ignored
-        if len(value) not in rule[0] or (repeated and not rule[1]):
-            if number & 1:
-                raise _BadRequest(status.BAD_OPTION)
-            continue
-        if number == opt.URI_PATH:
-            path_segments.append(_text(value))
-        elif number == opt.URI_QUERY:
-            queries.append(_text(value))
-        elif number == opt.CONTENT_FORMAT:
-            content_format = parse_uint(value)
-        elif number == opt.ACCEPT:
-            accept = parse_uint(value)
-        elif number == opt.PROXY_URI or number == opt.PROXY_SCHEME:
-            # We are a reverse proxy (an origin server to the device), not a forward proxy.
-            raise _BadRequest(status.PROXYING_NOT_SUPPORTED)
-        elif number == opt.BLOCK1 or number == opt.BLOCK2:
-            block = parse_uint(value)
-            if block & 0x07 == _SZX_RESERVED:
-                raise _BadRequest(status.BAD_REQUEST)
-            # Block-wise transfer of request bodies is not implemented: only a single block
-            # (NUM 0, M 0) is accepted; anything else would need reassembly (RFC 7959 §2.5).
-            if number == opt.BLOCK1 and (block >> 3 or block & 0x08):
-                raise _BadRequest(status.BAD_OPTION)
-    # Positional: keyword arguments to a slots dataclass cost ~250 ns here, every request.
-    return Request(
-        message.code,
-        "/" + "/".join(path_segments),
-        queries,
-        message,
-        peer,
-        content_format,
-        accept,
-        identity,
-    )
-
-
-def _text(value: bytes) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _BadRequest(status.BAD_REQUEST) from None
 
 
 class CoapServerProtocol(asyncio.DatagramProtocol):
@@ -352,8 +244,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         identity: str | None,
     ) -> None:
         try:
-            request = _interpret(message, (addr[0], addr[1]), identity)
-        except _BadRequest as bad:
+            request = interpret(message, (addr[0], addr[1]), identity)
+        except BadRequest as bad:
             # Decided by the datagram alone: every replica answers it the same way.
             pending.state = HANDLING
             self._respond(key, pending, message, addr, Response(bad.code))

@@ -2,7 +2,7 @@
 
 :data:`FORMATS` is the one table of what each option's value may look like: its length range
 (RFC 7252 §5.4.3), whether it may occur more than once (§5.4.5) and its value format (§3.2).
-The request interpretation (``proxy.coap.messaging._interpret``) enforces it, through
+The request interpretation (:func:`proxy.coap.requests.interpret`) enforces it, through
 :data:`REQUEST_RULES`, for every option this server reads.
 """
 

@@ -190,6 +190,11 @@ PARSED = [
         Route(path="/x", methods=frozenset({GET}), target="/y", topic_query=True),
         id="topic-query",
     ),
+    pytest.param(
+        route_toml(idempotent="true"),
+        Route(path="/x", methods=frozenset({GET}), target="/y", idempotent=True),
+        id="idempotent",
+    ),
 ]
 
 
@@ -246,6 +251,7 @@ MALFORMED = [
         route_toml(methods='["FETCH"]'), "FETCH must set 'http_method'", id="fetch-no-twin"
     ),
     pytest.param(route_toml(topic_query='"yes"'), "'topic_query'", id="topic-query-not-bool"),
+    pytest.param(route_toml(idempotent='"yes"'), "'idempotent'", id="idempotent-not-bool"),
     pytest.param(route_toml(foo='"bar"'), "unknown keys \\['foo'\\]", id="unknown-key"),
     pytest.param(route_toml() + route_toml(), "defined twice", id="duplicate-path"),
     pytest.param(

@@ -19,11 +19,14 @@ from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
 from policies import forwarding, status
-from policies.routes import PolicyError
+from policies.routes import PolicyError, load_policy
 from proxy.coap import options as opt
-from proxy.coap.codec import ACK, CON, encode_parts, parse_uint
+from proxy.coap.codec import ACK, CON, Message, encode_parts, parse_uint
+from proxy.coap.requests import Request
+from proxy.forward import ProxyHandler
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ProxySettings
+from proxy.upstream import HttpxUpstream
 from tests.support.coap import RawClient
 from tests.support.http import free_port, serve_app
 
@@ -437,3 +440,29 @@ async def test_a_batch_target_outside_the_trusted_origins_is_refused_at_start(tm
     )
     with pytest.raises(PolicyError, match="trusted_origins"):
         await start_proxy(settings)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "plain_paths", "needed"),
+    [
+        pytest.param(status.GET, "/.well-known/core", None, False, id="discovery"),
+        pytest.param(status.POST, "/nope", None, False, id="no-route-4.04"),
+        pytest.param(status.GET, "/data", None, False, id="wrong-method-4.05"),
+        pytest.param(status.POST, "/data", frozenset({"/bootstrap"}), False, id="production-4.01"),
+        pytest.param(status.GET, "/location", None, False, id="idempotent-GET"),
+        pytest.param(status.GET, "/bootstrap", None, True, id="GET-that-rotates-a-key"),
+        pytest.param(status.POST, "/data", None, True, id="telemetry"),
+    ],
+)
+def test_which_requests_need_the_cross_replica_claim(
+    method: int, path: str, plain_paths, needed: bool
+) -> None:
+    handler = ProxyHandler(
+        policy=load_policy(),
+        upstream=HttpxUpstream.__new__(HttpxUpstream),  # never called: nothing is forwarded
+        base_url="http://127.0.0.1:9",
+        proxy_token=None,
+        plain_paths=plain_paths,
+    )
+    request = Request(method, path, [], Message(0, method, 1), ("127.0.0.1", 1))
+    assert handler.needs_claim(request) is needed
