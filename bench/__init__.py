@@ -4,6 +4,13 @@ Scenarios (one table row per system, with the ratio to the baseline):
 
 - **T** termination: CON GET /.well-known/core, closed loop, against coap-bridge's proxy,
   libcoap's ``coap-server-notls`` and an aiocoap server (``bench/aiocoap_server.py``).
+  T also runs ``coap-bridge+redis``: the proxy in the production shape, started with
+  ``--redis-url`` (a redis-server of its own); the target is that row ≥ 0.5 × libcoap.
+- **B** block-wise: a 256 KiB resource fetched with Block2 (1024-byte blocks, RFC 7959) by many
+  clients at once, each block after block and then again (``bench/blockload.py``); libcoap's
+  ``coap-server-notls`` serving what was PUT to /example_data, beside ``coap-bridge+redis`` in
+  front of the bench's byte-range HTTP origin (``bench/origin.py``). Block req/s, blocks/s,
+  transfers/s, latency per block, server memory per transfer in progress.
 - **E** telemetry end to end: CON POST /?t=bench/x with a 100-byte payload through
   proxy → HTTP → API → Redis + Mosquitto (MQTT 5, QoS 1) → 2.04; baseline: aiocoap's do-nothing
   POST. An MQTT subscriber checks that every acknowledged message arrived exactly once.
@@ -19,6 +26,7 @@ Every row reports the CPU each process used and what limited it (client, server 
 machine's cores). Every proxy gets a free coaps port or ``--coaps-port=off``, never 5684.
 
 Modules: ``loadgen`` (the CoAP load generator), ``dtls_loadgen`` (the same over DTLS, and
-handshakes), ``services`` (processes and probes),
+handshakes), ``blockload`` (block-wise transfers, B), ``origin`` (B's HTTP origin),
+``services`` (processes and probes),
 ``subscriber`` (the MQTT witness), ``harness`` (scenarios), ``report`` (tables, BENCHMARKS.md).
 """

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import SYSTEMS, Bench, Settings, workdir
+from bench.harness import B_SYSTEMS, SYSTEMS, Bench, Settings, workdir
 from bench.report import render, update_file
 from bench.services import stop_all
 
-SCENARIOS = ("T", "E", "L", "R", "D", "H", "M")
+SCENARIOS = ("T", "B", "E", "L", "R", "D", "H", "M")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -25,11 +25,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help="comma-separated: T,E,L,R (E through --workers N), D (E over DTLS), "
-        "H (DTLS handshakes), M",
+        help="comma-separated: T,B (block-wise GET of a large resource),E,L,R (E through "
+        "--workers N), D (E over DTLS), H (DTLS handshakes), M",
     )
     parser.add_argument(
         "--t-systems", default=",".join(SYSTEMS), help=f"systems for T ({','.join(SYSTEMS)})"
+    )
+    parser.add_argument(
+        "--b-systems", default=",".join(B_SYSTEMS), help=f"systems for B ({','.join(B_SYSTEMS)})"
+    )
+    parser.add_argument(
+        "--b-clients", type=int, default=32, help="B: clients, each fetching the whole resource"
+    )
+    parser.add_argument("--b-duration", type=float, help="B: measured window (s)")
+    parser.add_argument(
+        "--b-loadgen-workers", type=int, default=1, help="B: load generator processes"
     )
     parser.add_argument("--duration", type=float, help="measured window of T, E, L (s)")
     parser.add_argument("--warmup", type=float, help="warm-up before each window (s)")
@@ -73,6 +83,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.systems = [s.strip() for s in args.t_systems.split(",") if s.strip()]
     if set(args.systems) - set(SYSTEMS):
         parser.error(f"--t-systems: choose from {', '.join(SYSTEMS)}")
+    args.b_system_list = [s.strip() for s in args.b_systems.split(",") if s.strip()]
+    if set(args.b_system_list) - set(B_SYSTEMS):
+        parser.error(f"--b-systems: choose from {', '.join(B_SYSTEMS)}")
     return args
 
 
@@ -113,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             h_duration=args.h_duration or (1.0 if quick else 5.0),
             h_workers=args.h_workers,
             h_concurrency=args.h_concurrency,
+            b_systems=args.b_system_list,
+            b_clients=args.b_clients,
+            b_duration=args.b_duration or args.duration or (1.0 if quick else 10.0),
+            b_loadgen_workers=args.b_loadgen_workers,
         )
         bench = Bench(settings)
         try:

@@ -1,5 +1,6 @@
-"""The scenarios T, E, L, M (see ``bench/__init__.py``): start the systems, drive them with
-:mod:`bench.loadgen`, stop them, and collect one row per system."""
+"""The scenarios T, B, E, L, R, D, H, M (see ``bench/__init__.py``): start the systems, drive
+them with :mod:`bench.loadgen` (B: :mod:`bench.blockload`), stop them, and collect one row per
+system."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import dtls_loadgen, loadgen
+from bench import blockload, dtls_loadgen, loadgen
+from bench.blockload import BlockConfig, BlockResult
 from bench.dtls_loadgen import Credential, DtlsLoadConfig, HandshakeResult
 from bench.loadgen import LoadConfig, LoadResult, RequestSpec
 from bench.services import (
@@ -37,7 +39,14 @@ from bench.subscriber import MosquittoSubscriber, Subscriber, check_delivery
 
 DEVICE = {"iccid": "8988280666000000001", "ip": "127.0.0.1", "status": "active"}
 TOPIC = "bench/x"
-SYSTEMS = ("coap-bridge", "libcoap", "aiocoap")
+# "coap-bridge+redis": the production shape, the proxy started with --redis-url (a throwaway
+# redis-server of its own) for the cross-replica claim (issue 13 §4).
+REDIS_SYSTEM = "coap-bridge+redis"
+SYSTEMS = ("coap-bridge", REDIS_SYSTEM, "libcoap", "aiocoap")
+# B: libcoap's example server holds what was PUT to /example_data and serves it block-wise;
+# the proxy serves the bench's HTTP origin (bench/origin.py, byte ranges) through a route.
+B_SYSTEMS = ("libcoap", REDIS_SYSTEM)
+B_PATHS = {"libcoap": "/example_data", REDIS_SYSTEM: "/blob"}
 DTLS_SYSTEM = "coap-bridge over DTLS"
 EXCHANGE_LIFETIME = 247.0
 _R = TypeVar("_R")
@@ -72,6 +81,13 @@ class Settings:
     # The proxy caps its dedup table (COAP_BRIDGE_DEDUP_MAX_ENTRIES); for M it must hold every
     # exchange, or bytes/exchange would be measured on evicted entries.
     m_dedup_max_entries: int = 100_000_000
+    # B: a b_size-byte resource fetched block-wise (Block2, b_block_size) by b_clients at once.
+    b_systems: list[str] = field(default_factory=lambda: list(B_SYSTEMS))
+    b_clients: int = 32
+    b_duration: float = 10.0
+    b_size: int = 256 * 1024
+    b_block_size: int = 1024
+    b_loadgen_workers: int = 1
 
 
 @dataclass
@@ -307,6 +323,7 @@ class Bench:
         *,
         workers: int | None = None,
         coaps_port: int | None = None,
+        extra: Sequence[str] = (),
     ) -> Service:
         """The proxy under test. ``coaps_port`` None: DTLS off (never the default 5684, which
         another bridge on this machine may hold)."""
@@ -321,6 +338,7 @@ class Bench:
             argv.append(f"--coaps-port={'off' if coaps_port is None else coaps_port}")
         elif coaps_port is not None:
             raise RuntimeError("coap-bridge proxy has no --coaps-port flag yet")
+        argv += extra
         full_env = _clean_env() | (env or {})
         return self._service("coap-bridge-proxy", argv, env=full_env)
 
@@ -331,20 +349,175 @@ class Bench:
             self._log(f"T: {system}, CON GET /.well-known/core, closed loop")
             row = Row("T", system)
             try:
-                service, port = self._coap_server(system)
-                try:
+                with contextlib.ExitStack() as stack:
+                    if system == REDIS_SYSTEM:
+                        redis, redis_url = start_redis(self.settings.workdir / "redis-t")
+                        stack.callback(redis.stop)
+                        service, port = self._coap_server("coap-bridge", redis_url=redis_url)
+                        watch = {"coap-bridge": service.pid, "redis": redis.pid}
+                    else:
+                        service, port = self._coap_server(system)
+                        watch = {system: service.pid}
+                    stack.callback(service.stop)
                     row.result = self._load(
-                        port, RequestSpec.wkc(), duration=self.settings.duration,
-                        watch={system: service.pid},
-                    )  # fmt: skip
+                        port, RequestSpec.wkc(), duration=self.settings.duration, watch=watch
+                    )
                     row.extra |= self._cpu_extra()
                     service.check_alive()
-                finally:
-                    service.stop()
+                    if system == REDIS_SYSTEM:
+                        redis.check_alive()
             except Exception as exc:
                 row.error = f"{type(exc).__name__}: {exc}"
                 self._log(f"  ERROR {row.error}")
             self.rows.append(row)
+
+    # --- B -----------------------------------------------------------------------------------
+
+    def scenario_b(self) -> None:
+        s = self.settings
+        for system in s.b_systems:
+            self._log(
+                f"B: {system}, {s.b_size // 1024} KiB fetched block-wise (Block2, "
+                f"{s.b_block_size} B) by {s.b_clients} clients, closed loop"
+            )
+            row = Row("B", system)
+            try:
+                with contextlib.ExitStack() as stack:
+                    port, services = self._block_server(system, stack)
+                    row.result, row.extra = self._block_run(system, port, services)
+                if "origin" in services:
+                    # Printed by the origin as it stopped: how the proxy fetched the blocks.
+                    answers = _origin_answers(services["origin"].log_path)
+                    blocks = row.result.completed + row.extra["blocks_per_transfer"]
+                    row.extra["origin_answers"] = answers
+                    row.extra["origin_requests_per_block"] = sum(answers.values()) / blocks
+                    self._log(f"  origin answers {answers}, during the run and the check")
+            except Exception as exc:
+                row.error = f"{type(exc).__name__}: {exc}"
+                self._log(f"  ERROR {row.error}")
+            self.rows.append(row)
+
+    def _block_server(
+        self, system: str, stack: contextlib.ExitStack
+    ) -> tuple[int, dict[str, Service]]:
+        """Start ``system`` serving the B resource: (CoAP port, its processes by name, the
+        one whose memory counts first)."""
+        s = self.settings
+        work = s.workdir / "b"
+        work.mkdir(parents=True, exist_ok=True)
+        if system == "libcoap":
+            service, port = self._coap_server("libcoap")
+            stack.callback(service.stop)
+            upload = work / "resource.bin"
+            upload.write_bytes(blockload.resource_body(s.b_size))
+            # The example server keeps what a PUT to /example_data carried and serves it
+            # block-wise (its default block handling, -L 1).
+            done = subprocess.run(
+                [which("coap-client-notls"), "-m", "put", "-b", str(s.b_block_size), "-f",
+                 str(upload), f"coap://127.0.0.1:{port}{B_PATHS[system]}"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"PUT to libcoap failed: {done.stdout}{done.stderr}")
+            return port, {"libcoap": service}
+        if system != REDIS_SYSTEM:
+            raise ValueError(f"B: unknown system {system!r}")
+        origin_port = free_port()
+        origin = self._service(
+            "origin",
+            [sys.executable, "-m", "bench.origin", "--host", "127.0.0.1", "--port",
+             str(origin_port), "--path", B_PATHS[system], "--size", str(s.b_size)],
+            env=_clean_env() | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )  # fmt: skip
+        stack.callback(origin.stop)
+        origin.wait_until(lambda: tcp_ready(origin_port), 30.0, "accepting HTTP")
+        redis, redis_url = start_redis(s.workdir / "redis-b")
+        stack.callback(redis.stop)
+        policy = work / "policy.toml"
+        path = B_PATHS[system]
+        # A GET that is safe to repeat: no cross-replica claim needed (issue 13 §4).
+        policy.write_text(
+            f'[[route]]\npath = "{path}"\nmethods = ["GET"]\ntarget = "{path}"\nidempotent = true\n'
+        )
+        port = free_port()
+        proxy = self._proxy(
+            port,
+            f"http://127.0.0.1:{origin_port}",
+            redis_url=redis_url,
+            extra=["--policy", str(policy), *self._block_size_flag()],
+        )
+        stack.callback(proxy.stop)
+        proxy.wait_until(lambda: coap_ready(port), 30.0, "answering CoAP")
+        return port, {"proxy": proxy, "redis": redis, "origin": origin}
+
+    def _block_size_flag(self) -> list[str]:
+        if _supports("proxy", "--block-size"):
+            return ["--block-size", str(self.settings.b_block_size)]
+        return []
+
+    def _block_run(
+        self, system: str, port: int, services: dict[str, Service]
+    ) -> tuple[BlockResult, dict[str, Any]]:
+        s = self.settings
+        path = B_PATHS[system]
+        # One whole transfer first: the resource is there, every byte right, no datagram over
+        # the block size; it also warms the server up before its memory is read.
+        body, sizes, etag = blockload.fetch_once("127.0.0.1", port, path, s.b_block_size, 5.0)
+        if body != blockload.resource_body(s.b_size):
+            raise RuntimeError(f"{path}: {len(body)} bytes, not the {s.b_size} expected")
+        if max(sizes) > s.b_block_size:
+            raise RuntimeError(f"{path}: a block of {max(sizes)} B, over {s.b_block_size}")
+        time.sleep(0.3)
+        config = BlockConfig(
+            host="127.0.0.1",
+            port=port,
+            path=path,
+            size=s.b_size,
+            block_size=s.b_block_size,
+            clients=s.b_clients,
+            duration=s.b_duration,
+            warmup=s.warmup,
+            timeout=s.timeout,
+            workers=s.b_loadgen_workers,
+            port_range=self.ports.take(),
+        )
+        watch = {name: service.pid for name, service in services.items()}
+        server = next(iter(services.values()))
+        with RssSampler(server.pid, interval=min(0.5, max(0.1, s.b_duration / 20))) as rss:
+            result = self._measured(lambda: blockload.run_blocks(config), watch)
+        for service in services.values():
+            service.check_alive()
+        # The load starts ~0.05 s after the sampler (0.5 s more with forked workers).
+        begin = 0.05 + (0.5 + 0.05 * s.b_loadgen_workers if s.b_loadgen_workers > 1 else 0.0)
+        memory = block_memory(
+            rss.samples, rss.before, begin + s.warmup, begin + s.warmup + s.b_duration,
+            s.b_clients, begin,
+        )  # fmt: skip
+        extra: dict[str, Any] = {
+            **self._cpu_extra(),
+            "clients": s.b_clients,
+            "resource_bytes": s.b_size,
+            "block_size": s.b_block_size,
+            "blocks_per_transfer": len(sizes),
+            "etag": etag.hex() if etag is not None else None,
+            "blocks_in_window": result.blocks_in_window,
+            "blocks_per_second": result.blocks_per_second,
+            "transfers_in_window": result.transfers_in_window,
+            "transfers_per_second": result.transfers_per_second,
+            "transfers": result.transfers,
+            "corrupt": result.corrupt,
+            "etag_changes": result.etag_changes,
+            "restarts": result.restarts,
+            "block_sizes": result.block_sizes,
+            **memory,
+        }
+        self._log(
+            f"  RSS {memory['rss_before'] / 2**20:.1f} MiB → peak "
+            f"{memory['rss_peak'] / 2**20:.1f} MiB; per transfer in progress "
+            f"{(memory['rss_per_transfer'] or 0) / 1024:.1f} KiB (growth-corrected "
+            f"{(memory['rss_per_transfer_corrected'] or 0) / 1024:.1f} KiB)"
+        )
+        return result, extra
 
     # --- E, L, R, D, H: the telemetry chain ----------------------------------------------------
 
@@ -808,6 +981,8 @@ class Bench:
         chosen = self.settings.scenarios
         if "T" in chosen:
             self.scenario_t()
+        if "B" in chosen:
+            self.scenario_b()
         if set(chosen) & {"E", "L", "R", "D", "H"}:
             self.scenario_chain(chosen)
         if "M" in chosen:
@@ -817,6 +992,85 @@ class Bench:
         return any(
             row.error is not None or row.extra.get("status") == "FAILED" for row in self.rows
         )
+
+
+def _origin_answers(log: Path) -> dict[str, int]:
+    """The last ``answers {...}`` line bench/origin.py printed as it stopped."""
+    import json
+
+    lines = [line for line in log.read_text().splitlines() if line.startswith("answers ")]
+    if not lines:
+        raise RuntimeError(f"the origin printed no answer counts:\n{log.read_text()[-2000:]}")
+    answers: dict[str, int] = json.loads(lines[-1].split(" ", 1)[1])
+    return answers
+
+
+class RssSampler:
+    """RSS of ``pid`` (with its children) every ``interval`` seconds in a thread: ``before``
+    on entry, ``samples`` as (seconds since entry, bytes)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.before = 0
+        self.started = 0.0
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.monotonic() - self.started, rss_bytes(self.pid)))
+
+    def __enter__(self) -> RssSampler:
+        self.before = rss_bytes(self.pid)
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def block_memory(
+    samples: Sequence[tuple[float, int]],
+    before: int,
+    window_start: float,
+    window_end: float,
+    clients: int,
+    load_start: float = 0.0,
+) -> dict[str, Any]:
+    """Server memory per transfer in progress, from RSS samples (seconds, bytes) of one B run.
+
+    ``rss_per_transfer``: (peak − before) / clients, an upper bound: it also holds what grows
+    with the number of requests (a server's exchange cache keeps every CON for 247 s, M).
+    ``rss_per_transfer_corrected``: a line fitted to the samples inside the measured window
+    (all transfers running, so its slope is the per-request growth) and followed back to the
+    start of the load; what it stands above ``before`` came with the transfers being in
+    progress, divided by their number. None without two samples in the window."""
+    peak = max([before, *(rss for _, rss in samples)])
+    window = [(t, rss) for t, rss in samples if window_start <= t <= window_end]
+    corrected: float | None = None
+    slope: float | None = None
+    if len(window) >= 2 and clients > 0:
+        mean_t = sum(t for t, _ in window) / len(window)
+        mean_rss = sum(rss for _, rss in window) / len(window)
+        spread = sum((t - mean_t) ** 2 for t, _ in window)
+        slope = (
+            sum((t - mean_t) * (rss - mean_rss) for t, rss in window) / spread if spread else 0.0
+        )
+        at_start = mean_rss - slope * (mean_t - load_start)
+        corrected = max(0.0, (at_start - before) / clients)
+    return {
+        "rss_before": before,
+        "rss_peak": peak,
+        "rss_delta": peak - before,
+        "rss_per_transfer": (peak - before) / clients if clients > 0 else None,
+        "rss_per_transfer_corrected": corrected,
+        "rss_growth_per_second": slope,
+        "rss_samples": list(samples),
+    }
 
 
 def _port_of(url: str) -> int:

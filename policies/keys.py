@@ -44,3 +44,20 @@ def psk_channel(prefix: str = DEFAULT_PREFIX) -> str:
 def idempotency_record_key(key: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Where the API remembers an Idempotency-Key it processed (shared by API replicas)."""
     return f"{prefix}:idem:{key}"
+
+
+def block_transfer_key(transfer: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """A request body being reassembled from Block1 blocks (RFC 7959 §2.5); ``transfer`` is the
+    block-wise layer's digest of peer, method, URI and Request-Tags. The ``{blk}`` hash tag
+    keeps a transfer and the sets bounding it on one Redis Cluster slot (one script call)."""
+    return f"{prefix}:{{blk}}:t:{transfer}"
+
+
+def block_peer_key(peer: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Sorted set of one peer's transfers in progress (score: expiry, ms): the per-peer cap."""
+    return f"{prefix}:{{blk}}:peer:{peer}"
+
+
+def block_index_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Sorted set of every transfer in progress (score: expiry, ms): the global cap."""
+    return f"{prefix}:{{blk}}:all"

@@ -5,14 +5,16 @@ A policy is data (TOML); this module only loads and validates it and answers loo
 
 from __future__ import annotations
 
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from policies import status
+from policies import status as status_rules
 from policies.forwarding import http_origin
 
 _METHODS_BY_NAME = {name: number for number, name in status.METHOD_NAMES.items()}
@@ -48,10 +50,35 @@ class Route:
     # application for idempotent requests). Off by default: a GET may still change state
     # (/bootstrap rotates a key).
     idempotent: bool = False
+    # The route's own status rows (``status = { "404" = "4.04", "2xx.POST" = "2.01" }``),
+    # which win over policies.status.HTTP_TO_COAP; ``table`` is them compiled.
+    status: tuple[tuple[tuple[int | str, str], int], ...] = ()
+    table: status_rules.StatusTable = field(
+        default=status_rules.DEFAULT_TABLE, compare=False, repr=False
+    )
+    # RFC 6690 target attributes listed for the route in /.well-known/core, in a fixed order:
+    # ("rt", "..."), ("if", "..."), ("ct", (50,)), ("sz", 1024), ("obs", True).
+    link: tuple[tuple[str, str | int | bool | tuple[int, ...]], ...] = ()
+    # A template route (``/commands/{device}``): the variable names, in path order; each
+    # matches one whole, non-empty Uri-Path segment. () for an exact path.
+    variables: tuple[str, ...] = ()
 
     def http_method_for(self, coap_method: int) -> str:
         """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
         return self.http_method or _HTTP_TWIN[coap_method]
+
+    def target_for(self, params: dict[str, str] | None) -> str:
+        """``target`` with each ``{name}`` replaced by its segment, percent-encoded as one
+        path segment (RFC 3986 §3.3: a ``/`` in a value stays data, not a separator)."""
+        return _expand(self.target, params)
+
+
+def _expand(target: str, params: dict[str, str] | None) -> str:
+    if not params:
+        return target
+    for name, value in params.items():
+        target = target.replace("{" + name + "}", quote(value, safe=""))
+    return target
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +87,14 @@ class RouteMatch:
 
     route: Route | None
     error: int = 0
+    # A template route's variables, each the segment it matched (not yet percent-encoded).
+    params: dict[str, str] | None = None
+
+
+_NOT_FOUND = RouteMatch(None, status.NOT_FOUND)
+_NOT_ALLOWED = RouteMatch(None, status.METHOD_NOT_ALLOWED)
+# One template: per segment its literal, or None for a variable; and the route.
+_Template = tuple[tuple[str | None, ...], Route]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +105,172 @@ class Policy:
     # identity, the Idempotency-Key. Any other origin a route targets gets only what a public
     # reverse proxy sends (Forwarded and the content headers), docs/ARCHITECTURE.md.
     trusted_origins: frozenset[str] = frozenset()
+    # Derived from ``routes``: exact paths (one dict lookup) and templates by segment count.
+    _exact: dict[str, RouteMatch] = field(init=False, compare=False, repr=False)
+    _templates: dict[int, list[_Template]] = field(init=False, compare=False, repr=False)
 
-    def match(self, path: str, method: int) -> RouteMatch:
-        route = self.routes.get(path)
-        if route is None:
-            return RouteMatch(None, status.NOT_FOUND)
+    def __post_init__(self) -> None:
+        exact: dict[str, RouteMatch] = {}
+        templates: dict[int, list[_Template]] = {}
+        for path, route in self.routes.items():
+            if route.variables:
+                pattern = _pattern(path)
+                templates.setdefault(len(pattern), []).append((pattern, route))
+            else:
+                exact[path] = RouteMatch(route)  # frozen: one answer shared by every lookup
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_templates", templates)
+
+    def match(self, path: str, method: int, segments: list[str] | None = None) -> RouteMatch:
+        """The route for ``path``: an exact path first, then the template of the same number
+        of segments whose literals all equal the request's (at most one can: ambiguous
+        templates are refused at load). ``segments``: the request's Uri-Path values, when
+        known — a value may hold a ``/`` that ``path`` cannot tell from a separator."""
+        found = self._exact.get(path)
+        if found is not None:
+            route = found.route
+            return found if route is not None and method in route.methods else _NOT_ALLOWED
+        if not self._templates:
+            return _NOT_FOUND
+        template = self._match_template(path.split("/")[1:] if segments is None else segments)
+        if template is None:
+            return _NOT_FOUND
+        route, params = template
         if method not in route.methods:
-            return RouteMatch(None, status.METHOD_NOT_ALLOWED)
-        return RouteMatch(route)
+            return _NOT_ALLOWED
+        return RouteMatch(route, 0, params)
+
+    def _match_template(self, segments: list[str]) -> tuple[Route, dict[str, str]] | None:
+        for pattern, route in self._templates.get(len(segments), ()):
+            values = []
+            for literal, segment in zip(pattern, segments, strict=True):
+                if literal is None:
+                    if not segment:
+                        break
+                    values.append(segment)
+                elif literal != segment:
+                    break
+            else:
+                return route, dict(zip(route.variables, values, strict=True))
+        return None
+
+
+_VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_STATUS_KEY = re.compile(r"([1-5](?:[0-9][0-9]|xx))(?:\.(\*|[A-Za-z]+))?")
+_LINK_STRINGS = ("rt", "if")
+_LINK_KEYS = ("rt", "if", "ct", "sz", "obs")
+
+
+def _pattern(path: str) -> tuple[str | None, ...]:
+    """Per segment of a normalised path: its literal, or None for a ``{variable}``."""
+    if path == "/":
+        return ("",)
+    return tuple(None if _VARIABLE.fullmatch(s) else s for s in path[1:].split("/"))
+
+
+def _variables(where: str, path: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for segment in path.split("/"):
+        found = _VARIABLE.fullmatch(segment)
+        if found is not None:
+            if found.group(1) in names:
+                raise PolicyError(f"{where}: variable {{{found.group(1)}}} appears twice")
+            names.append(found.group(1))
+        elif "{" in segment or "}" in segment:
+            raise PolicyError(
+                f"{where}: a template variable is a whole segment such as /commands/{{device}}"
+            )
+    return tuple(names)
+
+
+def _check_placeholders(where: str, key: str, target: str, names: tuple[str, ...]) -> None:
+    """Each ``{name}`` of a target is a variable of the path, and only in its path or query:
+    a device must never choose the host a request goes to."""
+    for found in _VARIABLE.finditer(target):
+        if found.group(1) not in names:
+            raise PolicyError(f"{where}: {key!r} names {{{found.group(1)}}}, not in the path")
+    if "{" in _VARIABLE.sub("", target) or "}" in _VARIABLE.sub("", target):
+        raise PolicyError(f"{where}: {key!r} holds a brace that is not a {{variable}}")
+    if target.startswith(("http://", "https://")):
+        authority = urlsplit(_VARIABLE.sub("x", target)).netloc
+        if authority != urlsplit(target).netloc or "{" in target.split("/", 3)[2]:
+            raise PolicyError(f"{where}: {key!r} may use variables in its path only")
+
+
+def _status_rows(where: str, raw: object) -> tuple[tuple[tuple[int | str, str], int], ...]:
+    """``{ "404" = "4.04", "2xx.POST" = "2.01", "304.GET" = "2.03" }``: keys are an HTTP
+    status or class, optionally ``.METHOD`` (a CoAP method name or ``*``); values CoAP codes."""
+    if not isinstance(raw, dict):
+        raise PolicyError(f'{where}: \'status\' must be a table such as {{ "404" = "4.04" }}')
+    rows: dict[tuple[int | str, str], int] = {}
+    for key, value in raw.items():
+        found = _STATUS_KEY.fullmatch(key)
+        method = found.group(2) if found is not None else None
+        if method is not None and method != status.ANY:
+            method = _METHOD_NAME_BY_UPPER.get(method.upper())
+        if found is None or (found.group(2) is not None and method is None):
+            raise PolicyError(
+                f'{where}: status key {key!r} is not an HTTP status or class ("404", '
+                '"2xx"), optionally with .METHOD ("2xx.POST", "304.*")'
+            )
+        coap = status.parse_code_text(value) if isinstance(value, str) else None
+        if coap is None:
+            raise PolicyError(f"{where}: status {key!r}: {value!r} is not a CoAP code like 2.05")
+        http = found.group(1)
+        rows[(int(http) if http.isdigit() else http, method or status.ANY)] = coap
+    return tuple(sorted(rows.items(), key=repr))
+
+
+_METHOD_NAME_BY_UPPER = {name.upper(): name for name in status.METHOD_NAMES.values()}
+# Compiled tables shared between routes with the same rows (each is 8000 cells).
+_TABLES: dict[tuple[tuple[tuple[int | str, str], int], ...], status.StatusTable] = {}
+
+
+def _table(rows: tuple[tuple[tuple[int | str, str], int], ...]) -> status.StatusTable:
+    if not rows:
+        return status.DEFAULT_TABLE
+    table = _TABLES.get(rows)
+    if table is None:
+        table = _TABLES[rows] = status.StatusTable(status.HTTP_TO_COAP, dict(rows))
+    return table
+
+
+def _link(where: str, raw: object) -> tuple[tuple[str, str | int | bool | tuple[int, ...]], ...]:
+    """``link = { rt = "temperature", if = "sensor", ct = 50, sz = 1024, obs = true }``
+    (RFC 6690 §3.1-3.4, RFC 7252 §7.2.1, RFC 7641 §6)."""
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: 'link' must be a table such as {{ rt = \"sensor\" }}")
+    unknown = set(raw) - set(_LINK_KEYS)
+    if unknown:
+        raise PolicyError(f"{where}: unknown link attributes {sorted(unknown)}")
+    attributes: list[tuple[str, str | int | bool | tuple[int, ...]]] = []
+    for name in _LINK_KEYS:
+        if name not in raw:
+            continue
+        value = raw[name]
+        if name in _LINK_STRINGS:
+            # A quoted-string of space-separated values (RFC 6690 §2): no quote, no backslash.
+            if not isinstance(value, str) or not value.strip() or set(value) & set('"\\'):
+                raise PolicyError(f"{where}: link {name} must be a non-empty string without quotes")
+            attributes.append((name, " ".join(value.split())))
+        elif name == "ct":
+            formats = value if isinstance(value, list) else [value]
+            if not formats or not all(_uint(v, 0xFFFF) for v in formats):
+                raise PolicyError(f"{where}: link ct must be a Content-Format number or a list")
+            attributes.append((name, tuple(formats)))
+        elif name == "sz":
+            if not _uint(value, 0xFFFFFFFF):
+                raise PolicyError(f"{where}: link sz must be a size in bytes")
+            attributes.append((name, value))
+        elif not isinstance(value, bool):
+            raise PolicyError(f"{where}: link obs must be true or false")
+        elif value:
+            attributes.append((name, True))
+    return tuple(attributes)
+
+
+def _uint(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
 
 
 def _normalise_path(path: str) -> str:
@@ -126,18 +319,34 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         "topic_query",
         "batch_target",
         "idempotent",
+        "status",
+        "link",
     }
     unknown = set(raw) - known
     if unknown:
         raise PolicyError(f"{where}: unknown keys {sorted(unknown)}")
+    path = _normalise_path(path)
+    variables = _variables(where, path)
+    _check_placeholders(where, "target", target, variables)
+    if batch_target is not None and variables:
+        # A batch is one call for many devices' requests: a path variable would either be
+        # lost or make one batch target (and one group commit) per value.
+        raise PolicyError(f"{where}: a template route cannot have a 'batch_target'")
+    if batch_target is not None:
+        _check_placeholders(where, "batch_target", batch_target, ())
+    rows = _status_rows(where, raw["status"]) if "status" in raw else ()
     return Route(
-        path=_normalise_path(path),
+        path=path,
         methods=frozenset(numbers),
         target=target,
         http_method=str(http_method).upper() if http_method else None,
         topic_query=topic_query,
         batch_target=batch_target,
         idempotent=idempotent,
+        status=rows,
+        table=_table(rows),
+        link=_link(where, raw["link"]) if "link" in raw else (),
+        variables=variables,
     )
 
 
@@ -164,8 +373,25 @@ def parse_policy(text: str) -> Policy:
         route = _route_from(index, raw)
         if route.path in routes:
             raise PolicyError(f"route {route.path!r} is defined twice")
+        if route.variables:
+            _refuse_ambiguous(route, [r for r in routes.values() if r.variables])
         routes[route.path] = route
     return Policy(routes=routes, trusted_origins=trusted)
+
+
+def _refuse_ambiguous(route: Route, templates: list[Route]) -> None:
+    """Two templates that some path matches both (same segment count, and at each segment
+    equal literals or a variable on either side) would make the order of the file matter:
+    refused, so a path matches at most one template (an exact path still wins over both)."""
+    pattern = _pattern(route.path)
+    for other in templates:
+        theirs = _pattern(other.path)
+        if len(theirs) == len(pattern) and all(
+            a is None or b is None or a == b for a, b in zip(pattern, theirs, strict=True)
+        ):
+            raise PolicyError(
+                f"route {route.path!r}: ambiguous with {other.path!r} (a path could match both)"
+            )
 
 
 def _bare_origin(url: str) -> bool:

@@ -17,6 +17,17 @@ def code_text(value: int) -> str:
     return f"{value >> 5}.{value & 0x1F:02d}"
 
 
+def parse_code_text(text: str) -> int | None:
+    """69 for ``"2.05"``; None unless it is a response code ``c.dd`` of class 2, 4 or 5
+    (RFC 7252 §12.1.2)."""
+    cls, dot, detail = text.partition(".")
+    if not dot or len(cls) != 1 or len(detail) != 2 or not (cls + detail).isdigit():
+        return None
+    if int(cls) not in (2, 4, 5) or int(detail) > 31:
+        return None
+    return code(int(cls), int(detail))
+
+
 EMPTY = 0
 GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH = 1, 2, 3, 4, 5, 6, 7
 METHOD_NAMES = {
@@ -100,28 +111,48 @@ HTTP_TO_COAP: dict[tuple[int | str, str], int] = {
 UNMAPPED = BAD_GATEWAY
 
 
-def lookup(table: dict[tuple[int | str, str], int], http_status: int, method: int) -> int:
-    """One cell of ``table`` by the lookup order above (the readable form of the rule)."""
+Rows = dict[tuple[int | str, str], int]
+
+
+def find(table: Rows, http_status: int, method: int) -> int | None:
+    """One cell of ``table`` by the lookup order above; None when no row names it."""
     name = METHOD_NAMES.get(method, "")
     cls = f"{http_status // 100}xx"
     for key in ((http_status, name), (http_status, ANY), (cls, name), (cls, ANY)):
         found = table.get(key)
         if found is not None:
             return found
-    return UNMAPPED
+    return None
+
+
+def lookup(table: Rows, http_status: int, method: int) -> int:
+    """One cell of ``table`` by the lookup order above (the readable form of the rule)."""
+    found = find(table, http_status, method)
+    return UNMAPPED if found is None else found
+
+
+def lookup_with(overrides: Rows, table: Rows, http_status: int, method: int) -> int:
+    """A route's cell: its own rows first, as a whole (so its ``("2xx", ANY)`` beats the
+    default ``(201, "POST")``), then the table's."""
+    found = find(overrides, http_status, method)
+    return lookup(table, http_status, method) if found is None else found
 
 
 class StatusTable:
     """A table compiled for the hot path: one list index per answer.
 
-    Built from :data:`HTTP_TO_COAP` by default; a profile may pass its own rows.
+    Built from :data:`HTTP_TO_COAP` by default; a profile may pass its own rows, and a route
+    policy its ``overrides`` (docs/ARCHITECTURE.md), which win over every row of ``table``.
     """
 
-    __slots__ = ("_cells",)
+    __slots__ = ("_cells", "overrides")
 
-    def __init__(self, table: dict[tuple[int | str, str], int] = HTTP_TO_COAP) -> None:
+    def __init__(self, table: Rows = HTTP_TO_COAP, overrides: Rows | None = None) -> None:
+        self.overrides: Rows = dict(overrides or {})
         self._cells = [
-            lookup(table, http_status, method) for http_status in range(1000) for method in range(8)
+            lookup_with(self.overrides, table, http_status, method)
+            for http_status in range(1000)
+            for method in range(8)
         ]
 
     def code_for(self, http_status: int, method: int) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+import time
+from collections.abc import Mapping
+from urllib.parse import quote, urlsplit
 
-from policies import forwarding, media, status
+from policies import forwarding, media, status, translation
 from policies.batch import BatchItem
+from policies.discovery import Discovery
 from policies.routes import Policy, PolicyError, Route
 from policies.topics import TopicError, topic_from_queries
 from proxy.batching import GroupCommit
@@ -14,7 +17,7 @@ from proxy.coap import options as opt
 from proxy.coap.codec import uint_bytes
 from proxy.coap.requests import Request, Response
 from proxy.errors import ProxyError
-from proxy.upstream import Upstream, UpstreamResponse
+from proxy.upstream import NO_HEADERS, Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +38,94 @@ def _max_age_from_retry_after(value: str | None) -> int | None:
 # Answers that tell the device when to come back: the origin's Retry-After becomes Max-Age
 # (RFC 8075 §7.1.2 for 5.03; 4.29 per RFC 8516 §3 carries Max-Age the same way).
 _RETRY_LATER = frozenset({status.SERVICE_UNAVAILABLE, status.TOO_MANY_REQUESTS})
+# Success codes a client may cache, and so the ones Max-Age speaks about (RFC 7252 §5.9.1:
+# 2.01, 2.02 and 2.04 are not cacheable); every error code is cacheable (§5.9.2, §5.9.3).
+_CACHEABLE_SUCCESS = frozenset({status.VALID, status.CONTENT})
 
 
-def translate(upstream: UpstreamResponse, method: int) -> Response:
-    """An HTTP answer as a CoAP response. Errors carry no payload (SPEC §3, docs/API.md)."""
-    code = status.coap_code_for(upstream.status, method)
+def _error(
+    code: int, http_status: int, retry_after: str | None, headers: Mapping[str, str]
+) -> Response:
+    """An error answer: no payload (SPEC §3), Max-Age from Retry-After on 5.03/4.29, else from
+    the origin's freshness information (policies/translation.py: 0 when it must not be
+    reused, absent when HTTP would let a cache keep it)."""
+    max_age = _max_age_from_retry_after(retry_after) if code in _RETRY_LATER else None
+    if max_age is None:
+        max_age = translation.max_age(http_status, headers, time.time())
+    return Response(code, [(opt.MAX_AGE, uint_bytes(max_age))] if max_age is not None else [])
+
+
+def translate(
+    upstream: UpstreamResponse, method: int, table: status.StatusTable = status.DEFAULT_TABLE
+) -> Response:
+    """An HTTP answer as a CoAP response (docs/ARCHITECTURE.md, "Translation"): the code by
+    ``table``; ETag, Content-Format and Max-Age from the origin's headers. Errors carry no
+    payload (SPEC §3, docs/API.md). Location and preconditions are the forwarder's."""
+    code = table.code_for(upstream.status, method)
+    headers = upstream.headers
     if code >= status.BAD_REQUEST:
-        max_age = _max_age_from_retry_after(upstream.retry_after) if code in _RETRY_LATER else None
-        options = [(opt.MAX_AGE, uint_bytes(max_age))] if max_age is not None else []
-        return Response(code, options)
-    options = []
+        return _error(code, upstream.status, upstream.retry_after, headers)
+    options: list[tuple[int, bytes]] = []
+    if headers:
+        etag = headers.get("etag")
+        if etag is not None:
+            value = translation.coap_etag(etag)
+            if value is not None:
+                options.append((opt.ETAG, value))
     if upstream.body and upstream.content_type:
         content_format = media.content_format_for(upstream.content_type)
         if content_format is not None:
             options.append((opt.CONTENT_FORMAT, uint_bytes(content_format)))
+    if code in _CACHEABLE_SUCCESS and (
+        headers or upstream.status not in translation.HEURISTICALLY_CACHEABLE
+    ):
+        max_age = translation.max_age(upstream.status, headers, time.time())
+        if max_age is not None:
+            options.append((opt.MAX_AGE, uint_bytes(max_age)))
     return Response(code, options, upstream.body)
+
+
+def translate_status(
+    http_status: int, retry_after: str | None, method: int, table: status.StatusTable
+) -> Response:
+    """A batch item's answer: a status alone (policies/batch.py carries no headers)."""
+    code = table.code_for(http_status, method)
+    if code >= status.BAD_REQUEST:
+        return _error(code, http_status, retry_after, NO_HEADERS)
+    return Response(code)
+
+
+class _Conditions:
+    """The request's preconditions and validators (RFC 7252 §5.10.6, §5.10.8), read from its
+    options. ``interpret`` has already refused a malformed If-Match / If-None-Match (both
+    critical); an ETag of a wrong length is elective and skipped here (§5.4.3)."""
+
+    __slots__ = ("etags", "if_match", "if_none_match")
+
+    def __init__(self, options: list[tuple[int, bytes]]) -> None:
+        self.if_match: list[bytes] = []
+        self.etags: list[bytes] = []
+        self.if_none_match = False
+        for number, value in options:
+            if number > opt.IF_NONE_MATCH:
+                break  # options are sorted: the three come first
+            if number == opt.IF_MATCH:
+                self.if_match.append(value)
+            elif number == opt.ETAG and 1 <= len(value) <= translation.ETAG_MAX:
+                self.etags.append(value)
+            elif number == opt.IF_NONE_MATCH:
+                self.if_none_match = True
+
+
+def _named(values: list[bytes]) -> list[str] | None:
+    """The HTTP entity-tags for these CoAP values; None if any cannot be named (hashed)."""
+    tags = []
+    for value in values:
+        tag = translation.http_etag(value)
+        if tag is None:
+            return None
+        tags.append(tag)
+    return tags
 
 
 class ProxyHandler:
@@ -78,7 +154,8 @@ class ProxyHandler:
         self._base_url = base_url.rstrip("/")
         self._proto = proto
         self._max_payload = max_payload
-        self._well_known = ",".join(f"<{path}>" for path in policy.routes).encode()
+        self._discovery = Discovery(policy.routes.values())
+        self._templates = any(route.variables for route in policy.routes.values())
         self._max_batch = max_batch
         self._batch_concurrency = batch_concurrency
         self._batchers: dict[str, GroupCommit] = {}
@@ -113,7 +190,7 @@ class ProxyHandler:
             return False
         if self._plain_paths is not None and path not in self._plain_paths:
             return False
-        route = self._policy.match(path, request.method).route
+        route = self._policy.match(path, request.method, self._segments(request)).route
         if route is None:
             return False
         return not (route.idempotent and request.method in _SAFE)
@@ -122,8 +199,8 @@ class ProxyHandler:
         if self._plain_paths is not None and request.path not in self._plain_paths:
             return Response(status.UNAUTHORIZED)
         if request.path == WELL_KNOWN_CORE:
-            return self._discovery(request)
-        match = self._policy.match(request.path, request.method)
+            return self._discover(request)
+        match = self._policy.match(request.path, request.method, self._segments(request))
         route = match.route
         if route is None:
             return Response(match.error)
@@ -137,14 +214,23 @@ class ProxyHandler:
             return Response(
                 status.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
             )
-        return await self._forward(request, route)
+        return await self._forward(request, route, match.params)
 
-    def _discovery(self, request: Request) -> Response:
-        """RFC 6690 resource discovery, served by the proxy itself."""
+    def _segments(self, request: Request) -> list[str] | None:
+        """The Uri-Path values, for template matching only (a value may hold a "/")."""
+        if not self._templates:
+            return None
+        return [v.decode() for n, v in request.message.options if n == opt.URI_PATH]
+
+    def _discover(self, request: Request) -> Response:
+        """RFC 6690 resource discovery, served by the proxy itself, with query filtering
+        (§4.1). The block-wise layer slices an answer larger than one block."""
         if request.method != status.GET:
             return Response(status.METHOD_NOT_ALLOWED)
         return Response(
-            status.CONTENT, [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))], self._well_known
+            status.CONTENT,
+            [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))],
+            self._discovery.filtered(request.queries),
         )
 
     def _url(self, target: str) -> str:
@@ -170,7 +256,9 @@ class ProxyHandler:
             self._batchers[target] = batcher
         return batcher
 
-    async def _forward(self, request: Request, route: Route) -> Response:
+    async def _forward(
+        self, request: Request, route: Route, params: dict[str, str] | None
+    ) -> Response:
         message = request.message
         ip, port = request.peer
         content_type: str | None = None
@@ -186,8 +274,13 @@ class ProxyHandler:
         query = "&".join(_encode_query(q) for q in request.queries)
         forwarded = forwarding.format_forwarded(ip, port, self._proto)
         key = forwarding.idempotency_key(ip, port, message.mid, message.token, request.identity)
+        options = message.options
+        # If-Match (1), ETag (4), If-None-Match (5) sort first: one look at the first option.
+        conditions = (
+            _Conditions(options) if options and options[0][0] <= opt.IF_NONE_MATCH else None
+        )
         try:
-            if route.batch_target is not None and accept is None:
+            if route.batch_target is not None and accept is None and conditions is None:
                 item = BatchItem(
                     forwarded,
                     request.identity or "",
@@ -196,10 +289,9 @@ class ProxyHandler:
                     content_type or "",
                     message.payload,
                 )
+                # Template routes have no batch_target (policies/routes.py).
                 http_status, retry_after = await self._batcher(route.batch_target).call(item)
-                return translate(
-                    UpstreamResponse(http_status, None, retry_after, b""), request.method
-                )
+                return translate_status(http_status, retry_after, request.method, route.table)
             headers = {forwarding.FORWARDED_HEADER: forwarded}
             if self._is_internal(route.target):
                 headers[forwarding.IDEMPOTENCY_HEADER] = key
@@ -210,18 +302,140 @@ class ProxyHandler:
                 headers["Content-Type"] = content_type
             if accept is not None:
                 headers["Accept"] = accept
-            url = self._url(route.target) + ("?" + query if query else "")
-            answer = await self._upstream.request(
-                route.http_method_for(request.method), url, headers, message.payload
-            )
+            target = route.target if params is None else route.target_for(params)
+            url = self._url(target) + ("?" + query if query else "")
+            method = route.http_method_for(request.method)
+            if conditions is not None:
+                refused = await self._preconditions(conditions, request, method, url, headers)
+                if refused is not None:
+                    return refused
+            byte_range = request.byte_range if method == "GET" else None
+            if byte_range is not None:
+                headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+            answer = await self._upstream.request(method, url, headers, message.payload)
+            size = None
+            if byte_range is not None:
+                ranged = await self._ranged(answer, byte_range, method, url, headers)
+                if isinstance(ranged, Response):
+                    return ranged
+                answer, size = ranged
         except ProxyError as exc:
             log.warning("upstream call failed: %s", exc)
             return Response(exc.coap_code)
-        return translate(answer, request.method)
+        response = translate(answer, request.method, route.table)
+        response.size = size
+        if request.method in _SAFE and (conditions is not None or answer.status == 304):
+            return _validated(response, answer, conditions.etags if conditions else [])
+        if response.code == status.CREATED and "location" in answer.headers:
+            _add_location(response, answer.headers["location"], url, target, request.path)
+        return response
+
+    async def _preconditions(
+        self,
+        conditions: _Conditions,
+        request: Request,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+    ) -> Response | None:
+        """Put the request's conditions into HTTP terms (RFC 7252 §5.10.6.2, §5.10.8;
+        RFC 9110 §13.1.1, §13.1.2); a Response when the answer is already known (4.12).
+
+        An If-Match value that is one of the origin's own short strong tags is sent as is.
+        One the proxy hashed (policies.translation.coap_etag) cannot be named to the origin:
+        the proxy asks the origin for the current tag (a GET of the same URL) and sends
+        ``If-Match`` with that tag when it is one the device named, so the origin still decides
+        atomically; otherwise the precondition has failed: 4.12 without forwarding."""
+        if conditions.if_none_match:
+            headers["If-None-Match"] = "*"  # §5.10.8.2: only if there is none yet
+        elif conditions.etags and request.method in _SAFE:
+            # §5.10.6.2: a GET with ETags asks to validate them. The ones the origin can match
+            # go along; hashed ones are compared with the answer's (see _validated).
+            known = [tag for tag in map(translation.http_etag, conditions.etags) if tag]
+            if known:
+                headers["If-None-Match"] = ", ".join(known)
+        if not conditions.if_match:
+            return None
+        if b"" in conditions.if_match:
+            headers["If-Match"] = "*"  # §5.10.8.1: an empty value matches any representation
+            return None
+        tags = _named(conditions.if_match)
+        if tags is not None:
+            headers["If-Match"] = ", ".join(tags)
+            return None
+        # The probe is a plain GET: no body, no conditions, and not the request's
+        # Idempotency-Key (the origin would take the real request for a repeat of the probe).
+        probe = {
+            k: v
+            for k, v in headers.items()
+            if not k.startswith(("If-", "Content-")) and k != forwarding.IDEMPOTENCY_HEADER
+        }
+        current = await self._upstream.request("GET", url, probe, b"")
+        tag = current.headers.get("etag") if 200 <= current.status < 300 else None
+        if tag is None or translation.coap_etag(tag) not in conditions.if_match:
+            return Response(status.PRECONDITION_FAILED)
+        headers["If-Match"] = tag.strip()
+        return None
+
+    async def _ranged(
+        self,
+        answer: UpstreamResponse,
+        byte_range: tuple[int, int],
+        method: str,
+        url: str,
+        headers: dict[str, str],
+    ) -> tuple[UpstreamResponse, int | None] | Response:
+        """The answer to a ``Range`` request, per the block-wise contract (docs/ARCHITECTURE.md):
+        206 → the slice and the representation's size; 416 → 4.02 with the size if the origin
+        said it; anything else (200: no range support) → the whole body, size None. A 206
+        that is not the asked-for slice of a known length is fetched again whole."""
+        if answer.status == 416:
+            total = translation.content_range(answer.headers.get("content-range"))[2]
+            return Response(status.BAD_OPTION, size=total)
+        if answer.status != 206:
+            return answer, None
+        first, _last, total = translation.content_range(answer.headers.get("content-range"))
+        if first == byte_range[0] and total is not None:
+            return answer, total
+        del headers["Range"]
+        return await self._upstream.request(method, url, headers, b""), None
 
     async def drain(self) -> None:
         for batcher in self._batchers.values():
             await batcher.drain()
+
+
+def _validated(response: Response, answer: UpstreamResponse, etags: list[bytes]) -> Response:
+    """A safe request that named ETags gets 2.03 Valid with the matching ETag and no payload
+    when the origin said 304, or sent a representation whose (hashed) tag is one the device
+    named (RFC 7252 §5.10.6.2, §5.9.1.3). A 304 the proxy cannot pin to one of the device's
+    ETags is 5.02: 2.03 without an ETag means nothing to a CoAP client."""
+    if response.code >= status.BAD_REQUEST:
+        return response
+    etag = next((v for n, v in response.options if n == opt.ETAG), None)
+    if answer.status == 304:
+        if etag is None and len(etags) == 1:
+            etag = etags[0]
+        if etag is None or etag not in etags:
+            log.warning("origin answered 304 without one of the request's ETags: 5.02")
+            return Response(status.BAD_GATEWAY)
+    elif etag is None or etag not in etags:
+        return response
+    kept = [(opt.ETAG, etag)] + [(n, v) for n, v in response.options if n == opt.MAX_AGE]
+    return Response(status.VALID, kept)
+
+
+def _add_location(response: Response, location: str, url: str, target: str, path: str) -> None:
+    """2.01's Location-Path / Location-Query from the origin's Location (RFC 7252 §5.10.7,
+    policies.translation.location_parts); a Location on another origin is left out."""
+    parts = translation.location_parts(location, url, urlsplit(target).path or "/", path)
+    if parts is None:
+        log.debug("Location %r cannot be said in CoAP: left out", location)
+        return
+    segments, queries = parts
+    extra = [(opt.LOCATION_PATH, s.encode()) for s in segments]
+    extra += [(opt.LOCATION_QUERY, q.encode()) for q in queries]
+    response.options = sorted(response.options + extra, key=lambda option: option[0])
 
 
 def _encode_query(query: str) -> str:

@@ -5,7 +5,8 @@ cost the proxy 550 µs of CPU (httpx's own request and response objects ~140 µs
 transport), against 80 µs for the same request written on a kept-alive connection by hand; on
 the telemetry path that is one call per batch, 200 calls/s in the latency scenario. This client
 does only what the proxy asks of HTTP: a request with a body, answered with a status, a body
-and two headers (Content-Type, Retry-After).
+and the few headers the translation reads (Content-Type, Retry-After and
+policies.translation.KEPT_HEADERS; every other header is dropped as it is parsed).
 
 What it does: one :class:`asyncio.Protocol` per TCP (or TLS) connection; the request (head and
 body) goes out in one write; the answer is parsed by ``httptools`` (llhttp: Content-Length,
@@ -30,12 +31,14 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from policies.translation import KEPT_HEADERS
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from proxy.upstream import UpstreamResponse
+from proxy.upstream import NO_HEADERS, UpstreamResponse
 
 _FORBIDDEN_IN_HEADERS = frozenset("\r\n\0")
 # RFC 9110 §8.6: no Content-Length on a request without content whose method expects none.
 _NO_CONTENT_EXPECTED = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+_KEPT = frozenset(name.encode() for name in KEPT_HEADERS) - {b"date"}
 
 
 class _Target(NamedTuple):
@@ -103,6 +106,10 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._content_type: str | None = None
         self._retry_after: str | None = None
+        self._headers: dict[str, str] | None = None  # the KEPT_HEADERS present, if any
+        # Date only matters beside Expires (policies.translation.max_age); nearly every server
+        # sends it, so it is held aside and kept only with another of the headers.
+        self._date: bytes | None = None
         self._delimited = False  # Content-Length or chunked: the end is not the close
         self._headers_done = False
         self._body: list[bytes] = []
@@ -147,6 +154,17 @@ class _Connection(asyncio.Protocol):
             self._retry_after = value.decode("latin-1").strip(" \t")
         elif key in (b"content-length", b"transfer-encoding"):
             self._delimited = True
+        elif key == b"date":
+            self._date = value
+        elif key in _KEPT:
+            self._keep(key.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+
+    def _keep(self, name: str, value: str) -> None:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+        previous = headers.get(name)
+        headers[name] = value if previous is None else f"{previous}, {value}"
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -176,12 +194,16 @@ class _Connection(asyncio.Protocol):
         # leaves the connection usable; one delimited by the close has closed it.
         parser = self._parser
         self.reusable = parser is not None and parser.should_keep_alive() and not self.closed
+        headers = self._headers
+        if headers is not None and self._date is not None:
+            headers["date"] = self._date.decode("latin-1").strip(" \t")
         waiter.set_result(
             UpstreamResponse(
                 status=self._status,
                 content_type=self._content_type,
                 retry_after=self._retry_after,
                 body=b"".join(self._body),
+                headers=headers or NO_HEADERS,
             )
         )
 

@@ -12,12 +12,17 @@ from typing import cast
 
 from policies.keys import dedup_key
 from policies.routes import Policy, load_policy
+from proxy.coap.blockwise import BlockwiseHandler
+from proxy.coap.driver import CoapDriver
+from proxy.coap.endpoint import Endpoint
 from proxy.coap.exchanges import ExchangeCache
-from proxy.coap.messaging import CoapServerProtocol, SharedDedup
+from proxy.coap.requests import RequestHandler
 from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
+from proxy.gate import Gate
 from proxy.http1 import Http1Upstream
 from proxy.settings import ProxySettings
 from proxy.state.base import DedupStore
+from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
 from proxy.state.redis_store import RedisDedupStore
 from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
@@ -85,14 +90,15 @@ def os_errno(exc: BaseException) -> int | None:
 @dataclass
 class RunningProxy:
     transport: asyncio.DatagramTransport
-    protocol: CoapServerProtocol
-    handler: ProxyHandler
+    # The messaging layer on the transport (stats, stop_accepting, drain).
+    driver: CoapDriver
+    handler: BlockwiseHandler
     upstream: Upstream
     dedup: DedupStore | None = None
-    # coaps:// (SPEC §5): its own transport and protocol, the same upstream and dedup store.
+    # coaps:// (SPEC §5): its own transport and driver, the same upstream and dedup store.
     dtls: DtlsTransport | None = None
-    dtls_protocol: CoapServerProtocol | None = None
-    dtls_handler: ProxyHandler | None = None
+    dtls_driver: CoapDriver | None = None
+    dtls_handler: BlockwiseHandler | None = None
     psk_store: PskStore | None = None
     owns_psk_store: bool = False
 
@@ -110,12 +116,12 @@ class RunningProxy:
 
     def stop_accepting(self) -> None:
         """Begin a graceful shutdown: no new exchange or DTLS handshake is taken; answers in
-        flight, retransmissions and ACKs keep going (CoapServerProtocol.stop_accepting)."""
-        self.protocol.stop_accepting()
+        flight, retransmissions and ACKs keep going (Endpoint.stop_accepting)."""
+        self.driver.stop_accepting()
         if self.dtls is not None:
             self.dtls.stop_accepting()
-        if self.dtls_protocol is not None:
-            self.dtls_protocol.stop_accepting()
+        if self.dtls_driver is not None:
+            self.dtls_driver.stop_accepting()
 
     async def close(self, drain_timeout: float = 0.0) -> bool:
         """Release everything. With ``drain_timeout`` > 0, first stop taking new requests and
@@ -126,18 +132,18 @@ class RunningProxy:
         if drain_timeout > 0:
             self.stop_accepting()
             log.info("stopping: finishing what is in flight (at most %g s)", drain_timeout)
-            protocols = [self.protocol]
-            if self.dtls_protocol is not None:
-                protocols.append(self.dtls_protocol)
-            results = await asyncio.gather(*(p.drain(drain_timeout) for p in protocols))
+            drivers = [self.driver]
+            if self.dtls_driver is not None:
+                drivers.append(self.dtls_driver)
+            results = await asyncio.gather(*(d.drain(drain_timeout) for d in drivers))
             drained = all(results)
         self.transport.close()
         if self.dtls is not None:
             self.dtls.close()
-        await self.protocol.drain()
+        await self.driver.drain()
         await self.handler.drain()
-        if self.dtls_protocol is not None and self.dtls_handler is not None:
-            await self.dtls_protocol.drain()
+        if self.dtls_driver is not None and self.dtls_handler is not None:
+            await self.dtls_driver.drain()
             await self.dtls_handler.drain()
         if self.psk_store is not None and self.owns_psk_store:
             await self.psk_store.close()
@@ -154,10 +160,11 @@ def _handler(
     *,
     proto: str,
     plain_paths: frozenset[str] | None = None,
-) -> ProxyHandler:
+) -> BlockwiseHandler:
     """One per transport: coap and coaps differ in the ``proto`` they report upstream (and,
-    in production mode, in what plain CoAP may reach)."""
-    return ProxyHandler(
+    in production mode, in what plain CoAP may reach). The forwarder sits inside the
+    block-wise layer (RFC 7959); with ``redis_url`` Block1 transfers are shared by replicas."""
+    forwarder = ProxyHandler(
         policy=policy,
         upstream=upstream,
         base_url=settings.upstream,
@@ -169,6 +176,44 @@ def _handler(
         batch_concurrency=settings.batch_concurrency,
         plain_paths=plain_paths,
     )
+    limits = BlockLimits(max_body=settings.max_payload)
+    store = None
+    if settings.redis_url is not None:
+        store = RedisBlockStore.from_url(
+            settings.redis_url, prefix=settings.redis_prefix, limits=limits
+        )
+    return BlockwiseHandler(
+        forwarder,
+        block_size=settings.block_size,
+        max_payload=settings.max_payload,
+        store=store,
+    )
+
+
+def _driver(
+    settings: ProxySettings,
+    handler: RequestHandler,
+    dedup: DedupStore | None,
+    identity_of: Callable[[tuple[str, int]], str | None] | None = None,
+) -> CoapDriver:
+    """The messaging layer for one transport: endpoint (RFC 7252), and with a shared store
+    the gate (the cross-replica claim) in front of the handler."""
+    endpoint = Endpoint(
+        exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
+        ack_window=settings.ack_window,
+        claims=dedup is not None,
+    )
+    gate = None
+    if dedup is not None:
+        prefix = settings.redis_prefix
+        gate = Gate(
+            handler,
+            dedup,
+            lambda ip, port, mid, identity: dedup_key(ip, port, mid, identity, prefix),
+            lease=settings.dedup_lease,
+            stats=endpoint.stats,
+        )
+    return CoapDriver(endpoint, handler, gate=gate, identity_of=identity_of)
 
 
 async def start_proxy(
@@ -201,23 +246,10 @@ async def start_proxy(
     )
     if dedup is None and settings.redis_url is not None:
         dedup = RedisDedupStore.from_url(settings.redis_url)
-    shared = None
-    if dedup is not None:
-        prefix = settings.redis_prefix
-        shared = SharedDedup(
-            store=dedup,
-            key=lambda ip, port, mid, identity: dedup_key(ip, port, mid, identity, prefix),
-            lease=settings.dedup_lease,
-        )
     loop = asyncio.get_running_loop()
     try:
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: CoapServerProtocol(
-                handler,
-                exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
-                ack_window=settings.ack_window,
-                shared=shared,
-            ),
+        transport, driver = await loop.create_datagram_endpoint(
+            lambda: _driver(settings, handler, dedup),
             local_addr=(settings.coap_host, settings.coap_port),
             reuse_port=reuse_port or None,
         )
@@ -235,11 +267,11 @@ async def start_proxy(
             port_setting="coap_port",
         ) from exc
     running = RunningProxy(
-        transport=transport, protocol=protocol, handler=handler, upstream=upstream, dedup=dedup
+        transport=transport, driver=driver, handler=handler, upstream=upstream, dedup=dedup
     )
     if settings.coaps_port is not None and (psk_store is not None or settings.redis_url):
         try:
-            await _start_dtls(running, settings, policy, shared, psk_store, reuse_port)
+            await _start_dtls(running, settings, policy, psk_store, reuse_port)
         except BaseException:
             await running.close()
             raise
@@ -259,7 +291,6 @@ async def _start_dtls(
     running: RunningProxy,
     settings: ProxySettings,
     policy: Policy,
-    shared: SharedDedup | None,
     psk_store: PskStore | None,
     reuse_port: bool,
 ) -> None:
@@ -273,19 +304,13 @@ async def _start_dtls(
     handler = _handler(settings, policy, running.upstream, proto="coaps")
     running.dtls_handler = handler
 
-    def protocol_for(transport: DtlsTransport) -> CoapServerProtocol:
-        return CoapServerProtocol(
-            handler,
-            exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
-            ack_window=settings.ack_window,
-            shared=shared,
-            identity_of=transport.identity_of,
-        )
+    def driver_for(transport: DtlsTransport) -> CoapDriver:
+        return _driver(settings, handler, running.dedup, transport.identity_of)
 
     host = settings.coaps_host if settings.coaps_host is not None else settings.coap_host
     try:
-        transport, protocol = await create_dtls_endpoint(
-            protocol_for,
+        transport, driver = await create_dtls_endpoint(
+            driver_for,
             psk_store=psk_store,
             host=host,
             port=settings.coaps_port,
@@ -308,7 +333,7 @@ async def _start_dtls(
             port_setting="coaps_port",
         ) from exc
     running.dtls = transport
-    running.dtls_protocol = cast(CoapServerProtocol, protocol)
+    running.dtls_driver = cast(CoapDriver, driver)
     address = running.dtls_address
     assert address is not None
     log.info(

@@ -72,6 +72,18 @@ class ProxySettings(BaseSettings):
     require_dtls: bool = Field(
         False, description="Production mode: on plain CoAP only /bootstrap is served (4.01)"
     )
+    block_size: int = Field(
+        1024,
+        description="Largest payload in one CoAP response: larger ones go out block-wise "
+        "(RFC 7959 Block2); a power of two from 16 to 1024",
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value < 16 or value > 1024 or value & (value - 1):
+            raise ValueError("block_size must be a power of two from 16 to 1024")
+        return value
 
     @field_validator("coaps_port", mode="before")
     @classmethod

@@ -7,14 +7,20 @@ become :class:`~proxy.errors.UpstreamUnreachable` or :class:`~proxy.errors.Upstr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from policies.translation import KEPT_HEADERS
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+
+# Shared and read-only: most answers carry none of the kept headers.
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +29,10 @@ class UpstreamResponse:
     content_type: str | None
     retry_after: str | None
     body: bytes
+    # The origin's headers among policies.translation.KEPT_HEADERS (ETag, Location,
+    # Cache-Control, Expires, Date, Content-Range, Accept-Ranges), names lower-case, repeated
+    # fields joined with ", " (RFC 9110 §5.3). Never written to.
+    headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
 
 class Upstream(Protocol):
@@ -90,11 +100,13 @@ class HttpxUpstream:
         except ValueError as exc:
             # aiohttp refuses a header value holding CR/LF (injection) with a ValueError.
             raise UpstreamUnreachable(f"{method} {url}: not sent: {exc}") from exc
+        kept = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
         return UpstreamResponse(
             status=response.status_code,
             content_type=response.headers.get("content-type"),
             retry_after=response.headers.get("retry-after"),
             body=response.content,
+            headers=kept or NO_HEADERS,
         )
 
     async def aclose(self) -> None:

@@ -1,7 +1,7 @@
 """Local deduplication of incoming exchanges (RFC 7252 §4.5).
 
 An entry is created when a CON or NON is first seen and kept at least EXCHANGE_LIFETIME (CON)
-or NON_LIFETIME (NON). While the request is in flight the entry holds a :class:`Pending`;
+or NON_LIFETIME (NON). While the request is in flight the entry holds its :class:`Exchange`;
 afterwards it holds the exact bytes sent, so a duplicate CON gets the very same response again.
 
 Memory per entry is what a busy proxy pays for 247 s, so the layout is lean (measured in
@@ -19,7 +19,8 @@ from __future__ import annotations
 import socket
 from collections import deque
 
-from proxy.coap.codec import CON
+from proxy.coap.codec import CON, Message
+from proxy.coap.requests import Request
 
 # RFC 7252 §4.8.2 with the default transmission parameters.
 EXCHANGE_LIFETIME = 247.0
@@ -27,6 +28,7 @@ NON_LIFETIME = 145.0
 BUCKET_SECONDS = 1.0
 
 _IPV6_FLAG = 1 << 128
+_INF = float("inf")
 
 
 def peer_key(ip: str, port: int, mid: int) -> int:
@@ -43,8 +45,9 @@ def peer_key(ip: str, port: int, mid: int) -> int:
 
 
 HANDLING = 0  # this replica is processing the request
-CHECKING = 1  # asking the shared store who processes it
+CHECKING = 1  # the gate (proxy/gate.py) is asking the shared store who processes it
 ELSEWHERE = 2  # another replica holds the claim and has not answered yet
+ANSWERED = 3  # the final response went out (the cache entry holds its bytes from then on)
 
 
 def identity_key(identity: str, mid: int) -> int:
@@ -52,18 +55,40 @@ def identity_key(identity: str, mid: int) -> int:
     return -((int.from_bytes(b"\x01" + identity.encode(), "big") << 16) | mid) - 1
 
 
-class Pending:
-    """A request not answered yet; shared by the cache entry and the task serving it."""
+class Exchange:
+    """A request not answered yet: the cache entry while in flight, and the handle a handler's
+    answer is given back with (proxy/coap/endpoint.py). ``request`` is None for a request
+    refused by its datagram alone (answered at once). ``record``: what a duplicate gets once
+    answered (the gate writes it to the shared store). ``claim``: the shared store's key when
+    the gate claimed the exchange. The token (``message.token``) is what later answers to the
+    same request (RFC 7641 notifications) are matched by at the client."""
 
-    __slots__ = ("acked", "state")
+    __slots__ = ("acked", "claim", "key", "message", "peer", "record", "request", "state")
 
-    def __init__(self, state: int = HANDLING) -> None:
+    def __init__(
+        self,
+        key: int,
+        peer: tuple[str, int],
+        message: Message,
+        request: Request | None,
+        state: int = HANDLING,
+    ) -> None:
+        self.key = key
+        self.peer = peer
+        self.message = message
+        self.request = request
         self.state = state
         # True once an empty ACK went out (the final response then travels as a separate CON).
         self.acked = False
+        self.record = b""
+        self.claim: str | None = None
+
+    @property
+    def token(self) -> bytes:
+        return self.message.token
 
 
-Entry = Pending | bytes
+Entry = Exchange | bytes
 
 
 class _Lifetimes:
@@ -90,6 +115,10 @@ class _Lifetimes:
             return buckets.popleft()[1]
         return None
 
+    def next_expiry(self) -> float:
+        buckets = self.buckets
+        return buckets[0][0] + BUCKET_SECONDS + self.lifetime if buckets else _INF
+
     def oldest(self) -> float:
         return self.buckets[0][0] if self.buckets else float("inf")
 
@@ -115,6 +144,11 @@ class ExchangeCache:
         self._con = _Lifetimes(exchange_lifetime)
         self._non = _Lifetimes(non_lifetime)
         self._max_entries = max_entries
+        # When expire() next has work, as far as add() is concerned: one comparison per add
+        # instead of a look at the buckets (the endpoint's timer also calls expire()). It may
+        # lag (a NON added to a table holding only CON entries is dropped when the oldest CON
+        # bucket is), never lead.
+        self._expiry = _INF
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -122,16 +156,17 @@ class ExchangeCache:
     def get(self, key: int) -> Entry | None:
         return self._entries.get(key)
 
-    def add(self, key: int, mtype: int, now: float, state: int = HANDLING) -> Pending:
+    def add(self, key: int, mtype: int, now: float, exchange: Exchange) -> None:
         """Record a new exchange as in flight. The caller has checked ``key`` is absent."""
-        self.expire(now)
+        if now >= self._expiry:
+            self.expire(now)
         entries = self._entries
         if len(entries) >= self._max_entries:
             self._evict_oldest()
-        pending = Pending(state)
-        entries[key] = pending
+        entries[key] = exchange
         (self._con if mtype == CON else self._non).add(key, now)
-        return pending
+        if self._expiry == _INF:
+            self._expiry = self.next_expiry()
 
     def complete(self, key: int, response: bytes) -> None:
         """Replace the in-flight marker by the bytes to replay (unless evicted meanwhile)."""
@@ -144,6 +179,12 @@ class ExchangeCache:
             while (keys := lifetimes.pop_expired(now)) is not None:
                 for key in keys:
                     entries.pop(key, None)
+        self._expiry = self.next_expiry()
+
+    def next_expiry(self) -> float:
+        """When :meth:`expire` next has something to drop (inf: nothing is kept)."""
+        con, non = self._con.next_expiry(), self._non.next_expiry()
+        return con if con < non else non
 
     def _evict_oldest(self) -> None:
         # The entry in the oldest bucket has had the most of its lifetime.

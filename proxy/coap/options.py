@@ -78,11 +78,12 @@ FORMATS: dict[int, OptionFormat] = {
 }
 
 # Critical options (odd numbers, §5.4.1) this server understands. Any other critical option in
-# a request is answered 4.02 Bad Option. If-Match and If-None-Match are not among them: the
-# proxy does not forward preconditions yet, and running a conditional request unconditionally
-# is what RFC 7252 §5.10.8 forbids; "not understood" (4.02) is the honest answer.
+# a request is answered 4.02 Bad Option. If-Match and If-None-Match are forwarded as HTTP
+# preconditions (proxy/forward.py; §5.10.8, RFC 9110 §13.1), never dropped.
 UNDERSTOOD_CRITICAL = frozenset(
     {
+        IF_MATCH,
+        IF_NONE_MATCH,
         URI_HOST,
         URI_PORT,
         URI_PATH,
@@ -97,7 +98,10 @@ UNDERSTOOD_CRITICAL = frozenset(
 
 # Elective options whose value a request is read for. Every other elective option is ignored
 # (§5.4.1), so its length or repetition cannot matter.
-UNDERSTOOD_ELECTIVE = frozenset({CONTENT_FORMAT})
+# Size1, Size2 and Request-Tag are read by the block-wise layer (proxy/coap/blockwise.py;
+# RFC 7959 §4, RFC 9175 §3).
+# ETag is read by the forwarder: validation of a GET (§5.10.6.2).
+UNDERSTOOD_ELECTIVE = frozenset({ETAG, CONTENT_FORMAT, SIZE1, SIZE2, REQUEST_TAG})
 
 # number → (valid value lengths, repeatable) for the options a request is read by: an
 # occurrence outside the length range (§5.4.3) or a second occurrence of a non-repeatable

@@ -113,10 +113,7 @@ def interpret(message: Message, peer: Peer, identity: str | None) -> Request:
             block = parse_uint(value)
             if block & 0x07 == _SZX_RESERVED:
                 raise BadRequest(status.BAD_REQUEST)
-            # Block-wise transfer of request bodies is not implemented: only a single block
-            # (NUM 0, M 0) is accepted; anything else would need reassembly (RFC 7959 §2.5).
-            if number == opt.BLOCK1 and (block >> 3 or block & 0x08):
-                raise BadRequest(status.BAD_OPTION)
+            # Any other block is the block-wise layer's (proxy/coap/blockwise.py).
     # Positional: keyword arguments to a slots dataclass cost ~250 ns here, every request.
     return Request(
         message.code,

@@ -1,9 +1,9 @@
 """CoAP over DTLS 1.2 with pre-shared keys (RFC 7252 §9.1), on tinydtls through DTLSSocket.
 
-:class:`DtlsTransport` sits between one UDP socket and the ordinary
-:class:`~proxy.coap.messaging.CoapServerProtocol`: records in are handed to tinydtls, decrypted
-application data goes to ``protocol.datagram_received(plaintext, addr)``, and the protocol's
-``sendto(data, addr)`` is encrypted for that peer's session. To the protocol it is an asyncio
+:class:`DtlsTransport` sits between one UDP socket and the ordinary CoAP driver
+(:class:`~proxy.coap.driver.CoapDriver`): records in are handed to tinydtls, decrypted
+application data goes to ``protocol.datagram_received(plaintext, addr)``, and the driver's
+``sendto(data, addr)`` is encrypted for that peer's session. To the driver it is an asyncio
 datagram transport like any other, so dedup, forwarding and retransmission are the same code as
 for plain UDP; ``identity_of(addr)`` gives the messaging layer the authenticated PSK identity.
 

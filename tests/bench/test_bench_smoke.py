@@ -109,3 +109,33 @@ def test_quick_e_with_the_aiomqtt_witness(tmp_path: Path) -> None:
     rows, log = _run(tmp_path, "--scenarios", "E", "--subscriber", "aiomqtt", "--output", "")
     assert set(rows) == {("E", "aiocoap"), ("E", "coap-bridge")}, log
     _assert_chain_clean(rows["E", "coap-bridge"], log)
+
+
+def test_quick_t_in_the_production_shape_and_b(tmp_path: Path) -> None:
+    output = tmp_path / "BENCHMARKS.md"
+    rows, log = _run(
+        tmp_path, "--scenarios", "T,B", "--t-systems", "coap-bridge+redis,libcoap",
+        "--b-clients", "4", "--output", str(output),
+    )  # fmt: skip
+    assert set(rows) == {
+        ("T", "coap-bridge+redis"),
+        ("T", "libcoap"),
+        ("B", "libcoap"),
+        ("B", "coap-bridge+redis"),
+    }, log
+    for system in ("coap-bridge+redis", "libcoap"):
+        assert set(rows["T", system]["codes"]) == {"2.05"}, log
+    assert set(rows["T", "coap-bridge+redis"]["cpu"]) >= {"coap-bridge", "redis"}, log
+    for system in ("libcoap", "coap-bridge+redis"):
+        block = rows["B", system]
+        assert set(block["codes"]) == {"2.05"}, log
+        assert block["corrupt"] == block["etag_changes"] == block["timeouts"] == 0, log
+        assert block["transfers"] > 0, log
+        assert block["blocks_per_transfer"] == 256, log
+        assert block["block_sizes"] == {"1024": block["completed"]}, log  # never over 1024
+        assert block["rss_peak"] >= block["rss_before"] > 0, log
+    assert sum(rows["B", "coap-bridge+redis"]["origin_answers"].values()) > 0, log
+    text = output.read_text()
+    assert "### T" in text
+    assert "### B" in text
+    assert "coap-bridge+redis (production shape" in text

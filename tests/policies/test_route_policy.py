@@ -321,3 +321,237 @@ def test_unknown_top_level_key() -> None:
     # A misspelt trusted_origins must not silently trust nothing (or everything).
     with pytest.raises(PolicyError, match="unknown top-level keys"):
         parse_policy('trusted_origin = ["https://billing.example"]\n' + _ONE_ROUTE)
+
+
+# -- issue 13 §3: status overrides, link attributes, templates ---------------------------------
+
+CREATED, CHANGED, BAD_REQ, UNAVAILABLE = 65, 68, 128, 163  # 2.01, 2.04, 4.00, 5.03
+
+
+@pytest.mark.parametrize(
+    ("toml", "rows"),
+    [
+        pytest.param('{ "404" = "4.00" }', {(404, "*"): BAD_REQ}, id="status"),
+        pytest.param('{ "2xx" = "2.04" }', {("2xx", "*"): CHANGED}, id="class"),
+        pytest.param('{ "2xx.POST" = "2.01" }', {("2xx", "POST"): CREATED}, id="class-method"),
+        pytest.param('{ "201.post" = "2.01" }', {(201, "POST"): CREATED}, id="method-any-case"),
+        pytest.param('{ "200.ipatch" = "2.04" }', {(200, "iPATCH"): CHANGED}, id="ipatch"),
+        pytest.param('{ "5xx.*" = "5.03" }', {("5xx", "*"): UNAVAILABLE}, id="explicit-any"),
+    ],
+)
+def test_status_overrides_parse_into_rows(toml: str, rows: dict) -> None:
+    route = parse_policy(route_toml(status=toml)).routes["/x"]
+    assert dict(route.status) == rows
+    assert route.table.overrides == rows
+
+
+def test_status_overrides_compile_into_the_routes_table() -> None:
+    policy = parse_policy(
+        route_toml(methods='["GET", "POST"]', status='{ "2xx.POST" = "2.01", "404" = "4.00" }')
+        + route_toml(path='"/plain"', methods='["GET", "POST"]')
+    )
+    custom, plain = policy.routes["/x"].table, policy.routes["/plain"].table
+    assert (custom.code_for(200, POST), plain.code_for(200, POST)) == (CREATED, CHANGED)
+    assert (custom.code_for(404, GET), plain.code_for(404, GET)) == (BAD_REQ, NOT_FOUND)
+    assert custom.code_for(200, GET) == plain.code_for(200, GET) == 69  # 2.05, untouched
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        pytest.param('{ rt = "temp" }', (("rt", "temp"),), id="rt"),
+        pytest.param('{ rt = " a   b " }', (("rt", "a b"),), id="rt-list-normalised"),
+        pytest.param('{ if = "sensor" }', (("if", "sensor"),), id="if"),
+        pytest.param("{ ct = 50 }", (("ct", (50,)),), id="ct"),
+        pytest.param("{ ct = [0, 50] }", (("ct", (0, 50)),), id="ct-list"),
+        pytest.param("{ sz = 1024 }", (("sz", 1024),), id="sz"),
+        pytest.param("{ obs = true }", (("obs", True),), id="obs"),
+        pytest.param("{ obs = false }", (), id="obs-false"),
+        pytest.param(
+            '{ obs = true, sz = 1, ct = 0, if = "i", rt = "r" }',
+            (("rt", "r"), ("if", "i"), ("ct", (0,)), ("sz", 1), ("obs", True)),
+            id="fixed-order",
+        ),
+    ],
+)
+def test_link_attributes_parse(toml: str, expected: tuple) -> None:
+    assert parse_policy(route_toml(link=toml)).routes["/x"].link == expected
+
+
+TEMPLATES = """
+[[route]]
+path = "/commands/{device}"
+methods = ["GET", "POST"]
+target = "/api/commands/{device}"
+
+[[route]]
+path = "/commands/all"
+methods = ["GET"]
+target = "/api/all"
+
+[[route]]
+path = "/auth/{pk}/{dk}"
+methods = ["GET"]
+target = "https://auth.example/check?pk={pk}&dk={dk}"
+
+[[route]]
+path = "/firmware/{version}/image"
+methods = ["GET"]
+target = "/fw/{version}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "segments", "route_path", "params", "target"),
+    [
+        pytest.param(
+            "/commands/d1",
+            None,
+            "/commands/{device}",
+            {"device": "d1"},
+            "/api/commands/d1",
+            id="one-variable",
+        ),
+        pytest.param("/commands/all", None, "/commands/all", None, "/api/all", id="exact-wins"),
+        pytest.param(
+            "/auth/a/b",
+            None,
+            "/auth/{pk}/{dk}",
+            {"pk": "a", "dk": "b"},
+            "https://auth.example/check?pk=a&dk=b",
+            id="two-variables-into-the-query",
+        ),
+        pytest.param(
+            "/firmware/1.2/image",
+            None,
+            "/firmware/{version}/image",
+            {"version": "1.2"},
+            "/fw/1.2",
+            id="literal-after-variable",
+        ),
+        pytest.param(
+            "/commands/a/b",
+            ["commands", "a/b"],
+            "/commands/{device}",
+            {"device": "a/b"},
+            "/api/commands/a%2Fb",
+            id="segment-holding-a-slash",
+        ),
+        pytest.param(
+            "/commands/ä ?&",
+            None,
+            "/commands/{device}",
+            {"device": "ä ?&"},
+            "/api/commands/%C3%A4%20%3F%26",
+            id="percent-encoded",
+        ),
+    ],
+)
+def test_template_match_and_substitution(
+    path: str, segments, route_path: str, params, target: str
+) -> None:
+    found = parse_policy(TEMPLATES).match(path, GET, segments)
+    assert found.route is not None
+    assert (found.route.path, found.params) == (route_path, params)
+    assert found.route.target_for(found.params) == target
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "error"),
+    [
+        pytest.param("/commands", GET, NOT_FOUND, id="too-few"),
+        pytest.param("/commands/a/b", GET, NOT_FOUND, id="too-many"),
+        pytest.param("/commands/", GET, NOT_FOUND, id="empty-segment"),
+        pytest.param("/firmware/1.2/other", GET, NOT_FOUND, id="literal-differs"),
+        pytest.param("/commands/x", PUT, METHOD_NOT_ALLOWED, id="method"),
+        pytest.param("/commands/{device}", GET, None, id="braces-are-just-a-value"),
+    ],
+)
+def test_template_misses(path: str, method: int, error: int | None) -> None:
+    found = parse_policy(TEMPLATES).match(path, method)
+    if error is None:
+        # A device sending the literal "{device}" gets the template with that value.
+        assert found.params == {"device": "{device}"}
+    else:
+        assert found == RouteMatch(None, error)
+
+
+MALFORMED_ISSUE_13 = [
+    pytest.param(route_toml(status='"404"'), "'status' must be a table", id="status-not-table"),
+    pytest.param(route_toml(status='{ "4x4" = "4.04" }'), "status key '4x4'", id="status-key"),
+    pytest.param(route_toml(status='{ "600" = "5.00" }'), "status key '600'", id="status-600"),
+    pytest.param(
+        route_toml(status='{ "2xx.TRACE" = "2.05" }'), "status key '2xx.TRACE'", id="method"
+    ),
+    pytest.param(route_toml(status='{ "404" = "3.00" }'), "not a CoAP code", id="code-class"),
+    pytest.param(route_toml(status='{ "404" = 132 }'), "not a CoAP code", id="code-number"),
+    pytest.param(route_toml(link='"rt"'), "'link' must be a table", id="link-not-table"),
+    pytest.param(route_toml(link='{ title = "x" }'), "unknown link attributes", id="link-key"),
+    pytest.param(route_toml(link='{ rt = "" }'), "link rt", id="rt-empty"),
+    pytest.param(route_toml(link='{ rt = "a\\"b" }'), "link rt", id="rt-quote"),
+    pytest.param(route_toml(link="{ if = 5 }"), "link if", id="if-number"),
+    pytest.param(route_toml(link='{ ct = "json" }'), "link ct", id="ct-text"),
+    pytest.param(route_toml(link="{ ct = 70000 }"), "link ct", id="ct-too-big"),
+    pytest.param(route_toml(link="{ ct = [] }"), "link ct", id="ct-empty-list"),
+    pytest.param(route_toml(link="{ ct = true }"), "link ct", id="ct-bool"),
+    pytest.param(route_toml(link="{ sz = -1 }"), "link sz", id="sz-negative"),
+    pytest.param(route_toml(link='{ obs = "yes" }'), "link obs", id="obs-text"),
+    pytest.param(
+        route_toml(path='"/a/{x}/{x}"', target='"/b/{x}"'), "appears twice", id="variable-twice"
+    ),
+    pytest.param(route_toml(path='"/a/b{x}"'), "whole segment", id="variable-inside-a-segment"),
+    pytest.param(route_toml(path='"/a/{1x}"'), "whole segment", id="variable-bad-name"),
+    pytest.param(route_toml(target='"/b/{x}"'), "not in the path", id="target-unknown-var"),
+    pytest.param(
+        route_toml(path='"/a/{x}"', batch_target='"/b/{x}"'),
+        "cannot have a 'batch_target'",
+        id="template-with-batch-target",
+    ),
+    pytest.param(
+        route_toml(path='"/a/{x}"', batch_target='"/b"'),
+        "cannot have a 'batch_target'",
+        id="template-with-plain-batch-target",
+    ),
+    pytest.param(
+        route_toml(batch_target='"/b/{x}"'), "batch_target", id="batch-target-with-braces"
+    ),
+    pytest.param(route_toml(path='"/a/{x}"', target='"/b/{x"'), "brace", id="target-stray-brace"),
+    pytest.param(
+        route_toml(path='"/a/{host}"', target='"http://{host}.example/in"'),
+        "path only",
+        id="variable-in-host",
+    ),
+    pytest.param(
+        route_toml(path='"/a/{x}"') + route_toml(path='"/a/{y}"'),
+        "ambiguous",
+        id="same-template-other-name",
+    ),
+    pytest.param(
+        route_toml(path='"/a/{x}"') + route_toml(path='"/{y}/b"'),
+        "ambiguous",
+        id="overlapping-templates",
+    ),
+    pytest.param(
+        route_toml(path='"/a/{x}"') + route_toml(path='"/a/{x}/"'),
+        "defined twice",
+        id="duplicate-template",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), MALFORMED_ISSUE_13)
+def test_malformed_issue_13_keys(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(text)
+
+
+def test_templates_that_no_path_matches_both_are_accepted() -> None:
+    policy = parse_policy(
+        route_toml(path='"/a/{x}"')
+        + route_toml(path='"/b/{x}"')
+        + route_toml(path='"/a/{x}/c"')
+        + route_toml(path='"/a/b"')
+    )
+    assert policy.match("/a/b", GET).params is None  # the exact path
+    assert policy.match("/a/z", GET).params == {"x": "z"}
+    assert policy.match("/a/z/c", GET).route == policy.routes["/a/{x}/c"]

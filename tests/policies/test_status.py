@@ -25,6 +25,8 @@ from policies.status import (
     code,
     code_text,
     lookup,
+    lookup_with,
+    parse_code_text,
 )
 
 ALL_METHODS = sorted(METHOD_NAMES)
@@ -188,3 +190,56 @@ def test_method_numbers(method: int, number: int, name: str) -> None:
     # RFC 7252 §12.1.1 and RFC 8132 §6.
     assert method == number
     assert METHOD_NAMES[number] == name
+
+
+# -- a route's own rows (policies/routes.py: `status = { ... }`) -------------------------------
+
+# Overrides: "2xx" (any method) → 2.04, 201 for POST → 2.01, 404 → 4.00, 5xx → 5.03.
+_OVERRIDES: dict[tuple[int | str, str], int] = {
+    ("2xx", ANY): code(2, 4),
+    (201, "POST"): code(2, 1),
+    (404, ANY): code(4, 0),
+    ("5xx", ANY): code(5, 3),
+}
+
+
+@pytest.mark.parametrize(
+    ("http_status", "method", "expected"),
+    [
+        # The route's class row beats the default's exact rows (overrides win as a whole).
+        pytest.param(200, GET, "2.04", id="2xx-beats-default-2xx.GET"),
+        pytest.param(200, DELETE, "2.04", id="2xx-beats-default-2xx.DELETE"),
+        pytest.param(201, PUT, "2.04", id="2xx-beats-default-201.PUT"),
+        # Within the overrides, the lookup order holds: (201, POST) before ("2xx", ANY).
+        pytest.param(201, POST, "2.01", id="exact-override-beats-class-override"),
+        pytest.param(404, GET, "4.00", id="404"),
+        pytest.param(500, POST, "5.03", id="5xx-500"),
+        pytest.param(504, GET, "5.03", id="5xx-beats-default-504"),
+        # What the overrides do not name: the default table.
+        pytest.param(403, GET, "4.03", id="default-403"),
+        pytest.param(304, GET, "2.03", id="default-304"),
+        pytest.param(302, GET, "5.02", id="default-unmapped"),
+    ],
+)
+def test_overrides_win_over_the_table(http_status: int, method: int, expected: str) -> None:
+    table = StatusTable(HTTP_TO_COAP, _OVERRIDES)
+    assert code_text(table.code_for(http_status, method)) == expected
+    assert code_text(lookup_with(_OVERRIDES, HTTP_TO_COAP, http_status, method)) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        pytest.param("2.05", code(2, 5), id="2.05"),
+        pytest.param("4.29", code(4, 29), id="4.29"),
+        pytest.param("5.31", code(5, 31), id="5.31"),
+        pytest.param("2.5", None, id="one-digit-detail"),
+        pytest.param("3.00", None, id="class-3"),
+        pytest.param("0.01", None, id="a-method"),
+        pytest.param("4.32", None, id="detail-over-31"),
+        pytest.param("205", None, id="no-dot"),
+        pytest.param("x.yz", None, id="not-digits"),
+    ],
+)
+def test_parse_code_text(text: str, value: int | None) -> None:
+    assert parse_code_text(text) == value

@@ -16,8 +16,8 @@ response code in a NON / ACK / RST     silence
 request code in an ACK / RST           silence (§4.2)
 unknown critical option, critical      4.02, empty payload, token echoed: piggybacked in
 option of a wrong length, repeated     the ACK for a CON, a NON for a NON (§5.4.1, §5.4.3,
-non-repeatable critical option,        §5.4.5; If-Match / If-None-Match are not forwarded,
-If-Match / If-None-Match               hence not understood, §5.10.8)
+non-repeatable critical option,        §5.4.5; If-Match / If-None-Match are understood:
+malformed If-Match / If-None-Match     too long, not empty, repeated)
 Block1 / Block2 with SZX 7             4.00 (RFC 7959 §2.2)
 Uri-Path / Uri-Query not UTF-8         4.00 (§5.10.1 strings are UTF-8)
 Proxy-Uri / Proxy-Scheme               5.05 (a reverse proxy, §5.7.2)
@@ -73,6 +73,8 @@ BLOCK2, BLOCK1, PROXY_URI, PROXY_SCHEME = 23, 27, 35, 39
 IF_MATCH, IF_NONE_MATCH, CONTENT_FORMAT = 1, 5, 12
 # Critical options the proxy understands, with their value lengths.
 UNDERSTOOD_CRITICAL = {
+    IF_MATCH: (0, 8),
+    IF_NONE_MATCH: (0, 0),
     URI_HOST: (1, 255),
     URI_PORT: (0, 2),
     URI_PATH: (0, 255),
@@ -83,7 +85,7 @@ UNDERSTOOD_CRITICAL = {
     PROXY_URI: (1, 1034),
     PROXY_SCHEME: (1, 255),
 }
-NOT_REPEATABLE_CRITICAL = [URI_HOST, URI_PORT, ACCEPT, BLOCK2, BLOCK1]
+NOT_REPEATABLE_CRITICAL = [IF_NONE_MATCH, URI_HOST, URI_PORT, ACCEPT, BLOCK2, BLOCK1]
 WELL_KNOWN_CORE = [(URI_PATH, b".well-known"), (URI_PATH, b"core")]
 # Elective options (even numbers) absent from every table the proxy knows.
 UNKNOWN_ELECTIVE = [2, 10, 16, 22, 100, 1000, 2048, 65000]
@@ -279,9 +281,12 @@ def case_bad_option(g: Gen, mid: int, token: bytes) -> tuple[bytes, Expect]:
         else:
             values = [rng.randbytes(rng.randint(0, 2)) for _ in range(rng.randint(2, 3))]
         defect = [(number, value) for value in values]
-    else:  # a precondition: not forwarded, so not understood (§5.10.8)
+    else:  # a malformed precondition: If-Match over 8 bytes, If-None-Match not empty
         defect = rng.choice(
-            [[(IF_MATCH, rng.randbytes(rng.randint(0, 8)))], [(IF_NONE_MATCH, b"")]]
+            [
+                [(IF_MATCH, rng.randbytes(rng.randint(9, 20)))],
+                [(IF_NONE_MATCH, rng.randbytes(rng.randint(1, 8)))],
+            ]
         )
     return g.with_defect(mtype, mid, token, defect), answered(mtype, status.BAD_OPTION)
 

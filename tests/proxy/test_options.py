@@ -4,8 +4,8 @@ First the table itself, row by row against a transcription of the RFCs' tables k
 Then what a device sees through a real proxy with a real HTTP backend that counts its calls:
 an option of the wrong length or a supernumerary occurrence of a non-repeatable option is
 treated like an unrecognized option (§5.4.3, §5.4.5): critical → 4.02, elective → ignored;
-Block SZX 7 → 4.00 (RFC 7959 §2.2); If-Match / If-None-Match → 4.02, because the proxy does
-not forward preconditions and must not run a conditional request unconditionally (§5.10.8).
+Block SZX 7 → 4.00 (RFC 7959 §2.2). If-Match / If-None-Match are understood and forwarded as
+HTTP preconditions (§5.10.8, never run unconditionally); malformed ones are 4.02.
 No refused request reaches the backend.
 """
 
@@ -89,10 +89,11 @@ def test_understood_options_are_in_the_table_with_the_right_class() -> None:
     assert set(opt.FORMATS) >= opt.UNDERSTOOD_CRITICAL | opt.UNDERSTOOD_ELECTIVE
 
 
-def test_preconditions_are_not_understood() -> None:
-    # Issue #12 item 6: accepted-and-dropped preconditions overwrote the origin (§5.10.8).
-    assert opt.IF_MATCH not in opt.UNDERSTOOD_CRITICAL
-    assert opt.IF_NONE_MATCH not in opt.UNDERSTOOD_CRITICAL
+def test_preconditions_are_understood() -> None:
+    # Issue 13 §3: forwarded as HTTP If-Match / If-None-Match (proxy/forward.py), so
+    # understood; the ETag of a GET is read for validation (§5.10.6.2).
+    assert {opt.IF_MATCH, opt.IF_NONE_MATCH} <= opt.UNDERSTOOD_CRITICAL
+    assert opt.ETAG in opt.UNDERSTOOD_ELECTIVE
 
 
 @pytest.mark.parametrize(
@@ -204,10 +205,12 @@ REFUSED = [
     pytest.param([(opt.BLOCK1, b"\x1f")], BAD_REQUEST, id="block1-num1-more-szx7"),
     pytest.param([(opt.BLOCK2, b"\x07")], BAD_REQUEST, id="block2-szx7"),
     pytest.param([(opt.BLOCK2, b"\x01\x02\x0f")], BAD_REQUEST, id="block2-3-bytes-szx7"),
-    # §5.10.8: preconditions are not forwarded yet, so they are not understood.
-    pytest.param([(opt.IF_MATCH, b"\x01\x02")], BAD_OPTION, id="if-match"),
-    pytest.param([(opt.IF_MATCH, b"")], BAD_OPTION, id="if-match-empty"),
-    pytest.param([(opt.IF_NONE_MATCH, b"")], BAD_OPTION, id="if-none-match"),
+    # Preconditions are understood critical options: a malformed one is 4.02 (§5.4.3, §5.4.5).
+    pytest.param([(opt.IF_MATCH, b"123456789")], BAD_OPTION, id="if-match-9-bytes"),
+    pytest.param([(opt.IF_NONE_MATCH, b"x")], BAD_OPTION, id="if-none-match-not-empty"),
+    pytest.param(
+        [(opt.IF_NONE_MATCH, b""), (opt.IF_NONE_MATCH, b"")], BAD_OPTION, id="if-none-match-twice"
+    ),
 ]
 
 
@@ -219,20 +222,27 @@ async def test_refused_in_con_piggybacked_empty_and_never_forwarded(
 
 
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "header", "value"),
     [
-        pytest.param([(opt.IF_MATCH, b"\x01\x02")], id="if-match"),
-        pytest.param([(opt.IF_NONE_MATCH, b"")], id="if-none-match"),
-        pytest.param([(opt.IF_MATCH, b"\x01"), (opt.IF_NONE_MATCH, b"")], id="both"),
+        pytest.param([(opt.IF_MATCH, b"v2")], "if-match", '"v2"', id="if-match"),
+        pytest.param([(opt.IF_MATCH, b"")], "if-match", "*", id="if-match-empty"),
+        pytest.param(
+            [(opt.IF_MATCH, b"a"), (opt.IF_MATCH, b"b")], "if-match", '"a", "b"', id="if-match-two"
+        ),
+        pytest.param([(opt.IF_NONE_MATCH, b"")], "if-none-match", "*", id="if-none-match"),
     ],
 )
 @pytest.mark.parametrize("method", [status.PUT, status.POST], ids=["PUT", "POST"])
-async def test_conditional_request_is_refused_not_run_unconditionally(
-    rig: Rig, method: int, extra: list[tuple[int, bytes]]
+async def test_conditional_request_is_forwarded_with_its_precondition(
+    rig: Rig, method: int, extra: list[tuple[int, bytes]], header: str, value: str
 ) -> None:
-    # §5.10.8: a stale If-Match PUT must not overwrite the origin; until preconditions are
-    # forwarded the request is refused as carrying a critical option not understood.
-    await _refused_and_never_forwarded(rig, method, extra, status.BAD_OPTION)
+    # §5.10.8: a conditional request is never run unconditionally: its precondition goes to
+    # the origin as the HTTP header of the same meaning (RFC 9110 §13.1.1, §13.1.2), which
+    # decides (412 → 4.12, tests/proxy/test_translation.py).
+    _, reply = await rig.send(method, extra)
+    assert reply.code == status.CHANGED
+    [(_, _, headers)] = rig.backend.calls
+    assert headers[header] == value
 
 
 async def _refused_and_never_forwarded(

@@ -252,6 +252,51 @@ async def test_a_post_reaches_the_server_as_http11_with_its_body_headers_and_hos
         assert request.values(name) == [value], name
 
 
+async def test_the_headers_the_translation_reads_come_back_and_no_others(
+    raw_server: StartServer, make_upstream: MakeUpstream
+) -> None:
+    # Issue 13 §3: ETag, Location, Cache-Control, Expires, Date, Content-Range and
+    # Accept-Ranges reach the forwarder (names lower-case; a repeated field joined with ", ",
+    # RFC 9110 §5.3); any other header is dropped while parsing.
+    answer = response(
+        206,
+        b"abc",
+        [
+            ("ETag", '"v1"'),
+            ("LOCATION", "/things/42"),
+            ("Cache-Control", "max-age=30"),
+            ("cache-control", "private"),
+            ("Expires", "Thu, 01 Dec 2094 16:00:00 GMT"),
+            ("Date", "Thu, 01 Dec 2094 15:00:00 GMT"),
+            ("Content-Range", "bytes 0-2/10"),
+            ("Accept-Ranges", "bytes"),
+            ("X-Other", "dropped"),
+            ("Set-Cookie", "a=b"),
+        ],
+    )
+    server = await raw_server(keep_alive_answering(lambda _: answer))
+
+    got = await make_upstream().request("GET", server.url("/r"), {}, b"")
+
+    assert dict(got.headers) == {
+        "etag": '"v1"',
+        "location": "/things/42",
+        "cache-control": "max-age=30, private",
+        "expires": "Thu, 01 Dec 2094 16:00:00 GMT",
+        "date": "Thu, 01 Dec 2094 15:00:00 GMT",
+        "content-range": "bytes 0-2/10",
+        "accept-ranges": "bytes",
+    }
+
+
+async def test_an_answer_without_those_headers_has_none(
+    raw_server: StartServer, make_upstream: MakeUpstream
+) -> None:
+    server = await raw_server(keep_alive_answering(lambda _: response(204, headers=[("X", "y")])))
+    got = await make_upstream().request("GET", server.url("/r"), {}, b"")
+    assert dict(got.headers) == {}
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_every_forwarded_method_reaches_the_server_by_its_name(
     raw_server: StartServer, make_upstream: MakeUpstream, method: str

@@ -1,0 +1,207 @@
+"""The asyncio driver of a CoAP :class:`~proxy.coap.endpoint.Endpoint`: the only code of the
+messaging layer that touches a socket, the event loop or a timer.
+
+It is an ``asyncio.DatagramProtocol`` under a UDP socket or under the DTLS transport
+(:mod:`proxy.transports.dtls`, which looks like a datagram transport). Per datagram: feed the
+endpoint, send what it returns, and run each request exchange it hands out as a task (through
+the gate, :mod:`proxy.gate`, when there is a shared store). One timer for the endpoint's
+:meth:`~proxy.coap.endpoint.Endpoint.next_deadline`, armed ``TIMER_SLACK`` late so that under
+load one callback does the work of many deadlines (an empty ACK or a retransmission 10 ms late
+is well inside RFC 7252's randomised timeouts). Graceful stop: :meth:`stop_accepting` and
+:meth:`drain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from policies import status
+from proxy.coap.endpoint import Endpoint, MessagingStats
+from proxy.coap.exchanges import CHECKING, Exchange
+from proxy.coap.requests import RequestHandler, Response
+from proxy.gate import Gate
+from proxy.state.base import Claim
+
+log = logging.getLogger(__name__)
+
+TIMER_SLACK = 0.01
+_INF = float("inf")
+
+
+class CoapDriver(asyncio.DatagramProtocol):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        handler: RequestHandler,
+        *,
+        gate: Gate | None = None,
+        identity_of: Callable[[tuple[str, int]], str | None] | None = None,
+    ) -> None:
+        """``gate``: the cross-replica claim (the endpoint must then be built with
+        ``claims=True``). ``identity_of``: for a secured transport (DTLS), the authenticated
+        identity of a peer address; deduplication then keys on (identity, MID), SPEC §4."""
+        self._endpoint = endpoint
+        self._handler = handler
+        self._gate = gate
+        self._identity_of = identity_of
+        self._transport: asyncio.DatagramTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _INF
+        self._horizon = endpoint.ack_window + TIMER_SLACK
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def stats(self) -> MessagingStats:
+        return self._endpoint.stats
+
+    # -- asyncio plumbing -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport is not a DatagramTransport subclass.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._endpoint.abandon()
+        self._disarm()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the peer is gone; retransmission gives up itself.
+        log.debug("datagram error: %s", exc)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        identity = self._identity_of(addr) if self._identity_of is not None else None
+        now = self._loop.time()
+        event = self._endpoint.receive(data, addr, now, identity)
+        if event is None:
+            return
+        if type(event) is bytes:
+            transport.sendto(event, addr)
+            return
+        assert isinstance(event, Exchange)
+        task = self._loop.create_task(self._serve(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # A new exchange's deadlines (its ACK window, its expiry) lie at least the ACK window
+        # ahead; only a timer armed later than that needs a look (saves it per request).
+        if self._timer_at > now + self._horizon:
+            self._arm()
+
+    # -- handling -------------------------------------------------------------------------
+
+    async def _serve(self, exchange: Exchange) -> None:
+        endpoint = self._endpoint
+        request = exchange.request
+        assert request is not None
+        gate = self._gate
+        if gate is not None and exchange.state == CHECKING:
+            key = gate.key_for(request)
+            if key is None:
+                endpoint.handling(exchange, self._loop.time())
+                self._arm()
+            else:
+                verdict = await gate.claim(exchange, key)
+                if verdict is Claim.BUSY:
+                    endpoint.elsewhere(exchange)
+                    return
+                if verdict is not Claim.OWNED:
+                    self._send(endpoint.replay(exchange, verdict, self._loop.time()), exchange)
+                    return
+                endpoint.handling(exchange, self._loop.time())
+                self._arm()
+        try:
+            response = await self._handler.handle(request)
+        except Exception:
+            endpoint.stats.handler_errors += 1
+            log.exception(
+                "request handler failed for %s %s", status.code_text(request.method), request.path
+            )
+            response = Response(status.INTERNAL_SERVER_ERROR)
+        self._send(endpoint.respond(exchange, response, self._loop.time()), exchange)
+        if gate is not None:
+            gate.answered(exchange)
+        if exchange.acked:
+            self._arm()  # a separate response: its retransmission deadline
+
+    def _send(self, data: bytes | None, exchange: Exchange) -> None:
+        if data is not None and self._transport is not None:
+            self._transport.sendto(data, exchange.peer)
+
+    # -- the one timer ----------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        deadline = self._endpoint.next_deadline()
+        if deadline is None:
+            return
+        when = deadline + TIMER_SLACK
+        if when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(when, self._fire)
+            self._timer_at = when
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = _INF
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = _INF
+        due = self._endpoint.timeout(self._loop.time())
+        transport = self._transport
+        if transport is not None:
+            for data, peer in due:
+                transport.sendto(data, peer)
+        self._arm()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """See :meth:`Endpoint.stop_accepting`."""
+        self._endpoint.stop_accepting()
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Without ``grace``: wait for every request being handled (tests use it, and the
+        shutdown after the transport has closed).
+
+        With ``grace`` seconds (a graceful shutdown, after :meth:`stop_accepting`, transport
+        still open): wait until every request in flight has been answered and every separate
+        CON response has been acknowledged, reset or given up (retransmitted per RFC 7252
+        §4.2 meanwhile), for at most that long. What is left then is abandoned: its handlers
+        are cancelled and its retransmissions stopped. True when nothing was abandoned."""
+        if grace is None:
+            while self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            return True
+        endpoint = self._endpoint
+        deadline = self._loop.time() + grace
+        while self._tasks or endpoint.awaiting_ack:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                break
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=left)
+            else:
+                # Retransmissions end in the endpoint (ACK, RST, give-up), not in a task.
+                await asyncio.sleep(min(left, 0.02))
+        if not self._tasks and not endpoint.awaiting_ack:
+            return True
+        log.warning(
+            "drain timeout: %d request(s) still in flight, %d separate response(s) not "
+            "acknowledged; abandoned",
+            len(self._tasks),
+            endpoint.awaiting_ack,
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        endpoint.abandon()
+        return False

@@ -1,0 +1,395 @@
+"""The CoAP messaging layer of a server (RFC 7252 §4), sans-IO.
+
+:class:`Endpoint` is a state machine over datagrams and a clock that the caller supplies: no
+sockets, no event loop, no timers of its own. The one asyncio driver
+(:mod:`proxy.coap.driver`) feeds it and sends what it returns; tests drive it directly.
+
+- :meth:`Endpoint.receive` reads one datagram and returns at most one event: an
+  :class:`~proxy.coap.exchanges.Exchange` (a request to handle, with its interpreted
+  :class:`~proxy.coap.requests.Request`), or ``bytes`` to send back to the same peer (a Reset,
+  a replayed answer, an empty ACK, or the answer to a request the datagram alone refuses), or
+  None. One result, no event objects: this runs for every datagram.
+- :meth:`Endpoint.respond` turns a handler's :class:`~proxy.coap.requests.Response` into the
+  datagram for the exchange's peer: piggybacked on the ACK while the request is not yet
+  acknowledged (§5.2.1), else a separate CON response that is retransmitted until ACKed or
+  Reset (§5.2.2), or a NON response to a NON request (§5.2.3).
+- :meth:`Endpoint.timeout` does what is due at ``now``: the empty ACK once the ACK window
+  passed (the answer then follows separately), retransmissions with exponential back-off from
+  a random initial timeout (§4.2, §4.8), giving up after MAX_RETRANSMIT, and the expiry of
+  deduplication state (§4.5, :mod:`proxy.coap.exchanges`).
+- :meth:`Endpoint.next_deadline` says when :meth:`Endpoint.timeout` next has work.
+
+What this layer also owns: a format error in a CON is Reset, in a NON dropped (§4.2, §4.3); an
+Empty CON ("CoAP ping") is Reset (§4.3); a response sent to a server is Reset (CON) or ignored;
+a request in an ACK or RST is dropped; options are checked by
+:func:`~proxy.coap.requests.interpret` (4.02 / 4.00 / 5.05 decided by the datagram alone).
+
+The cross-replica claim is not here: :mod:`proxy.gate` sits between this layer and the
+handler. An endpoint built with ``claims=True`` hands new exchanges out as CHECKING; the gate
+then moves them to HANDLING (:meth:`Endpoint.handling`), ELSEWHERE (:meth:`Endpoint.elsewhere`)
+or answers them with stored bytes (:meth:`Endpoint.replay`).
+
+Answers to one request beyond the first (RFC 7641 notifications, a later issue) have their
+seam here: an exchange carries its token and peer, and a separate response in flight keeps its
+exchange (``_Outgoing.exchange``), so an ACK, a Reset or the give-up (where RFC 7641 §3.6 ends
+an observation) reach the exchange the response belongs to; a notification is a further
+separate response built by ``_separate`` for the same exchange.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from proxy.coap.codec import (
+    ACK,
+    CON,
+    NON,
+    RST,
+    FormatError,
+    Unreadable,
+    decode,
+    encode_empty,
+    encode_parts,
+)
+from proxy.coap.exchanges import (
+    ANSWERED,
+    CHECKING,
+    ELSEWHERE,
+    HANDLING,
+    Exchange,
+    ExchangeCache,
+    identity_key,
+    peer_key,
+)
+from proxy.coap.requests import BadRequest, Response, interpret
+
+log = logging.getLogger(__name__)
+
+# RFC 7252 §4.8 default transmission parameters.
+ACK_TIMEOUT = 2.0
+ACK_RANDOM_FACTOR = 1.5
+MAX_RETRANSMIT = 4
+
+Peer = tuple[str, int]
+# What receive() hands out: a request to handle, bytes to send back to the peer, or nothing.
+Event = Exchange | bytes
+
+_INF = float("inf")
+
+
+@dataclass(slots=True)
+class MessagingStats:
+    requests: int = 0
+    duplicates: int = 0
+    format_errors: int = 0
+    separate_responses: int = 0
+    retransmissions: int = 0
+    handler_errors: int = 0
+    shared_replays: int = 0  # answered with bytes another replica stored
+    shared_busy: int = 0  # left alone: another replica holds the claim
+    shared_unavailable: int = 0  # processed on local dedup only, the shared store being down
+    claims_skipped: int = 0  # handled without asking the shared store (needs_claim False)
+
+
+class _Outgoing:
+    """A CON this endpoint sent (a separate response), until ACKed, Reset or given up."""
+
+    __slots__ = ("count", "data", "done", "exchange", "key", "peer", "timeout")
+
+    def __init__(self, key: int, data: bytes, peer: Peer, exchange: Exchange, timeout: float):
+        self.key = key
+        self.data = data
+        self.peer = peer
+        self.exchange = exchange
+        self.timeout = timeout
+        self.count = 0  # retransmissions so far
+        self.done = False
+
+
+class Endpoint:
+    def __init__(
+        self,
+        *,
+        exchanges: ExchangeCache | None = None,
+        ack_window: float = 1.0,
+        ack_timeout: float = ACK_TIMEOUT,
+        ack_random_factor: float = ACK_RANDOM_FACTOR,
+        max_retransmit: int = MAX_RETRANSMIT,
+        claims: bool = False,
+        rng: random.Random | None = None,
+        stats: MessagingStats | None = None,
+    ) -> None:
+        """``ack_window``: how long a CON request may be in flight before it gets an empty ACK
+        and its answer travels separately (docs/ARCHITECTURE.md, "ACK window 1 s").
+        ``claims``: a gate decides who handles each new exchange (exchanges start CHECKING).
+        ``rng``: the source of message IDs and of the random initial retransmission timeout
+        (tests pass a seeded one)."""
+        self._exchanges = exchanges if exchanges is not None else ExchangeCache()
+        self._ack_window = ack_window
+        self._ack_timeout = ack_timeout
+        self._ack_random_factor = ack_random_factor
+        self._max_retransmit = max_retransmit
+        self._first_state = CHECKING if claims else HANDLING
+        self._rng = rng if rng is not None else random.Random()
+        self._next_mid = self._rng.randrange(0x10000)
+        # CON requests in flight: the end of their ACK window and their dedup key, in arrival
+        # order (the window is the same for all, so this is also deadline order: no heap
+        # needed). An exchange answered in time stays until its deadline and is skipped then.
+        # Two deques of floats and ints, not one of tuples or exchanges: neither is tracked by
+        # the garbage collector, so a second's worth of them does not set off collections
+        # (an object kept per request did: +3 µs per request, and full collections of 7-10 ms
+        # in the latency tail).
+        self._ack_times: deque[float] = deque()
+        self._ack_keys: deque[int] = deque()
+        # Separate responses awaiting their ACK: (our MID at the peer) → state, and a heap of
+        # (due, sequence, state) for their retransmissions; a done state is skipped when due.
+        self._awaiting: dict[int, _Outgoing] = {}
+        self._retransmits: list[tuple[float, int, _Outgoing]] = []
+        self._sequence = itertools.count()
+        # False once a graceful shutdown began (stop_accepting): no new exchange is taken.
+        self._accepting = True
+        self.stats = stats if stats is not None else MessagingStats()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive(
+        self, datagram: bytes, peer: Peer, now: float, identity: str | None = None
+    ) -> Event | None:
+        """``identity``: over a secured transport (DTLS) the peer's authenticated identity;
+        deduplication then keys on (identity, MID) instead of the address (SPEC §4)."""
+        try:
+            message = decode(datagram)
+        except FormatError as exc:
+            self.stats.format_errors += 1
+            return encode_empty(RST, exc.mid) if exc.mtype == CON else None
+        except Unreadable:
+            self.stats.format_errors += 1
+            return None
+        mtype = message.mtype
+        code = message.code
+        if code == 0:
+            if mtype == CON:
+                # A ping (§4.3). Not answered while stopping, so health checks see it going.
+                return encode_empty(RST, message.mid) if self._accepting else None
+            if mtype != NON:
+                self._peer_answered(peer, message.mid)
+            return None
+        if code >= 64:
+            # A response sent to a server: nothing asked for it (§4.2 reject a CON, §4.3 NON).
+            if mtype == CON:
+                return encode_empty(RST, message.mid)
+            if mtype != NON:
+                self._peer_answered(peer, message.mid)
+            return None
+        if mtype >= ACK:
+            # A request can only travel in a CON or NON; an ACK/RST carrying one is malformed
+            # and cannot be answered (§4.2, §4.3).
+            self.stats.format_errors += 1
+            return None
+        if identity is None:
+            key = peer_key(peer[0], peer[1], message.mid)
+        else:
+            key = identity_key(identity, message.mid)
+        exchanges = self._exchanges
+        seen = exchanges.get(key)
+        if seen is not None:
+            return self._duplicate(seen, message.mtype, message.mid)
+        if not self._accepting:
+            return None  # shutting down: see stop_accepting
+        self.stats.requests += 1
+        try:
+            # (host, port) for the handler: an IPv6 socket reports (host, port, flow, scope);
+            # answers go to the address as reported (the scope matters for link-local).
+            request = interpret(message, peer[:2], identity)
+        except BadRequest as bad:
+            # Decided by the datagram alone: every replica answers it the same way, at once.
+            exchange = Exchange(key, peer, message, None, HANDLING)
+            exchanges.add(key, mtype, now, exchange)
+            return self.respond(exchange, Response(bad.code), now)
+        state = self._first_state
+        exchange = Exchange(key, peer, message, request, state)
+        exchanges.add(key, mtype, now, exchange)
+        if mtype == CON and state == HANDLING:
+            self._ack_times.append(now + self._ack_window)
+            self._ack_keys.append(key)
+        return exchange
+
+    def _duplicate(self, seen: Exchange | bytes, mtype: int, mid: int) -> Event | None:
+        self.stats.duplicates += 1
+        if type(seen) is bytes:
+            # Answered: a CON gets the very same bytes again; a NON is ignored (§4.5).
+            return seen if mtype == CON else None
+        assert isinstance(seen, Exchange)
+        state = seen.state
+        if state == ELSEWHERE:
+            if not self._accepting:
+                return None  # shutting down: not taken over here (see stop_accepting)
+            # Another replica had it: ask again. It may have answered by now, or its lease may
+            # have run out (it died), and then this replica takes the exchange over.
+            seen.state = CHECKING
+            return seen
+        if state == HANDLING and mtype == CON:
+            # Being handled here: acknowledge so the device stops retransmitting; the answer
+            # follows as a separate response.
+            seen.acked = True
+            return encode_empty(ACK, mid)
+        # CHECKING: the store's answer is a moment away; the device will retransmit anyway.
+        return None
+
+    def _peer_answered(self, peer: Peer, mid: int) -> None:
+        """An ACK or RST from ``peer`` for our message ``mid``: a separate response stops
+        being retransmitted (§4.2). A Reset is where RFC 7641 §3.6 ends an observation."""
+        outgoing = self._awaiting.pop(peer_key(peer[0], peer[1], mid), None)
+        if outgoing is not None:
+            outgoing.done = True
+
+    # -- the gate's verdicts (proxy/gate.py) ----------------------------------------------
+
+    def handling(self, exchange: Exchange, now: float) -> None:
+        """This replica handles the exchange: its ACK window starts now."""
+        exchange.state = HANDLING
+        if exchange.message.mtype == CON:
+            self._ack_times.append(now + self._ack_window)
+            self._ack_keys.append(exchange.key)
+
+    def elsewhere(self, exchange: Exchange) -> None:
+        """Another replica holds the claim: stay silent; a retransmission asks again. An
+        empty ACK would promise a separate response this replica could never send."""
+        exchange.state = ELSEWHERE
+
+    def replay(self, exchange: Exchange, record: bytes, now: float) -> bytes | None:
+        """Another replica answered: its exact bytes are the answer here too (to a CON)."""
+        exchange.state = ANSWERED
+        exchange.record = record
+        self._exchanges.complete(exchange.key, record)
+        return record if exchange.message.mtype == CON else None
+
+    # -- answering ------------------------------------------------------------------------
+
+    def respond(self, exchange: Exchange, response: Response, now: float) -> bytes | None:
+        """The datagram carrying the final ``response`` to ``exchange.peer``; None when the
+        exchange was answered already (e.g. by bytes another replica stored)."""
+        if exchange.state == ANSWERED:
+            return None
+        exchange.state = ANSWERED
+        message = exchange.message
+        if message.mtype == CON:
+            if not exchange.acked:
+                data = encode_parts(
+                    ACK,
+                    response.code,
+                    message.mid,
+                    message.token,
+                    response.options,
+                    response.payload,
+                )
+                exchange.record = data
+                self._exchanges.complete(exchange.key, data)
+                return data
+            # Separate response (§5.2.2): a CON of its own, retransmitted until ACKed. A
+            # duplicate of the request from now on gets the empty ACK again.
+            self.stats.separate_responses += 1
+            record = encode_empty(ACK, message.mid)
+            exchange.record = record
+            self._exchanges.complete(exchange.key, record)
+            return self._separate(exchange, response, CON, now)
+        # A NON's duplicates are never answered (§4.5): its record is empty.
+        self._exchanges.complete(exchange.key, b"")
+        return self._separate(exchange, response, NON, now)
+
+    def _separate(self, exchange: Exchange, response: Response, mtype: int, now: float) -> bytes:
+        """A response in a message of its own (new MID, the request's token), reliable when
+        ``mtype`` is CON."""
+        mid = self._next_mid
+        self._next_mid = (mid + 1) & 0xFFFF
+        data = encode_parts(
+            mtype, response.code, mid, exchange.message.token, response.options, response.payload
+        )
+        if mtype == CON:
+            peer = exchange.peer
+            timeout = self._ack_timeout * self._rng.uniform(1.0, self._ack_random_factor)
+            outgoing = _Outgoing(peer_key(peer[0], peer[1], mid), data, peer, exchange, timeout)
+            self._awaiting[outgoing.key] = outgoing
+            heapq.heappush(self._retransmits, (now + timeout, next(self._sequence), outgoing))
+        return data
+
+    # -- time -----------------------------------------------------------------------------
+
+    def timeout(self, now: float) -> list[tuple[bytes, Peer]]:
+        """Everything due at ``now``: the datagrams to send, each with its peer."""
+        out: list[tuple[bytes, Peer]] = []
+        ack_times, ack_keys = self._ack_times, self._ack_keys
+        exchanges = self._exchanges
+        while ack_times and ack_times[0] <= now:
+            ack_times.popleft()
+            exchange = exchanges.get(ack_keys.popleft())
+            if type(exchange) is Exchange and exchange.state == HANDLING and not exchange.acked:
+                # Still being handled when the window closed: acknowledge, so the device stops
+                # retransmitting; the answer follows separately (§5.2.2).
+                exchange.acked = True
+                out.append((encode_empty(ACK, exchange.message.mid), exchange.peer))
+        retransmits = self._retransmits
+        while retransmits and retransmits[0][0] <= now:
+            due, _, outgoing = heapq.heappop(retransmits)
+            if outgoing.done:
+                continue
+            if outgoing.count >= self._max_retransmit:
+                outgoing.done = True
+                del self._awaiting[outgoing.key]
+                peer = outgoing.peer
+                log.info("separate response to %s:%s never acknowledged", peer[0], peer[1])
+                continue
+            # §4.2: the timeout doubles with each retransmission, counted from when it was due
+            # (not from when a late timer ran).
+            outgoing.count += 1
+            outgoing.timeout *= 2
+            self.stats.retransmissions += 1
+            out.append((outgoing.data, outgoing.peer))
+            heapq.heappush(retransmits, (due + outgoing.timeout, next(self._sequence), outgoing))
+        self._exchanges.expire(now)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`timeout` next has something to do; None: nothing, until a datagram."""
+        deadline = self._exchanges.next_expiry()
+        if self._ack_times:
+            first = self._ack_times[0]
+            if first < deadline:
+                deadline = first
+        if self._retransmits:
+            first = self._retransmits[0][0]
+            if first < deadline:
+                deadline = first
+        return None if deadline == _INF else deadline
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """Begin a graceful shutdown: from now on no new exchange is taken. A new request gets
+        silence (the device retransmits it, by then to a replica or process that serves), and
+        so does a ping, so that health checks see this process going. What keeps being read:
+        ACKs and RSTs for our separate responses (their retransmission stops, §4.2), and
+        duplicates of exchanges already known here, which get the stored answer or, while
+        still in flight, the empty ACK (§4.5), so that the device waits for the answer."""
+        self._accepting = False
+
+    @property
+    def ack_window(self) -> float:
+        return self._ack_window
+
+    @property
+    def awaiting_ack(self) -> int:
+        """Separate CON responses sent and neither acknowledged, reset nor given up."""
+        return len(self._awaiting)
+
+    def abandon(self) -> None:
+        """Stop retransmitting every separate response (shutdown)."""
+        for outgoing in self._awaiting.values():
+            outgoing.done = True
+        self._awaiting.clear()
+        self._retransmits.clear()
