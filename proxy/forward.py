@@ -10,7 +10,7 @@ from urllib.parse import quote, urlsplit
 from policies import forwarding, media, status, translation
 from policies.batch import BatchItem
 from policies.discovery import Discovery
-from policies.routes import Policy, PolicyError, Route
+from policies.routes import Policy, PolicyError, Route, RouteMatch
 from policies.topics import TopicError, topic_from_queries
 from proxy.batching import GroupCommit
 from proxy.coap import options as opt
@@ -155,6 +155,9 @@ class ProxyHandler:
         self._proto = proto
         self._max_payload = max_payload
         self._discovery = Discovery(policy.routes.values())
+        self._all_links = Response(
+            status.CONTENT, [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))], self._discovery.payload
+        )
         self._templates = any(route.variables for route in policy.routes.values())
         self._max_batch = max_batch
         self._batch_concurrency = batch_concurrency
@@ -195,7 +198,22 @@ class ProxyHandler:
             return False
         return not (route.idempotent and request.method in _SAFE)
 
+    def answer_now(self, request: Request) -> Response | None:
+        """What this handler answers itself, without a call: the production-mode 4.01,
+        discovery, no route 4.04, wrong method 4.05, a bad topic 4.00, a payload over the
+        limit 4.13 with Size1. None: the request is forwarded by :meth:`handle`."""
+        answer = self._check(request)
+        return answer if isinstance(answer, Response) else None
+
     async def handle(self, request: Request) -> Response:
+        checked = self._check(request)
+        if isinstance(checked, Response):
+            return checked
+        route = checked.route
+        assert route is not None  # _check answered every match without a route
+        return await self._forward(request, route, checked.params)
+
+    def _check(self, request: Request) -> Response | RouteMatch:
         if self._plain_paths is not None and request.path not in self._plain_paths:
             return Response(status.UNAUTHORIZED)
         if request.path == WELL_KNOWN_CORE:
@@ -214,7 +232,7 @@ class ProxyHandler:
             return Response(
                 status.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
             )
-        return await self._forward(request, route, match.params)
+        return match
 
     def _segments(self, request: Request) -> list[str] | None:
         """The Uri-Path values, for template matching only (a value may hold a "/")."""
@@ -227,6 +245,8 @@ class ProxyHandler:
         (§4.1). The block-wise layer slices an answer larger than one block."""
         if request.method != status.GET:
             return Response(status.METHOD_NOT_ALLOWED)
+        if not request.queries:
+            return self._all_links  # built once: nothing downstream changes a Response
         return Response(
             status.CONTENT,
             [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))],

@@ -255,6 +255,16 @@ class BlockwiseHandler:
                 return False
         return self._inner.needs_claim(request)
 
+    def answer_now(self, request: Request) -> Response | None:
+        """The wrapped handler's immediate answer to a request with no block options, when it
+        fits one block; anything block-wise (or larger) goes through :meth:`handle`."""
+        if _scan(request.message.options) is not None:
+            return None
+        response = self._inner.answer_now(request)
+        if response is None or len(response.payload) > self._block_size:
+            return None
+        return response
+
     async def handle(self, request: Request) -> Response:
         blocks = _scan(request.message.options)
         if blocks is None:
@@ -304,8 +314,8 @@ class BlockwiseHandler:
             # may ask its size with Block2 in that request (early negotiation, §2.4).
             szx2 = self._szx if blocks.block2 is None else min(blocks.block2 & 0x07, self._szx)
             response = self._first_block(request, response, szx2)
-        response.options = _merged(response.options, echo)
-        return response
+        # A new Response: the inner handler may hand out a shared one (discovery's).
+        return Response(response.code, _merged(response.options, echo), response.payload)
 
     async def _append(
         self, request: Request, blocks: _Blocks, offset: int, data: bytes, *, last: bool

@@ -85,7 +85,24 @@ class CoapDriver(asyncio.DatagramProtocol):
             transport.sendto(event, addr)
             return
         assert isinstance(event, Exchange)
-        task = self._loop.create_task(self._serve(event))
+        request = event.request
+        assert request is not None
+        # What the handler answers without I/O is answered here and now: no task, and no
+        # cross-replica claim — such an answer follows from the datagram and the policy
+        # alone, so every replica gives the same one (RequestHandler.answer_now).
+        answer = self._handler.answer_now(request)
+        if answer is not None:
+            if self._gate is not None:
+                self._endpoint.stats.claims_skipped += 1
+            self._send(self._endpoint.respond(event, answer, now), event)
+            if self._timer_at > now + self._horizon:
+                self._arm()  # the exchange's expiry
+            return
+        key: str | None = None
+        gate = self._gate
+        if gate is not None and event.state == CHECKING:
+            key = gate.key_for(request)
+        task = self._loop.create_task(self._serve(event, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # A new exchange's deadlines (its ACK window, its expiry) lie at least the ACK window
@@ -95,13 +112,14 @@ class CoapDriver(asyncio.DatagramProtocol):
 
     # -- handling -------------------------------------------------------------------------
 
-    async def _serve(self, exchange: Exchange) -> None:
+    async def _serve(self, exchange: Exchange, key: str | None) -> None:
+        """``key``: the gate's key for the exchange, None when it needs no claim (or there is
+        no gate); datagram_received asked the gate already."""
         endpoint = self._endpoint
         request = exchange.request
         assert request is not None
         gate = self._gate
         if gate is not None and exchange.state == CHECKING:
-            key = gate.key_for(request)
             if key is None:
                 endpoint.handling(exchange, self._loop.time())
                 self._arm()

@@ -50,6 +50,14 @@ class Response:
 class RequestHandler(Protocol):
     async def handle(self, request: Request) -> Response: ...
 
+    def answer_now(self, request: Request) -> Response | None:
+        """The answer when it takes no I/O — decided by the request and the policy alone
+        (discovery, 4.04, 4.05, a bad topic, ...) — else None, and :meth:`handle` runs. The
+        driver asks this first, so such a request costs no task and no cross-replica claim:
+        every replica, running the same policy, gives the same answer (docs/ARCHITECTURE.md).
+        So it must never answer from state (a store, a cache, the clock)."""
+        ...
+
     def needs_claim(self, request: Request) -> bool:
         """Whether this request needs the cross-replica claim before it is handled: False for
         what the handler answers itself or what is safe to run twice (docs/ARCHITECTURE.md)."""

@@ -44,6 +44,9 @@ class Origin:
     seen: list[Request] = field(default_factory=list)
     claims: list[Request] = field(default_factory=list)
 
+    def answer_now(self, request: Request) -> Response | None:
+        return None  # everything through handle()
+
     def needs_claim(self, request: Request) -> bool:
         self.claims.append(request)
         return request.method != status.GET

@@ -44,6 +44,9 @@ class Handler:
     async def handle(self, request: Request) -> Response:
         return Response(status.CHANGED)
 
+    def answer_now(self, request: Request) -> Response | None:
+        return None  # everything through handle()
+
     def needs_claim(self, request: Request) -> bool:
         return self.claim
 

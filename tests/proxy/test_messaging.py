@@ -28,6 +28,8 @@ class ScriptedHandler:
         self.delay = 0.0
         self.response = Response(status.CHANGED)
         self.release: asyncio.Event | None = None
+        self.immediate: Response | None = None  # what answer_now gives
+        self.answered_now: list[Request] = []
 
     async def handle(self, request: Request) -> Response:
         self.requests.append(request)
@@ -36,6 +38,11 @@ class ScriptedHandler:
         if self.delay:
             await asyncio.sleep(self.delay)
         return self.response
+
+    def answer_now(self, request: Request) -> Response | None:
+        if self.immediate is not None:
+            self.answered_now.append(request)
+        return self.immediate
 
     def needs_claim(self, request: Request) -> bool:
         return True
@@ -167,3 +174,18 @@ async def test_handler_exception_is_internal_server_error(server) -> None:
     reply = await client.request(post(110))
     assert reply.code == status.INTERNAL_SERVER_ERROR
     assert reply.payload == b""
+
+
+async def test_an_answer_that_needs_no_io_is_sent_without_running_the_handler(server) -> None:
+    # answer_now: discovery, 4.04, 4.05 ... cost no task; the duplicate still gets the same
+    # bytes from the exchange cache.
+    protocol, handler, client = server
+    handler.immediate = Response(status.NOT_FOUND)
+    datagram = post(120, token=b"\x09")
+    reply = await client.request(datagram)
+    assert (reply.mtype, reply.code, reply.mid, reply.token) == (ACK, status.NOT_FOUND, 120, b"\t")
+    client.send(datagram)
+    assert await client.recv() == encode_parts(ACK, status.NOT_FOUND, 120, b"\t", [], b"")
+    assert handler.requests == []
+    assert len(handler.answered_now) == 1
+    assert not protocol._tasks
