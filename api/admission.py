@@ -4,8 +4,8 @@ handled before (its Idempotency-Key claim).
 :class:`SeparateAdmission` asks the device store and the idempotency store, concurrently: any
 two implementations, any Redis topology. :class:`RedisAdmission` asks both in one script call
 when both live on one Redis server (not a Cluster: the keys span slots), which is what the API
-builds for itself from ``redis_url``. Measured in the latency scenario (2,600 req/s): the
-second Redis call per batch cost p50 ~1 ms and p99 ~2 ms, the API 4% of a core and Redis 4%.
+builds for itself from ``redis_url``; why one call rather than two: docs/ARCHITECTURE.md,
+"One admission call per batch".
 """
 
 from __future__ import annotations

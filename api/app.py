@@ -34,10 +34,14 @@ from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
 
 _TAGS = [
-    {"name": "ingest", "description": "Device telemetry from the proxy to MQTT (SPEC §8)."},
+    {
+        "name": "ingest",
+        "description": "Device telemetry from the proxy to MQTT (docs/CONTRACT.md §9).",
+    },
     {
         "name": "bootstrap",
-        "description": "CoAP `GET /bootstrap` via the proxy: a device's PSK as CSV (SPEC §6).",
+        "description": "CoAP `GET /bootstrap` via the proxy: a device's PSK as CSV "
+        "(docs/CONTRACT.md §7).",
     },
     {
         "name": "location",
@@ -47,12 +51,16 @@ _TAGS = [
     {
         "name": "onboarding",
         "description": "HTTPS onboarding called by devices directly: PSK as JSON or CSV, with "
-        "byte ranges (SPEC §7).",
+        "byte ranges (docs/CONTRACT.md §8).",
     },
-    {"name": "devices", "description": "Device registry: SIMs by iccid and ip (SPEC §2)."},
+    {
+        "name": "devices",
+        "description": "Device registry: SIMs by iccid and ip (docs/CONTRACT.md §2).",
+    },
     {
         "name": "credentials",
-        "description": "A device's DTLS PSK: set, revoke, generate (shown once) (SPEC §5, §11).",
+        "description": "A device's DTLS PSK: set, revoke, generate (shown once) "
+        "(docs/CONTRACT.md §6, §13).",
     },
     {
         "name": "health",

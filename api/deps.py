@@ -41,7 +41,8 @@ async def get_publisher(request: Request) -> Publisher:
 
 async def get_now() -> datetime:
     """The current time (UTC). A dependency so tests can move the clock: the bootstrap rotation
-    rule (SPEC §6) and its rate limit are decided against this value, never the wall clock."""
+    rule (docs/CONTRACT.md §7) and its rate limit are decided against this value, never the wall
+    clock."""
     return datetime.now(UTC)
 
 
@@ -87,7 +88,7 @@ def api_key_refusal(settings: ApiSettings, scheme: str, key: str) -> ApiError | 
 
 
 def proxy_refusal(settings: ApiSettings, token: str | None) -> ApiError | None:
-    """Why a call that claims to come from the proxy is refused, if it is (SPEC §10)."""
+    """Why a call that claims to come from the proxy is refused, if it is (docs/CONTRACT.md §11)."""
     if settings.proxy_token is None:
         return NotConfigured("ingest disabled: no proxy token configured")
     if token is None or not _same_secret(token, settings.proxy_token):
@@ -109,6 +110,7 @@ async def require_proxy(
     settings: SettingsDep,
     token: Annotated[str | None, Depends(_proxy_token)],
 ) -> None:
-    """Endpoints that trust device identity headers: only the proxy may call them (SPEC §10)."""
+    """Endpoints that trust device identity headers: only the proxy may call them
+    (docs/CONTRACT.md §11)."""
     if (refusal := proxy_refusal(settings, token)) is not None:
         raise refusal

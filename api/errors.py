@@ -100,7 +100,8 @@ class BadBatch(ApiError):
 
 
 class BrokerUnavailable(ApiError):
-    """No PUBACK: the broker is down or slow. 503 becomes 5.03 so the device retries (SPEC §8)."""
+    """No PUBACK: the broker is down or slow. 503 becomes 5.03 so the device retries
+    (docs/CONTRACT.md §9)."""
 
     status_code = 503
     default_message = "MQTT broker unavailable"
@@ -128,7 +129,7 @@ class NotAuthenticated(ApiError):
 
 
 class ProxyForbidden(ApiError):
-    """The caller lacks the proxy token, so it may not speak for a device (SPEC §10)."""
+    """The caller lacks the proxy token, so it may not speak for a device (docs/CONTRACT.md §11)."""
 
     status_code = 403
     default_message = "missing or invalid proxy token"
@@ -145,14 +146,15 @@ class InvalidTopic(ApiError):
 
 
 class DeviceUnauthorized(ApiError):
-    """Unknown or non-active device: 4.01 on the CoAP side (SPEC §2)."""
+    """Unknown or non-active device: 4.01 on the CoAP side (docs/CONTRACT.md §2)."""
 
     status_code = 401
     default_message = "unknown or inactive device"
 
 
 class TermsNotAccepted(DeviceUnauthorized):
-    """HTTPS onboarding for a device whose owner has not accepted the terms (SPEC §7)."""
+    """HTTPS onboarding for a device whose owner has not accepted the terms
+    (docs/CONTRACT.md §8)."""
 
     default_message = "the device owner has not accepted the terms of use"
 

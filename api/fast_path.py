@@ -1,10 +1,9 @@
 """``POST /ingest/batch`` from the proxy, served before FastAPI's router.
 
-The batch route is the one the proxy calls for every group of device messages; at half of E's
-maximum that is ~300 calls a second, most carrying a handful of messages. Measured in process
-(a batch of one, in-memory store): the whole app took 263 µs per call, the route's own code 71
-µs; the difference is FastAPI's routing and dependency resolution. This middleware answers the
-common case itself — the proxy's token is right and the body has a declared length within the
+The batch route is the one the proxy calls for every group of device messages, and FastAPI's
+routing and dependency resolution cost more than the route's own code (docs/ARCHITECTURE.md,
+"The proxy's batch call skips FastAPI's router"). This middleware answers the common case
+itself — the proxy's token is right and the body has a declared length within the
 limit — by calling the same :func:`api.routes.ingest.answer_batch` the route calls, with the
 same objects from ``app.state``. Everything else (no or wrong token, no Content-Length, too
 large, another path, tests overriding dependencies) goes to FastAPI untouched, so every error

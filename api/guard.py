@@ -41,7 +41,7 @@ a payload is a 400); nothing larger."""
 class Caller(Enum):
     ANYONE = "anyone"
     MANAGEMENT = "management"  # Authorization: Bearer <api key>
-    PROXY = "proxy"  # X-Bridge-Token (SPEC §10)
+    PROXY = "proxy"  # X-Bridge-Token (docs/CONTRACT.md §11)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The backend's half of exactly-once (SPEC §10): an Idempotency-Key is processed once.
+"""The backend's half of exactly-once (docs/CONTRACT.md §11): an Idempotency-Key is processed once.
 
 The proxy derives the key from the CoAP exchange, so every retransmission of one message carries
 the same key, whichever proxy replica forwards it. This matters when a proxy dies after

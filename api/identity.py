@@ -1,4 +1,4 @@
-"""Who is calling: the device a proxied request comes from (SPEC §2, §10).
+"""Who is calling: the device a proxied request comes from (docs/CONTRACT.md §2, §11).
 
 Used by every endpoint the proxy forwards device requests to (ingest, bootstrap, location).
 The proxy token has already been checked (``api.deps.require_proxy``) when these run, so the
@@ -23,8 +23,8 @@ def origin_from(forwarded: str | None) -> Origin:
 
 
 async def lookup_device(store: DeviceStore, origin: Origin, identity: str | None) -> Device:
-    """SPEC §2: over DTLS the PSK identity (the ICCID) names the device; over plain CoAP its
-    source address does. Unknown or non-active → 401."""
+    """Over DTLS the PSK identity (the ICCID) names the device; over plain CoAP its source
+    address does (docs/CONTRACT.md §2). Unknown or non-active → 401."""
     device = await store.get(identity) if identity else await store.get_by_ip(origin.ip)
     if device is None or not device.is_active:
         raise DeviceUnauthorized()

@@ -2,11 +2,10 @@
 
 The API publishes and never subscribes, so it needs five packets of the protocol: CONNECT and
 CONNACK, PUBLISH and PUBACK, PINGREQ/PINGRESP (and DISCONNECT). This module speaks exactly
-those over one :class:`asyncio.Protocol`, because the general clients cost too much here:
-measured against Mosquitto, aiomqtt over paho spent 62–77 µs of CPU per message and 200 µs
-for a batch of one (a Properties object and two ReasonCodes per PUBACK, three ``recv()`` calls
-per 4-byte packet, a scan of the in-flight list per PUBACK), a third of the API's whole
-budget per message at half of E's maximum.
+those over one :class:`asyncio.Protocol`, because the general clients cost too much here
+(docs/ARCHITECTURE.md, "Own wire clients on the hot path": aiomqtt over paho built a Properties
+object and two ReasonCodes per PUBACK, made three ``recv()`` calls per 4-byte packet and scanned
+the in-flight list per PUBACK).
 
 What it keeps of the protocol:
 
@@ -20,7 +19,7 @@ What it keeps of the protocol:
   from the broker for 1.5 intervals closes the connection. A *Server Keep Alive* overrides ours.
 - Every batch of PUBLISHes leaves in one write; after each read, TCP_QUICKACK, because a
   broker with Nagle on (Mosquitto's default) holds PUBACK n+1 until PUBACK n is acknowledged
-  and Linux delays that acknowledgement (64 publishes took 51 ms instead of 8 ms).
+  and Linux delays that acknowledgement (BENCHMARKS.md, the TCP_QUICKACK row).
 
 Failures are this module's :class:`LinkError`; nothing else leaves it.
 """

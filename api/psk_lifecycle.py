@@ -1,5 +1,5 @@
 """The PSK lifecycle on the device store: hand-out (bootstrap and onboarding), user-set keys,
-revocation, and N-Hub-style credentials (SPEC §5, §6, §11; issue #5).
+revocation, and N-Hub-style credentials (docs/CONTRACT.md §6, §7, §13; issue #5).
 
 The rules themselves are pure and live in :mod:`policies.psk`; this module applies them to
 the store in one atomic read-modify-write each (``DeviceStore.modify``), so two replicas
@@ -116,7 +116,8 @@ def parse_user_psk(value: str, fmt: str) -> str:
 
 
 async def set_user_psk(store: DeviceStore, iccid: str, psk: str) -> Device:
-    """A user-set key: returned by every bootstrap as is, never regenerated (SPEC §6)."""
+    """A user-set key: returned by every bootstrap as is, never regenerated
+    (docs/CONTRACT.md §7)."""
     device = await store.update(iccid, psk=psk, psk_user_set=True)
     log.info("psk set by user for device %s", iccid)
     return device
@@ -130,9 +131,9 @@ async def revoke_psk(store: DeviceStore, iccid: str) -> Device:
 
 
 async def issue_credentials(store: DeviceStore, iccid: str) -> str:
-    """N-Hub style (SPEC §11): a fresh generated key, replacing any other. The operator asked
-    for it through the management API, so it counts as user-set and bootstrap never rotates
-    it (a rotation would silently break the credentials just handed over)."""
+    """N-Hub style (docs/CONTRACT.md §13): a fresh generated key, replacing any other. The
+    operator asked for it through the management API, so it counts as user-set and bootstrap
+    never rotates it (a rotation would silently break the credentials just handed over)."""
     psk = generate_psk()
     await store.update(iccid, psk=psk, psk_user_set=True)
     log.info("psk credentials issued for device %s", iccid)

@@ -1,7 +1,7 @@
 """MQTT publishing for ``/ingest``: one long-lived connection, QoS 1, answer after PUBACK.
 
-SPEC §8: the device is told "accepted" (204 → 2.04) only once the broker acknowledged the
-message, so :meth:`MqttPublisher.publish` returns after the PUBACK and raises
+The device is told "accepted" (204 → 2.04) only once the broker acknowledged the message
+(docs/CONTRACT.md §9), so :meth:`MqttPublisher.publish` returns after the PUBACK and raises
 :class:`api.errors.BrokerUnavailable` otherwise; the route turns that into 503 → 5.03 and the
 device retries. The wire is :mod:`api.mqtt_link` (why not aiomqtt/paho: see there); its
 errors never leave this module.

@@ -62,7 +62,7 @@ class ApiSettings(BaseSettings):
     redis_prefix: str = "cb"
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
-    """With ``"5"`` metadata travels as user properties (SPEC §8); 3.1.1 has none."""
+    """With ``"5"`` metadata travels as user properties (docs/CONTRACT.md §9); 3.1.1 has none."""
     mqtt_publish_timeout: float = Field(default=5.0, gt=0)
     api_key: str | None = None
     """Bearer key of the management API; ``None`` switches the management API off (503)."""
@@ -142,10 +142,10 @@ class ApiSettings(BaseSettings):
 
     @cached_property
     def coaps_endpoint(self) -> str:
-        """The coaps:// URL devices are told to use after bootstrapping (SPEC §3, §6); empty
-        when no DTLS is served and none is configured: the key is still the device's (HTTPS
-        onboarding hands it out without any URL), but no endpoint is advertised that nobody
-        serves (docs/API.md)."""
+        """The coaps:// URL devices are told to use after bootstrapping (docs/CONTRACT.md §4,
+        §7); empty when no DTLS is served and none is configured: the key is still the
+        device's (HTTPS onboarding hands it out without any URL), but no endpoint is
+        advertised that nobody serves (docs/API.md)."""
         if self.coaps_url is not None:
             return self.coaps_url
         port = "" if self.coaps_port is None else str(self.coaps_port).strip()

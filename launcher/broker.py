@@ -1,7 +1,7 @@
 """The embedded MQTT broker for ``coap-bridge up`` without ``--mqtt-url`` (amqtt, in process).
 
-amqtt speaks MQTT 3.1.1 only, so the API publishes to it without MQTT 5 user properties.
-FINDINGS: ~1,100 msg/s publish-to-delivery, plenty for a laptop; use Mosquitto in production.
+amqtt speaks MQTT 3.1.1 only, so the API publishes to it without MQTT 5 user properties. It is
+meant for a laptop, not for production (docs/ARCHITECTURE.md, "Embedded broker").
 """
 
 from __future__ import annotations

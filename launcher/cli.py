@@ -486,9 +486,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if level != "DEBUG":
-        # httpx logs one INFO line per request: far too much on the hot path.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         workers = LauncherSettings(**given).workers
         given.pop("workers", None)

@@ -1,11 +1,10 @@
 """Keep the garbage collector's full passes off the request path.
 
-A started process holds ~100,000 objects that live as long as it does (modules, classes,
-functions of FastAPI, pydantic, redis-py, paho …). CPython's full collection walks all of them:
-measured on the E chain in open loop, one full pass stopped the API for 32 ms and the proxy for
-68 ms, and every request waiting meanwhile paid it (p99 50 ms at 1,800 req/s). Moving them to
-the permanent generation once startup is over (``gc.freeze()``) leaves the later passes only the
-objects created since: the same load then ran at p99 20 ms.
+A started process holds many objects that live as long as it does (modules, classes, functions
+of FastAPI, pydantic, redis-py …), and CPython's full collection walks all of them while every
+request waits. Moving them to the permanent generation once startup is over (``gc.freeze()``)
+leaves the later passes only the objects created since. The measured pause and its effect on
+p99: docs/ARCHITECTURE.md, "Startup objects are frozen out of the garbage collector".
 """
 
 from __future__ import annotations

@@ -2,13 +2,9 @@
 over one :class:`asyncio.Protocol`.
 
 Why: the proxy sends one script call per batch of dedup claims (proxy/state/redis_store.py),
-the API one per batch of telemetry (api/admission.py).
-Through redis-py's asyncio client one call of four claims cost 158 µs of CPU (command packing,
-the connection pool, the reply parser in Python), 205 µs end to end; over this link 67–73 µs
-and 122–140 µs (sequential calls against redis-server, process CPU). At half of E's maximum
-the proxy makes ~900 such calls a second: with the link the latency scenario's p99 went from
-7.5–10.4 ms to 4.8–6.3 ms and the proxy's CPU from ~51% to 43% of a core (BENCHMARKS.md,
-"Fourth session").
+the API one per batch of telemetry (api/admission.py), and on that path redis-py's command
+packing, connection pool and reply parser in Python cost about twice this link's CPU per call
+(docs/ARCHITECTURE.md, "Own wire clients on the hot path"; BENCHMARKS.md, "Fourth session").
 
 What it speaks: requests as RESP arrays of bulk strings; replies of the five RESP2 types
 (simple string, error, integer, bulk string, array; nil bulk and nil array as ``None``). Replies

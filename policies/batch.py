@@ -8,7 +8,7 @@ answer is JSON ``{"statuses": [204, 401, ...]}``, one HTTP status per item in or
 
 Item layout (all integers big-endian)::
 
-    u16 len + forwarded      Forwarded header value (SPEC §10)
+    u16 len + forwarded      Forwarded header value (docs/CONTRACT.md §11)
     u16 len + identity       PSK identity, empty on plain CoAP
     u16 len + idempotency    Idempotency-Key
     u16 len + query          the query string, percent-encoded, without '?'

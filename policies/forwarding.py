@@ -1,4 +1,4 @@
-"""The internal proxy → backend contract (SPEC §10).
+"""The internal proxy → backend contract (docs/CONTRACT.md §11).
 
 The proxy tells the backend who sent a request with a ``Forwarded`` header (RFC 7239) and, for
 DTLS, the authenticated PSK identity in :data:`IDENTITY_HEADER`. The backend believes either

@@ -29,7 +29,8 @@ def dedup_key(
     ip: str, port: int, mid: int, identity: str | None = None, prefix: str = DEFAULT_PREFIX
 ) -> str:
     """One CoAP exchange as RFC 7252 §4.5 identifies it: the peer endpoint and the MID. Over
-    DTLS the peer is its PSK identity (SPEC §4), which survives a change of address/port."""
+    DTLS the peer is its PSK identity (docs/CONTRACT.md §5), which survives a change of
+    address/port."""
     if identity is not None:
         return f"{prefix}:dd:id:{identity}:{mid}"
     return f"{prefix}:dd:{ip}:{port}:{mid}"

@@ -1,4 +1,4 @@
-"""Content-Type ↔ Content-Format by the IANA "CoAP Content-Formats" registry (SPEC §9)."""
+"""Content-Type ↔ Content-Format by the IANA "CoAP Content-Formats" registry (RFC 7252 §12.3)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CONTENT_FORMATS: dict[int, str] = {
 _BY_MEDIA_TYPE: dict[str, int] = {
     "text/plain": 0,
     "application/cose": 16,
-    "text/csv": 0,  # CSV bodies are served as text/plain (SPEC §3)
+    "text/csv": 0,  # CSV bodies are served as text/plain (docs/CONTRACT.md §4)
     "application/link-format": 40,
     "application/xml": 41,
     "text/xml": 41,

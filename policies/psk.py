@@ -1,4 +1,4 @@
-"""Pre-shared keys: how they are written, generated and rotated (SPEC §5, §6).
+"""Pre-shared keys: how they are written, generated and rotated (docs/CONTRACT.md §6, §7).
 
 A PSK is kept as the string the user set or the generator produced. Plain text is used as its
 UTF-8 bytes; ``0x`` followed by an even number of hex digits is the bytes those digits name.
@@ -68,8 +68,8 @@ def bootstrap_psk(
     last_bootstrap_at: datetime | None,
     now: datetime,
 ) -> BootstrapDecision:
-    """SPEC §6: the PSK a bootstrap/onboarding call at ``now`` hands out. The caller stores the
-    result and records ``now`` as the new ``last_bootstrap_at``."""
+    """The PSK a bootstrap/onboarding call at ``now`` hands out (docs/CONTRACT.md §7). The
+    caller stores the result and records ``now`` as the new ``last_bootstrap_at``."""
     if current is None:
         return BootstrapDecision(generate_psk(), True)
     if user_set:

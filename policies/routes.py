@@ -1,4 +1,4 @@
-"""The route policy: which CoAP path goes to which HTTP call (SPEC §3).
+"""The route policy: which CoAP path goes to which HTTP call (docs/CONTRACT.md §3).
 
 A policy is data (TOML); this module only loads and validates it and answers lookups.
 """

@@ -1,4 +1,4 @@
-"""HTTP → CoAP status translation (SPEC §9: RFC 7252 §10.1, Californium proxy2's table).
+"""HTTP → CoAP status translation (RFC 7252 §10.1, docs/CONTRACT.md §10).
 
 The table is data: :data:`HTTP_TO_COAP` holds every row — the method-dependent ones and the
 class fallbacks included; :class:`StatusTable` compiles it into one list index per answer.
@@ -65,9 +65,9 @@ PROXYING_NOT_SUPPORTED = code(5, 5)
 
 ANY = "*"
 
-# The table (SPEC §9; RFC 7252 §10.1 and RFC 8075 §7 for the 2.xx rows): (HTTP status or
-# status class "2xx", CoAP method name or ANY) → CoAP code. Every method-dependent row is a row
-# here, not code around the table. A lookup takes the first of: (status, method),
+# The table (docs/CONTRACT.md §10; RFC 7252 §10.1 and RFC 8075 §7 for the 2.xx rows): (HTTP
+# status or status class "2xx", CoAP method name or ANY) → CoAP code. Every method-dependent row
+# is a row here, not code around the table. A lookup takes the first of: (status, method),
 # (status, ANY), (class, method), (class, ANY); anything the table does not name — 1xx, 3xx
 # other than 304, a status outside 100-599 — is 5.02: the origin answered something a CoAP
 # client cannot act on.

@@ -1,4 +1,4 @@
-"""MQTT topic rules for the ``t`` query parameter (SPEC §3, seeds 000/004).
+"""MQTT topic rules for the ``t`` query parameter (docs/CONTRACT.md §3).
 
 1–253 characters of ``[A-Za-z0-9_/]``, never two slashes in a row; the whole ``t=<topic>``
 query option is at most 255 bytes. Every violation is a 4.00 on the device side and a 400 on

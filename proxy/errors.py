@@ -10,12 +10,12 @@ class ProxyError(Exception):
 
 
 class UpstreamUnreachable(ProxyError):
-    """No connection to the backend could be made (SPEC §9: 5.02)."""
+    """No connection to the backend could be made (docs/CONTRACT.md §10: 5.02)."""
 
     coap_code = status.BAD_GATEWAY
 
 
 class UpstreamTimeout(ProxyError):
-    """The backend did not answer within the configured time (SPEC §9: 5.04)."""
+    """The backend did not answer within the configured time (RFC 7252 §10.1: 5.04)."""
 
     coap_code = status.GATEWAY_TIMEOUT

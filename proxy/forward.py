@@ -1,4 +1,7 @@
-"""Per-request work: route, check, forward to HTTP, translate the answer (SPEC §3, §9, §10)."""
+"""Per-request work: route, check, forward to HTTP, translate the answer.
+
+The rules are docs/CONTRACT.md §3 (resources), §10 (translation) and §11 (internal headers).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from proxy.upstream import NO_HEADERS, Upstream, UpstreamResponse
 log = logging.getLogger(__name__)
 
 WELL_KNOWN_CORE = "/.well-known/core"
-# SPEC §5, production mode (require_dtls): on plain CoAP a device may only fetch its PSK.
+# Production mode (require_dtls, docs/CONTRACT.md §6): on plain CoAP a device may only fetch
+# its PSK.
 PLAIN_PATHS_IN_PRODUCTION = frozenset({"/bootstrap"})
 LINK_FORMAT = 40
 _SAFE = frozenset({status.GET, status.FETCH})  # RFC 7252 §5.1, RFC 8132 §2
@@ -46,9 +50,9 @@ _CACHEABLE_SUCCESS = frozenset({status.VALID, status.CONTENT})
 def _error(
     code: int, http_status: int, retry_after: str | None, headers: Mapping[str, str]
 ) -> Response:
-    """An error answer: no payload (SPEC §3), Max-Age from Retry-After on 5.03/4.29, else from
-    the origin's freshness information (policies/translation.py: 0 when it must not be
-    reused, absent when HTTP would let a cache keep it)."""
+    """An error answer: no payload (docs/CONTRACT.md §3), Max-Age from Retry-After on
+    5.03/4.29, else from the origin's freshness information (policies/translation.py: 0 when
+    it must not be reused, absent when HTTP would let a cache keep it)."""
     max_age = _max_age_from_retry_after(retry_after) if code in _RETRY_LATER else None
     if max_age is None:
         max_age = translation.max_age(http_status, headers, time.time())
@@ -60,7 +64,7 @@ def translate(
 ) -> Response:
     """An HTTP answer as a CoAP response (docs/ARCHITECTURE.md, "Translation"): the code by
     ``table``; ETag, Content-Format and Max-Age from the origin's headers. Errors carry no
-    payload (SPEC §3, docs/API.md). Location and preconditions are the forwarder's."""
+    payload (docs/CONTRACT.md §3). Location and preconditions are the forwarder's."""
     code = table.code_for(upstream.status, method)
     headers = upstream.headers
     if code >= status.BAD_REQUEST:

@@ -3,7 +3,7 @@
 The endpoint (:mod:`proxy.coap.endpoint`) deduplicates what reaches this process (RFC 7252
 §4.5); a device's retransmission can reach another replica, though. With a shared
 :class:`~proxy.state.base.DedupStore` (``--redis-url``) the gate claims each new exchange there
-before the handler runs (docs/ARCHITECTURE.md, SPEC §4):
+before the handler runs (docs/ARCHITECTURE.md, docs/CONTRACT.md §5):
 
 - OWNED: this replica handles it; its answer is written to the store, so a retransmission that
   reaches another replica gets the very same bytes;

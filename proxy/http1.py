@@ -1,23 +1,24 @@
 """A small HTTP/1.1 client for the proxy's upstream calls: keep-alive pool, one write per request.
 
-Why not httpx alone: measured on this machine, one POST through httpx with the aiohttp transport
-cost the proxy 550 µs of CPU (httpx's own request and response objects ~140 µs, the rest the
-transport), against 80 µs for the same request written on a kept-alive connection by hand; on
-the telemetry path that is one call per batch, 200 calls/s in the latency scenario. This client
-does only what the proxy asks of HTTP: a request with a body, answered with a status, a body
-and the few headers the translation reads (Content-Type, Retry-After and
-policies.translation.KEPT_HEADERS; every other header is dropped as it is parsed).
+The product's one :class:`~proxy.upstream.Upstream`: it does only what the proxy asks of HTTP, a
+request with a body, answered with a status, a body and the few headers the translation reads
+(Content-Type, Retry-After and policies.translation.KEPT_HEADERS; every other header is dropped
+as it is parsed). Why a client of our own rather than a general library: docs/ARCHITECTURE.md,
+"Own wire clients on the hot path"; httpx stays in the tests as its oracle.
 
-What it does: one :class:`asyncio.Protocol` per TCP (or TLS) connection; the request (head and
-body) goes out in one write; the answer is parsed by ``httptools`` (llhttp: Content-Length,
-chunked, and bodies delimited by the server closing). Connections are kept alive and reused,
-most recently used first, at most ``max_connections`` per origin; a request on a reused
-connection that closes before any byte of the answer is sent once more on a fresh one. The
-usual cause is a server closing an idle connection (uvicorn after 5 s) just as it is reused;
-a server that had read the request and died can tell the repeat by its Idempotency-Key, which
-every forwarded request carries. Every failure becomes the project's own
-error: refused, reset or malformed → :class:`UpstreamUnreachable` (5.02); no answer within
-``timeout`` (connecting included) → :class:`UpstreamTimeout` (5.04).
+What it does: one :class:`asyncio.Protocol` per TCP connection, or TLS for an ``https`` origin
+(the certificate and the host name checked against the system's trust store, as
+:func:`ssl.create_default_context` sets up; ``SSL_CERT_FILE`` names another bundle); the request
+(head and body) goes out in one write; the answer is parsed by ``httptools`` (llhttp:
+Content-Length, chunked, and bodies delimited by the server closing). Connections are kept
+alive and reused, most recently used first, at most ``max_connections`` per origin; a request
+on a reused connection that closes before any byte of the answer is sent once more on a fresh
+one. The usual cause is a server closing an idle connection (uvicorn after 5 s) just as it is
+reused; a server that had read the request and died can tell the repeat by its
+Idempotency-Key, which every forwarded request carries. Every failure becomes the project's own
+error: refused, reset, malformed or a certificate that does not verify →
+:class:`UpstreamUnreachable` (5.02); no answer within ``timeout`` (connecting included) →
+:class:`UpstreamTimeout` (5.04).
 """
 
 from __future__ import annotations
@@ -241,8 +242,11 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """Connections to one origin: idle ones reused most recent first, at most ``limit`` open."""
 
-    def __init__(self, origin: tuple[str, str, int], limit: int, max_body: int) -> None:
-        self._scheme, self._host, self._port = origin
+    def __init__(
+        self, origin: tuple[str, str, int], limit: int, max_body: int, tls: ssl.SSLContext | None
+    ) -> None:
+        _, self._host, self._port = origin
+        self._tls = tls  # None: plain TCP
         self._limit = limit
         self._max_body = max_body
         self._idle: list[_Connection] = []
@@ -282,14 +286,13 @@ class _Pool:
         loop = asyncio.get_running_loop()
         self._connecting += 1
         try:
-            context = ssl.create_default_context() if self._scheme == "https" else None
             async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self._max_body),
                     self._host,
                     self._port,
-                    ssl=context,
-                    server_hostname=self._host if context is not None else None,
+                    ssl=self._tls,
+                    server_hostname=self._host if self._tls is not None else None,
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"connecting to {self._host}:{self._port}: timed out") from exc
@@ -329,7 +332,10 @@ def _cancelling() -> bool:
 
 
 class Http1Upstream:
-    """The proxy's default :class:`~proxy.upstream.Upstream` (see the module docstring)."""
+    """The proxy's :class:`~proxy.upstream.Upstream` (see the module docstring).
+
+    ``tls``: the context for ``https`` origins; by default :func:`ssl.create_default_context`
+    (certificate and host name verified), made when the first ``https`` origin is met."""
 
     def __init__(
         self,
@@ -337,11 +343,21 @@ class Http1Upstream:
         timeout: float,
         max_connections: int = 100,
         max_response_bytes: int = 16 * 1024 * 1024,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout = timeout
         self._limit = max_connections
         self._max_body = max_response_bytes
+        self._tls = tls
         self._pools: dict[tuple[str, str, int], _Pool] = {}
+
+    def _new_pool(self, origin: tuple[str, str, int]) -> _Pool:
+        tls = None
+        if origin[0] == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        return _Pool(origin, self._limit, self._max_body, tls)
 
     async def request(
         self, method: str, url: str, headers: dict[str, str], content: bytes
@@ -350,7 +366,7 @@ class Http1Upstream:
         data = _encode_head(method, target, headers, len(content)) + content
         pool = self._pools.get(target.origin)
         if pool is None:
-            pool = self._pools[target.origin] = _Pool(target.origin, self._limit, self._max_body)
+            pool = self._pools[target.origin] = self._new_pool(target.origin)
         deadline = asyncio.get_running_loop().time() + self._timeout
         while True:
             conn, reused = await pool.acquire(deadline)

@@ -26,12 +26,9 @@ from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
 from proxy.state.redis_store import RedisDedupStore
 from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
-from proxy.upstream import HttpxUpstream, Upstream
+from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
-
-# ``upstream_client`` → the Upstream implementation (each takes timeout and max_connections).
-UPSTREAMS: dict[str, Callable[..., Upstream]] = {"http1": Http1Upstream, "httpx": HttpxUpstream}
 
 
 class ListenerError(OSError):
@@ -95,7 +92,8 @@ class RunningProxy:
     handler: BlockwiseHandler
     upstream: Upstream
     dedup: DedupStore | None = None
-    # coaps:// (SPEC §5): its own transport and driver, the same upstream and dedup store.
+    # coaps:// (docs/CONTRACT.md §6): its own transport and driver, the same upstream and dedup
+    # store.
     dtls: DtlsTransport | None = None
     dtls_driver: CoapDriver | None = None
     dtls_handler: BlockwiseHandler | None = None
@@ -234,7 +232,7 @@ async def start_proxy(
     policy = load_policy(settings.policy)
     made_upstream, made_dedup = upstream is None, dedup is None
     if upstream is None:
-        upstream = UPSTREAMS[settings.upstream_client](
+        upstream = Http1Upstream(
             timeout=settings.upstream_timeout, max_connections=settings.upstream_connections
         )
     handler = _handler(

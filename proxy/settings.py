@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,11 +31,6 @@ class ProxySettings(BaseSettings):
     max_payload: int = Field(65536, gt=0, description="Largest request payload, else 4.13")
     dedup_max_entries: int = Field(1_000_000, gt=0, description="Cap on remembered exchanges")
     upstream_connections: int = Field(100, gt=0, description="HTTP connection pool size")
-    upstream_client: Literal["http1", "httpx"] = Field(
-        "http1",
-        description="HTTP client for upstream calls: 'http1' (the proxy's own, keep-alive, "
-        "~7x less CPU per call) or 'httpx' (httpx over aiohttp)",
-    )
     max_batch: int = Field(256, gt=0, le=1024, description="Most requests in one batch call")
     batch_concurrency: int = Field(
         1, gt=0, description="Batch calls in flight per target before requests wait and group"

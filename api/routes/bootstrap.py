@@ -1,4 +1,6 @@
-"""``GET /bootstrap``: a device fetches its DTLS credentials over plain CoAP (SPEC §3, §6).
+"""``GET /bootstrap``: a device fetches its DTLS credentials over plain CoAP.
+
+The rules are docs/CONTRACT.md §4 (the CSV line) and §7 (rotation).
 
 Called by the proxy for CoAP ``GET /bootstrap``. The answer is one CSV line
 ``<iccid>,<psk>,<coaps url>`` (text/plain → Content-Format 0), with no line end: the vendor
@@ -37,10 +39,10 @@ NO_STORE = {"Cache-Control": "no-store"}
         "The CoAP `GET /bootstrap` of the 1NCE profile, forwarded by the proxy with the device's "
         "address in `Forwarded` (and, over DTLS, its PSK identity). Answers "
         "`<clientIdentity>,<preSharedKey>,<coapsEndpointUrl>` without a line end.\n\n"
-        "Rotation (SPEC §6): no key yet → a new one; a key set by the user is returned as is; "
-        "a generated key is regenerated when this call comes 5 minutes or more after the "
-        "previous bootstrap or onboarding call (the old key stops working at once); every call "
-        "is recorded. Calls per device are rate limited (429 → CoAP 4.29).\n\n"
+        "Rotation (docs/CONTRACT.md §7): no key yet → a new one; a key set by the user is "
+        "returned as is; a generated key is regenerated when this call comes 5 minutes or "
+        "more after the previous bootstrap or onboarding call (the old key stops working at "
+        "once); every call is recorded. Calls per device are rate limited (429 → CoAP 4.29).\n\n"
         "`coapsEndpointUrl` is the setting `coaps_url`, else the DTLS listener's address; it is "
         "empty (the line ends in `,`) when DTLS is switched off and no `coaps_url` is set: the "
         "key is still handed out, but no endpoint that nobody serves is advertised."

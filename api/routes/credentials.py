@@ -1,4 +1,4 @@
-"""DTLS credentials of a device through the management API (SPEC §5, §11; issue #5).
+"""DTLS credentials of a device through the management API (docs/CONTRACT.md §6, §13; issue #5).
 
 ``PUT /devices/{iccid}/psk`` sets a key (plain text or hex), ``DELETE`` revokes it, and the
 N-Hub-style ``POST /devices/{iccid}/credentials`` generates one and shows it exactly once. No
@@ -99,7 +99,7 @@ class Credentials(BaseModel):
     summary="Set a device's PSK (plain text or hex)",
     description=(
         "A key set here is user-set: bootstrap and onboarding hand it out as is and never "
-        "regenerate it (SPEC §6). Replaces any previous key at once on every proxy."
+        "regenerate it (docs/CONTRACT.md §7). Replaces any previous key at once on every proxy."
     ),
     responses=_BODY_ERRORS,
 )

@@ -1,4 +1,6 @@
-"""``/devices``: the management API of the device registry (SPEC §2), behind a Bearer key.
+"""``/devices``: the management API of the device registry, behind a Bearer key.
+
+A device is a SIM (docs/CONTRACT.md §2).
 
 Answers are :class:`DeviceOut`, which has no ``psk`` field: the key is a secret that only the
 bootstrap flow hands out, so no listing or lookup can leak it.

@@ -1,4 +1,4 @@
-"""``POST /ingest``: telemetry from a device, via the proxy, to MQTT (SPEC §8, §10)."""
+"""``POST /ingest``: telemetry from a device, via the proxy, to MQTT (docs/CONTRACT.md §9, §11)."""
 
 from __future__ import annotations
 
@@ -365,10 +365,10 @@ async def _admit(
     origins: list[Origin | ApiError],
     keyed: list[int],
 ) -> tuple[dict[tuple[str, str], Device | ApiError], list[Claimed]]:
-    """Every distinct device of a batch, by PSK identity (DTLS) or by address (SPEC §2), keyed
-    ``(identity, "")`` or ``("", ip)``, and the claims of the keyed items, in one question to
-    the stores. Unknown or non-active → 401; a failed lookup is every item's 503; failed
-    claims raise StoreUnavailable (the whole batch 503)."""
+    """Every distinct device of a batch, by PSK identity (DTLS) or by address
+    (docs/CONTRACT.md §2), keyed ``(identity, "")`` or ``("", ip)``, and the claims of the
+    keyed items, in one question to the stores. Unknown or non-active → 401; a failed lookup
+    is every item's 503; failed claims raise StoreUnavailable (the whole batch 503)."""
     identities = sorted({item.identity for item in items if item.identity})
     ips = sorted(
         {

@@ -50,7 +50,8 @@ FUTURE_TOLERANCE = timedelta(days=1)
 
 
 def location_csv(location: Location) -> str:
-    """SPEC §3: header line, one row, ``\\n`` line ends, the stored decimals verbatim."""
+    """Header line, one row, ``\\n`` line ends, the stored decimals verbatim
+    (docs/CONTRACT.md §4)."""
     return (
         f"{CSV_HEADER}{location.longitude},{location.latitude},"
         f"{location.source},{location.sample_time}\n"

@@ -1,4 +1,4 @@
-"""``GET /onboarding/coap``: HTTPS onboarding, the 1NCE device-API endpoint (SPEC §7, issue #6).
+"""``GET /onboarding/coap``: HTTPS onboarding (docs/CONTRACT.md §8, issue #6).
 
 A device (not the proxy) calls it directly over HTTPS and is identified by its source address:
 the TCP peer, or — when the peer is one of ``trusted_proxy_networks`` — the address that
@@ -57,7 +57,7 @@ CSV: Format = "text/csv"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-# --- response models (SPEC §7 information model) -------------------------------------------
+# --- response models (docs/CONTRACT.md §8) -------------------------------------------
 
 
 class OnboardingCredentials(BaseModel):

@@ -1,4 +1,7 @@
-"""The device model (SPEC §2, "SIM as an identity") and the :class:`DeviceStore` seam."""
+"""The device model and the :class:`DeviceStore` seam.
+
+A device is a SIM: "SIM as an identity", docs/CONTRACT.md §2.
+"""
 
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ class Device(BaseModel):
     psk_user_set: bool | None = None
     last_bootstrap_at: datetime | None = None
     terms_accepted: bool | None = None
-    """The owner accepted the terms of use; HTTPS onboarding answers 401 until then (SPEC §7)."""
+    """The owner accepted the terms of use; HTTPS onboarding answers 401 until then
+    (docs/CONTRACT.md §8)."""
     location_barred: bool | None = None
     """``True``: the device may not read its location (CoAP 4.03, issue #6)."""
     location_longitude: str | None = None
@@ -94,7 +98,7 @@ class Device(BaseModel):
 
     @property
     def is_active(self) -> bool:
-        # SPEC §2: anything but "active" is non-active.
+        # docs/CONTRACT.md §2: anything but "active" is non-active.
         return self.status == "active"
 
     @property

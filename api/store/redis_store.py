@@ -1,4 +1,6 @@
-"""Device store in Redis, shared by every API replica and read by the proxy (SPEC §1, §12).
+"""Device store in Redis, shared by every API replica and read by the proxy.
+
+Redis is where replicas share state (docs/CONTRACT.md §1, §12).
 
 Key schema from :mod:`policies.keys`: a hash per device, a string ``ip → iccid`` (the
 SIM-as-an-identity index) and a set of all iccids. Writes run as optimistic transactions
@@ -78,7 +80,7 @@ def _text(value: bytes | str) -> str:
 
 
 def device_from_hash(raw: Mapping[bytes | str, bytes | str]) -> Device:
-    # Fields this version does not model (SPEC §2 lists more, e.g. location) are skipped so a
+    # Fields this version does not model (docs/CONTRACT.md §2 lists more) are skipped so a
     # hash written by a newer replica still loads. pydantic's lax mode turns "1"/"0" into
     # booleans and ISO strings into datetimes.
     fields = {_text(k): _text(v) for k, v in raw.items()}

@@ -1,10 +1,10 @@
 """CoAP message codec (RFC 7252 §3).
 
 Hand-written for the hot path: a decode is a handful of slicing operations, with none of the
-per-option object churn of a general-purpose library (FINDINGS: ~1.5 µs vs ~20 µs). Every
-message format error of RFC 7252 §3 / §4.1 raises :class:`FormatError`, carrying the type and
-MID when the header could be read so the messaging layer can Reset a CON (§4.2) and silently drop
-a NON (§4.3).
+per-option object churn of a general-purpose library (docs/ARCHITECTURE.md, "Own message
+layer"). Every message format error of RFC 7252 §3 / §4.1 raises :class:`FormatError`,
+carrying the type and MID when the header could be read so the messaging layer can Reset a CON
+(§4.2) and silently drop a NON (§4.3).
 """
 
 from __future__ import annotations

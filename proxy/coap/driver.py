@@ -42,7 +42,8 @@ class CoapDriver(asyncio.DatagramProtocol):
     ) -> None:
         """``gate``: the cross-replica claim (the endpoint must then be built with
         ``claims=True``). ``identity_of``: for a secured transport (DTLS), the authenticated
-        identity of a peer address; deduplication then keys on (identity, MID), SPEC §4."""
+        identity of a peer address; deduplication then keys on (identity, MID)
+        (docs/CONTRACT.md §5)."""
         self._endpoint = endpoint
         self._handler = handler
         self._gate = gate

@@ -161,7 +161,7 @@ class Endpoint:
         self, datagram: bytes, peer: Peer, now: float, identity: str | None = None
     ) -> Event | None:
         """``identity``: over a secured transport (DTLS) the peer's authenticated identity;
-        deduplication then keys on (identity, MID) instead of the address (SPEC §4)."""
+        deduplication then keys on (identity, MID) instead of the address (docs/CONTRACT.md §5)."""
         try:
             message = decode(datagram)
         except FormatError as exc:

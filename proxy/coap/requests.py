@@ -29,7 +29,7 @@ class Request:
     peer: Peer
     content_format: int | None = None
     accept: int | None = None
-    # The authenticated PSK identity over DTLS; None on plain CoAP (SPEC §2).
+    # The authenticated PSK identity over DTLS; None on plain CoAP (docs/CONTRACT.md §2).
     identity: str | None = None
     # Set by the block-wise layer (proxy/coap/blockwise.py) when it wants only these bytes of
     # the representation (inclusive, RFC 9110 §14.1.2): the forwarder asks the origin with

@@ -1,1 +1,1 @@
-"""State shared by proxy replicas: the deduplication store (SPEC §4, §12)."""
+"""State shared by proxy replicas: the deduplication store (docs/CONTRACT.md §5, §12)."""

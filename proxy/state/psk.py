@@ -1,4 +1,4 @@
-"""Pre-shared keys for the DTLS handshake, mirrored into memory (SPEC §5).
+"""Pre-shared keys for the DTLS handshake, mirrored into memory (docs/CONTRACT.md §6).
 
 The DTLS transport asks for a key from inside tinydtls' C callback, in the middle of a
 handshake: that lookup must be a dict read, never network I/O. So every proxy keeps the PSKs in

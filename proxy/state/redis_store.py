@@ -1,4 +1,4 @@
-"""The :class:`DedupStore` in Redis, shared by every proxy replica (SPEC §4, issue #4).
+"""The :class:`DedupStore` in Redis, shared by every proxy replica (docs/CONTRACT.md §5, issue #4).
 
 One key per exchange (``policies.keys.dedup_key``). A claim is ``SET key "c" NX PX lease GET``:
 atomic, one command, and its reply says everything — nil: ours; ``c``: another replica is on
@@ -6,11 +6,11 @@ it; ``d…``: the answer, to replay. An answer is ``SET key "d"+bytes PX lifetim
 
 Claims queue together (proxy/coalesce.py), answers ride with them (see RedisDedupStore),
 and each batch is ONE call of ``policies.dedup.BATCH_SCRIPT``, which runs those SETs in
-order: one socket write and one reply per batch. Profiling showed redis-py spending ~100 µs
-per command packing and parsing, and each socket write costing far more than the Redis work.
-On one server the call goes over our own connection (links/resp.py): redis-py cost 158 µs of
-CPU per call there, the link 70 µs. Sentinel and TLS go through redis-py; on Redis Cluster, whose
-scripts cannot span slots, the batch is a pipeline of the same SETs.
+order: one socket write and one reply per batch, because per-command packing and each socket
+write cost far more than the Redis work (docs/ARCHITECTURE.md, "Group commit"). On one server
+the call goes over our own connection (links/resp.py; docs/ARCHITECTURE.md, "Own wire clients
+on the hot path"). Sentinel and TLS go through redis-py; on Redis Cluster, whose scripts cannot
+span slots, the batch is a pipeline of the same SETs.
 
 redis-py's and the link's exceptions stay in this module: they become
 :class:`DedupUnavailable`.

@@ -7,7 +7,7 @@ application data goes to ``protocol.datagram_received(plaintext, addr)``, and th
 datagram transport like any other, so dedup, forwarding and retransmission are the same code as
 for plain UDP; ``identity_of(addr)`` gives the messaging layer the authenticated PSK identity.
 
-What this module adds to tinydtls (SPEC §5; FINDINGS lists what aiocoap's server lacks):
+What this module adds to tinydtls (docs/CONTRACT.md §6; docs/ARCHITECTURE.md, "DTLS"):
 
 - **Stateless until the cookie.** tinydtls 0.8.6 answers an epoch-0 ClientHello without a
   valid cookie with a HelloVerifyRequest from an ephemeral peer and creates state only for a
@@ -81,7 +81,7 @@ class DtlsError(OSError):
     OSError so that callers report it like any other failure to bind a port."""
 
 
-# RFC 6655 TLS_PSK_WITH_AES_128_CCM_8: the one suite offered (SPEC §5).
+# RFC 6655 TLS_PSK_WITH_AES_128_CCM_8: the one suite offered (docs/CONTRACT.md §6).
 TLS_PSK_WITH_AES_128_CCM_8 = 0xC0A8
 
 

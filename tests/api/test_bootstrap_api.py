@@ -1,5 +1,6 @@
-"""GET /bootstrap as the proxy calls it (SPEC §6, issue #5), on both stores, with the clock
-moved instead of slept: rotation, user-set keys, recording, the per-device rate limit."""
+"""GET /bootstrap as the proxy calls it (docs/CONTRACT.md §7, issue #5), on both stores, with
+the clock moved instead of slept: rotation, user-set keys, recording, the per-device rate
+limit."""
 
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ async def test_devices_get_their_own_keys(client: httpx.AsyncClient) -> None:
 
 
 async def test_over_dtls_the_identity_names_the_device(client: httpx.AsyncClient) -> None:
-    # The address is B's, but a DTLS request is attributed by its PSK identity (SPEC §2).
+    # The address is B's, but a DTLS request is attributed by its PSK identity
+    # (docs/CONTRACT.md §2).
     iccid, _, _ = await bootstrap(client, IP_B, identity=A)
     assert iccid == A
 

@@ -279,7 +279,7 @@ async def test_many_concurrent_publishes_wait_for_their_own_puback(
         messages = await sub.wait_for(count)
     assert sorted(m.payload for m in messages) == sorted(b"%d" % n for n in range(count))
     # A burst is not an incident: nothing logged at warning level (aiomqtt used to warn per
-    # publish past 10 pending, FINDINGS; the link must not complain either).
+    # publish past 10 pending; the link must not complain either).
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 

@@ -1,6 +1,6 @@
 """Device location (issue #6) on both stores: the management side (PUT / GET
 /devices/{iccid}/location: validation, exact decimals, newest sample wins) and the proxy side
-(GET /location: CSV byte-exact, and every refusal of the seed's table)."""
+(GET /location: CSV byte-exact, and every refusal of docs/CONTRACT.md §3)."""
 
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ async def test_management_side_needs_the_api_key(
     assert response.status_code == 401
 
 
-# The seed's table for CoAP GET /location, as the API answers it (the proxy maps 1:1).
+# docs/CONTRACT.md §3's table for CoAP GET /location, as the API answers it (the proxy maps 1:1).
 @pytest.mark.parametrize(
     ("path", "headers", "content", "barred", "status"),
     [

@@ -1,6 +1,6 @@
-"""GET /onboarding/coap (SPEC §7, issue #6): Accept, Range, who is calling, the error bodies,
-and the key rules shared with /bootstrap. In process over ASGI (the client address is chosen
-per test) and once against a real uvicorn server on a real socket."""
+"""GET /onboarding/coap (docs/CONTRACT.md §8, issue #6): Accept, Range, who is calling, the
+error bodies, and the key rules shared with /bootstrap. In process over ASGI (the client
+address is chosen per test) and once against a real uvicorn server on a real socket."""
 
 from __future__ import annotations
 

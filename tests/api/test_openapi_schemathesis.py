@@ -48,10 +48,10 @@ from tests.support.services import MosquittoServer
 EXAMPLES_PER_OPERATION = 25
 
 # "Schema-valid request rejected" is left out for the operations whose input has rules a
-# schema cannot state: the proxy-facing ones need a `Forwarded` header from the proxy (SPEC
-# §10, never a generated one), a plain PSK may be at most 64 *bytes* and must not break the
-# CSV line, a location sample may not be from a day ahead, a well-formed range may lie past
-# the end of the body (416). Everything else is checked.
+# schema cannot state: the proxy-facing ones need a `Forwarded` header from the proxy
+# (docs/CONTRACT.md §11, never a generated one), a plain PSK may be at most 16 *bytes* and
+# must not break the CSV line, a location sample may not be from a day ahead, a well-formed
+# range may lie past the end of the body (416). Everything else is checked.
 SEMANTIC_RULES = {
     "GET /onboarding/coap",
     "POST /ingest",

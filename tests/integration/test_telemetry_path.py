@@ -46,7 +46,7 @@ async def test_coap_client_post_reaches_mqtt_byte_exact(bridge, device, mosquitt
         assert run.codes == ["2.04"], run.stdout + run.stderr
         [message] = await sub.wait_for(1)
     assert message.payload == b"hello"
-    # Metadata travels as MQTT 5 user properties (SPEC §8).
+    # Metadata travels as MQTT 5 user properties (docs/CONTRACT.md §9).
     props = dict(message.properties.UserProperty)
     assert props["iccid"] == device
     assert props["source"].startswith("127.0.0.1:")

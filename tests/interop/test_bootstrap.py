@@ -106,8 +106,9 @@ async def test_bootstrap_answers_the_csv_line_and_the_same_key_within_the_window
 async def test_the_bootstrapped_credentials_work_over_coaps(
     bridge: Bridge, mosquitto: MosquittoServer, tmp_path: Path
 ) -> None:
-    """The vendor flow (seed 001, 004): bootstrap over plain CoAP, then POST over coaps:// to
-    the URL from the answer with the identity and key from the answer."""
+    """The platform's sample device flow (docs/CONTRACT.md §4, §7): bootstrap over plain
+    CoAP, then POST over coaps:// to the URL from the answer with the identity and key from
+    the answer."""
     ip, iccid = await new_device(bridge)
     identity, key, url = await fetch_key(bridge, ip, tmp_path / "out")
     async with subscribed(mosquitto.url, "bootstrap/flow") as sub:

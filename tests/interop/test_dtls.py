@@ -157,7 +157,7 @@ async def test_up_without_redis_serves_dtls_from_the_in_memory_store(tmp_path) -
 
 
 async def test_wrong_key_and_unknown_identity_look_alike_on_the_wire(up, mosquitto) -> None:
-    """RFC 4279 §2 lets a server answer both the same way; FINDINGS saw aiocoap's server send
+    """RFC 4279 §2 lets a server answer both the same way; aiocoap's DTLS server was seen to send
     alert 80 for one and nothing for the other. Here both get the same records, then silence."""
     iccid, psk = await up.device()
     seen = {}
@@ -562,7 +562,8 @@ async def test_a_changed_key_closes_the_session_and_the_new_key_works(tmp_path) 
 
 
 async def test_the_any_address_serves_ipv4_and_ipv6(tmp_path) -> None:
-    """FINDINGS: aiocoap's DTLS server refuses the any-address and binds port + 1."""
+    """aiocoap's DTLS server refuses the any-address and binds port + 1 (docs/ARCHITECTURE.md,
+    "Our own DTLS transport"); ours serves IPv4 and IPv6 from the any-address."""
     iccid, psk = next(_iccids), new_psk()
     async with dtls_proxy(tmp_path, {iccid: psk}, coaps_host="::") as (proxy, _, seen):
         assert proxy.dtls_address is not None
@@ -597,6 +598,7 @@ async def test_a_key_longer_than_tinydtls_takes_fails_like_a_wrong_key(tmp_path,
 
 
 def test_node_client_is_pinned_to_a_working_dtls_library() -> None:
-    """FINDINGS: node-dtls-client 1.1.1 crashes against OpenSSL servers; 2.0.3 works."""
+    """node-dtls-client 1.1.1 crashes against OpenSSL servers; 2.0.3 works (docs/ARCHITECTURE.md,
+    "Our own DTLS transport")."""
     lock = json.loads((NODE_DIR / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/node-dtls-client"]["version"] == "2.0.3"

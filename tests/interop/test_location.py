@@ -1,6 +1,6 @@
 """Issue #6 acceptance: CoAP ``GET /location`` through a real ``coap-bridge up`` (real Redis,
 real Mosquitto) with libcoap's ``coap-client-notls``: 2.05 with the CSV byte-exact and
-Content-Format 0, and every code of the seed's table provoked over real CoAP. Over coaps://
+Content-Format 0, and every code of docs/CONTRACT.md §3's table provoked over real CoAP. Over coaps://
 (``coap-client-openssl`` with the device's PSK) the same request returns the location of the
 device the PSK identity names, whatever address it comes from.
 
@@ -108,7 +108,7 @@ async def test_the_newest_position_is_served(bridge: Bridge, tmp_path: Path) -> 
     )
 
 
-# The seed's response-code table for /location, each code provoked over real CoAP.
+# docs/CONTRACT.md §3's response-code table for /location, each code provoked over real CoAP.
 @pytest.mark.parametrize(
     ("setup", "args", "suffix", "code"),
     [
@@ -141,7 +141,7 @@ async def test_response_codes(
         *method, *args, "-a", ip, "-o", str(out), f"{bridge.coap_url}/location{suffix}"
     )
     assert run.codes == [code], run.stdout + run.stderr
-    # Every error carries an empty payload (seed 004).
+    # Every error carries an empty payload (docs/CONTRACT.md §3).
     assert not out.exists() or out.read_bytes() == b""
 
 

@@ -1,4 +1,4 @@
-"""The internal proxy → backend contract: Forwarded and idempotency key (SPEC §10)."""
+"""The internal proxy → backend contract: Forwarded and idempotency key (docs/CONTRACT.md §11)."""
 
 from __future__ import annotations
 

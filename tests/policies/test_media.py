@@ -1,4 +1,4 @@
-"""Content-Type ↔ Content-Format by the IANA CoAP Content-Formats registry (SPEC §9)."""
+"""Content-Type ↔ Content-Format by the IANA CoAP Content-Formats registry (RFC 7252 §12.3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from policies.media import CONTENT_FORMATS, content_format_for, content_type_for
 
-# (Content-Format number, media type) as registered by IANA; SPEC §9 names these.
+# (Content-Format number, media type) as registered by IANA; docs/CONTRACT.md §10 names these.
 REGISTRY_ROWS = [
     pytest.param(0, "text/plain", id="text-plain-0"),
     pytest.param(40, "application/link-format", id="link-format-40"),

@@ -1,4 +1,5 @@
-"""The route policy (SPEC §3): the default file, lookups, and every malformed-policy case."""
+"""The route policy (docs/CONTRACT.md §3): the default file, lookups, and every
+malformed-policy case."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def default_policy() -> Policy:
     return load_policy()
 
 
-# SPEC §3, the default route policy (1NCE profile):
+# docs/CONTRACT.md §3, the default route policy:
 # (path, method, HTTP target, HTTP method, batch target).
 # Telemetry travels in batches when many devices send at once (group commit); the device
 # reads of /bootstrap and /location (issues #5 and #6) one call each.
@@ -70,13 +71,13 @@ def test_default_policy_has_exactly_these_routes(default_policy: Policy) -> None
     ],
 )
 def test_default_policy_topic_rules(default_policy: Policy, path: str, topic_query: bool) -> None:
-    # SPEC §3: the optional `t` query belongs to `/` and `/data` only.
+    # docs/CONTRACT.md §3: the optional `t` query belongs to `/` and `/data` only.
     route = default_policy.routes.get(path)
     assert route is not None
     assert route.topic_query is topic_query
 
 
-# "any of the above, other method → 4.05; anything else → 4.04" (SPEC §3).
+# "any of the above, other method → 4.05; anything else → 4.04" (docs/CONTRACT.md §3).
 DEFAULT_ERRORS = [
     pytest.param("/", GET, METHOD_NOT_ALLOWED, id="root-GET"),
     pytest.param("/", PUT, METHOD_NOT_ALLOWED, id="root-PUT"),

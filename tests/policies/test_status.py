@@ -1,4 +1,4 @@
-"""The HTTP → CoAP status table (SPEC §9), one case per row and per fallback class."""
+"""The HTTP → CoAP status table (docs/CONTRACT.md §10), one case per row and per fallback class."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from policies.status import (
 
 ALL_METHODS = sorted(METHOD_NAMES)
 
-# (HTTP status, CoAP request method, expected CoAP code as "c.dd"): SPEC §9 with RFC 7252
-# §5.9.1 for the 2.xx codes. Every method for every success status.
+# (HTTP status, CoAP request method, expected CoAP code as "c.dd"): docs/CONTRACT.md §10 with
+# RFC 7252 §5.9.1 for the 2.xx codes. Every method for every success status.
 _SUCCESS = {
     #      GET     POST    PUT     DELETE  FETCH   PATCH   iPATCH
     200: ("2.05", "2.04", "2.04", "2.02", "2.05", "2.04", "2.04"),

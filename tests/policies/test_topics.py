@@ -1,4 +1,4 @@
-"""MQTT topic rules for the ``t`` Uri-Query (SPEC §3)."""
+"""MQTT topic rules for the ``t`` Uri-Query (docs/CONTRACT.md §3)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_topic_error_is_a_value_error() -> None:
 
 
 def test_length_limit_matches_spec() -> None:
-    # SPEC §3: at most 253 characters, so "t=" plus the topic fits 255 bytes.
+    # docs/CONTRACT.md §3: at most 253 characters, so "t=" plus the topic fits 255 bytes.
     assert MAX_TOPIC_LENGTH == 253
 
 

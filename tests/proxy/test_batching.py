@@ -15,7 +15,7 @@ from starlette.routing import Route
 from policies.batch import BatchItem, decode_batch, encode_statuses
 from proxy.batching import GroupCommit
 from proxy.errors import UpstreamUnreachable
-from proxy.upstream import HttpxUpstream
+from proxy.http1 import Http1Upstream
 from tests.support.http import free_port, serve_app
 
 
@@ -56,8 +56,8 @@ async def backend() -> AsyncIterator[tuple[BatchBackend, str]]:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[HttpxUpstream]:
-    client = HttpxUpstream(timeout=5)
+async def upstream() -> AsyncIterator[Http1Upstream]:
+    client = Http1Upstream(timeout=5)
     yield client
     await client.aclose()
 

@@ -1,4 +1,4 @@
-"""Unit and property tests for the CoAP codec (RFC 7252 §3, §4.1; SPEC §4).
+"""Unit and property tests for the CoAP codec (RFC 7252 §3, §4.1, §4.2, §4.3).
 
 The interoperability checks against a second implementation live in ``test_codec_oracle.py``;
 this module pins the exact bytes and the error classification of our own codec.

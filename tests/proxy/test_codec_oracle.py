@@ -13,9 +13,9 @@ That strips leading zero bytes from uint options; a string option that is not UT
 aiocoap's decode fail, whereas our codec keeps option values as opaque bytes. That is the only
 case where we accept and aiocoap rejects.
 
-FINDINGS — aiocoap 0.4.17 accepts these datagrams, which RFC 7252 §3 makes message format errors
-(or reserves) and which our codec rejects with :class:`FormatError` (SPEC §4: CON → RST,
-NON → silently dropped):
+aiocoap 0.4.17 accepts these datagrams, which RFC 7252 §3 makes message format errors
+(or reserves) and which our codec rejects with :class:`FormatError` (RFC 7252 §4.2, §4.3: CON
+→ RST, NON → silently dropped):
 
 * token length 9–15 (aiocoap takes up to 15 bytes as the token);
 * a token length longer than the rest of the datagram (aiocoap takes the shorter token);

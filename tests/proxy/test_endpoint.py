@@ -224,7 +224,7 @@ def test_over_dtls_the_identity_is_the_endpoint_not_the_address() -> None:
     ep = endpoint()
     ex = exchange(ep.receive(post(106), PEER, 0.0, identity="dev-1"))
     answer = ep.respond(ex, CHANGED, 0.1)
-    # The device's address changed (NAT rebinding): still the same exchange (SPEC §4).
+    # The device's address changed (NAT rebinding): still the same exchange (docs/CONTRACT.md §5).
     assert ep.receive(post(106), OTHER, 0.2, identity="dev-1") == answer
     exchange(ep.receive(post(106), PEER, 0.3, identity="dev-2"))
 

@@ -1,8 +1,8 @@
 """The proxy's forwarding over real sockets: CoAP datagrams in, a real HTTP backend behind.
 
 The backend is a small Starlette app of the test's own that records what it received and
-answers whatever status/headers the test asks for, so each row of the SPEC §9 table and each
-header of the §10 contract is checked through the real proxy.
+answers whatever status/headers the test asks for, so each row of the docs/CONTRACT.md §10
+table and each header of the §11 contract is checked through the real proxy.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, Message, encode_parts, parse_uint
 from proxy.coap.requests import Request
 from proxy.forward import ProxyHandler
+from proxy.http1 import Http1Upstream
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ProxySettings
-from proxy.upstream import HttpxUpstream
 from tests.support.coap import RawClient
 from tests.support.http import free_port, serve_app
 
@@ -199,7 +199,7 @@ async def test_status_translation_through_real_http(
     assert reply.mtype == ACK
     assert reply.code == expected
     if http_status >= 400:
-        assert reply.payload == b""  # errors never carry a payload (SPEC §3)
+        assert reply.payload == b""  # errors never carry a payload (docs/CONTRACT.md §3)
 
 
 @pytest.mark.parametrize(
@@ -285,7 +285,7 @@ async def test_upstream_unreachable_is_5_02() -> None:
 
 
 async def test_production_mode_serves_only_bootstrap_on_plain_coap() -> None:
-    # SPEC §5: with require_dtls, plain CoAP is for fetching a PSK and nothing else.
+    # docs/CONTRACT.md §6: with require_dtls, plain CoAP is for fetching a PSK and nothing else.
     calls: list[str] = []
 
     async def bootstrap(request: HttpRequest) -> HttpResponse:
@@ -461,7 +461,7 @@ def test_which_requests_need_the_cross_replica_claim(
 ) -> None:
     handler = ProxyHandler(
         policy=load_policy(),
-        upstream=HttpxUpstream.__new__(HttpxUpstream),  # never called: nothing is forwarded
+        upstream=Http1Upstream(timeout=1.0),  # never called: nothing is forwarded
         base_url="http://127.0.0.1:9",
         proxy_token=None,
         plain_paths=plain_paths,

@@ -55,7 +55,8 @@ class RedisWriter:
 
 
 async def eventually(check, timeout: float = 1.0) -> float:
-    """Seconds until ``check()`` held; fails after ``timeout`` (SPEC §5: within one second)."""
+    """Seconds until ``check()`` held; fails after ``timeout`` (docs/CONTRACT.md §6: within
+    one second)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     while not check():

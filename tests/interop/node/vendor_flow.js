@@ -1,4 +1,5 @@
-// The 1NCE vendor sample flow (seed 001) with the client it uses, node-coap-client:
+// The default profile's sample device flow (docs/CONTRACT.md §13) with the client it uses,
+// node-coap-client:
 // GET coap://HOST:PORT/bootstrap → "identity,psk,coaps-url", then POST over coaps:// with those
 // credentials. Prints one JSON line with what happened; exits 0 only if the POST got 2.04.
 //
