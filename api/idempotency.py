@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from api.errors import StoreUnavailable
-from api.redis_client import REDIS_ERRORS, RedisConnection, connect
 from links.deferred import Deferred
+from links.redis import REDIS_ERRORS, RedisConnection, connect
+from links.redis_url import parse_redis_url
 from links.resp import RespError, ScriptLink, address_of
 from policies import dedup
 from policies.keys import idempotency_record_key
-from policies.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,12 @@ Scenarios (one table row per system, with the ratio to the baseline):
 Every row reports the CPU each process used and what limited it (client, server or the
 machine's cores). Every proxy gets a free coaps port or ``--coaps-port=off``, never 5684.
 
-Modules: ``loadgen`` (the CoAP load generator), ``dtls_loadgen`` (the same over DTLS, and
-handshakes), ``blockload`` (block-wise transfers, B), ``origin`` (B's HTTP origin),
-``services`` (processes and probes),
-``subscriber`` (the MQTT witness), ``harness`` (scenarios), ``report`` (tables, BENCHMARKS.md).
+A run writes one results JSON (``--results``, default ``build/bench-results.json``);
+BENCHMARKS.md's generated section is rendered from it (``python -m bench.report FILE``).
+
+Modules: ``loadgen`` (the CoAP load generator; requests encoded by the product's codec),
+``dtls_loadgen`` (the same over DTLS, and handshakes), ``blockload`` (block-wise transfers, B),
+``origin`` (B's HTTP origin), ``services`` (processes and probes), ``subscriber`` (the MQTT
+witness), ``harness`` (the scenario table and the scenarios), ``report`` (one declarative
+table per scenario, rendered from the results JSON).
 """

@@ -1,6 +1,6 @@
-"""The scenarios T, B, E, L, R, D, H, M (see ``bench/__init__.py``): start the systems, drive
-them with :mod:`bench.loadgen` (B: :mod:`bench.blockload`), stop them, and collect one row per
-system."""
+"""The scenarios, listed in :data:`SCENARIOS` (name → method, systems, description): start the
+systems, drive them with :mod:`bench.loadgen` (B: :mod:`bench.blockload`, D and H:
+:mod:`bench.dtls_loadgen`), stop them, and collect one row per system."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,6 @@ from bench.services import (
     cpu_seconds,
     free_port,
     machine_cpu_seconds,
-    redis_command,
     rss_bytes,
     start_mosquitto,
     start_redis,
@@ -48,8 +47,31 @@ SYSTEMS = ("coap-bridge", REDIS_SYSTEM, "libcoap", "aiocoap")
 B_SYSTEMS = ("libcoap", REDIS_SYSTEM)
 B_PATHS = {"libcoap": "/example_data", REDIS_SYSTEM: "/blob"}
 DTLS_SYSTEM = "coap-bridge over DTLS"
+R_SYSTEM = "coap-bridge --workers N"
 EXCHANGE_LIFETIME = 247.0
 _R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    method: str  # the Bench method that runs it
+    systems: tuple[str, ...]  # the rows it adds
+    description: str
+
+
+SCENARIOS = {
+    "T": Scenario("scenario_t", SYSTEMS, "termination: CON GET /.well-known/core, closed loop"),
+    "B": Scenario("scenario_b", B_SYSTEMS, "block-wise GET of a large resource, Block2"),
+    "E": Scenario(
+        "scenario_chain", ("aiocoap", "coap-bridge"),
+        "telemetry end to end: CON POST through proxy, API, Redis, MQTT; aiocoap baseline",
+    ),
+    "L": Scenario("scenario_chain", ("coap-bridge",), "E in open loop at 50% of E's maximum"),
+    "R": Scenario("scenario_chain", (R_SYSTEM,), "E through proxy --workers N (SO_REUSEPORT)"),
+    "D": Scenario("scenario_chain", (DTLS_SYSTEM,), "E over DTLS, one PSK per client"),
+    "H": Scenario("scenario_chain", ("coap-bridge",), "full DTLS handshakes per second"),
+    "M": Scenario("scenario_m", ("coap-bridge",), "memory: proxy RSS over T, Redis per entry"),
+}  # fmt: skip
 
 
 @dataclass
@@ -89,6 +111,9 @@ class Settings:
     b_block_size: int = 1024
     b_loadgen_workers: int = 1
 
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workdir"}
+
 
 @dataclass
 class Row:
@@ -100,44 +125,30 @@ class Row:
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The row as it goes into the results JSON (what the report renders)."""
         data: dict[str, Any] = {"scenario": self.scenario, "system": self.system}
         if self.result is not None:
-            r = self.result
-            data |= {
-                "rate": r.rate,
-                "offered_rate": r.offered_rate,
-                "sent": r.sent,
-                "completed": r.completed,
-                "in_window": r.in_window,
-                "window": r.window,
-                "p50_ms": r.p50_ms,
-                "p99_ms": r.p99_ms,
-                "p999_ms": r.p999_ms,
-                "timeouts": r.timeouts,
-                "separate": r.separate,
-                "codes": r.codes,
-                "send_errors": r.send_errors,
-                "sockets": r.sockets,
-                "worker_cpu": r.worker_cpu,
-                "handshake_failures": r.handshake_failures,
-            }
+            data |= {name: getattr(self.result, name) for name in LOAD_FIGURES}
         if self.handshakes is not None:
             h = self.handshakes
-            data |= {
-                "handshake_rate": h.rate,
-                "handshakes_completed": h.completed,
-                "handshakes_in_window": h.in_window,
-                "handshakes_failed": h.failed,
-                "window": h.window,
-                "p50_ms": h.p50_ms,
-                "p99_ms": h.p99_ms,
-                "worker_cpu": h.worker_cpu,
-                "concurrency": h.concurrency,
-            }
+            data |= {name: getattr(h, attr) for name, attr in HANDSHAKE_FIGURES.items()}
         data |= self.extra
         if self.error is not None:
             data["error"] = self.error
         return data
+
+
+LOAD_FIGURES = (
+    "rate", "offered_rate", "sent", "completed", "in_window", "window", "p50_ms", "p99_ms",
+    "p999_ms", "timeouts", "separate", "codes", "send_errors", "sockets", "worker_cpu",
+    "handshake_failures",
+)  # fmt: skip
+HANDSHAKE_FIGURES = {
+    "handshake_rate": "rate", "handshakes_completed": "completed",
+    "handshakes_in_window": "in_window", "handshakes_failed": "failed", "window": "window",
+    "p50_ms": "p50_ms", "p99_ms": "p99_ms", "worker_cpu": "worker_cpu",
+    "concurrency": "concurrency", "workers": "workers",
+}  # fmt: skip
 
 
 class SourcePorts:
@@ -521,12 +532,13 @@ class Bench:
 
     # --- E, L, R, D, H: the telemetry chain ----------------------------------------------------
 
-    def scenario_chain(self, chosen: Sequence[str]) -> None:
+    def scenario_chain(self) -> None:
         """E (aiocoap baseline, then the chain with one proxy worker) and L; D and H over DTLS
         (a proxy with a coaps port, devices with PSKs); R last (E through ``--workers``, with
         the API restarted when R asks for another worker count). Redis, Mosquitto and the API
         are started once; each scenario gets its own proxy, stopped when it is done."""
         s = self.settings
+        chosen = s.scenarios
         spec = RequestSpec.telemetry(TOPIC, 100)
         with_e = "E" in chosen or "L" in chosen
         if with_e:
@@ -574,7 +586,7 @@ class Bench:
         if "H" in chosen:
             rows.append(("H", "coap-bridge"))
         if "R" in chosen:
-            rows.append(("E", "coap-bridge --workers N"))
+            rows.append(("E", R_SYSTEM))
         return rows
 
     def _scenario_e_and_l(self, spec: RequestSpec, with_l: bool) -> None:
@@ -626,7 +638,7 @@ class Bench:
 
     def _scenario_r(self, spec: RequestSpec) -> None:
         s = self.settings
-        system = "coap-bridge --workers N"
+        system = R_SYSTEM
         if self._api_workers != s.r_api_workers:
             self._log(f"R: restarting the API with {s.r_api_workers} worker(s)")
         self._log(
@@ -869,7 +881,7 @@ class Bench:
         replicas: int = 1,
     ) -> Row:
         row = Row(scenario, system)
-        mqtt_url = self._mqtt_url()
+        mqtt_url = self._chain_mqtt_url
         witness: Subscriber | MosquittoSubscriber
         if self.settings.subscriber == "aiomqtt":
             witness = Subscriber(mqtt_url, TOPIC)
@@ -906,9 +918,6 @@ class Bench:
         )
         return row
 
-    def _mqtt_url(self) -> str:
-        return self._chain_mqtt_url
-
     # --- M -----------------------------------------------------------------------------------
 
     def scenario_m(self) -> None:
@@ -920,30 +929,14 @@ class Bench:
             service, port = self._coap_server("coap-bridge", env=env)
             try:
                 time.sleep(0.5)
-                before = rss_bytes(service.pid)
-                samples: list[tuple[float, int]] = [(0.0, before)]
-                stop = threading.Event()
-
-                def sample() -> None:
-                    t0 = time.monotonic()
-                    while not stop.wait(max(1.0, s.m_duration / 6)):
-                        samples.append((time.monotonic() - t0, rss_bytes(service.pid)))
-
-                sampler = threading.Thread(target=sample, daemon=True)
-                sampler.start()
-                try:
+                with RssSampler(service.pid, max(1.0, s.m_duration / 6)) as rss:
                     result = self._load(
-                        port,
-                        RequestSpec.wkc(),
-                        duration=s.m_duration,
-                        warmup=0.0,
+                        port, RequestSpec.wkc(), duration=s.m_duration, warmup=0.0,
                         watch={"coap-bridge": service.pid},
-                    )
-                finally:
-                    stop.set()
-                    sampler.join()
+                    )  # fmt: skip
                 service.check_alive()
-                after = rss_bytes(service.pid)
+                before, after = rss.before, rss_bytes(service.pid)
+                samples = [(0.0, before), *rss.samples]
             finally:
                 service.stop()
             held = result.sent
@@ -978,15 +971,12 @@ class Bench:
     # --- all ---------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Each chosen scenario's method once, in the order of :data:`SCENARIOS` (E, L, R, D
+        and H share one method: one Redis, Mosquitto and API for all of them)."""
         chosen = self.settings.scenarios
-        if "T" in chosen:
-            self.scenario_t()
-        if "B" in chosen:
-            self.scenario_b()
-        if set(chosen) & {"E", "L", "R", "D", "H"}:
-            self.scenario_chain(chosen)
-        if "M" in chosen:
-            self.scenario_m()
+        methods = [SCENARIOS[name].method for name in SCENARIOS if name in chosen]
+        for method in dict.fromkeys(methods):
+            getattr(self, method)()
 
     def failed(self) -> bool:
         return any(
@@ -1130,6 +1120,3 @@ def workdir(keep: Path | None) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-__all__ = ["Bench", "Row", "Settings", "redis_command", "workdir"]

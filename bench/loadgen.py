@@ -43,12 +43,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# --- CoAP constants ------------------------------------------------------------------------
+from proxy.coap import codec
+from proxy.coap.codec import ACK, CON, NON, RST
+from proxy.coap.options import URI_PATH, URI_QUERY
 
-CON, NON, ACK, RST = 0, 1, 2, 3
-GET, POST = 1, 2
-URI_PATH, URI_QUERY, CONTENT_FORMAT = 11, 15, 12
-
+GET, POST = 1, 2  # method codes (RFC 7252 §12.1.1)
 MID_SPACE = 65536
 EXCHANGE_LIFETIME = 247.0
 TOKEN_LENGTH = 4
@@ -67,28 +66,7 @@ def code_name(code: int) -> str:
     return f"{code >> 5}.{code & 31:02d}"
 
 
-# --- Datagram templates (pure) ---------------------------------------------------------------
-
-
-def _option_nibble(value: int) -> tuple[int, bytes]:
-    if value < 13:
-        return value, b""
-    if value < 269:
-        return 13, bytes([value - 13])
-    return 14, (value - 269).to_bytes(2, "big")
-
-
-def encode_options(options: Sequence[tuple[int, bytes]]) -> bytes:
-    """Options (number, value) in any order, encoded with deltas (RFC 7252 §3.1)."""
-    out = bytearray()
-    previous = 0
-    for number, value in sorted(options, key=lambda item: item[0]):
-        delta_nibble, delta_ext = _option_nibble(number - previous)
-        length_nibble, length_ext = _option_nibble(len(value))
-        out.append(delta_nibble << 4 | length_nibble)
-        out += delta_ext + length_ext + value
-        previous = number
-    return bytes(out)
+# --- Datagram templates (pure), encoded by the product's codec --------------------------------
 
 
 @dataclass(frozen=True)
@@ -123,18 +101,16 @@ class Template:
 
 def build_template(spec: RequestSpec) -> Template:
     """The request with MID 0, token 0 and sequence id 0: only those get patched later."""
-    kind = CON if spec.confirmable else NON
-    header = bytes([0x40 | kind << 4 | TOKEN_LENGTH, spec.method, 0, 0]) + bytes(TOKEN_LENGTH)
+    if 0 < spec.payload_size < SEQ_LENGTH:
+        raise ValueError(f"payload must hold the {SEQ_LENGTH}-byte sequence id")
     options = [(URI_PATH, s.encode()) for s in spec.path.split("/") if s]
     options += [(URI_QUERY, q.encode()) for q in spec.queries]
-    body = encode_options(options)
-    if spec.payload_size <= 0:
-        return Template(header + body, -1)
-    if spec.payload_size < SEQ_LENGTH:
-        raise ValueError(f"payload must hold the {SEQ_LENGTH}-byte sequence id")
-    prefix = header + body + b"\xff"
     payload = bytes(SEQ_LENGTH) + b"x" * (spec.payload_size - SEQ_LENGTH)
-    return Template(prefix + payload, len(prefix))
+    kind = CON if spec.confirmable else NON
+    data = codec.encode_parts(
+        kind, spec.method, 0, bytes(TOKEN_LENGTH), options, payload if spec.carries_seq else b""
+    )
+    return Template(data, len(data) - spec.payload_size if spec.carries_seq else -1)
 
 
 def patch(buffer: bytearray, seq_offset: int, mid: int, token: int, seq: int) -> bytes:
@@ -147,17 +123,7 @@ def patch(buffer: bytearray, seq_offset: int, mid: int, token: int, seq: int) ->
 
 
 def empty_ack(mid: int) -> bytes:
-    return bytes([0x60, 0, mid >> 8, mid & 0xFF])
-
-
-def parse_response(data: bytes) -> tuple[int, int, int, int] | None:
-    """``(type, code, mid, token)`` of a datagram carrying our 4-byte tokens (token 0 when the
-    message has none, e.g. an empty ACK); None when it is not CoAP version 1."""
-    if len(data) < 4 or data[0] >> 6 != 1:
-        return None
-    tkl = data[0] & 0x0F
-    token = int.from_bytes(data[4 : 4 + tkl], "big") if tkl else 0
-    return (data[0] >> 4) & 3, data[1], data[2] << 8 | data[3], token
+    return codec.encode_empty(ACK, mid)
 
 
 # --- MID rotation (pure) ---------------------------------------------------------------------
@@ -226,14 +192,6 @@ class PortPool:
 
 
 # --- Percentiles (pure) ----------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 1]) of already sorted values; NaN when empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def histogram_percentile(

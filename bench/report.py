@@ -1,25 +1,32 @@
-"""Tables (Markdown, printed and written to BENCHMARKS.md) and the machine description."""
+"""BENCHMARKS.md's generated section, rendered from the results JSON the harness writes (its
+one output; ``python -m bench.report results.json --output BENCHMARKS.md`` renders it again).
+
+Every scenario's table is declared in :data:`TABLES`: title, intro, columns (header → cell of
+one row) and the lines after it (targets, CPU per request, what limited the run)."""
 
 from __future__ import annotations
 
-import datetime as dt
+import argparse
+import json
 import math
 import os
 import platform
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.harness import REDIS_SYSTEM, Row, Settings
-
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
+Row = dict[str, Any]  # one row of the results JSON
+REDIS_SYSTEM = "coap-bridge+redis"
+R_SYSTEM = "coap-bridge --workers N"
 
-# --- machine ---------------------------------------------------------------------------------
+# --- the machine (recorded in the results when the run ends) ---------------------------------
 
 
 def _first_line(argv: Sequence[str], pattern: str = "") -> str:
@@ -27,30 +34,16 @@ def _first_line(argv: Sequence[str], pattern: str = "") -> str:
         out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "not found"
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.strip() and (not pattern or re.search(pattern, line)):
-            return line.strip()
-    return "unknown"
+    lines = [x.strip() for x in (out.stdout + out.stderr).splitlines() if x.strip()]
+    return next((x for x in lines if re.search(pattern, x)), "unknown")
 
 
-def _cpu_model() -> str:
+def _proc(path: str, prefix: str) -> str | None:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _ram() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    return "unknown"
+        return None
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith(prefix)), None)
 
 
 def _version(package: str) -> str:
@@ -61,34 +54,19 @@ def _version(package: str) -> str:
 
 
 def _git() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
+    root = str(Path(__file__).resolve().parent.parent)
+    head = _first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
+    return head + (" + uncommitted changes" if dirty not in ("unknown", "not found") else "")
 
 
-def _loadavg(start: tuple[float, float, float] | None) -> str:
-    now = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    if start is None:
-        return f"{now} (1 / 5 / 15 min) at the end"
-    before = " / ".join(f"{v:.2f}" for v in start)
-    return f"{before} at the start, {now} at the end (1 / 5 / 15 min)"
-
-
-def machine(loadavg_start: tuple[float, float, float] | None = None) -> dict[str, str]:
+def machine(loadavg_start: Sequence[float]) -> dict[str, str]:
+    ram = _proc("/proc/meminfo", "MemTotal:")
+    now, before = (" / ".join(f"{v:.2f}" for v in avg) for avg in (os.getloadavg(), loadavg_start))
     return {
-        "CPU": _cpu_model(),
+        "CPU": _proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cores": str(os.cpu_count()),
-        "RAM": _ram(),
+        "RAM": f"{int(ram.split()[0]) / 2**20:.1f} GiB" if ram else "unknown",
         "kernel": f"{platform.system()} {platform.release()}",
         "Python": f"{platform.python_version()} ({sys.executable})",
         "libcoap": _first_line(["coap-server-notls", "-h"], r"v\d"),
@@ -97,11 +75,11 @@ def machine(loadavg_start: tuple[float, float, float] | None = None) -> dict[str
         "redis-server": _first_line(["redis-server", "--version"]),
         "mosquitto": _first_line(["mosquitto", "-h"], r"version"),
         "coap-bridge": _git(),
-        "load average": _loadavg(loadavg_start),
+        "load average": f"{before} at the start, {now} at the end (1 / 5 / 15 min)",
     }
 
 
-# --- formatting ------------------------------------------------------------------------------
+# --- cells -----------------------------------------------------------------------------------
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -111,35 +89,26 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 
 def _ratio(value: float | None, base: float | None) -> str:
-    if not value or not base:
-        return "–"
-    return f"{value / base:.2f}×"
+    return f"{value / base:.2f}×" if value and base else "–"
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else "**met**" if met else "**not met**"
 
 
 def _codes(row: Row) -> str:
-    if row.result is None:
-        return "–"
-    return " ".join(f"{code}: {count:,}" for code, count in sorted(row.result.codes.items()))
+    return " ".join(f"{code}: {count:,}" for code, count in sorted(row["codes"].items()))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
+def _rate(rows: Sequence[Row], scenario: str, system: str, key: str = "rate") -> float | None:
+    found = (r.get(key) for r in rows if r["scenario"] == scenario and r["system"] == system)
+    return next((value for value in found if value is not None), None)
 
 
-def _rate(rows: Sequence[Row], scenario: str, system: str) -> float | None:
-    for row in rows:
-        if row.scenario == scenario and row.system == system and row.result is not None:
-            return row.result.rate
-    return None
-
-
-def _latency_cells(row: Row) -> list[str]:
-    r = row.result
-    if r is None:
-        return ["–"] * 3
-    return [_num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.p999_ms, 2)]
+def _label(row: Row) -> str:
+    if row["system"] == R_SYSTEM and row.get("proxy_workers"):
+        return f"coap-bridge --workers {row['proxy_workers']}"
+    return str(row["system"])
 
 
 def short_error(error: str | None) -> str:
@@ -156,85 +125,21 @@ _SERVER_PARTS = ("coap-bridge", "libcoap", "aiocoap", "redis", "mosquitto", "api
 _B_SERVER_PARTS = ("libcoap", "proxy")
 
 
-def _cpu_per_request(row: Row) -> str:
-    """CPU µs per answered request of the system under test (all its processes)."""
-    cpu = row.extra.get("cpu") or {}
-    seconds = sum(v for k, v in cpu.items() if k in _SERVER_PARTS)
-    if row.result is None or not row.result.completed or not seconds:
-        return "–"
-    return f"{seconds / row.result.completed * 1e6:,.0f}"
-
-
-def _error_row(row: Row, width: int) -> list[str]:
-    return [row.system, short_error(row.error)] + ["–"] * (width - 2)
-
-
-def table_t(rows: Sequence[Row]) -> str:
-    header = ["system", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "timeouts", "codes",
-              "server CPU µs/req", "× libcoap", "× aiocoap"]  # fmt: skip
-    libcoap, aiocoap = _rate(rows, "T", "libcoap"), _rate(rows, "T", "aiocoap")
-    cells = []
-    for row in rows:
-        if row.scenario != "T":
-            continue
-        if row.result is None:
-            cells.append(_error_row(row, len(header)))
-            continue
-        rate = row.result.rate
-        cells.append(
-            [row.system, _num(rate), *_latency_cells(row), _num(row.result.timeouts),
-             _codes(row), _cpu_per_request(row), _ratio(rate, libcoap), _ratio(rate, aiocoap)]
-        )  # fmt: skip
-    targets = []
-    for system, what in ((REDIS_SYSTEM, "production shape, `--redis-url`"),
-                         ("coap-bridge", "no Redis")):  # fmt: skip
-        ours = _rate(rows, "T", system)
-        if ours is not None:
-            met = libcoap is not None and ours >= 0.5 * libcoap
-            targets.append(f"{system} ({what}) ≥ 0.5 × libcoap — {_verdict(met)}")
-    if not targets:
-        targets.append(f"coap-bridge ≥ 0.5 × libcoap — {_verdict(False)}")
-    return (
-        "### T — termination: CON GET /.well-known/core, closed loop\n\n"
-        f"{REDIS_SYSTEM} = `coap-bridge proxy --redis-url` with a redis-server of its own "
-        "(the cross-replica claim of the production shape; the proxy answers this request "
-        "itself); coap-bridge = the same proxy without Redis.\n\n"
-        + _table(header, cells)
-        + "\n\nTarget: "
-        + "; ".join(targets)
-        + ".\n"
-    )
-
-
-R_SYSTEM = "coap-bridge --workers N"
-DTLS_SYSTEM = "coap-bridge over DTLS"
-
-
-def _workers(row: Row) -> str:
-    proxy, api = row.extra.get("proxy_workers"), row.extra.get("api_workers")
-    return f"{proxy} / {api}" if proxy and api else "–"
-
-
-def _label(row: Row) -> str:
-    if row.system == R_SYSTEM and row.extra.get("proxy_workers"):
-        return f"coap-bridge --workers {row.extra['proxy_workers']}"
-    return row.system
+def _cpu_per(row: Row, parts: Sequence[str], count: int | None) -> str:
+    """Server CPU µs per answered request (block, handshake) over the processes ``parts``."""
+    seconds = sum(v for k, v in (row.get("cpu") or {}).items() if k in parts)
+    return f"{seconds / count * 1e6:,.0f}" if seconds and count else "–"
 
 
 def utilisation(row: Row) -> dict[str, float]:
     """% of one core per process (group) during the row's run, warm-up and drain included."""
-    cpu, wall = row.extra.get("cpu") or {}, row.extra.get("wall")
-    if not wall:
-        return {}
-    return {name: 100 * seconds / wall for name, seconds in cpu.items()}
+    wall = row.get("wall")
+    return {k: 100 * s / wall for k, s in (row.get("cpu") or {}).items()} if wall else {}
 
 
 def _worker_cpu(row: Row) -> list[float]:
-    result = row.result if row.result is not None else row.handshakes
-    wall = row.extra.get("wall")
-    if result is None or not wall or not result.worker_cpu:
-        return []
-    return [100 * seconds / wall for seconds in result.worker_cpu]
+    wall = row.get("wall")
+    return [100 * s / wall for s in row.get("worker_cpu") or []] if wall else []
 
 
 def limit(row: Row) -> str:
@@ -244,12 +149,11 @@ def limit(row: Row) -> str:
     if not util:
         return ""
     cores = os.cpu_count() or 1
-    other = 100 * (row.extra.get("other_cpu") or 0) / row.extra["wall"]
+    other = 100 * (row.get("other_cpu") or 0) / row["wall"]
     total = sum(util.values()) + other
     workers = _worker_cpu(row)
     servers = {k: v for k, v in util.items() if k != "load generator"}
-    processes = {"proxy": row.extra.get("proxy_workers") or 1,
-                 "api": row.extra.get("api_workers") or 1}  # fmt: skip
+    processes = {"proxy": row.get("proxy_workers") or 1, "api": row.get("api_workers") or 1}
     saturated = [
         f"{name} ({v:.0f}% over {processes.get(name, 1)} process(es))"
         for name, v in servers.items()
@@ -279,260 +183,182 @@ def limit(row: Row) -> str:
 
 def cpu_line(row: Row) -> str:
     """One line per row: CPU µs per request and % of one core per process, and the limit."""
-    util = utilisation(row)
-    result = row.result
-    if not util or result is None or not result.completed:
+    util, done = utilisation(row), row.get("completed")
+    if not util or not done:
         return ""
-    cpu = row.extra.get("cpu") or {}
-    parts = ", ".join(
-        f"{name} {cpu[name] / result.completed * 1e6:,.0f} µs ({util[name]:.0f}%)" for name in cpu
-    )
+    cpu = row["cpu"]
+    parts = ", ".join(f"{k} {cpu[k] / done * 1e6:,.0f} µs ({util[k]:.0f}%)" for k in cpu)
     workers = _worker_cpu(row)
     per_worker = (
         f"; load generator per process: {', '.join(f'{w:.0f}%' for w in workers)}"
-        if workers and len(workers) > 1
+        if len(workers) > 1
         else ""
     )
-    other = 100 * (row.extra.get("other_cpu") or 0) / row.extra["wall"]
+    other = 100 * (row.get("other_cpu") or 0) / row["wall"]
     return (
-        f"- {row.scenario} {_label(row)}: CPU per request (and % of one core) — {parts}"
+        f"- {row['scenario']} {_label(row)}: CPU per request (and % of one core) — {parts}"
         f"{per_worker}; outside the bench {other:.0f}%. Limited by {limit(row)}."
     )
 
 
-def table_e(rows: Sequence[Row]) -> str:
-    header = ["system", "proxy / API workers", "req/s", "p50 ms", "p99 ms", "p99.9 ms",
-              "timeouts", "codes", "server CPU µs/req", "× aiocoap", "× plain 1 worker", "acked",
-              "lost", "duplicated", "status"]  # fmt: skip
-    aiocoap = _rate(rows, "E", "aiocoap")
-    one = _rate(rows, "E", "coap-bridge")
-    cells = []
-    e_rows = [r for r in rows if r.scenario == "E"]
-    for row in e_rows:
-        if row.result is None:
-            cells.append([_label(row), *_error_row(row, len(header))[1:]])
-            continue
-        rate = row.result.rate
-        x = row.extra
-        versus_one = _ratio(rate, one) if row.system != "aiocoap" else "–"
-        cells.append(
-            [_label(row), _workers(row), _num(rate), *_latency_cells(row),
-             _num(row.result.timeouts), _codes(row), _cpu_per_request(row), _ratio(rate, aiocoap),
-             versus_one, _num(x.get("acked")), _num(x.get("lost")), _num(x.get("duplicated")),
-             x.get("status", "baseline")]
-        )  # fmt: skip
-    ours = [r for r in e_rows if r.system != "aiocoap"]
-    clean = bool(ours) and all(r.extra.get("status") == "OK" for r in ours)
-    plain = [r for r in ours if r.system in ("coap-bridge", R_SYSTEM) and r.result is not None]
-    best = max(plain, key=lambda r: r.result.rate if r.result else 0.0, default=None)
-    best_rate = best.result.rate if best is not None and best.result is not None else None
-    met = best_rate is not None and aiocoap is not None and best_rate >= aiocoap and clean
-    lines = [
-        "### E — telemetry end to end: CON POST /?t=bench/x, 100-byte payload, closed loop\n",
-        "coap-bridge = proxy → HTTP → API → Redis + MQTT QoS 1 (Mosquitto) → PUBACK → 2.04, "
-        "dedup shared in Redis; aiocoap = a POST resource that only answers 2.04. "
-        "`--workers N`: the same chain through one `coap-bridge proxy --workers N` "
-        "(SO_REUSEPORT: N processes on one port, the kernel spreads clients by source address; "
-        "dedup shared through Redis) and the API with the workers shown. Over DTLS: "
-        "every client is a device with its own PSK identity (dedup keys on identity and MID), "
-        "its session established before the clock starts, one request in flight each.\n",
-        _table(header, cells),
-        "",
-    ]
-    if best is not None and best.result is not None:
-        n = best.extra.get("proxy_workers", 1)
-        others = [r for r in plain if r is not best and r.result is not None]
-        versus = "; ".join(
-            f"{_label(r)}: {r.result.rate:,.0f} req/s" for r in others if r.result is not None
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+# --- one declarative table per scenario ------------------------------------------------------
+
+Cell = Callable[[Row, Sequence[Row]], str]  # (this row, all rows) → text
+
+
+def _key(name: str, digits: int = 0, default: str = "–") -> Cell:
+    return lambda r, _: default if r.get(name) is None else _num(r[name], digits)
+
+
+LATENCY: list[tuple[str, Cell]] = [
+    ("p50 ms", _key("p50_ms", 2)), ("p99 ms", _key("p99_ms", 2)), ("p99.9 ms", _key("p999_ms", 2)),
+    ("timeouts", _key("timeouts")), ("codes", lambda r, _: _codes(r)),
+]  # fmt: skip
+SERVER_CPU: Cell = lambda r, _: _cpu_per(r, _SERVER_PARTS, r["completed"])  # noqa: E731
+DELIVERY: list[tuple[str, Cell]] = [("lost", _key("lost")), ("duplicated", _key("duplicated"))]
+
+
+@dataclass(frozen=True)
+class Table:
+    scenario: str
+    title: str  # may name {what}, filled in by ``what(rows)``
+    intro: str
+    columns: Sequence[tuple[str, Cell]]
+    after: Callable[[Sequence[Row], Sequence[Row]], list[str]]  # (its rows, all rows) → lines
+    figure: str = "rate"  # without it, the row is an error row
+    what: Callable[[Sequence[Row]], str] = lambda rows: ""
+
+    def render(self, all_rows: Sequence[Row]) -> str:
+        rows = [r for r in all_rows if r["scenario"] == self.scenario]
+        cells = [
+            [cell(r, all_rows) for _, cell in self.columns]
+            if r.get(self.figure) is not None
+            else [_label(r), short_error(r.get("error"))] + ["–"] * (len(self.columns) - 2)
+            for r in rows
+        ]
+        title = self.title.format(what=self.what(rows))
+        body = _table([header for header, _ in self.columns], cells)
+        return "\n\n".join([title, self.intro, body, *self.after(rows, all_rows)]) + "\n"
+
+
+def _t_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+    libcoap = _rate(rows, "T", "libcoap")
+    targets = [
+        f"{system} ({what}) ≥ 0.5 × libcoap — "
+        + _verdict(libcoap is not None and ours >= 0.5 * libcoap)
+        for system, what in (
+            (REDIS_SYSTEM, "production shape, `--redis-url`"),
+            ("coap-bridge", "no Redis"),
         )
+        if (ours := _rate(rows, "T", system)) is not None
+    ] or [f"coap-bridge ≥ 0.5 × libcoap — {_verdict(False)}"]
+    return ["Target: " + "; ".join(targets) + "."]
+
+
+def _e_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+    aiocoap = _rate(rows, "E", "aiocoap")
+    ours = [r for r in rows if r["system"] != "aiocoap"]
+    clean = bool(ours) and all(r.get("status") == "OK" for r in ours)
+    plain = [r for r in ours if r["system"] in ("coap-bridge", R_SYSTEM) and r.get("rate")]
+    best = max(plain, key=lambda r: r["rate"], default=None)
+    lines = []
+    if best is not None:
+        versus = "; ".join(f"{_label(r)}: {r['rate']:,.0f} req/s" for r in plain if r is not best)
         lines.append(
-            f"Best N on this machine: **{n} proxy worker(s) / {best.extra.get('api_workers')} "
-            f"API worker(s)**, {best.result.rate:,.0f} req/s"
+            f"Best N on this machine: **{best.get('proxy_workers', 1)} proxy worker(s) / "
+            f"{best.get('api_workers')} API worker(s)**, {best['rate']:,.0f} req/s"
             + (f" ({versus})" if versus else "")
             + f". All processes share this machine's {os.cpu_count()} cores (load generator, "
             "Redis, Mosquitto and the witness included): compare the CPU per request below; "
-            "differences in req/s under ~10% are noise.\n"
+            "differences in req/s under ~10% are noise."
         )
+    met = best is not None and aiocoap is not None and best["rate"] >= aiocoap and clean
     lines.append(
-        f"Target: best coap-bridge ≥ 1.0 × aiocoap, zero lost or duplicated in every row — "
-        f"{_verdict(met)}.\n"
+        "Target: best coap-bridge ≥ 1.0 × aiocoap, zero lost or duplicated in every row — "
+        f"{_verdict(met)}."
     )
-    cpu_lines = [cpu_line(r) for r in e_rows if cpu_line(r)]
-    if cpu_lines:
+    if cpu_lines := [line for r in rows if (line := cpu_line(r))]:
         lines.append(
             "CPU per answered request and share of one core per process during each run "
             "(warm-up and drain included; server CPU in the table counts redis, mosquitto, "
-            "api, proxy):\n\n" + "\n".join(cpu_lines) + "\n"
+            "api, proxy):\n\n" + "\n".join(cpu_lines)
         )
-    return "\n".join(lines)
+    return lines
 
 
-def table_h(rows: Sequence[Row]) -> str:
-    header = ["system", "handshakes/s", "p50 ms", "p99 ms", "failed", "in flight",
-              "client processes", "server CPU µs/handshake", "proxy CPU", "client CPU",
-              "status"]  # fmt: skip
-    cells = []
-    notes = []
-    for row in rows:
-        if row.scenario != "H":
-            continue
-        h = row.handshakes
-        if h is None:
-            cells.append(_error_row(row, len(header)))
-            continue
-        util = utilisation(row)
-        proxy_seconds = (row.extra.get("cpu") or {}).get("proxy")
-        per = f"{proxy_seconds / h.completed * 1e6:,.0f}" if proxy_seconds and h.completed else "–"
-        clients = ", ".join(f"{w:.0f}%" for w in _worker_cpu(row)) or "–"
-        cells.append(
-            [row.system, _num(h.rate), _num(h.p50_ms, 2), _num(h.p99_ms, 2), _num(h.failed),
-             _num(h.concurrency), _num(h.workers), per, f"{util.get('proxy', 0):.0f}%", clients,
-             short_error(row.error) if row.error else "OK"]
-        )  # fmt: skip
-        notes.append(f"Limited by {limit(row)}.")
-    return (
-        "### H — DTLS handshakes: full handshakes with fresh sessions\n\n"
-        "Each handshake is a new UDP socket (source ports taken in turn from a range of 4,000 "
-        "per client process) and a new tinydtls client context: ClientHello, "
-        "HelloVerifyRequest (cookie), ClientHello, ServerHello…Done, ClientKeyExchange + "
-        "Finished, Finished, then close_notify (so the proxy frees the peer). PSK identities "
-        "are the devices of the DTLS row, keys mirrored from Redis. Server CPU per handshake "
-        "counts the close too. No baseline in this run.\n\n"
-        + _table(header, cells)
-        + ("\n\n" + " ".join(notes) if notes else "")
-        + "\n"
-    )
+def _l_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+    last = next((r for r in reversed(rows) if r.get("rate") is not None), None)
+    met = last is not None and last["p99_ms"] <= 10.0 and last.get("status") == "OK"
+    return [f"Target: p99 ≤ 10 ms — {_verdict(met)}."]
 
 
-def table_l(rows: Sequence[Row]) -> str:
-    header = ["system", "offered req/s", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
-              "timeouts", "codes", "lost", "duplicated", "status"]  # fmt: skip
-    cells = []
-    met = False
-    for row in rows:
-        if row.scenario != "L":
-            continue
-        if row.result is None:
-            cells.append(_error_row(row, len(header)))
-            continue
-        x = row.extra
-        cells.append(
-            [row.system, _num(row.result.offered_rate), _num(row.result.rate),
-             *_latency_cells(row), _num(row.result.timeouts), _codes(row),
-             _num(x.get("lost")), _num(x.get("duplicated")), x.get("status", "–")]
-        )  # fmt: skip
-        met = row.result.p99_ms <= 10.0 and x.get("status") == "OK"
-    return (
-        "### L — latency: E in open loop at 50% of E's measured maximum\n\n"
-        "Latency counts from each request's scheduled send time (requests go out in bursts "
-        "of ≤ 1 ms, the event loop's timer granularity).\n\n"
-        + _table(header, cells)
-        + f"\n\nTarget: p99 ≤ 10 ms — {_verdict(met)}.\n"
-    )
+def _h_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+    notes = [f"Limited by {limit(r)}." for r in rows if r.get("handshake_rate") is not None]
+    return [" ".join(notes)] if notes else []
 
 
-def table_m(rows: Sequence[Row], redis_dedup: dict[str, Any] | None) -> str:
-    lines = ["### M — memory\n"]
-    cells: list[list[str]] = []
-    proxy_ok = False
-    for row in rows:
-        if row.scenario != "M":
-            continue
-        if row.result is None:
-            cells.append(["proxy RSS", short_error(row.error)])
-            continue
-        x = row.extra
-        per = x.get("bytes_per_exchange")
-        proxy_ok = per is not None and per <= 300
-        samples = ", ".join(f"{t:.0f} s: {b / 2**20:.0f}" for t, b in x.get("rss_samples", []))
-        cells += [
-            ["load", f"T (CON GET /.well-known/core) at full rate, {row.result.rate:,.0f} req/s "
-                     f"for {row.result.window:.0f} s"],
-            ["proxy RSS before → after", f"{x['rss_before'] / 2**20:.1f} MiB → "
-                                         f"{x['rss_after'] / 2**20:.1f} MiB "
-                                         f"(Δ {x['rss_delta'] / 2**20:+.1f} MiB)"],
-            ["exchanges held (sent within 247 s)", _num(x["exchanges_held"])],
-            ["**proxy bytes per exchange**", f"**{_num(per)}**"],
-            ["RSS during the run (MiB)", samples],
-        ]  # fmt: skip
-    redis_ok: bool | None = False
-    if redis_dedup is None:
-        cells.append(["Redis bytes per dedup entry", "n/a (E not run)"])
-        redis_ok = None
-    elif not redis_dedup.get("keys_sampled"):
-        cells.append(["Redis bytes per dedup entry", "n/a (no Redis dedup keys)"])
-        redis_ok = None
-    else:
-        per_entry = redis_dedup["bytes_per_entry"]
-        redis_ok = per_entry <= 150
-        cells.append(
-            ["**Redis bytes per dedup entry** (`MEMORY USAGE`, cb:dd:*)",
-             f"**{per_entry:,.0f}** (mean of {redis_dedup['keys_sampled']} keys; "
-             f"{redis_dedup['dbsize']:,} keys in the db after E and L)"]
-        )  # fmt: skip
-    lines.append(_table(["measure", "value"], cells))
-    lines.append(
-        f"\nTarget: ≤ 300 B proxy memory per exchange — {_verdict(proxy_ok)}; "
-        f"≤ 150 B Redis per dedup entry — {_verdict(redis_ok)}.\n"
-    )
-    return "\n".join(lines)
-
-
-def table_b(rows: Sequence[Row]) -> str:
-    header = ["system", "clients", "block req/s", "blocks/s", "transfers/s", "p50 ms/block",
-              "p99 ms/block", "timeouts", "corrupt", "codes", "server CPU µs/block",
-              "RSS before → peak MiB", "RSS KiB / transfer in progress",
-              "× libcoap blocks/s"]  # fmt: skip
-    b_rows = [r for r in rows if r.scenario == "B"]
-    base = next((r.extra.get("blocks_per_second") for r in b_rows if r.system == "libcoap"), None)
-    cells = []
-    for row in b_rows:
-        r = row.result
-        if r is None:
-            cells.append(_error_row(row, len(header)))
-            continue
-        x = row.extra
-        cpu = x.get("cpu") or {}
-        seconds = sum(v for k, v in cpu.items() if k in _B_SERVER_PARTS)
-        per_block = f"{seconds / r.completed * 1e6:,.0f}" if seconds and r.completed else "–"
-        upper, corrected = x.get("rss_per_transfer"), x.get("rss_per_transfer_corrected")
-        memory = (
-            f"{_num(corrected / 1024 if corrected is not None else None, 1)} "
-            f"(≤ {_num(upper / 1024 if upper is not None else None, 1)})"
-        )
-        cells.append(
-            [row.system, _num(x.get("clients")), _num(r.rate), _num(x.get("blocks_per_second")),
-             _num(x.get("transfers_per_second"), 1), _num(r.p50_ms, 2), _num(r.p99_ms, 2),
-             _num(r.timeouts), _num(x.get("corrupt")), _codes(row), per_block,
-             f"{x['rss_before'] / 2**20:.1f} → {x['rss_peak'] / 2**20:.1f}", memory,
-             _ratio(x.get("blocks_per_second"), base)]
-        )  # fmt: skip
-    sizes = {(r.extra.get("resource_bytes"), r.extra.get("block_size")) for r in b_rows}
+def _b_what(rows: Sequence[Row]) -> str:
+    sizes = {(r.get("resource_bytes"), r.get("block_size")) for r in rows}
     size, block = next(iter(sizes)) if len(sizes) == 1 else (None, None)
-    what = (
-        f"{size // 1024} KiB resource, Block2 with {block}-byte blocks"
-        if size and block
-        else "a large resource fetched block-wise"
+    if size and block:
+        return f"{size // 1024} KiB resource, Block2 with {block}-byte blocks"
+    return "a large resource fetched block-wise"
+
+
+def _b_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+    clean = bool(rows) and all(
+        r.get("rate") is not None
+        and not r.get("corrupt")
+        and not r.get("etag_changes")
+        and set(r["codes"]) == {"2.05"}
+        for r in rows
     )
-    cpu_lines = [cpu_line(r) for r in b_rows if cpu_line(r)]
-    for row in b_rows:
-        answers = row.extra.get("origin_answers")
-        if answers:
+    lines = [line for r in rows if (line := cpu_line(r))]
+    for r in rows:
+        if answers := r.get("origin_answers"):
             counts = ", ".join(f"{code}: {count:,}" for code, count in sorted(answers.items()))
-            cpu_lines.append(
-                f"- B {row.system}: the origin answered {counts} — "
-                f"{row.extra['origin_requests_per_block']:.3f} HTTP requests per block "
+            lines.append(
+                f"- B {r['system']}: the origin answered {counts} — "
+                f"{r['origin_requests_per_block']:.3f} HTTP requests per block "
                 "(206 = one range request per block; 200 = a whole body the proxy keeps)."
             )
-    clean = bool(b_rows) and all(
-        r.result is not None
-        and not r.extra.get("corrupt")
-        and not r.extra.get("etag_changes")
-        and set(r.result.codes) == {"2.05"}
-        for r in b_rows
-    )
+    verdict = f"Every block right, no ETag change, only 2.05 — {_verdict(clean)}."
+    return [verdict, "\n".join(lines)] if lines else [verdict]
+
+
+def _b_memory(r: Row, _: Sequence[Row]) -> str:
+    upper, corrected = r.get("rss_per_transfer"), r.get("rss_per_transfer_corrected")
     return (
-        f"### B — block-wise: {what} (RFC 7959), closed loop\n\n"
+        f"{_num(corrected / 1024 if corrected is not None else None, 1)} "
+        f"(≤ {_num(upper / 1024 if upper is not None else None, 1)})"
+    )
+
+
+TABLES: dict[str, Table] = {
+    "T": Table(
+        "T",
+        "### T — termination: CON GET /.well-known/core, closed loop",
+        f"{REDIS_SYSTEM} = `coap-bridge proxy --redis-url` with a redis-server of its own "
+        "(the cross-replica claim of the production shape; the proxy answers this request "
+        "itself); coap-bridge = the same proxy without Redis.",
+        [
+            ("system", lambda r, _: _label(r)),
+            ("req/s", _key("rate")),
+            *LATENCY,
+            ("server CPU µs/req", SERVER_CPU),
+            ("× libcoap", lambda r, rows: _ratio(r["rate"], _rate(rows, "T", "libcoap"))),
+            ("× aiocoap", lambda r, rows: _ratio(r["rate"], _rate(rows, "T", "aiocoap"))),
+        ],
+        _t_after,
+    ),
+    "B": Table(
+        "B",
+        "### B — block-wise: {what} (RFC 7959), closed loop",
         "Every client fetches the whole resource block after block (early negotiation: "
         "Block2 in the first request), then starts over; one block request in flight per "
         "client, a new MID and token for each. Every payload is checked against the expected "
@@ -545,84 +371,205 @@ def table_b(rows: Sequence[Row]) -> str:
         "the window, followed back to the start of the load, above the RSS before, divided by "
         "the clients (in brackets the plain (peak − before) / clients, an upper bound that "
         "also holds the per-request growth such as the 247 s exchange cache). Server CPU "
-        "counts libcoap or the proxy only; Redis and the origin are in the line below.\n\n"
-        + _table(header, cells)
-        + f"\n\nEvery block right, no ETag change, only 2.05 — {_verdict(clean)}.\n"
-        + ("\n" + "\n".join(cpu_lines) + "\n" if cpu_lines else "")
-    )
-
-
-def _verdict(met: bool | None) -> str:
-    if met is None:
-        return "n/a"
-    return "**met**" if met else "**not met**"
-
-
-def settings_text(settings: Settings, argv: Sequence[str]) -> str:
-    s = settings
-    return "\n".join(
+        "counts libcoap or the proxy only; Redis and the origin are in the line below.",
         [
-            f"- command: `{' '.join(['python -m bench', *argv])}`",
-            f"- scenarios: {','.join(s.scenarios)}; T systems: {', '.join(s.t_systems)}",
-            f"- closed loop: {s.clients} clients (one UDP socket and one request in flight "
-            f"each), warm-up {s.warmup:g} s, measured window T {s.duration:g} s, "
-            f"E {s.e_duration:g} s; L {s.l_duration:g} s; M {s.m_duration:g} s",
-            f"- request timeout {s.timeout:g} s (counted, then a new MID; no retransmission)",
-            f"- B: {', '.join(s.b_systems)}; {s.b_clients} clients, {s.b_size // 1024} KiB in "
-            f"{s.b_block_size}-byte blocks, window {s.b_duration:g} s, "
-            f"{s.b_loadgen_workers} load generator process(es)",
-            f"- MQTT witness of E and L: {s.subscriber} (MQTT 5, QoS 1)",
-            f"- load generator worker processes: {s.loadgen_workers}; proxy workers: "
-            f"{s.proxy_workers}; API workers: {s.api_workers}",
-            f"- M runs the proxy with COAP_BRIDGE_DEDUP_MAX_ENTRIES={s.m_dedup_max_entries:,} "
-            "so that no exchange is evicted before its 247 s",
-            f"- R: proxy --workers {s.r_workers}, API --workers {s.r_api_workers}; D: "
-            f"{s.dtls_clients} DTLS sessions (devices with a PSK each), "
-            f"{s.dtls_loadgen_workers} load generator process(es), window {s.e_duration:g} s; "
-            f"H: {s.h_workers} client process(es) × {s.h_concurrency} handshakes in flight, "
-            f"window {s.h_duration:g} s",
-            "- every proxy gets a free port for coaps (or `--coaps-port=off`), never 5684",
-            "- every process on 127.0.0.1; all of them share the machine's cores with the load "
-            "generator and the MQTT subscriber",
-        ]
-    )
+            ("system", lambda r, _: _label(r)),
+            ("clients", _key("clients")),
+            ("block req/s", _key("rate")),
+            ("blocks/s", _key("blocks_per_second")),
+            ("transfers/s", _key("transfers_per_second", 1)),
+            ("p50 ms/block", _key("p50_ms", 2)),
+            ("p99 ms/block", _key("p99_ms", 2)),
+            ("timeouts", _key("timeouts")),
+            ("corrupt", _key("corrupt")),
+            ("codes", lambda r, _: _codes(r)),
+            ("server CPU µs/block", lambda r, _: _cpu_per(r, _B_SERVER_PARTS, r["completed"])),
+            (
+                "RSS before → peak MiB",
+                lambda r, _: f"{r['rss_before'] / 2**20:.1f} → {r['rss_peak'] / 2**20:.1f}",
+            ),
+            ("RSS KiB / transfer in progress", _b_memory),
+            (
+                "× libcoap blocks/s",
+                lambda r, rows: _ratio(
+                    r.get("blocks_per_second"), _rate(rows, "B", "libcoap", "blocks_per_second")
+                ),
+            ),
+        ],
+        _b_after,
+        what=_b_what,
+    ),
+    "E": Table(
+        "E",
+        "### E — telemetry end to end: CON POST /?t=bench/x, 100-byte payload, closed loop",
+        "coap-bridge = proxy → HTTP → API → Redis + MQTT QoS 1 (Mosquitto) → PUBACK → 2.04, "
+        "dedup shared in Redis; aiocoap = a POST resource that only answers 2.04. "
+        "`--workers N`: the same chain through one `coap-bridge proxy --workers N` "
+        "(SO_REUSEPORT: N processes on one port, the kernel spreads clients by source address; "
+        "dedup shared through Redis) and the API with the workers shown. Over DTLS: "
+        "every client is a device with its own PSK identity (dedup keys on identity and MID), "
+        "its session established before the clock starts, one request in flight each.",
+        [
+            ("system", lambda r, _: _label(r)),
+            (
+                "proxy / API workers",
+                lambda r, _: (
+                    f"{r['proxy_workers']} / {r['api_workers']}"
+                    if r.get("proxy_workers") and r.get("api_workers")
+                    else "–"
+                ),
+            ),
+            ("req/s", _key("rate")),
+            *LATENCY,
+            ("server CPU µs/req", SERVER_CPU),
+            ("× aiocoap", lambda r, rows: _ratio(r["rate"], _rate(rows, "E", "aiocoap"))),
+            (
+                "× plain 1 worker",
+                lambda r, rows: (
+                    "–"
+                    if r["system"] == "aiocoap"
+                    else _ratio(r["rate"], _rate(rows, "E", "coap-bridge"))
+                ),
+            ),
+            ("acked", _key("acked")),
+            *DELIVERY,
+            ("status", lambda r, _: r.get("status", "baseline")),
+        ],
+        _e_after,
+    ),
+    "L": Table(
+        "L",
+        "### L — latency: E in open loop at 50% of E's measured maximum",
+        "Latency counts from each request's scheduled send time (requests go out in bursts "
+        "of ≤ 1 ms, the event loop's timer granularity).",
+        [
+            ("system", lambda r, _: _label(r)),
+            ("offered req/s", _key("offered_rate")),
+            ("achieved req/s", _key("rate")),
+            *LATENCY,
+            *DELIVERY,
+            ("status", lambda r, _: r.get("status", "–")),
+        ],
+        _l_after,
+    ),
+    "H": Table(
+        "H",
+        "### H — DTLS handshakes: full handshakes with fresh sessions",
+        "Each handshake is a new UDP socket (source ports taken in turn from a range of 4,000 "
+        "per client process) and a new tinydtls client context: ClientHello, "
+        "HelloVerifyRequest (cookie), ClientHello, ServerHello…Done, ClientKeyExchange + "
+        "Finished, Finished, then close_notify (so the proxy frees the peer). PSK identities "
+        "are the devices of the DTLS row, keys mirrored from Redis. Server CPU per handshake "
+        "counts the close too. No baseline in this run.",
+        [
+            ("system", lambda r, _: _label(r)),
+            ("handshakes/s", _key("handshake_rate")),
+            ("p50 ms", _key("p50_ms", 2)),
+            ("p99 ms", _key("p99_ms", 2)),
+            ("failed", _key("handshakes_failed")),
+            ("in flight", _key("concurrency")),
+            ("client processes", _key("workers")),
+            (
+                "server CPU µs/handshake",
+                lambda r, _: _cpu_per(r, ("proxy",), r["handshakes_completed"]),
+            ),
+            ("proxy CPU", lambda r, _: f"{utilisation(r).get('proxy', 0):.0f}%"),
+            ("client CPU", lambda r, _: ", ".join(f"{w:.0f}%" for w in _worker_cpu(r)) or "–"),
+            ("status", lambda r, _: short_error(r["error"]) if r.get("error") else "OK"),
+        ],
+        _h_after,
+        figure="handshake_rate",
+    ),
+}
 
 
-def render(
-    bench_rows: Sequence[Row],
-    settings: Settings,
-    argv: Sequence[str],
-    redis_dedup: dict[str, Any] | None,
-    notes: Sequence[str] = (),
-    started: dt.datetime | None = None,
-    elapsed: float | None = None,
-    loadavg_start: tuple[float, float, float] | None = None,
-) -> str:
-    now = started or dt.datetime.now(dt.UTC).astimezone()
+def table_m(rows: Sequence[Row], redis_dedup: dict[str, Any] | None) -> str:
+    cells: list[list[str]] = []
+    proxy_ok = False
+    for r in (r for r in rows if r["scenario"] == "M"):
+        if r.get("rate") is None:
+            cells.append(["proxy RSS", short_error(r.get("error"))])
+            continue
+        per = r.get("bytes_per_exchange")
+        proxy_ok = per is not None and per <= 300
+        samples = ", ".join(f"{t:.0f} s: {b / 2**20:.0f}" for t, b in r.get("rss_samples", []))
+        cells += [
+            ["load", f"T (CON GET /.well-known/core) at full rate, {r['rate']:,.0f} req/s "
+                     f"for {r['window']:.0f} s"],
+            ["proxy RSS before → after", f"{r['rss_before'] / 2**20:.1f} MiB → "
+                                         f"{r['rss_after'] / 2**20:.1f} MiB "
+                                         f"(Δ {r['rss_delta'] / 2**20:+.1f} MiB)"],
+            ["exchanges held (sent within 247 s)", _num(r["exchanges_held"])],
+            ["**proxy bytes per exchange**", f"**{_num(per)}**"],
+            ["RSS during the run (MiB)", samples],
+        ]  # fmt: skip
+    redis_ok: bool | None = None
+    if redis_dedup is None:
+        cells.append(["Redis bytes per dedup entry", "n/a (E not run)"])
+    elif not redis_dedup.get("keys_sampled"):
+        cells.append(["Redis bytes per dedup entry", "n/a (no Redis dedup keys)"])
+    else:
+        per_entry = redis_dedup["bytes_per_entry"]
+        redis_ok = per_entry <= 150
+        cells.append(
+            [
+                "**Redis bytes per dedup entry** (`MEMORY USAGE`, cb:dd:*)",
+                f"**{per_entry:,.0f}** (mean of {redis_dedup['keys_sampled']} keys; "
+                f"{redis_dedup['dbsize']:,} keys in the db after E and L)",
+            ]
+        )
+    return (
+        "### M — memory\n\n" + _table(["measure", "value"], cells)
+        + f"\n\nTarget: ≤ 300 B proxy memory per exchange — {_verdict(proxy_ok)}; "
+        f"≤ 150 B Redis per dedup entry — {_verdict(redis_ok)}.\n"
+    )  # fmt: skip
+
+
+def settings_text(s: dict[str, Any], argv: Sequence[str]) -> str:
+    lines = [
+        f"command: `{' '.join(['python -m bench', *argv])}`",
+        f"scenarios: {','.join(s['scenarios'])}; T systems: {', '.join(s['t_systems'])}",
+        f"closed loop: {s['clients']} clients (one UDP socket and one request in flight "
+        f"each), warm-up {s['warmup']:g} s, measured window T {s['duration']:g} s, "
+        f"E {s['e_duration']:g} s; L {s['l_duration']:g} s; M {s['m_duration']:g} s",
+        f"request timeout {s['timeout']:g} s (counted, then a new MID; no retransmission)",
+        f"B: {', '.join(s['b_systems'])}; {s['b_clients']} clients, {s['b_size'] // 1024} KiB "
+        f"in {s['b_block_size']}-byte blocks, window {s['b_duration']:g} s, "
+        f"{s['b_loadgen_workers']} load generator process(es)",
+        f"MQTT witness of E and L: {s['subscriber']} (MQTT 5, QoS 1)",
+        f"load generator worker processes: {s['loadgen_workers']}; proxy workers: "
+        f"{s['proxy_workers']}; API workers: {s['api_workers']}",
+        f"M runs the proxy with COAP_BRIDGE_DEDUP_MAX_ENTRIES={s['m_dedup_max_entries']:,} "
+        "so that no exchange is evicted before its 247 s",
+        f"R: proxy --workers {s['r_workers']}, API --workers {s['r_api_workers']}; D: "
+        f"{s['dtls_clients']} DTLS sessions (devices with a PSK each), "
+        f"{s['dtls_loadgen_workers']} load generator process(es), window {s['e_duration']:g} "
+        f"s; H: {s['h_workers']} client process(es) × {s['h_concurrency']} handshakes in "
+        f"flight, window {s['h_duration']:g} s",
+        "every proxy gets a free port for coaps (or `--coaps-port=off`), never 5684",
+        "every process on 127.0.0.1; all of them share the machine's cores with the load "
+        "generator and the MQTT subscriber",
+    ]
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def render(results: dict[str, Any]) -> str:
+    """The generated section of BENCHMARKS.md from the results JSON."""
+    rows, chosen = results["rows"], results["settings"]["scenarios"]
     parts = [
         "## Latest run (generated by `make bench`; edits here are overwritten)\n",
-        f"Date: {now.strftime('%Y-%m-%d %H:%M %Z')}"
-        + (f" · run took {elapsed:.0f} s" if elapsed is not None else "")
-        + "\n",
+        f"Date: {results['date']} · run took {results['elapsed']:.0f} s\n",
         "Machine:\n",
-        "\n".join(f"- {k}: {v}" for k, v in machine(loadavg_start).items()) + "\n",
+        "\n".join(f"- {k}: {v}" for k, v in results["machine"].items()) + "\n",
         "Settings:\n",
-        settings_text(settings, argv) + "\n",
+        settings_text(results["settings"], results["argv"]) + "\n",
     ]
-    chosen = settings.scenarios
-    if "T" in chosen:
-        parts.append(table_t(bench_rows))
-    if "B" in chosen:
-        parts.append(table_b(bench_rows))
-    if set(chosen) & {"E", "L", "R", "D"}:
-        parts.append(table_e(bench_rows))
-    if "L" in chosen:
-        parts.append(table_l(bench_rows))
-    if "H" in chosen:
-        parts.append(table_h(bench_rows))
+    # E's table also holds the rows of R and D (E through --workers N, E over DTLS).
+    shown = {"T": "T", "B": "B", "E": "ELRD", "L": "L", "H": "H"}
+    parts += [TABLES[t].render(rows) for t, by in shown.items() if set(by) & set(chosen)]
     if "M" in chosen:
-        parts.append(table_m(bench_rows, redis_dedup))
-    if notes:
+        parts.append(table_m(rows, results.get("redis_dedup")))
+    if notes := results.get("notes"):
         parts.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "\n".join(parts)
 
@@ -630,13 +577,12 @@ def render(
 def update_file(path: Path, generated: str) -> None:
     """Replace what lies between the markers; keep everything else (the hand-written part)."""
     block = f"{START}\n{generated.rstrip()}\n{END}"
-    if path.exists():
-        text = path.read_text()
-        start, end = text.find(START), text.find(END)
-        if start != -1 and end > start:
-            text = text[:start] + block + text[end + len(END) :]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
+    text = path.read_text() if path.exists() else ""
+    start, end = text.find(START), text.find(END)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(END) :]
+    elif text:
+        text = text.rstrip() + "\n\n" + block + "\n"
     else:
         text = (
             "# Benchmarks\n\n"
@@ -646,3 +592,20 @@ def update_file(path: Path, generated: str) -> None:
             + "\n"
         )
     path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    parser.add_argument("results", help="the results JSON of a run")
+    parser.add_argument("--output", default="BENCHMARKS.md", help="file to update ('' = print)")
+    args = parser.parse_args(argv)
+    text = render(json.loads(Path(args.results).read_text()))
+    if args.output:
+        update_file(Path(args.output), text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

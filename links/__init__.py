@@ -1,7 +1,9 @@
-"""What the CoAP front end (``proxy``) and the HTTP backend (``api``) both use on their hot
-paths to reach Redis, where a general library costs too much CPU per call.
+"""What the CoAP front end (``proxy``) and the HTTP backend (``api``) both use to reach Redis.
 
-``links.resp``: one Redis connection for script calls (RESP2, pipelined).
+``links.redis_url``: which deployment a Redis URL names (one server, Sentinel, Cluster; pure).
+``links.redis``: the redis-py clients of both sides' stores, built from such a URL.
+``links.resp``: one Redis connection for script calls on the hot paths (RESP2, pipelined), where
+a general library costs too much CPU per call.
 ``links.deferred``: records that ride with the next call instead of making their own.
 
 It depends on nothing of ours; ``proxy`` and ``api`` import it and still never import each other.

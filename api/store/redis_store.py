@@ -12,7 +12,7 @@ Every write that changes a device's ``psk`` (or deletes the device) also PUBLISH
 and re-reads the hash always sees the new value, and a write that failed announces nothing.
 
 Every key carries the ``{dev}`` hash tag, so on a Redis Cluster they all live in one slot: the
-store then talks to the master that owns that slot with a plain client (api/redis_client.py
+store then talks to the master that owns that slot with a plain client (links/redis.py
 ``SlotClient``), and the transactions and announcements work as on one server. A ``MOVED``
 reply (the slot went elsewhere) makes it look the owner up again and retry once; a lost
 connection makes it look the owner up again for the next call and answers StoreUnavailable.
@@ -35,8 +35,8 @@ from redis.exceptions import MovedError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
-from api.redis_client import REDIS_ERRORS, SlotClient
 from api.store.base import Change, Device, normalise_ip
+from links.redis import REDIS_ERRORS, SlotClient
 from policies.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key, psk_channel
 
 # Contention on one device is rare (a management call racing another); a handful of retries

@@ -30,10 +30,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from links.redis import REDIS_ERRORS, RedisConnection, connect
 from policies.keys import DEFAULT_PREFIX, block_index_key, block_peer_key, block_transfer_key
-from proxy.state.redis_store import REDIS_ERRORS, close_client, connect
 
 # RFC 7252 §4.8.2: how long a CoAP exchange, and so a block of a transfer, may still arrive.
 EXCHANGE_LIFETIME = 247.0
@@ -269,24 +269,24 @@ class RedisBlockStore:
 
     def __init__(
         self,
-        client: Any,
+        connection: RedisConnection,
         *,
         prefix: str = DEFAULT_PREFIX,
         limits: BlockLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.limits = limits or BlockLimits()
-        self._client = client
+        self._connection = connection
         self._prefix = prefix
         self._clock = clock  # wall clock: the sets' scores are compared across replicas
-        self._script = client.register_script(APPEND_SCRIPT)
+        self._script = connection.client.register_script(APPEND_SCRIPT)
         self._all = block_index_key(prefix)
 
     @classmethod
     def from_url(
         cls, url: str, *, prefix: str = DEFAULT_PREFIX, limits: BlockLimits | None = None
     ) -> RedisBlockStore:
-        return cls(connect(url), prefix=prefix, limits=limits)
+        return cls(connect(url, timeout=1.0, retries=0), prefix=prefix, limits=limits)
 
     async def append(
         self, transfer: str, peer: str, offset: int, data: bytes, fingerprint: bytes, last: bool
@@ -316,4 +316,4 @@ class RedisBlockStore:
         return AppendResult(outcome, reply[1] if len(reply) > 1 else b"")
 
     async def close(self) -> None:
-        await close_client(self._client)
+        await self._connection.aclose()

@@ -24,10 +24,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from links.redis import REDIS_ERRORS, RedisConnection, connect
+from links.redis_url import parse_redis_url
 from policies.keys import DEFAULT_PREFIX, device_key, device_set_key, psk_channel
 from policies.psk import PskError, psk_bytes
-from policies.redis_url import parse_redis_url
-from proxy.state.redis_store import REDIS_ERRORS, close_client, connect
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ class RedisPskMirror:
 
     # -- mirroring ------------------------------------------------------------------------
 
-    def _client(self) -> Any:
-        # Any URL the dedup store takes (policies.redis_url): one server, Sentinel or Cluster.
+    def _connect(self) -> RedisConnection:
+        # Any URL the dedup store takes (links.redis_url): one server, Sentinel or Cluster.
         # Every device key carries the {dev} hash tag, so on a Cluster the SMEMBERS and the
         # HGET pipeline all go to the one node that owns that slot; the announcements are
         # classic pub/sub, which a Cluster broadcasts to every node, so the subscription may
@@ -204,7 +204,8 @@ class RedisPskMirror:
     async def _run(self) -> None:
         outage_logged = False
         while True:
-            client = self._client()
+            connection = self._connect()
+            client: Any = connection.client
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 # A Cluster client learns the slot map here: its pub/sub picks a node from it
@@ -233,7 +234,7 @@ class RedisPskMirror:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()
                 with contextlib.suppress(*REDIS_ERRORS):
-                    await close_client(client)
+                    await connection.aclose()
             await asyncio.sleep(self._reconnect_delay)
 
     async def _load_all(self, client: Any) -> None:

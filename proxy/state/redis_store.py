@@ -22,76 +22,16 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
-
 from links.deferred import Deferred
+from links.redis import REDIS_ERRORS, RedisConnection, connect
+from links.redis_url import parse_redis_url
 from links.resp import Address, RespError, ScriptLink, address_of
 from policies import dedup
 from policies.dedup import RecordOp
-from policies.redis_url import RedisTarget, parse_redis_url
 from proxy.coalesce import Coalescer
 from proxy.state.base import Claim, ClaimResult, DedupUnavailable
 
 log = logging.getLogger(__name__)
-
-# What a lost or unreachable Redis raises. A Cluster client that cannot reach any node raises
-# RedisClusterException, which is not a RedisError.
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
-
-
-def connect(url: str, *, timeout: float = 1.0, retries: int | None = 0, **extra: Any) -> Any:
-    """A client for any URL :func:`policies.redis_url.parse_redis_url` accepts: one server
-    (``redis://``, ``rediss://``, ``unix://``), ``redis+sentinel://h1:26379,h2/service[/db]``
-    or a Redis Cluster (``redis://seed:6379?cluster=1``).
-
-    By default (``retries=0``) no retries inside redis-py: a failed call is answered by falling
-    back to local dedup, which is better for the device than waiting through a retry schedule
-    (``retries=None`` keeps the library's default schedule). ``extra`` goes to the connections (e.g.
-    ``decode_responses``). Close the client with :func:`close_client`, which also closes a
-    Sentinel's own connections.
-    """
-    target = parse_redis_url(url)
-    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if target.kind == "cluster":
-        from redis.asyncio.cluster import RedisCluster
-
-        # The cluster client keeps its own retry schedule: it is how it follows MOVED
-        # redirections and a failover to a new master.
-        return RedisCluster.from_url(target.url, **timeouts, **extra)
-    options: dict[str, Any] = {**timeouts, **extra}
-    if retries is not None:
-        options["retry"] = Retry(NoBackoff(), retries)
-    if target.kind == "sentinel":
-        return _sentinel_client(target, options)
-    return aioredis.Redis.from_url(target.url, **options)
-
-
-def _sentinel_client(target: RedisTarget, options: dict[str, Any]) -> Any:
-    from redis.asyncio.sentinel import Sentinel
-
-    # The sentinels' own clients get the same timeouts and retries (redis-py's default gives
-    # them only the timeouts, and its retry schedule: seconds per call when they are down).
-    sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **options
-    )
-    master = sentinel.master_for(target.service, db=target.db, **options)
-    # Closing the master client leaves the connections to the sentinels open: keep them at
-    # hand for close_client().
-    master.sentinel_clients = list(sentinel.sentinels)
-    return master
-
-
-async def close_client(client: Any) -> None:
-    """Close a client from :func:`connect` and, for Sentinel, its clients of the sentinels."""
-    try:
-        await client.aclose()
-    finally:
-        for sentinel in getattr(client, "sentinel_clients", ()):
-            await sentinel.aclose()
 
 
 class RedisDedupStore:
@@ -181,10 +121,12 @@ def batches_for(url: str, *, timeout: float = 1.0) -> Batches:
     target = parse_redis_url(url)
     if target.kind == "single" and (address := address_of(target.url)) is not None:
         return LinkBatches(address, timeout=timeout)
-    client = connect(url, timeout=timeout)
-    if _is_cluster(client):
-        return PipelineBatches(client)
-    return ScriptBatches(client)
+    # No retries inside redis-py: a failed call is answered by falling back to local dedup,
+    # which is better for the device than waiting through a retry schedule.
+    connection = connect(target, timeout=timeout, retries=0)
+    if connection.cluster:
+        return PipelineBatches(connection)
+    return ScriptBatches(connection)
 
 
 def _script_args(ops: list[RecordOp]) -> tuple[list[str], list[bytes | int]]:
@@ -211,9 +153,9 @@ class LinkBatches:
 class ScriptBatches:
     """``BATCH_SCRIPT`` through redis-py (Sentinel, TLS)."""
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self._script = client.register_script(dedup.BATCH_SCRIPT)
+    def __init__(self, connection: RedisConnection) -> None:
+        self._connection = connection
+        self._script = connection.client.register_script(dedup.BATCH_SCRIPT)
 
     async def run(self, ops: list[RecordOp]) -> list[Any]:
         keys, args = _script_args(ops)
@@ -221,14 +163,15 @@ class ScriptBatches:
         return replies
 
     async def close(self) -> None:
-        await close_client(self._client)
+        await self._connection.aclose()
 
 
 class PipelineBatches:
     """The same SETs as a pipeline: a Cluster's scripts cannot span slots."""
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    def __init__(self, connection: RedisConnection) -> None:
+        self._connection = connection
+        self._client: Any = connection.client
 
     async def run(self, ops: list[RecordOp]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -241,13 +184,7 @@ class PipelineBatches:
         return replies
 
     async def close(self) -> None:
-        await close_client(self._client)
-
-
-def _is_cluster(client: Any) -> bool:
-    from redis.asyncio.cluster import RedisCluster
-
-    return isinstance(client, RedisCluster)
+        await self._connection.aclose()
 
 
 def _claim_result(reply: Any) -> ClaimResult:

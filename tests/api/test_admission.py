@@ -11,10 +11,10 @@ import pytest
 from api.admission import Admission, RedisAdmission, SeparateAdmission, admission_for
 from api.errors import StoreUnavailable
 from api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
-from api.redis_client import connect
 from api.store.base import Device, DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
+from links.redis import connect
 from policies import dedup
 from tests.support.services import RedisServer
 
@@ -42,7 +42,7 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         store = RedisDeviceStore.from_url(server.url, prefix="adm")
         if request.param.endswith("redis-py"):  # the script through redis-py, not our link
             idempotency = RedisIdempotencyStore(
-                connect(server.url, retries=None), prefix="adm", settle_delay=60
+                connect(server.url, timeout=2.0, retries=None), prefix="adm", settle_delay=60
             )
         else:
             idempotency = RedisIdempotencyStore.from_url(server.url, prefix="adm", settle_delay=60)

@@ -11,7 +11,7 @@ import redis.asyncio
 
 from api.errors import StoreUnavailable
 from api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
-from api.redis_client import connect
+from links.redis import connect
 from policies import dedup
 from policies.keys import idempotency_record_key
 from tests.support.services import RedisServer
@@ -29,7 +29,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[IdempotencyStor
             built = RedisIdempotencyStore.from_url(redis_server.url, prefix="t")
             assert built._link is not None
         else:
-            built = RedisIdempotencyStore(connect(redis_server.url, retries=None), prefix="t")
+            built = RedisIdempotencyStore(
+                connect(redis_server.url, timeout=2.0, retries=None), prefix="t"
+            )
     yield built
     await built.close()
 

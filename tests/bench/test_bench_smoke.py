@@ -40,12 +40,12 @@ def _processes_under(directory: Path) -> list[str]:
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], dict[str, Any]], str]:
-    raw = tmp_path / "rows.json"
+    raw = tmp_path / "results.json"
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
     command = [
         sys.executable, "-m", "bench", "--quick", "--duration", "1", "--warmup", "0.2",
-        "--clients", "8", "--json", str(raw), "--workdir", str(work), *args,
+        "--clients", "8", "--results", str(raw), "--workdir", str(work), *args,
     ]  # fmt: skip
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False

@@ -8,16 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from links.redis import connect
 from policies import dedup
 from proxy.state.base import Claim, DedupStore, DedupUnavailable
 from proxy.state.memory import MemoryDedupStore
-from proxy.state.redis_store import (
-    LinkBatches,
-    RedisDedupStore,
-    ScriptBatches,
-    batches_for,
-    connect,
-)
+from proxy.state.redis_store import LinkBatches, RedisDedupStore, ScriptBatches, batches_for
 from tests.support.services import RedisServer
 
 
@@ -32,7 +27,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[DedupStore]:
         if request.param == "redis":
             built = RedisDedupStore.from_url(redis_server.url)
         else:
-            built = RedisDedupStore(ScriptBatches(connect(redis_server.url)))
+            built = RedisDedupStore(ScriptBatches(connect(redis_server.url, timeout=1.0)))
     yield built
     await built.close()
 

@@ -1,7 +1,8 @@
 """What a Redis URL points at: one server, a Sentinel-managed master, or a Redis Cluster.
 
-Pure (no I/O): the proxy and the API each build their own client from the parsed
-:class:`RedisTarget`, so both accept exactly the same URLs (``--redis-url``, issue #4):
+Pure (no I/O): :func:`links.redis.connect` builds the one client of both sides from the
+parsed :class:`RedisTarget`, so the proxy and the API accept exactly the same URLs
+(``--redis-url``, issue #4):
 
 - ``redis://[user:pass@]host:port[/db]``, ``rediss://...``, ``unix:///path?db=N`` — one server,
   handed to redis-py unchanged;

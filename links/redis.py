@@ -1,11 +1,11 @@
-"""Redis clients for the API's stores, from any URL :mod:`policies.redis_url` accepts: one
-server, a Sentinel-managed master (``redis+sentinel://…``) or a Redis Cluster (``…?cluster=1``).
-The proxy builds its own clients from the same parsed target (``proxy/state/redis_store.py``).
+"""redis-py clients for both sides' stores, from any URL :mod:`links.redis_url` accepts: one
+server (``redis://``, ``rediss://`` with TLS, ``unix://``), a Sentinel-managed master
+(``redis+sentinel://…``) or a Redis Cluster (``…?cluster=1``).
 
 - :func:`connect` → :class:`RedisConnection`: the client (a ``Redis`` or a ``RedisCluster``) and
   whatever else the URL made us open (a Sentinel's own clients), closed together.
 - :class:`SlotClient`: a plain ``Redis`` client on the server that holds one hash slot — for the
-  device store, whose WATCH/MULTI/EXEC transactions and PUBLISH inside MULTI need a real
+  API's device store, whose WATCH/MULTI/EXEC transactions and PUBLISH inside MULTI need a real
   connection to that server. With one server or Sentinel it is just that server's client. On a
   Cluster it is a client of the master that owns the slot, found through a ``RedisCluster``
   client and looked up again after a ``MOVED`` reply or a lost connection (a failover or a
@@ -13,6 +13,9 @@ The proxy builds its own clients from the same parsed target (``proxy/state/redi
   redis-py 8.1): its ``ClusterPipeline(transaction=True)`` refuses PUBLISH, drops a WATCHed
   EXISTS (split across slots, never awaited) and runs each WATCHed command in a new event loop
   on a thread of its own (~7 ms a transaction).
+
+Script calls to one server without TLS take :mod:`links.resp` instead (docs/ARCHITECTURE.md,
+"Own wire clients on the hot path"); everything else goes through these clients.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from policies.redis_url import RedisTarget, parse_redis_url
+from links.redis_url import RedisTarget, parse_redis_url
 
 # What a lost or unreachable Redis raises. A Cluster client that cannot reach any node raises
 # RedisClusterException, which is not a RedisError.
@@ -52,16 +55,25 @@ class RedisConnection:
         try:
             await self.client.aclose()
         finally:
+            # Closing the master's client leaves the connections to the sentinels open.
             for sentinel in self.sentinels:
                 await sentinel.aclose()
 
 
-def _options(timeout: float, retries: int | None, decode_responses: bool) -> dict[str, Any]:
+def _options(
+    timeout: float,
+    connect_timeout: float | None,
+    retries: int | None,
+    decode_responses: bool,
+    health_check_interval: float | None,
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
+        "socket_connect_timeout": timeout if connect_timeout is None else connect_timeout,
         "decode_responses": decode_responses,
     }
+    if health_check_interval is not None:  # None: redis-py's default (no checks)
+        options["health_check_interval"] = health_check_interval
     if retries is not None:  # None: redis-py's default schedule
         options["retry"] = Retry(NoBackoff(), retries)
     return options
@@ -70,18 +82,23 @@ def _options(timeout: float, retries: int | None, decode_responses: bool) -> dic
 def connect(
     url: str | RedisTarget,
     *,
-    timeout: float = 2.0,
+    timeout: float,
     connect_timeout: float | None = None,
     retries: int | None = 0,
     decode_responses: bool = False,
+    health_check_interval: float | None = None,
 ) -> RedisConnection:
-    """A client for ``url``; nothing connects until the first command. ``retries``: immediate
-    retries of a failed command, None for redis-py's default schedule (a Cluster client keeps
-    its own: it is how it follows redirections and failovers)."""
+    """A client for ``url``; nothing connects until the first command.
+
+    ``timeout``: for each command (and for connecting, unless ``connect_timeout`` says
+    otherwise). ``retries``: immediate retries of a failed command; the default, none, suits
+    callers that answer a failure at once (local dedup, a 503) rather than hold a device
+    through a retry schedule; None keeps redis-py's default schedule. A Cluster client always
+    keeps its own schedule: it is how it follows MOVED redirections and a failover to a new
+    master. ``health_check_interval``: seconds after which an idle connection is checked
+    with a PING before use (a long-lived pub/sub reader wants it)."""
     target = parse_redis_url(url) if isinstance(url, str) else url
-    options = _options(timeout, retries, decode_responses)
-    if connect_timeout is not None:
-        options["socket_connect_timeout"] = connect_timeout
+    options = _options(timeout, connect_timeout, retries, decode_responses, health_check_interval)
     if target.kind == "cluster":
         options.pop("retry", None)
         return RedisConnection(RedisCluster.from_url(target.url, **options))
@@ -107,31 +124,31 @@ class SlotClient:
         url: str | RedisTarget,
         key: str,
         *,
-        timeout: float = 2.0,
+        timeout: float,
         connect_timeout: float | None = None,
         retries: int = 0,
         decode_responses: bool = False,
     ) -> None:
         self._target = parse_redis_url(url) if isinstance(url, str) else url
         self._key = key
-        self._options = _options(timeout, retries, decode_responses)
-        if connect_timeout is not None:
-            self._options["socket_connect_timeout"] = connect_timeout
+        self._options = _options(timeout, connect_timeout, retries, decode_responses, None)
         self._connection: RedisConnection | None = None  # one server / Sentinel: the client
         self._cluster: RedisCluster | None = None  # Cluster: finds the slot's master …
         self._node: Redis | None = None  # … and this is the client of that master
         self._lock = asyncio.Lock()
-        if self._target.kind == "cluster":
-            cluster_options = {k: v for k, v in self._options.items() if k != "retry"}
-            self._cluster = RedisCluster.from_url(self._target.url, **cluster_options)
+        # On a Cluster, connect() leaves ``retries`` out (the cluster client keeps its own
+        # schedule); the slot master's client built later gets them, from self._options.
+        connection = connect(
+            self._target,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            decode_responses=decode_responses,
+        )
+        if isinstance(connection.client, RedisCluster):
+            self._cluster = connection.client
         else:
-            self._connection = connect(
-                self._target,
-                timeout=timeout,
-                connect_timeout=connect_timeout,
-                retries=retries,
-                decode_responses=decode_responses,
-            )
+            self._connection = connection
 
     @property
     def cluster(self) -> bool:

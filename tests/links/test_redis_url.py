@@ -1,11 +1,11 @@
-"""policies.redis_url: which Redis deployment a URL names (pure; the clients are tested on real
+"""links.redis_url: which Redis deployment a URL names (pure; the clients are tested on real
 servers in tests/proxy/test_redis_topologies.py and tests/api/test_store_topologies.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from policies.redis_url import RedisTarget, parse_redis_url
+from links.redis_url import RedisTarget, parse_redis_url
 
 
 @pytest.mark.parametrize(
