@@ -99,6 +99,14 @@ class BadBatch(ApiError):
     default_message = "invalid batch body"
 
 
+class BatchVersionMismatch(ApiError):
+    """A ``/ingest/batch`` body in another layout than this backend's (a proxy of another
+    release, during a rolling upgrade): refused as a whole, nothing decoded."""
+
+    status_code = 415
+    default_message = "batch layout not supported"
+
+
 class BrokerUnavailable(ApiError):
     """No PUBACK: the broker is down or slow. 503 becomes 5.03 so the device retries
     (docs/CONTRACT.md §9)."""

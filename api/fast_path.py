@@ -21,11 +21,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.errors import ApiError
 from api.routes.ingest import answer_batch, batch_body_limit, publish_budget
 from api.settings import ApiSettings
+from policies.batch import BATCH_CONTENT_TYPE
 from policies.forwarding import TIMEOUT_HEADER, TOKEN_HEADER
 
 BATCH_PATH = "/ingest/batch"
 _TOKEN = TOKEN_HEADER.lower().encode("latin-1")
 _TIMEOUT = TIMEOUT_HEADER.lower().encode("latin-1")
+_BATCH_TYPE = BATCH_CONTENT_TYPE.encode("latin-1")
 
 
 class BatchFastPath:
@@ -73,6 +75,7 @@ def _accepted(scope: Scope, settings: ApiSettings) -> tuple[int, bytes | None] |
     token: bytes | None = None
     length: bytes | None = None
     proxy_timeout: bytes | None = None
+    content_type: bytes | None = None
     for name, value in scope["headers"]:
         if name == _TOKEN:
             token = value
@@ -80,10 +83,12 @@ def _accepted(scope: Scope, settings: ApiSettings) -> tuple[int, bytes | None] |
             length = value
         elif name == _TIMEOUT:
             proxy_timeout = value
+        elif name == b"content-type":
+            content_type = value
     if token is None or not hmac.compare_digest(token, settings.proxy_token.encode()):
         return None
-    if length is None or not length.isdigit():
-        return None
+    if length is None or not length.isdigit() or content_type != _BATCH_TYPE:
+        return None  # the route answers what is unusual (another layout: 415)
     declared = int(length)
     return (declared, proxy_timeout) if declared <= batch_body_limit(settings) else None
 

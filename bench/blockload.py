@@ -23,20 +23,17 @@ transfers per second, latency per block request (p50/p99).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import hashlib
 import math
-import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 
 from bench.loadgen import (
     BUCKETS,
     LoadResult,
+    LoopWorker,
     MidSequence,
     PortPool,
     _port_slice,
@@ -44,7 +41,7 @@ from bench.loadgen import (
     _share,
     _Stats,
     empty_ack,
-    run_forked,
+    run_workers,
 )
 from proxy.coap import codec
 from proxy.coap.codec import ACK, CON, RST
@@ -204,16 +201,15 @@ class _BlockClient(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         self.stats.send_errors += 1
 
-    def send(self) -> None:
+    def send(self, started: float) -> None:
         mid, counter = self.mids.take()
         token = counter.to_bytes(4, "big")
         transfer = self.transfer
         data = block_request(mid, token, self.worker.path, transfer.num, transfer.szx)
         self.pending_mid = mid
         self.pending_token = token
-        now = _now()
-        self.started = now
-        self.deadline = now + self.worker.timeout
+        self.started = started
+        self.deadline = started + self.worker.timeout
         self.stats.sent += 1
         assert self.transport is not None
         self.transport.sendto(data)
@@ -338,18 +334,15 @@ class _BlockClient(asyncio.DatagramProtocol):
         transfer.etag = None
 
 
-class _BlockWorker:
+class _BlockWorker(LoopWorker):
+    stats: _BlockStats
+
     def __init__(self, config: BlockConfig, port_range: tuple[int, int]) -> None:
-        self.config = config
-        self.stats = _BlockStats()
-        self.timeout = config.timeout
+        super().__init__(config, _BlockStats())
         self.szx = szx_of(config.block_size)
         self.path = path_options(config.path)
         self.body = resource_body(config.size)
         self.ports = PortPool(*port_range)
-        self.clients: list[_BlockClient] = []
-        self.sending = False
-        self._replacements: set[asyncio.Task[None]] = set()
 
     async def _open(self, transfer: _Transfer) -> _BlockClient:
         loop = asyncio.get_running_loop()
@@ -359,6 +352,9 @@ class _BlockWorker:
         )
         return client
 
+    def _busy(self, client: _BlockClient) -> bool:
+        return client.pending_mid >= 0
+
     def on_done(self, client: _BlockClient) -> None:
         if self.sending and not client.retired:
             self._next(client)
@@ -366,11 +362,9 @@ class _BlockWorker:
     def _next(self, client: _BlockClient) -> None:
         if client.mids.exhausted:
             client.retired = True
-            task = asyncio.ensure_future(self._replace(client))
-            self._replacements.add(task)
-            task.add_done_callback(self._replacements.discard)
+            self._spawn(self._replace(client))
         else:
-            client.send()
+            client.send(_now())
 
     async def _replace(self, old: _BlockClient) -> None:
         """A socket whose MIDs are used up: the transfer goes on from a fresh source port."""
@@ -379,7 +373,7 @@ class _BlockWorker:
         if old.transport is not None:
             old.transport.close()
         if self.sending:
-            fresh.send()
+            fresh.send(_now())
 
     def _sweep(self) -> None:
         now = _now()
@@ -390,46 +384,18 @@ class _BlockWorker:
                 if self.sending and not client.retired:
                     self._next(client)  # the same block again, new MID and token
 
-    async def _sweeper(self) -> None:
-        while True:
-            await asyncio.sleep(0.05)
-            self._sweep()
-
     async def run(self, start_at: float, clients: int) -> BlockResult:
-        config = self.config
         self.clients = [await self._open(_Transfer(self.szx)) for _ in range(clients)]
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        cpu0 = sum(os.times()[:2])
+        cpu = await self._window(start_at, self._closed_loop)
         stats = self.stats
-        stats.window_start = _now() + config.warmup
-        stats.window_end = stats.window_start + config.duration
-        sweeper = asyncio.ensure_future(self._sweeper())
-        self.sending = True
-        try:
-            for client in self.clients:
-                client.send()
-            await asyncio.sleep(max(0.0, stats.window_end - _now()))
-            self.sending = False
-            deadline = _now() + config.timeout + 0.2
-            # Polled: the state changes in datagram callbacks, no event to wait on.
-            while _now() < deadline and any(c.pending_mid >= 0 for c in self.clients):  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            for task in list(self._replacements):
-                task.cancel()
-            for client in self.clients:
-                if client.transport is not None:
-                    client.transport.close()
         base = stats.result(
             _now(),
             send_errors=stats.send_errors,
             sockets=self.ports.used,
             port_fallbacks=self.ports.fallbacks,
+            worker_cpu=[cpu],
         )
-        result = BlockResult(
+        return BlockResult(
             **{name: getattr(base, name) for name in LoadResult.__dataclass_fields__},
             blocks_in_window=stats.blocks_in_window,
             transfers_in_window=stats.transfers_in_window,
@@ -440,8 +406,6 @@ class _BlockWorker:
             block_sizes=stats.block_sizes,
             clients=clients,
         )
-        result.worker_cpu = [sum(os.times()[:2]) - cpu0]
-        return result
 
 
 def _worker_main(config: BlockConfig, index: int, start_at: float) -> BlockResult:
@@ -452,15 +416,7 @@ def _worker_main(config: BlockConfig, index: int, start_at: float) -> BlockResul
 
 def run_blocks(config: BlockConfig) -> BlockResult:
     """Run one load and return the merged result (blocking; forks workers when > 1)."""
-    if config.workers < 1 or config.clients < config.workers:
-        raise ValueError("need at least one client per worker")
-    if config.workers == 1:
-        result = _worker_main(config, 0, time.time() + 0.05)
-    else:
-        start_at = time.time() + 0.5 + 0.05 * config.workers
-        limit = start_at - time.time() + config.warmup + config.duration + config.timeout + 30
-        result = run_forked(config.workers, _worker_main, lambda i: (config, i, start_at), limit)
-    result.workers = config.workers
+    result: BlockResult = run_workers(config, _worker_main)
     return result
 
 
@@ -521,39 +477,3 @@ def fetch_once(
                 return bytes(body), sizes, etag
             szx = got_szx
             num = len(body) >> (szx + 4)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.blockload", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5683)
-    parser.add_argument("--path", default="/blob")
-    parser.add_argument("--size", type=int, default=256 * 1024)
-    parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--timeout", type=float, default=5.0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--ports", default="20000-30000", help="source port range LOW-HIGH")
-    args = parser.parse_args(argv)
-    low, high = (int(p) for p in args.ports.split("-"))
-    config = BlockConfig(
-        host=args.host,
-        port=args.port,
-        path=args.path,
-        size=args.size,
-        block_size=args.block_size,
-        clients=args.clients,
-        duration=args.duration,
-        warmup=args.warmup,
-        timeout=args.timeout,
-        workers=args.workers,
-        port_range=(low, high),
-    )
-    print(run_blocks(config).summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

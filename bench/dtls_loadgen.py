@@ -16,14 +16,10 @@ process used (``worker_cpu``): a worker near 100% of a core means the row measur
   (HelloVerifyRequest), ClientHello again, the PSK key exchange and both Finished — then
   close_notify, so the server frees the peer at once. Counts completed handshakes per second
   and their latency.
-
-Run alone: ``python -m bench.dtls_loadgen --port 5684 --identity ID --psk KEY`` (handshakes)
-or ``--mode sessions`` (CON POST over sessions).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -31,7 +27,6 @@ import itertools
 import multiprocessing
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +36,7 @@ from bench.loadgen import (
     BUCKETS,
     LatencyFigures,
     LoadResult,
+    LoopWorker,
     RequestSpec,
     _Client,
     _port_slice,
@@ -284,17 +280,13 @@ class HandshakeResult(LatencyFigures):
 # --- E over DTLS: requests through established sessions ----------------------------------------
 
 
-class _SessionWorker:
+class _SessionWorker(LoopWorker):
     """Duck-types what :class:`bench.loadgen._Client` expects of its worker."""
 
     def __init__(self, config: DtlsLoadConfig, index: int) -> None:
-        self.config = config
-        self.stats = _Stats()
+        super().__init__(config, _Stats())
         self.template = build_template(config.spec)
-        self.timeout = config.timeout
         self.next_seq = config.seq_base + (index << 40)
-        self.sending = False
-        self.clients: list[_Client] = []
         self.endpoints: list[Endpoint] = []
         self.handshake_failures = 0
 
@@ -332,33 +324,17 @@ class _SessionWorker:
                     self.on_done(client)
 
     async def run(self, credentials: Sequence[Credential], barrier: Any) -> LoadResult:
-        config = self.config
         try:
             await self._establish(credentials)
             if barrier is not None:
                 # Every worker's sessions are up before anyone starts the clock.
                 await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 120)
-            cpu0 = _process_cpu()
-            stats = self.stats
-            t0 = time.perf_counter()
-            stats.window_start = t0 + config.warmup
-            stats.window_end = stats.window_start + config.duration
-            self.sending = True
-            for client in self.clients:
-                client.send(time.perf_counter())
-            while time.perf_counter() < stats.window_end:
-                await asyncio.sleep(min(0.05, max(0.0, stats.window_end - time.perf_counter())))
-                self._sweep()
-            self.sending = False
-            deadline = time.perf_counter() + config.timeout + 0.2
-            while time.perf_counter() < deadline and any(c.outstanding for c in self.clients):  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+            cpu = await self._window(time.time(), self._closed_loop)
             self._sweep()
-            cpu = _process_cpu() - cpu0
         finally:
             for endpoint in self.endpoints:
                 endpoint.close()
-        return stats.result(
+        return self.stats.result(
             time.perf_counter(),
             send_errors=sum(e.errors for e in self.endpoints),
             sockets=len(self.endpoints),
@@ -453,47 +429,6 @@ def run_handshakes(config: DtlsLoadConfig) -> HandshakeResult:
         )
     result.workers = config.workers
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.dtls_loadgen", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5684)
-    parser.add_argument("--mode", choices=("handshakes", "sessions"), default="handshakes")
-    parser.add_argument("--identity", action="append", required=True, help="repeatable")
-    parser.add_argument("--psk", action="append", required=True, help="one per --identity")
-    parser.add_argument("--topic", default="bench/x")
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--timeout", type=float, default=5.0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--ports", help="handshakes: source port range LOW-HIGH, cycled")
-    args = parser.parse_args(argv)
-    if len(args.identity) != len(args.psk):
-        parser.error("give one --psk per --identity")
-    config = DtlsLoadConfig(
-        host=args.host,
-        port=args.port,
-        credentials=[(i, k.encode()) for i, k in zip(args.identity, args.psk, strict=True)],
-        spec=RequestSpec.telemetry(args.topic),
-        duration=args.duration,
-        warmup=args.warmup,
-        timeout=args.timeout,
-        workers=args.workers,
-        concurrency=args.concurrency,
-        port_range=tuple(int(p) for p in args.ports.split("-")) if args.ports else None,  # type: ignore[arg-type]
-        seq_base=(os.getpid() & 0xFF) << 56,
-    )
-    if args.mode == "handshakes":
-        print(run_handshakes(config).summary())
-    else:
-        print(run_sessions(config).summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 __all__ = [

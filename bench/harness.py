@@ -9,29 +9,27 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import blockload, dtls_loadgen, loadgen
+from bench import blockload, dtls_loadgen, loadgen, services
 from bench.blockload import BlockConfig, BlockResult
 from bench.dtls_loadgen import Credential, DtlsLoadConfig, HandshakeResult
 from bench.loadgen import LoadConfig, LoadResult, RequestSpec
 from bench.services import (
     Service,
-    coap_ready,
     cpu_seconds,
     free_port,
     machine_cpu_seconds,
     rss_bytes,
     start_mosquitto,
     start_redis,
-    tcp_ready,
     which,
 )
 from bench.subscriber import MosquittoSubscriber, Subscriber, check_delivery
@@ -176,36 +174,6 @@ class SourcePorts:
         return low, low + size
 
 
-def _coap_bridge() -> str:
-    local = Path(sys.executable).with_name("coap-bridge")
-    return str(local) if local.exists() else which("coap-bridge")
-
-
-def _clean_env() -> dict[str, str]:
-    """Our processes get their settings from flags only, never from the caller's COAP_BRIDGE_*."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
-
-
-_HELP_CACHE: dict[str, str] = {}
-
-
-def _supports(command: str, flag: str) -> bool:
-    if command not in _HELP_CACHE:
-        out = subprocess.run(
-            [_coap_bridge(), command, "--help"], capture_output=True, text=True, timeout=60
-        )
-        _HELP_CACHE[command] = out.stdout + out.stderr
-    return flag in _HELP_CACHE[command]
-
-
-def _workers_flag(command: str, workers: int) -> list[str]:
-    if workers <= 1:
-        return []
-    if not _supports(command, "--workers"):
-        raise RuntimeError(f"coap-bridge {command} has no --workers flag yet")
-    return ["--workers", str(workers)]
-
-
 class Bench:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -220,7 +188,7 @@ class Bench:
         self.last_other = 0.0
         self.loadavg_start = os.getloadavg()
         self._chain: dict[str, Service] = {}
-        self._chain_mqtt_url = ""
+        self._mqtt_url = ""
         self._redis_url = ""
         self._api_port = 0
         self._api_workers = 0
@@ -233,6 +201,23 @@ class Bench:
     def _log(self, text: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
+    @contextlib.contextmanager
+    def _row(self, scenario: str, system: str) -> Iterator[Row]:
+        """A row, added to the results when the block ends; an exception in the block becomes
+        the row's error (the other scenarios still run)."""
+        row = Row(scenario, system)
+        try:
+            yield row
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"
+            self._log(f"  ERROR {row.error}")
+        self.rows.append(row)
+
+    def _fail_rows(self, rows: list[tuple[str, str]], exc: Exception, what: str = "") -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        self._log(f"  ERROR {what}{error}")
+        self.rows += [Row(scenario, system, error=error) for scenario, system in rows]
+
     def _load(
         self,
         port: int,
@@ -244,8 +229,7 @@ class Bench:
         rate: float = 0.0,
         watch: dict[str, int] | None = None,
     ) -> LoadResult:
-        """One load run; the CPU seconds the ``watch`` processes (name → pid) spent meanwhile
-        (warm-up and drain included) land in ``self.last_cpu``."""
+        """One load run, measured (:meth:`_measured`)."""
         self._seq_tag += 1
         s = self.settings
         config = LoadConfig(
@@ -297,90 +281,41 @@ class Bench:
     def _cpu_extra(self) -> dict[str, Any]:
         return {"cpu": self.last_cpu, "wall": self.last_wall, "other_cpu": self.last_other}
 
-    def _service(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
-        service = Service(name, argv, self.settings.workdir / name)
-        service.start(env=env if env is not None else _clean_env())
-        return service
-
-    def _coap_server(self, system: str, **proxy: Any) -> tuple[Service, int]:
-        port = free_port()
+    def _server(
+        self, stack: contextlib.ExitStack, system: str, **proxy: Any
+    ) -> tuple[Service, int]:
+        """``system`` answering CoAP, stopped when ``stack`` closes: (service, port)."""
+        work = self.settings.workdir
         if system == "coap-bridge":
-            service = self._proxy(port, **proxy)
-        elif system == "libcoap":
-            argv = [which("coap-server-notls"), "-A", "127.0.0.1", "-p", str(port), "-v", "0"]
-            service = self._service("libcoap", argv)
-        elif system == "aiocoap":
-            script = str(Path(__file__).with_name("aiocoap_server.py"))
-            argv = [sys.executable, script, "--host", "127.0.0.1", "--port", str(port)]
-            service = self._service("aiocoap", argv)
+            proxy.setdefault("workers", self.settings.proxy_workers)
+            service, port = services.start_proxy(work, **proxy)
         else:
-            raise ValueError(f"unknown system {system!r}")
-        try:
-            service.wait_until(lambda: coap_ready(port), 30.0, "answering CoAP")
-            if system == "coap-bridge" and self.settings.proxy_workers > 1:
-                time.sleep(1.0)  # the other SO_REUSEPORT workers
-        except BaseException:
-            service.stop()
-            raise
+            service, port = services.start_baseline(work, system)
+        stack.callback(service.stop)
         return service, port
-
-    def _proxy(
-        self,
-        port: int,
-        upstream: str = "http://127.0.0.1:9",
-        token: str = "bench",
-        redis_url: str | None = None,
-        env: dict[str, str] | None = None,
-        *,
-        workers: int | None = None,
-        coaps_port: int | None = None,
-        extra: Sequence[str] = (),
-    ) -> Service:
-        """The proxy under test. ``coaps_port`` None: DTLS off (never the default 5684, which
-        another bridge on this machine may hold)."""
-        argv = [
-            _coap_bridge(), "proxy", "--coap-host", "127.0.0.1", "--coap-port", str(port),
-            "--upstream", upstream, f"--proxy-token={token}", "--log-level", "warning",
-        ]  # fmt: skip
-        argv += _workers_flag("proxy", self.settings.proxy_workers if workers is None else workers)
-        if redis_url is not None and _supports("proxy", "--redis-url"):
-            argv.append(f"--redis-url={redis_url}")
-        if _supports("proxy", "--coaps-port"):
-            argv.append(f"--coaps-port={'off' if coaps_port is None else coaps_port}")
-        elif coaps_port is not None:
-            raise RuntimeError("coap-bridge proxy has no --coaps-port flag yet")
-        argv += extra
-        full_env = _clean_env() | (env or {})
-        return self._service("coap-bridge-proxy", argv, env=full_env)
 
     # --- T -----------------------------------------------------------------------------------
 
     def scenario_t(self) -> None:
         for system in self.settings.t_systems:
             self._log(f"T: {system}, CON GET /.well-known/core, closed loop")
-            row = Row("T", system)
-            try:
-                with contextlib.ExitStack() as stack:
-                    if system == REDIS_SYSTEM:
-                        redis, redis_url = start_redis(self.settings.workdir / "redis-t")
-                        stack.callback(redis.stop)
-                        service, port = self._coap_server("coap-bridge", redis_url=redis_url)
-                        watch = {"coap-bridge": service.pid, "redis": redis.pid}
-                    else:
-                        service, port = self._coap_server(system)
-                        watch = {system: service.pid}
-                    stack.callback(service.stop)
-                    row.result = self._load(
-                        port, RequestSpec.wkc(), duration=self.settings.duration, watch=watch
-                    )
-                    row.extra |= self._cpu_extra()
-                    service.check_alive()
-                    if system == REDIS_SYSTEM:
-                        redis.check_alive()
-            except Exception as exc:
-                row.error = f"{type(exc).__name__}: {exc}"
-                self._log(f"  ERROR {row.error}")
-            self.rows.append(row)
+            with self._row("T", system) as row, contextlib.ExitStack() as stack:
+                watched = []
+                if system == REDIS_SYSTEM:
+                    redis, redis_url = start_redis(self.settings.workdir / "redis-t")
+                    stack.callback(redis.stop)
+                    service, port = self._server(stack, "coap-bridge", redis_url=redis_url)
+                    watched = [("coap-bridge", service), ("redis", redis)]
+                else:
+                    service, port = self._server(stack, system)
+                    watched = [(system, service)]
+                watch = {name: svc.pid for name, svc in watched}
+                row.result = self._load(
+                    port, RequestSpec.wkc(), duration=self.settings.duration, watch=watch
+                )
+                row.extra |= self._cpu_extra()
+                for _, svc in watched:
+                    svc.check_alive()
 
     # --- B -----------------------------------------------------------------------------------
 
@@ -391,22 +326,17 @@ class Bench:
                 f"B: {system}, {s.b_size // 1024} KiB fetched block-wise (Block2, "
                 f"{s.b_block_size} B) by {s.b_clients} clients, closed loop"
             )
-            row = Row("B", system)
-            try:
+            with self._row("B", system) as row:
                 with contextlib.ExitStack() as stack:
-                    port, services = self._block_server(system, stack)
-                    row.result, row.extra = self._block_run(system, port, services)
-                if "origin" in services:
+                    port, started = self._block_server(system, stack)
+                    row.result, row.extra = self._block_run(system, port, started)
+                if "origin" in started:
                     # Printed by the origin as it stopped: how the proxy fetched the blocks.
-                    answers = _origin_answers(services["origin"].log_path)
+                    answers = _origin_answers(started["origin"].log_path)
                     blocks = row.result.completed + row.extra["blocks_per_transfer"]
                     row.extra["origin_answers"] = answers
                     row.extra["origin_requests_per_block"] = sum(answers.values()) / blocks
                     self._log(f"  origin answers {answers}, during the run and the check")
-            except Exception as exc:
-                row.error = f"{type(exc).__name__}: {exc}"
-                self._log(f"  ERROR {row.error}")
-            self.rows.append(row)
 
     def _block_server(
         self, system: str, stack: contextlib.ExitStack
@@ -416,58 +346,42 @@ class Bench:
         s = self.settings
         work = s.workdir / "b"
         work.mkdir(parents=True, exist_ok=True)
+        path = B_PATHS.get(system)
         if system == "libcoap":
-            service, port = self._coap_server("libcoap")
-            stack.callback(service.stop)
+            service, port = self._server(stack, "libcoap")
             upload = work / "resource.bin"
             upload.write_bytes(blockload.resource_body(s.b_size))
             # The example server keeps what a PUT to /example_data carried and serves it
             # block-wise (its default block handling, -L 1).
             done = subprocess.run(
                 [which("coap-client-notls"), "-m", "put", "-b", str(s.b_block_size), "-f",
-                 str(upload), f"coap://127.0.0.1:{port}{B_PATHS[system]}"],
+                 str(upload), f"coap://127.0.0.1:{port}{path}"],
                 capture_output=True, text=True, timeout=30, check=False,
             )  # fmt: skip
             if done.returncode != 0:
                 raise RuntimeError(f"PUT to libcoap failed: {done.stdout}{done.stderr}")
             return port, {"libcoap": service}
-        if system != REDIS_SYSTEM:
+        if system != REDIS_SYSTEM or path is None:
             raise ValueError(f"B: unknown system {system!r}")
-        origin_port = free_port()
-        origin = self._service(
-            "origin",
-            [sys.executable, "-m", "bench.origin", "--host", "127.0.0.1", "--port",
-             str(origin_port), "--path", B_PATHS[system], "--size", str(s.b_size)],
-            env=_clean_env() | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-        )  # fmt: skip
+        origin, origin_port = services.start_origin(s.workdir, path, s.b_size)
         stack.callback(origin.stop)
-        origin.wait_until(lambda: tcp_ready(origin_port), 30.0, "accepting HTTP")
         redis, redis_url = start_redis(s.workdir / "redis-b")
         stack.callback(redis.stop)
         policy = work / "policy.toml"
-        path = B_PATHS[system]
         # A GET that is safe to repeat: no cross-replica claim needed (issue 13 §4).
         policy.write_text(
             f'[[route]]\npath = "{path}"\nmethods = ["GET"]\ntarget = "{path}"\nidempotent = true\n'
         )
-        port = free_port()
-        proxy = self._proxy(
-            port,
-            f"http://127.0.0.1:{origin_port}",
-            redis_url=redis_url,
-            extra=["--policy", str(policy), *self._block_size_flag()],
-        )
-        stack.callback(proxy.stop)
-        proxy.wait_until(lambda: coap_ready(port), 30.0, "answering CoAP")
+        block_size = ["--block-size", str(s.b_block_size)]
+        proxy, port = self._server(
+            stack, "coap-bridge", upstream=f"http://127.0.0.1:{origin_port}", redis_url=redis_url,
+            extra=["--policy", str(policy),
+                   *(block_size if services.supports("proxy", "--block-size") else [])],
+        )  # fmt: skip
         return port, {"proxy": proxy, "redis": redis, "origin": origin}
 
-    def _block_size_flag(self) -> list[str]:
-        if _supports("proxy", "--block-size"):
-            return ["--block-size", str(self.settings.b_block_size)]
-        return []
-
     def _block_run(
-        self, system: str, port: int, services: dict[str, Service]
+        self, system: str, port: int, started: dict[str, Service]
     ) -> tuple[BlockResult, dict[str, Any]]:
         s = self.settings
         path = B_PATHS[system]
@@ -492,11 +406,11 @@ class Bench:
             workers=s.b_loadgen_workers,
             port_range=self.ports.take(),
         )
-        watch = {name: service.pid for name, service in services.items()}
-        server = next(iter(services.values()))
+        watch = {name: service.pid for name, service in started.items()}
+        server = next(iter(started.values()))
         with RssSampler(server.pid, interval=min(0.5, max(0.1, s.b_duration / 20))) as rss:
             result = self._measured(lambda: blockload.run_blocks(config), watch)
-        for service in services.values():
+        for service in started.values():
             service.check_alive()
         # The load starts ~0.05 s after the sampler (0.5 s more with forked workers).
         begin = 0.05 + (0.5 + 0.05 * s.b_loadgen_workers if s.b_loadgen_workers > 1 else 0.0)
@@ -543,29 +457,18 @@ class Bench:
         with_e = "E" in chosen or "L" in chosen
         if with_e:
             self._log("E: aiocoap do-nothing POST server (baseline)")
-            row = Row("E", "aiocoap")
-            try:
-                service, port = self._coap_server("aiocoap")
-                try:
-                    row.result = self._load(
-                        port, spec, duration=s.e_duration, watch={"aiocoap": service.pid}
-                    )
-                    row.extra |= self._cpu_extra()
-                finally:
-                    service.stop()
-            except Exception as exc:
-                row.error = f"{type(exc).__name__}: {exc}"
-                self._log(f"  ERROR {row.error}")
-            self.rows.append(row)
+            with self._row("E", "aiocoap") as row, contextlib.ExitStack() as stack:
+                service, port = self._server(stack, "aiocoap")
+                row.result = self._load(
+                    port, spec, duration=s.e_duration, watch={"aiocoap": service.pid}
+                )
+                row.extra |= self._cpu_extra()
 
         with contextlib.ExitStack() as stack:
             try:
                 self._backend(stack, s.api_workers)
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                self._log(f"  ERROR starting Redis, Mosquitto, API: {error}")
-                for scenario, system in self._chain_rows(chosen):
-                    self.rows.append(Row(scenario, system, error=error))
+                self._fail_rows(_chain_rows(chosen), exc, "starting Redis, Mosquitto, API: ")
                 return
             if with_e:
                 self._scenario_e_and_l(spec, with_l="L" in chosen)
@@ -574,134 +477,72 @@ class Bench:
             if "R" in chosen:
                 self._scenario_r(spec)
 
-    @staticmethod
-    def _chain_rows(chosen: Sequence[str]) -> list[tuple[str, str]]:
-        rows = []
-        if "E" in chosen or "L" in chosen:
-            rows.append(("E", "coap-bridge"))
-        if "L" in chosen:
-            rows.append(("L", "coap-bridge"))
-        if "D" in chosen:
-            rows.append(("E", DTLS_SYSTEM))
-        if "H" in chosen:
-            rows.append(("H", "coap-bridge"))
-        if "R" in chosen:
-            rows.append(("E", R_SYSTEM))
-        return rows
-
     def _scenario_e_and_l(self, spec: RequestSpec, with_l: bool) -> None:
         s = self.settings
         self._log("E: coap-bridge chain (proxy → API → Redis + Mosquitto)")
-        row = Row("E", "coap-bridge")
-        port = 0
-        try:
-            proxy, port, _ = self._chain_proxy(s.proxy_workers)
-        except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}"
-            self._log(f"  ERROR {row.error}")
-            proxy = None
-        try:
-            if proxy is not None:
-                try:
-                    row = self._telemetry_run(
-                        "E", "coap-bridge", self._plain_load(port, spec, s.e_duration)
-                    )
-                    row.extra["proxy_workers"] = s.proxy_workers
-                    row.extra["api_workers"] = self._api_workers
-                    if row.result is not None:
-                        self.e_rate = row.result.rate
-                except Exception as exc:
-                    row.error = f"{type(exc).__name__}: {exc}"
-                    self._log(f"  ERROR {row.error}")
-            self.rows.append(row)
-            if with_l:
-                lrow = Row("L", "coap-bridge")
-                if row.error is None and self.e_rate:
-                    rate = max(1.0, 0.5 * self.e_rate)
-                    self._log(f"L: open loop at {rate:,.0f} req/s (50% of E)")
-                    try:
-                        lrow = self._telemetry_run(
-                            "L", "coap-bridge",
-                            self._plain_load(port, spec, s.l_duration, mode="open", rate=rate),
-                        )  # fmt: skip
-                    except Exception as exc:
-                        lrow.error = f"{type(exc).__name__}: {exc}"
-                        self._log(f"  ERROR {lrow.error}")
-                else:
-                    lrow.error = "E failed: no maximum rate to take 50% of"
-                self.rows.append(lrow)
+        with contextlib.ExitStack() as stack:
+            with self._row("E", "coap-bridge") as row:
+                port = self._chain_proxy(stack, s.proxy_workers)[1]
+                self._telemetry_run(row, partial(self._load, port, spec, duration=s.e_duration))
+                row.extra["proxy_workers"] = s.proxy_workers
+                row.extra["api_workers"] = self._api_workers
+                self.e_rate = row.result.rate if row.result is not None else None
+            if with_l and (row.error is not None or not self.e_rate):
+                self.rows.append(
+                    Row("L", "coap-bridge", error="E failed: no maximum rate to take 50% of")
+                )
+            elif with_l:
+                rate = max(1.0, 0.5 * (self.e_rate or 0.0))
+                self._log(f"L: open loop at {rate:,.0f} req/s (50% of E)")
+                with self._row("L", "coap-bridge") as lrow:
+                    self._telemetry_run(
+                        lrow, partial(self._load, port, spec, duration=s.l_duration, mode="open",
+                                      rate=rate),
+                    )  # fmt: skip
             with contextlib.suppress(Exception):
                 self.redis_dedup = _redis_dedup_sample(_port_of(self._redis_url))
-        finally:
-            if proxy is not None:
-                proxy.stop()
 
     def _scenario_r(self, spec: RequestSpec) -> None:
         s = self.settings
-        system = R_SYSTEM
         if self._api_workers != s.r_api_workers:
             self._log(f"R: restarting the API with {s.r_api_workers} worker(s)")
         self._log(
             f"R: E through coap-bridge proxy --workers {s.r_workers} (SO_REUSEPORT, dedup "
             f"shared in Redis), API workers {s.r_api_workers}"
         )
-        row = Row("E", system)
-        proxy = None
-        try:
+        with self._row("E", R_SYSTEM) as row, contextlib.ExitStack() as stack:
             if self._api_workers != s.r_api_workers:
                 self._restart_api(s.r_api_workers)
-            proxy, port, _ = self._chain_proxy(s.r_workers)
-            row = self._telemetry_run(
-                "E", system, self._plain_load(port, spec, s.e_duration), replicas=s.r_workers
-            )
+            port = self._chain_proxy(stack, s.r_workers)[1]
+            self._telemetry_run(row, partial(self._load, port, spec, duration=s.e_duration))
             row.extra["proxy_workers"] = s.r_workers
             row.extra["api_workers"] = self._api_workers
-        except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}"
-            self._log(f"  ERROR {row.error}")
-        finally:
-            if proxy is not None:
-                proxy.stop()
-        self.rows.append(row)
 
     def _scenarios_dtls(self, spec: RequestSpec, chosen: Sequence[str]) -> None:
         s = self.settings
-        proxy = None
-        try:
-            self._log(f"D/H: registering {s.dtls_clients} devices, each with its own PSK")
-            credentials = self._psk_devices(s.dtls_clients)
-            proxy, _, coaps_port = self._chain_proxy(1, dtls=True)
-            assert coaps_port is not None
-            self._wait_dtls(proxy, coaps_port, credentials[0])
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self._log(f"  ERROR {error}")
-            for scenario, system in self._chain_rows([c for c in chosen if c in "DH"]):
-                self.rows.append(Row(scenario, system, error=error))
-            if proxy is not None:
-                proxy.stop()
-            return
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                self._log(f"D/H: registering {s.dtls_clients} devices, each with its own PSK")
+                credentials = self._psk_devices(s.dtls_clients)
+                proxy, _, coaps_port = self._chain_proxy(stack, 1, dtls=True)
+                assert coaps_port is not None
+                self._wait_dtls(proxy, coaps_port, credentials[0])
+            except Exception as exc:
+                self._fail_rows(_chain_rows([c for c in chosen if c in "DH"]), exc)
+                return
             if "D" in chosen:
                 self._log(
                     f"D: E over DTLS: {len(credentials)} sessions established first, one "
                     f"request in flight each, {s.dtls_loadgen_workers} load generator process(es)"
                 )
-                row = Row("E", DTLS_SYSTEM)
-                try:
-                    row = self._telemetry_run(
-                        "E", DTLS_SYSTEM, self._dtls_load(coaps_port, spec, credentials)
+                with self._row("E", DTLS_SYSTEM) as row:
+                    self._telemetry_run(
+                        row, partial(self._dtls_load, coaps_port, spec, credentials)
                     )
                     row.extra["proxy_workers"] = 1
                     row.extra["api_workers"] = self._api_workers
-                except Exception as exc:
-                    row.error = f"{type(exc).__name__}: {exc}"
-                    self._log(f"  ERROR {row.error}")
-                self.rows.append(row)
             if "H" in chosen:
                 self._scenario_h(proxy, coaps_port, credentials)
-        finally:
-            proxy.stop()
 
     def _scenario_h(self, proxy: Service, coaps_port: int, credentials: list[Credential]) -> None:
         s = self.settings
@@ -709,8 +550,7 @@ class Bench:
             f"H: full DTLS handshakes, fresh session each, {s.h_workers} process(es) × "
             f"{s.h_concurrency} in flight, {s.h_duration:g} s"
         )
-        row = Row("H", "coap-bridge")
-        try:
+        with self._row("H", "coap-bridge") as row:
             config = DtlsLoadConfig(
                 host="127.0.0.1",
                 port=coaps_port,
@@ -735,10 +575,6 @@ class Bench:
                 # The figures stand for the time before; the row still fails the run.
                 first = str(exc).splitlines()[0]
                 row.error = f"{first} during the run, after {result.completed:,} handshakes"
-        except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}"
-            self._log(f"  ERROR {row.error}")
-        self.rows.append(row)
 
     # -- the chain's processes
 
@@ -746,7 +582,7 @@ class Bench:
         s = self.settings
         redis, self._redis_url = start_redis(s.workdir / "redis")
         stack.callback(redis.stop)
-        mosquitto, self._chain_mqtt_url = start_mosquitto(s.workdir / "mosquitto")
+        mosquitto, self._mqtt_url = start_mosquitto(s.workdir / "mosquitto")
         stack.callback(mosquitto.stop)
         self._chain = {"redis": redis, "mosquitto": mosquitto}
         self._api_key = secrets.token_urlsafe(16)
@@ -757,20 +593,10 @@ class Bench:
 
     def _restart_api(self, workers: int) -> None:
         self._stop_api()
-        api_port = free_port()
-        argv = [
-            _coap_bridge(), "api", "--api-host", "127.0.0.1", "--api-port", str(api_port),
-            f"--redis-url={self._redis_url}", f"--mqtt-url={self._chain_mqtt_url}",
-            f"--api-key={self._api_key}", f"--proxy-token={self._proxy_token}",
-            "--log-level", "warning",
-        ]  # fmt: skip
-        argv += _workers_flag("api", workers)
-        api = self._service("coap-bridge-api", argv)
-        self._chain["api"] = api
-        api.wait_until(lambda: tcp_ready(api_port), 30.0, "accepting HTTP")
-        if workers > 1:
-            time.sleep(1.0)  # the other uvicorn workers
-        self._api_port = api_port
+        self._chain["api"], self._api_port = services.start_api(
+            self.settings.workdir, redis_url=self._redis_url, mqtt_url=self._mqtt_url,
+            api_key=self._api_key, proxy_token=self._proxy_token, workers=workers,
+        )  # fmt: skip
         self._api_workers = workers
 
     def _stop_api(self) -> None:
@@ -778,21 +604,17 @@ class Bench:
         if api is not None:
             api.stop()
 
-    def _chain_proxy(self, workers: int, dtls: bool = False) -> tuple[Service, int, int | None]:
-        """A proxy in front of the running API: (service, CoAP port, coaps port or None)."""
-        port = free_port()
+    def _chain_proxy(
+        self, stack: contextlib.ExitStack, workers: int, dtls: bool = False
+    ) -> tuple[Service, int, int | None]:
+        """A proxy in front of the running API, stopped when ``stack`` closes: (service, CoAP
+        port, coaps port or None)."""
         coaps_port = free_port() if dtls else None
-        proxy = self._proxy(
-            port, f"http://127.0.0.1:{self._api_port}", self._proxy_token, self._redis_url,
-            workers=workers, coaps_port=coaps_port,
+        proxy, port = self._server(
+            stack, "coap-bridge", upstream=f"http://127.0.0.1:{self._api_port}",
+            token=self._proxy_token, redis_url=self._redis_url, workers=workers,
+            coaps_port=coaps_port,
         )  # fmt: skip
-        try:
-            proxy.wait_until(lambda: coap_ready(port), 30.0, "answering CoAP")
-            if workers > 1:
-                time.sleep(1.0)  # the other SO_REUSEPORT workers
-        except BaseException:
-            proxy.stop()
-            raise
         self._chain["proxy"] = proxy
         return proxy, port, coaps_port
 
@@ -842,55 +664,39 @@ class Bench:
 
     # -- loads
 
-    def _plain_load(
-        self, port: int, spec: RequestSpec, duration: float, mode: str = "closed", rate: float = 0
-    ) -> Callable[[dict[str, int]], LoadResult]:
-        def run(watch: dict[str, int]) -> LoadResult:
-            return self._load(port, spec, duration=duration, mode=mode, rate=rate, watch=watch)
-
-        return run
-
     def _dtls_load(
-        self, coaps_port: int, spec: RequestSpec, credentials: list[Credential]
-    ) -> Callable[[dict[str, int]], LoadResult]:
-        s = self.settings
-
-        def run(watch: dict[str, int]) -> LoadResult:
-            self._seq_tag += 1
-            config = DtlsLoadConfig(
-                host="127.0.0.1",
-                port=coaps_port,
-                credentials=credentials,
-                spec=spec,
-                duration=s.e_duration,
-                warmup=s.warmup,
-                timeout=s.timeout,
-                workers=s.dtls_loadgen_workers,
-                seq_base=self._seq_tag << 56,
-                handshake_timeout=s.timeout,
-            )
-            return self._measured(lambda: dtls_loadgen.run_sessions(config), watch)
-
-        return run
-
-    def _telemetry_run(
         self,
-        scenario: str,
-        system: str,
-        load: Callable[[dict[str, int]], LoadResult],
-        replicas: int = 1,
-    ) -> Row:
-        row = Row(scenario, system)
-        mqtt_url = self._chain_mqtt_url
+        coaps_port: int,
+        spec: RequestSpec,
+        credentials: list[Credential],
+        *,
+        watch: dict[str, int],
+    ) -> LoadResult:
+        """One load over DTLS sessions, measured (:meth:`_measured`)."""
+        s = self.settings
+        self._seq_tag += 1
+        config = DtlsLoadConfig(
+            host="127.0.0.1", port=coaps_port, credentials=credentials, spec=spec,
+            duration=s.e_duration, warmup=s.warmup, timeout=s.timeout,
+            workers=s.dtls_loadgen_workers, seq_base=self._seq_tag << 56,
+            handshake_timeout=s.timeout,
+        )  # fmt: skip
+        return self._measured(lambda: dtls_loadgen.run_sessions(config), watch)
+
+    def _telemetry_run(self, row: Row, load: Callable[..., LoadResult]) -> None:
+        """``load`` with an MQTT subscriber as witness: fills ``row`` with the result and what
+        was lost or duplicated between the acknowledgements and MQTT."""
         witness: Subscriber | MosquittoSubscriber
         if self.settings.subscriber == "aiomqtt":
-            witness = Subscriber(mqtt_url, TOPIC)
+            witness = Subscriber(self._mqtt_url, TOPIC)
         else:
-            witness = MosquittoSubscriber(mqtt_url, TOPIC, self.settings.workdir / "subscriber")
+            witness = MosquittoSubscriber(
+                self._mqtt_url, TOPIC, self.settings.workdir / "subscriber"
+            )
         with witness as subscriber:
             watch = {name: svc.pid for name, svc in self._chain.items()}
             watch["subscriber"] = subscriber.pid
-            result = load(watch)
+            result = load(watch=watch)
             cpu_extra = self._cpu_extra()
             subscriber.settle(result.sent, quiet=1.5, limit=15.0)
             received = subscriber.close()
@@ -916,18 +722,16 @@ class Bench:
             f"  MQTT: {len(acked)} acked, {sum(mine.values())} delivered, lost {lost}, "
             f"duplicated {duplicated}, delivered but not acked {unacked}"
         )
-        return row
 
     # --- M -----------------------------------------------------------------------------------
 
     def scenario_m(self) -> None:
         s = self.settings
         self._log(f"M: proxy RSS before/after T at full rate for {s.m_duration:g} s")
-        row = Row("M", "coap-bridge")
-        try:
+        with self._row("M", "coap-bridge") as row:
             env = {"COAP_BRIDGE_DEDUP_MAX_ENTRIES": str(s.m_dedup_max_entries)}
-            service, port = self._coap_server("coap-bridge", env=env)
-            try:
+            with contextlib.ExitStack() as stack:
+                service, port = self._server(stack, "coap-bridge", env=env)
                 time.sleep(0.5)
                 with RssSampler(service.pid, max(1.0, s.m_duration / 6)) as rss:
                     result = self._load(
@@ -937,8 +741,6 @@ class Bench:
                 service.check_alive()
                 before, after = rss.before, rss_bytes(service.pid)
                 samples = [(0.0, before), *rss.samples]
-            finally:
-                service.stop()
             held = result.sent
             if s.m_duration > EXCHANGE_LIFETIME:
                 held = round(result.sent * EXCHANGE_LIFETIME / (s.m_duration + 0.0))
@@ -948,6 +750,8 @@ class Bench:
                     "expired yet, so it shows growth per exchange, not the plateau "
                     "(run with --m-duration 300 to see RSS level off)."
                 )
+            if samples[-1][0] < result.window - 1:
+                samples.append((result.window, after))
             row.result = result
             row.extra = {
                 "rss_before": before,
@@ -955,18 +759,12 @@ class Bench:
                 "rss_delta": after - before,
                 "exchanges_held": held,
                 "bytes_per_exchange": (after - before) / held if held else None,
-                "rss_samples": samples
-                if samples[-1][0] >= result.window - 1
-                else [*samples, (result.window, after)],
+                "rss_samples": samples,
             }
             self._log(
                 f"  RSS {before / 2**20:.1f} MiB → {after / 2**20:.1f} MiB over {held} exchanges: "
                 f"{row.extra['bytes_per_exchange'] or 0:.0f} B/exchange"
             )
-        except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}"
-            self._log(f"  ERROR {row.error}")
-        self.rows.append(row)
 
     # --- all ---------------------------------------------------------------------------------
 
@@ -982,6 +780,22 @@ class Bench:
         return any(
             row.error is not None or row.extra.get("status") == "FAILED" for row in self.rows
         )
+
+
+def _chain_rows(chosen: Sequence[str]) -> list[tuple[str, str]]:
+    """The rows the chosen chain scenarios add, to fail all at once when the chain is down."""
+    rows = []
+    if "E" in chosen or "L" in chosen:
+        rows.append(("E", "coap-bridge"))
+    if "L" in chosen:
+        rows.append(("L", "coap-bridge"))
+    if "D" in chosen:
+        rows.append(("E", DTLS_SYSTEM))
+    if "H" in chosen:
+        rows.append(("H", "coap-bridge"))
+    if "R" in chosen:
+        rows.append(("E", R_SYSTEM))
+    return rows
 
 
 def _origin_answers(log: Path) -> dict[str, int]:

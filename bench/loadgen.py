@@ -20,13 +20,10 @@ Rules it keeps:
 Modes: closed loop (``clients`` sockets, one request in flight each) and open loop (a fixed
 offered ``rate`` spread round-robin over ``clients`` sockets; latency is measured from the
 intended send time, so a stalled sender cannot hide queueing).
-
-Run alone: ``python -m bench.loadgen --port 5683 --request wkc --duration 5``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -36,7 +33,6 @@ import os
 import random
 import socket
 import struct
-import sys
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -438,20 +434,85 @@ class _Client(asyncio.DatagramProtocol):
         self.worker.on_done(self)
 
 
-class _Worker:
-    def __init__(self, config: LoadConfig, index: int, port_range: tuple[int, int]) -> None:
+class LoopWorker:
+    """What every load worker process shares: its clients, the sweeper that times requests
+    out, the measured window, the drain after it and the clean-up. A subclass opens the clients
+    and says what :meth:`_sweep` does and when a client still waits for an answer
+    (:meth:`_busy`)."""
+
+    def __init__(self, config: Any, stats: _Stats) -> None:
         self.config = config
+        self.stats = stats
+        self.timeout: float = config.timeout
+        self.clients: list[Any] = []
+        self.retiring: list[Any] = []  # clients replaced, waiting for their last answers
+        self.sending = False
+        self._replacements: set[asyncio.Task[None]] = set()
+
+    def _busy(self, client: Any) -> bool:
+        return bool(client.outstanding)
+
+    def _sweep(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, replacement: Any) -> None:
+        task = asyncio.ensure_future(replacement)
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self._sweep()
+
+    async def _window(self, start_at: float, drive: Callable[[float], Any]) -> float:
+        """At wall-clock ``start_at`` (shared by the workers) open the window, ``await
+        drive(t0)`` until it ends, then drain: answers to requests still in flight (kept for
+        the codes and the 2.04 list, outside the window) or their timeouts. Returns the CPU
+        seconds this process spent."""
+        config = self.config
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu0 = sum(os.times()[:2])
+        t0 = _now()
+        stats = self.stats
+        stats.window_start = t0 + config.warmup
+        stats.window_end = stats.window_start + config.duration
+        sweeper = asyncio.ensure_future(self._sweeper())
+        self.sending = True
+        try:
+            await drive(t0)
+            self.sending = False
+            deadline = _now() + config.timeout + 0.2
+            pending = (*self.clients, *self.retiring)
+            # Polled: the state changes in datagram callbacks, no event to wait on.
+            while _now() < deadline and any(self._busy(c) for c in pending):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            for task in list(self._replacements):
+                task.cancel()
+            for client in (*self.clients, *self.retiring):
+                if client.transport is not None:
+                    client.transport.close()
+        return sum(os.times()[:2]) - cpu0
+
+    async def _closed_loop(self, t0: float) -> None:
+        """Every client's first request; the answers send the next ones (``on_done``)."""
+        for client in self.clients:
+            client.send(_now())
+        await asyncio.sleep(max(0.0, self.stats.window_end - _now()))
+
+
+class _Worker(LoopWorker):
+    def __init__(self, config: LoadConfig, index: int, port_range: tuple[int, int]) -> None:
+        super().__init__(config, _Stats())
         self.index = index
-        self.stats = _Stats()
         self.template = build_template(config.spec)
-        self.timeout = config.timeout
         self.next_seq = config.seq_base + (index << 40)
         self.ports = PortPool(*port_range)
-        self.clients: list[_Client] = []
-        self.retiring: list[_Client] = []
-        self.sending = False
         self.closed_loop = config.mode == "closed"
-        self._replacements: set[asyncio.Task[None]] = set()
 
     async def _open(self) -> _Client:
         loop = asyncio.get_running_loop()
@@ -473,9 +534,7 @@ class _Worker:
         """Replace a socket whose MIDs are used up; keep the old one until its last answers."""
         client.retired = True
         self.retiring.append(client)
-        task = asyncio.ensure_future(self._replace(client))
-        self._replacements.add(task)
-        task.add_done_callback(self._replacements.discard)
+        self._spawn(self._replace(client))
 
     async def _replace(self, old: _Client) -> None:
         fresh = await self._open()
@@ -498,55 +557,24 @@ class _Worker:
             if client.transport is not None:
                 client.transport.close()
 
-    async def _sweeper(self) -> None:
-        while True:
-            await asyncio.sleep(0.05)
-            self._sweep()
-
     async def run(self, start_at: float, clients: int, rate: float) -> LoadResult:
-        config = self.config
         self.clients = [await self._open() for _ in range(clients)]
-        # start_at is wall-clock (shared by the workers); convert to this process's clock.
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        cpu0 = sum(os.times()[:2])
-        t0 = _now()
-        stats = self.stats
-        stats.window_start = t0 + config.warmup
-        stats.window_end = stats.window_start + config.duration
-        sweeper = asyncio.ensure_future(self._sweeper())
-        self.sending = True
-        try:
+
+        async def drive(t0: float) -> None:
             if self.closed_loop:
-                for client in self.clients:
-                    client.send(_now())
-                await asyncio.sleep(max(0.0, stats.window_end - _now()))
+                await self._closed_loop(t0)
             elif clients and rate > 0:
-                await self._open_loop(t0, stats.window_end, rate)
-            self.sending = False
-            # Drain: answers to requests still in flight (kept for the codes and the 2.04
-            # list, outside the window) or their timeouts.
-            deadline = _now() + config.timeout + 0.2
-            pending = (*self.clients, *self.retiring)
-            # Polled: the state changes in datagram callbacks, no event to wait on.
-            while _now() < deadline and any(c.outstanding for c in pending):  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            for task in list(self._replacements):
-                task.cancel()
-            for client in (*self.clients, *self.retiring):
-                if client.transport is not None:
-                    client.transport.close()
-        result = stats.result(
+                await self._open_loop(t0, self.stats.window_end, rate)
+
+        cpu = await self._window(start_at, drive)
+        stats = self.stats
+        return stats.result(
             _now(),
             send_errors=stats.send_errors,
             sockets=self.ports.used,
             port_fallbacks=self.ports.fallbacks,
+            worker_cpu=[cpu],
         )
-        result.worker_cpu = [sum(os.times()[:2]) - cpu0]
-        return result
 
     async def _open_loop(self, t0: float, end: float, rate: float) -> None:
         interval = 1.0 / rate
@@ -641,55 +669,23 @@ def run_forked(
     return result
 
 
-def run_load(config: LoadConfig) -> LoadResult:
-    """Run one load and return the merged result (blocking; forks workers when > 1)."""
+def run_workers(config: Any, worker_main: Callable[[Any, int, float], Any]) -> Any:
+    """``worker_main(config, index, start_at)`` in ``config.workers`` processes (forked when
+    more than one), the results merged; blocking."""
     if config.workers < 1 or config.clients < config.workers:
         raise ValueError("need at least one client per worker")
     if config.workers == 1:
-        result = _worker_main(config, 0, time.time() + 0.05)
+        result = worker_main(config, 0, time.time() + 0.05)
     else:
         start_at = time.time() + 0.5 + 0.05 * config.workers
         limit = start_at - time.time() + config.warmup + config.duration + config.timeout + 30
-        result = run_forked(config.workers, _worker_main, lambda i: (config, i, start_at), limit)
+        result = run_forked(config.workers, worker_main, lambda i: (config, i, start_at), limit)
     result.workers = config.workers
-    result.offered_rate = config.rate if config.mode == "open" else 0.0
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5683)
-    parser.add_argument("--request", choices=("wkc", "post"), default="wkc")
-    parser.add_argument("--topic", default="bench/x")
-    parser.add_argument("--mode", choices=("closed", "open"), default="closed")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--rate", type=float, default=1000.0, help="open loop: requests/s")
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--timeout", type=float, default=5.0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--ports", default="20000-30000", help="source port range LOW-HIGH")
-    args = parser.parse_args(argv)
-    low, high = (int(p) for p in args.ports.split("-"))
-    spec = RequestSpec.wkc() if args.request == "wkc" else RequestSpec.telemetry(args.topic)
-    config = LoadConfig(
-        host=args.host,
-        port=args.port,
-        spec=spec,
-        mode=args.mode,
-        clients=args.clients,
-        rate=args.rate,
-        duration=args.duration,
-        warmup=args.warmup,
-        timeout=args.timeout,
-        workers=args.workers,
-        port_range=(low, high),
-        seq_base=(os.getpid() & 0xFF) << 56,
-    )
-    print(run_load(config).summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_load(config: LoadConfig) -> LoadResult:
+    """Run one load and return the merged result (blocking; forks workers when > 1)."""
+    result: LoadResult = run_workers(config, _worker_main)
+    result.offered_rate = config.rate if config.mode == "open" else 0.0
+    return result

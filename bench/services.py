@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,130 @@ def start_mosquitto(workdir: Path) -> tuple[Service, str]:
     service.start()
     service.wait_until(lambda: tcp_ready(port), 10.0)
     return service, f"mqtt://127.0.0.1:{port}"
+
+
+# --- the systems under test ------------------------------------------------------------------
+
+
+def coap_bridge() -> str:
+    local = Path(sys.executable).with_name("coap-bridge")
+    return str(local) if local.exists() else which("coap-bridge")
+
+
+def clean_env() -> dict[str, str]:
+    """Our processes get their settings from flags only, never from the caller's COAP_BRIDGE_*."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
+
+
+_HELP_CACHE: dict[str, str] = {}
+
+
+def supports(command: str, flag: str) -> bool:
+    """Whether ``coap-bridge <command>`` takes ``flag`` (the bench also runs older builds)."""
+    if command not in _HELP_CACHE:
+        out = subprocess.run(
+            [coap_bridge(), command, "--help"], capture_output=True, text=True, timeout=60
+        )
+        _HELP_CACHE[command] = out.stdout + out.stderr
+    return flag in _HELP_CACHE[command]
+
+
+def _workers_flag(command: str, workers: int) -> list[str]:
+    if workers <= 1:
+        return []
+    if not supports(command, "--workers"):
+        raise RuntimeError(f"coap-bridge {command} has no --workers flag yet")
+    return ["--workers", str(workers)]
+
+
+def start(
+    workdir: Path,
+    name: str,
+    argv: list[str],
+    ready: object,
+    what: str,
+    settle: bool = False,
+    env: dict[str, str] | None = None,
+) -> Service:
+    """``argv`` started in ``workdir/name`` and waited for until ``ready()``; ``settle``: one
+    second more for the other workers of a ``--workers`` process."""
+    service = Service(name, argv, workdir / name)
+    service.start(env=clean_env() | (env or {}))
+    try:
+        service.wait_until(ready, 30.0, what)
+        if settle:
+            time.sleep(1.0)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+def start_proxy(
+    workdir: Path,
+    upstream: str = "http://127.0.0.1:9",
+    token: str = "bench",
+    redis_url: str | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    workers: int = 1,
+    coaps_port: int | None = None,
+    extra: Sequence[str] = (),
+) -> tuple[Service, int]:
+    """The proxy under test: (service, CoAP port). ``coaps_port`` None: DTLS off (never the
+    default 5684, which another bridge on this machine may hold)."""
+    port = free_port()
+    argv = [
+        coap_bridge(), "proxy", "--coap-host", "127.0.0.1", "--coap-port", str(port),
+        "--upstream", upstream, f"--proxy-token={token}", "--log-level", "warning",
+    ]  # fmt: skip
+    argv += _workers_flag("proxy", workers)
+    if redis_url is not None and supports("proxy", "--redis-url"):
+        argv.append(f"--redis-url={redis_url}")
+    if supports("proxy", "--coaps-port"):
+        argv.append(f"--coaps-port={'off' if coaps_port is None else coaps_port}")
+    elif coaps_port is not None:
+        raise RuntimeError("coap-bridge proxy has no --coaps-port flag yet")
+    argv += extra
+    ready = lambda: coap_ready(port)  # noqa: E731
+    return start(
+        workdir, "coap-bridge-proxy", argv, ready, "answering CoAP", workers > 1, env
+    ), port
+
+
+def start_baseline(workdir: Path, system: str) -> tuple[Service, int]:
+    """libcoap's example server or the aiocoap one (bench/aiocoap_server.py): (service, port)."""
+    port = free_port()
+    if system == "libcoap":
+        argv = [which("coap-server-notls"), "-A", "127.0.0.1", "-p", str(port), "-v", "0"]
+    elif system == "aiocoap":
+        script = str(Path(__file__).with_name("aiocoap_server.py"))
+        argv = [sys.executable, script, "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    return start(workdir, system, argv, lambda: coap_ready(port), "answering CoAP"), port
+
+
+def start_api(
+    workdir: Path, *, redis_url: str, mqtt_url: str, api_key: str, proxy_token: str, workers: int
+) -> tuple[Service, int]:
+    port = free_port()
+    argv = [
+        coap_bridge(), "api", "--api-host", "127.0.0.1", "--api-port", str(port),
+        f"--redis-url={redis_url}", f"--mqtt-url={mqtt_url}", f"--api-key={api_key}",
+        f"--proxy-token={proxy_token}", "--log-level", "warning", *_workers_flag("api", workers),
+    ]  # fmt: skip
+    ready = lambda: tcp_ready(port)  # noqa: E731
+    return start(workdir, "coap-bridge-api", argv, ready, "accepting HTTP", workers > 1), port
+
+
+def start_origin(workdir: Path, path: str, size: int) -> tuple[Service, int]:
+    """bench/origin.py serving ``size`` bytes at ``path`` (byte ranges): (service, port)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.origin", "--host", "127.0.0.1", "--port", str(port),
+            "--path", path, "--size", str(size)]  # fmt: skip
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return start(workdir, "origin", argv, lambda: tcp_ready(port), "accepting HTTP", env=env), port
 
 
 # --- memory ----------------------------------------------------------------------------------

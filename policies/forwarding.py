@@ -114,7 +114,8 @@ def canonical_ip(text: str) -> str | None:
     """The canonical text of an IPv4 or IPv6 address, or None: ``str(ipaddress.ip_address())``.
 
     IPv4 — what nearly every device message carries — takes a fast path through the C
-    conversion (the API parses one address per message; ``ipaddress`` cost ~30 µs of it).
+    conversion (the single-message ``/ingest`` form parses one address per call, and the device
+    store's lookups canonicalise theirs).
     IPv6 goes through ``ipaddress``, whose text form (e.g. of IPv4-mapped addresses) is the
     one the device store uses.
     """

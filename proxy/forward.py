@@ -295,8 +295,6 @@ class ProxyHandler:
             accept = media.content_type_for(request.accept)
             if accept is None:
                 return Response(status.NOT_ACCEPTABLE)
-        query = "&".join(_encode_query(q) for q in request.queries)
-        forwarded = forwarding.format_forwarded(ip, port, self._proto)
         key = forwarding.idempotency_key(ip, port, message.mid, message.token, request.identity)
         options = message.options
         # If-Match (1), ETag (4), If-None-Match (5) sort first: one look at the first option.
@@ -305,17 +303,28 @@ class ProxyHandler:
         )
         try:
             if route.batch_target is not None and accept is None and conditions is None:
+                # The item carries the facts, not their HTTP spelling (policies/batch.py): the
+                # topic checked here (on a topic_query route _check asked the same question),
+                # the address in the backend's canonical form.
+                try:
+                    topic = topic_from_queries(request.queries) or ""
+                except TopicError:
+                    return Response(status.BAD_REQUEST)
                 item = BatchItem(
-                    forwarded,
+                    ip if ":" not in ip else (forwarding.canonical_ip(ip) or ip),
+                    port,
+                    self._proto,
                     request.identity or "",
                     key,
-                    query,
-                    content_type or "",
+                    topic,
+                    request.content_format,
                     message.payload,
                 )
                 # Template routes have no batch_target (policies/routes.py).
                 http_status, retry_after = await self._batcher(route.batch_target).call(item)
                 return translate_status(http_status, retry_after, request.method, route.table)
+            query = "&".join(_encode_query(q) for q in request.queries)
+            forwarded = forwarding.format_forwarded(ip, port, self._proto)
             headers = {forwarding.FORWARDED_HEADER: forwarded}
             if self._is_internal(route.target):
                 headers[forwarding.IDEMPOTENCY_HEADER] = key

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from typing import Annotated
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.background import BackgroundTask
@@ -23,6 +22,7 @@ from api.errors import (
     ApiError,
     BadBatch,
     BadForwarded,
+    BatchVersionMismatch,
     BrokerUnavailable,
     DeviceUnauthorized,
     InvalidTopic,
@@ -30,7 +30,7 @@ from api.errors import (
     StoreUnavailable,
 )
 from api.idempotency import Claimed, IdempotencyStore
-from api.identity import calling_device, origin_from
+from api.identity import calling_device
 from api.publisher import Publisher
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
@@ -81,12 +81,23 @@ def _message(
         )
     except TopicError as exc:
         raise InvalidTopic(str(exc)) from exc
-    properties = {"iccid": device.iccid, "source": _source(origin)}
+    content_format: str | None = None
     if content_type:
         number = content_format_for(content_type)
-        properties["content-format"] = str(number) if number is not None else content_type
+        content_format = str(number) if number is not None else content_type
+    return topic, _properties(device, origin.ip, origin.port, content_format, received_at)
+
+
+def _properties(
+    device: Device, ip: str, port: int, content_format: str | None, received_at: int
+) -> dict[str, str]:
+    """The MQTT user properties of an accepted message (docs/CONTRACT.md §9), in this order."""
+    host = f"[{ip}]" if ":" in ip else ip
+    properties = {"iccid": device.iccid, "source": f"{host}:{port}"}
+    if content_format is not None:
+        properties["content-format"] = content_format
     properties["received-at"] = str(received_at)
-    return topic, properties
+    return properties
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -100,11 +111,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"payload is more than {limit} bytes")
     return bytes(body)
-
-
-def _source(origin: Origin) -> str:
-    host = f"[{origin.ip}]" if ":" in origin.ip else origin.ip
-    return f"{host}:{origin.port}"
 
 
 @router.post(
@@ -231,8 +237,8 @@ def _recording(
 # The most a proxy may put in one call (its max_batch is at most this); settings.max_batch,
 # the proxy's configured value, bounds the body (batch_body_limit).
 MAX_BATCH_ITEMS = 1024
-# Per item beyond its payload: six length prefixes, Forwarded, PSK identity, Idempotency-Key,
-# query and Content-Type (policies/batch.py); all but the query are a few dozen bytes.
+# Per item beyond its payload: the fixed head, address, proto, PSK identity, Idempotency-Key
+# and topic (policies/batch.py); all but the topic (at most 253 bytes) are a few dozen bytes.
 BATCH_ITEM_FRAMING = 1024
 
 
@@ -242,9 +248,10 @@ BATCH_ITEM_FRAMING = 1024
     description=(
         "The batch form of `/ingest`, used by the proxy when many devices send at once. The "
         f"body (`{BATCH_CONTENT_TYPE}`) is a sequence of items, each carrying what the single "
-        "form carries in headers and query (see `policies/batch.py`). The answer lists one HTTP "
-        "status per item, in order: 204 (published, PUBACK received), 400, 401, 413 or 503, "
-        "exactly as `/ingest` would have answered that item alone."
+        "form carries in headers and query, as typed fields the proxy has already checked (see "
+        "`policies/batch.py`). The answer lists one HTTP status per item, in order: 204 "
+        "(published, PUBACK received), 401, 413 or 503, exactly as `/ingest` would have "
+        "answered that item alone."
     ),
     dependencies=[Depends(require_proxy)],
     responses={
@@ -255,6 +262,7 @@ BATCH_ITEM_FRAMING = 1024
         400: {"description": "the body is not a valid batch"},
         403: {"description": "missing or invalid proxy token"},
         413: {"description": "the body is larger than max_batch items of max_payload"},
+        415: {"description": "the body is not in this backend's batch layout (Content-Type)"},
     },
 )
 async def ingest_batch(
@@ -264,6 +272,12 @@ async def ingest_batch(
     publisher: PublisherDep,
     idempotency: IdempotencyDep,
 ) -> Response:
+    given = request.headers.get("content-type", "")
+    if given != BATCH_CONTENT_TYPE:
+        raise BatchVersionMismatch(
+            f"batch content type {given[:64]!r}, this backend reads {BATCH_CONTENT_TYPE!r}: "
+            "run proxy and API of the same release"
+        )
     body = await _read_body(request, batch_body_limit(settings))
     return await answer_batch(
         body,
@@ -300,30 +314,30 @@ async def answer_batch(
         raise BadBatch(f"{len(items)} items in one batch, at most {MAX_BATCH_ITEMS}")
     statuses = [204] * len(items)
     keyed = [n for n, item in enumerate(items) if item.idempotency_key]
-    origins = [_origin(item) for item in items]
     # Who sent each item, and its Idempotency-Key claim: one question (api/admission.py).
-    devices, claimed_in_order = await _admit(admission, items, origins, keyed)
+    devices, claimed_in_order = await _admit(admission, items, keyed)
     claimed: dict[int, Claimed] = dict(zip(keyed, claimed_in_order, strict=True))
     outgoing: list[Outgoing] = []
     positions: list[int] = []
+    # The item's fields are used as they come: the proxy checked the topic and wrote the
+    # address canonically (policies/batch.py); only what the backend decides is decided here.
     for index, item in enumerate(items):
-        try:
-            origin = origins[index]
-            if isinstance(origin, ApiError):
-                raise origin
-            device = devices[(item.identity, "") if item.identity else ("", origin.ip)]
-            if isinstance(device, ApiError):
-                raise device
-            if len(item.payload) > settings.max_payload:
-                raise PayloadTooLarge(
-                    f"payload is {len(item.payload)} bytes, at most {settings.max_payload}"
-                )
-            topic, properties = _message(
-                settings, device, origin, _topics(item), item.content_type or None, received_at
-            )
-        except ApiError as exc:
-            statuses[index] = exc.status_code
+        device = devices[(item.identity, "") if item.identity else ("", item.ip)]
+        if isinstance(device, ApiError):
+            statuses[index] = device.status_code
             continue
+        if len(item.payload) > settings.max_payload:
+            statuses[index] = PayloadTooLarge.status_code
+            continue
+        topic = item.topic or render_topic(settings.topic_template, iccid=device.iccid)
+        content_format = item.content_format
+        properties = _properties(
+            device,
+            item.ip,
+            item.port,
+            None if content_format is None else str(content_format),
+            received_at,
+        )
         outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
         positions.append(index)
     claims = [claimed.get(index) for index in positions]
@@ -348,21 +362,9 @@ async def answer_batch(
     )
 
 
-def _topics(item: BatchItem) -> list[str]:
-    return [value for name, value in parse_qsl(item.query, keep_blank_values=True) if name == "t"]
-
-
-def _origin(item: BatchItem) -> Origin | ApiError:
-    try:
-        return origin_from(item.forwarded)
-    except ApiError as exc:
-        return exc
-
-
 async def _admit(
     admission: Admission,
     items: list[BatchItem],
-    origins: list[Origin | ApiError],
     keyed: list[int],
 ) -> tuple[dict[tuple[str, str], Device | ApiError], list[Claimed]]:
     """Every distinct device of a batch, by PSK identity (DTLS) or by address
@@ -370,13 +372,7 @@ async def _admit(
     keyed items, in one question to the stores. Unknown or non-active → 401; a failed lookup
     is every item's 503; failed claims raise StoreUnavailable (the whole batch 503)."""
     identities = sorted({item.identity for item in items if item.identity})
-    ips = sorted(
-        {
-            origin.ip
-            for item, origin in zip(items, origins, strict=True)
-            if not item.identity and not isinstance(origin, ApiError)
-        }
-    )
+    ips = sorted({item.ip for item in items if not item.identity})
     keys = [(identity, "") for identity in identities] + [("", ip) for ip in ips]
     admitted = await admission.admit(identities, ips, [items[n].idempotency_key for n in keyed])
     if admitted.lookup_error is not None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from policies.batch import (
+    NO_CONTENT_FORMAT,
     BatchFormatError,
     BatchItem,
     decode_batch,
@@ -14,15 +17,18 @@ from policies.batch import (
 )
 
 ITEMS = [
-    BatchItem('for="10.0.0.1:5683";proto=coap', "", "coap:10.0.0.1:5683:1:aa", "t=a/b", "", b""),
+    BatchItem("10.0.0.1", 5683, "coap", "", "coap:10.0.0.1:5683:1:aa", "a/b", None, b""),
     BatchItem(
-        'for="[2001:db8::1]:1";proto=coaps',
+        "2001:db8::1",
+        1,
+        "coaps",
         "8988280666000000001",
         "k2",
-        "t=%C3%A4&x=1",
-        "application/octet-stream",
+        "ä",
+        42,
         bytes(range(256)) * 300,
     ),
+    BatchItem("10.0.0.2", 65535, "coap", "", "", "", 0, b"x"),
 ]
 
 
@@ -35,15 +41,20 @@ def test_empty_batch() -> None:
     assert decode_batch(b"") == []
 
 
+def _head(*lengths: int) -> bytes:
+    """An item head: port, no Content-Format, then the lengths of ip, proto, identity, key,
+    topic and payload."""
+    ip, proto, identity, key, topic, payload = lengths
+    return struct.pack("!HIBBHHHI", 1, NO_CONTENT_FORMAT, ip, proto, identity, key, topic, payload)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         pytest.param(encode_batch(ITEMS)[:-1], "payload runs past", id="payload-cut"),
-        pytest.param(encode_batch(ITEMS[:1])[:3], "field runs past|truncated", id="field-cut"),
+        pytest.param(encode_batch(ITEMS[:1])[:25], "field runs past|truncated", id="field-cut"),
         pytest.param(b"\x00", "truncated", id="half-length"),
-        pytest.param(
-            b"\x00\x01\xff" + b"\x00\x00" * 4 + b"\x00\x00\x00\x00", "not UTF-8", id="utf8"
-        ),
+        pytest.param(_head(0, 0, 1, 0, 0, 0) + b"\xff", "not UTF-8", id="utf8"),
     ],
 )
 def test_malformed_batches_are_refused_with_the_item_named(body: bytes, message: str) -> None:
@@ -53,7 +64,7 @@ def test_malformed_batches_are_refused_with_the_item_named(body: bytes, message:
 
 def test_oversized_field_is_refused_on_encode() -> None:
     with pytest.raises(BatchFormatError, match="exceeds"):
-        encode_batch([BatchItem("x" * 70000, "", "", "", "", b"")])
+        encode_batch([BatchItem("10.0.0.1", 1, "coap", "x" * 70000, "", "", None, b"")])
 
 
 def test_statuses_round_trip() -> None:

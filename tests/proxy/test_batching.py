@@ -12,10 +12,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from policies import forwarding, status
 from policies.batch import BatchItem, decode_batch, encode_statuses
+from policies.routes import parse_policy
 from proxy.batching import GroupCommit
+from proxy.coap import options as opt
+from proxy.coap.codec import CON, Message, uint_bytes
+from proxy.coap.requests import interpret
 from proxy.errors import UpstreamUnreachable
+from proxy.forward import ProxyHandler
 from proxy.http1 import Http1Upstream
+from proxy.upstream import UpstreamResponse
 from tests.support.http import free_port, serve_app
 
 
@@ -44,7 +51,7 @@ class BatchBackend:
 
 
 def item(status: int) -> BatchItem:
-    return BatchItem('for="127.0.0.1:1"', "", "k", "", "", str(status).encode())
+    return BatchItem("127.0.0.1", 1, "coap", "", "k", "", None, str(status).encode())
 
 
 @pytest.fixture
@@ -173,3 +180,76 @@ async def test_the_next_flush_leaves_before_the_last_ones_callers_resume() -> No
     release.set()
     await asyncio.gather(first, second)
     assert events == ["flush a", "flush b", "resumed a", "resumed b"]
+
+
+class RecordingUpstream:
+    """Answers every batch call 204 per item and keeps the items it was sent."""
+
+    def __init__(self) -> None:
+        self.items: list[BatchItem] = []
+
+    async def request(
+        self, method: str, url: str, headers: dict[str, str], content: bytes
+    ) -> UpstreamResponse:
+        items = decode_batch(content)
+        self.items += items
+        return UpstreamResponse(200, "application/json", None, encode_statuses([204] * len(items)))
+
+
+BATCH_POLICY = """
+[[route]]
+path = "/"
+methods = ["POST"]
+target = "/ingest"
+batch_target = "/ingest/batch"
+topic_query = true
+
+[[route]]
+path = "/unchecked"
+methods = ["POST"]
+target = "/ingest"
+batch_target = "/ingest/batch"
+"""
+
+
+def _request(path: str, queries: list[str], peer: tuple[str, int], identity: str | None = None):
+    options = [(opt.URI_PATH, path.encode())] if path else []
+    options += [(opt.URI_QUERY, q.encode()) for q in queries]
+    options.append((opt.CONTENT_FORMAT, uint_bytes(50)))
+    message = Message(CON, status.POST, 7, b"\x0a\x0b", options, b"{}")
+    return interpret(message, peer, identity)
+
+
+async def test_the_item_carries_the_request_as_typed_fields() -> None:
+    # The topic is checked by the proxy on every batch route (with or without topic_query),
+    # the address written canonically: the backend uses both as they come (policies/batch.py).
+    upstream = RecordingUpstream()
+    handler = ProxyHandler(
+        policy=parse_policy(BATCH_POLICY),
+        upstream=upstream,
+        base_url="http://api",
+        proxy_token="tok",
+        proto="coaps",
+    )
+    ok = await handler.handle(_request("", ["t=a/b", "x=1"], ("::ffff:10.0.0.1", 5683), "id-1"))
+    assert ok.code == status.CHANGED
+    assert upstream.items == [
+        BatchItem(
+            "::ffff:a00:1",
+            5683,
+            "coaps",
+            "id-1",
+            forwarding.idempotency_key("::ffff:10.0.0.1", 5683, 7, b"\x0a\x0b", "id-1"),
+            "a/b",
+            50,
+            b"{}",
+        )
+    ]
+    for path in ("", "unchecked"):
+        for queries in (["t=a//b"], ["t=a", "t=b"], ["t"]):
+            refused = await handler.handle(_request(path, queries, ("10.0.0.2", 1)))
+            assert refused.code == status.BAD_REQUEST
+    plain = await handler.handle(_request("unchecked", [], ("10.0.0.2", 1)))
+    assert plain.code == status.CHANGED
+    assert [(i.ip, i.topic) for i in upstream.items[1:]] == [("10.0.0.2", "")]
+    await handler.drain()
