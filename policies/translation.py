@@ -60,6 +60,15 @@ def max_age(http_status: int, headers: Mapping[str, str], now: float) -> int | N
     return None if http_status in HEURISTICALLY_CACHEABLE else 0
 
 
+def max_age_from_retry_after(value: str | None) -> int | None:
+    """``Retry-After`` in delta-seconds as Max-Age (RFC 9110 §10.2.3; an HTTP-date is not
+    worth parsing for this); None when absent or not delta-seconds."""
+    if value is None:
+        return None
+    value = value.strip()
+    return min(int(value), MAX_AGE_LIMIT) if value.isdigit() else None
+
+
 def _http_date(value: str) -> float | None:
     try:
         return parsedate_to_datetime(value.strip()).timestamp()

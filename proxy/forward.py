@@ -32,13 +32,6 @@ LINK_FORMAT = 40
 _SAFE = frozenset({status.GET, status.FETCH})  # RFC 7252 §5.1, RFC 8132 §2
 
 
-def _max_age_from_retry_after(value: str | None) -> int | None:
-    """Retry-After in delta-seconds → Max-Age (an HTTP-date is not worth parsing here)."""
-    if value is None or not value.strip().isdigit():
-        return None
-    return min(int(value.strip()), 0xFFFFFFFF)
-
-
 # Answers that tell the device when to come back: the origin's Retry-After becomes Max-Age
 # (RFC 8075 §7.1.2 for 5.03; 4.29 per RFC 8516 §3 carries Max-Age the same way).
 _RETRY_LATER = frozenset({status.SERVICE_UNAVAILABLE, status.TOO_MANY_REQUESTS})
@@ -53,7 +46,7 @@ def _error(
     """An error answer: no payload (docs/CONTRACT.md §3), Max-Age from Retry-After on
     5.03/4.29, else from the origin's freshness information (policies/translation.py: 0 when
     it must not be reused, absent when HTTP would let a cache keep it)."""
-    max_age = _max_age_from_retry_after(retry_after) if code in _RETRY_LATER else None
+    max_age = translation.max_age_from_retry_after(retry_after) if code in _RETRY_LATER else None
     if max_age is None:
         max_age = translation.max_age(http_status, headers, time.time())
     return Response(code, [(opt.MAX_AGE, uint_bytes(max_age))] if max_age is not None else [])
@@ -192,14 +185,11 @@ class ProxyHandler:
         cross-replica claim: what this handler answers itself (discovery, 4.01 in production
         mode, 4.04, 4.05) is the same on every replica, and a GET the policy calls idempotent
         may run twice (docs/ARCHITECTURE.md)."""
-        path = request.path
-        if path == WELL_KNOWN_CORE:
+        matched = self._match(request)
+        if isinstance(matched, Response):
             return False
-        if self._plain_paths is not None and path not in self._plain_paths:
-            return False
-        route = self._policy.match(path, request.method, self._segments(request)).route
-        if route is None:
-            return False
+        route = matched.route
+        assert route is not None  # _match answered every match without a route
         return not (route.idempotent and request.method in _SAFE)
 
     def answer_now(self, request: Request) -> Response | None:
@@ -217,15 +207,26 @@ class ProxyHandler:
         assert route is not None  # _check answered every match without a route
         return await self._forward(request, route, checked.params)
 
-    def _check(self, request: Request) -> Response | RouteMatch:
+    def _match(self, request: Request) -> Response | RouteMatch:
+        """The route, or this handler's own answer where there is none to forward to: 4.01 in
+        production mode, discovery, 4.04, 4.05."""
         if self._plain_paths is not None and request.path not in self._plain_paths:
             return Response(status.UNAUTHORIZED)
         if request.path == WELL_KNOWN_CORE:
             return self._discover(request)
         match = self._policy.match(request.path, request.method, self._segments(request))
-        route = match.route
-        if route is None:
+        if match.route is None:
             return Response(match.error)
+        return match
+
+    def _check(self, request: Request) -> Response | RouteMatch:
+        """:meth:`_match`, then the checks before forwarding: the topic rules, the payload
+        limit."""
+        match = self._match(request)
+        if isinstance(match, Response):
+            return match
+        route = match.route
+        assert route is not None
         if route.topic_query:
             try:
                 topic_from_queries(request.queries)

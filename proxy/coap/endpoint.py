@@ -66,7 +66,7 @@ from proxy.coap.exchanges import (
     identity_key,
     peer_key,
 )
-from proxy.coap.requests import BadRequest, Response, interpret
+from proxy.coap.requests import BadRequest, Peer, Response, interpret
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ ACK_TIMEOUT = 2.0
 ACK_RANDOM_FACTOR = 1.5
 MAX_RETRANSMIT = 4
 
-Peer = tuple[str, int]
 # What receive() hands out: a request to handle, bytes to send back to the peer, or nothing.
 Event = Exchange | bytes
 

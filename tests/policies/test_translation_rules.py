@@ -11,6 +11,7 @@ from policies.translation import (
     http_etag,
     location_parts,
     max_age,
+    max_age_from_retry_after,
 )
 
 NOW = 4_000_000_000.0
@@ -120,3 +121,20 @@ URL = "http://origin:8000/api/things?x=1"
 )
 def test_location_parts(location: str, target_path: str, coap_path: str, expected) -> None:
     assert location_parts(location, URL, target_path, coap_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [
+        pytest.param("7", 7, id="seconds"),
+        pytest.param(" 30 ", 30, id="spaces"),
+        pytest.param("0", 0, id="zero"),
+        pytest.param("99999999999", 0xFFFFFFFF, id="capped-at-4-bytes"),
+        pytest.param("Wed, 21 Oct 2026 07:28:00 GMT", None, id="http-date"),
+        pytest.param("-5", None, id="negative"),
+        pytest.param("", None, id="empty"),
+        pytest.param(None, None, id="absent"),
+    ],
+)
+def test_retry_after_as_max_age(retry_after: str | None, expected: int | None) -> None:
+    assert max_age_from_retry_after(retry_after) == expected

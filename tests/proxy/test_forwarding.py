@@ -27,7 +27,7 @@ from proxy.forward import ProxyHandler
 from proxy.http1 import Http1Upstream
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ProxySettings
-from tests.support.coap import RawClient
+from tests.support.coap import RawClient, request_datagram
 from tests.support.http import free_port, serve_app
 
 POLICY = """
@@ -82,13 +82,10 @@ class Rig:
 
     async def send(self, code: int, path: str, *, queries=(), payload=b"", extra=()) -> object:
         self.mid += 1
-        options = [(opt.URI_PATH, seg.encode()) for seg in path.strip("/").split("/") if seg]
-        options += [(opt.URI_QUERY, q.encode()) for q in queries]
-        options += list(extra)
-        options.sort(key=lambda o: o[0])
-        return await self.client.request(
-            encode_parts(CON, code, self.mid, b"\x0a\x0b", options, payload), timeout=5.0
+        datagram = request_datagram(
+            code, self.mid, path, token=b"\x0a\x0b", queries=queries, payload=payload, extra=extra
         )
+        return await self.client.request(datagram, timeout=5.0)
 
 
 @pytest.fixture

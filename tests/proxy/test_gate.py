@@ -30,7 +30,7 @@ from proxy.gate import Gate
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ProxySettings
 from proxy.state.base import Claim, ClaimResult, DedupUnavailable
-from tests.support.coap import PortClient
+from tests.support.coap import PortClient, request_datagram
 from tests.support.http import serve_app
 from tests.support.services import RedisServer
 
@@ -246,8 +246,7 @@ async def replicas(tmp_path, redis_server: RedisServer) -> AsyncIterator[Replica
 
 
 def request(mid: int, code: int, path: str) -> bytes:
-    options = [(opt.URI_PATH, segment.encode()) for segment in path.strip("/").split("/")]
-    return encode_parts(CON, code, mid, b"\x0c", options, b"")
+    return request_datagram(code, mid, path, token=b"\x0c")
 
 
 @pytest.mark.parametrize(

@@ -25,13 +25,13 @@ from policies import status
 from policies.routes import parse_policy
 from policies.translation import coap_etag
 from proxy.coap import options as opt
-from proxy.coap.codec import CON, Message, encode_parts, parse_uint
+from proxy.coap.codec import CON, Message, parse_uint
 from proxy.coap.requests import Request
 from proxy.forward import ProxyHandler
 from proxy.http1 import Http1Upstream
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ProxySettings
-from tests.support.coap import RawClient
+from tests.support.coap import RawClient, request_datagram
 from tests.support.http import serve_app
 
 POLICY = """
@@ -137,13 +137,10 @@ class Rig:
 
     async def send(self, code: int, path: str, *, queries=(), payload=b"", extra=()) -> Message:
         self.mid += 1
-        options = [(opt.URI_PATH, seg.encode()) for seg in path.strip("/").split("/") if seg]
-        options += [(opt.URI_QUERY, q.encode()) for q in queries]
-        options += list(extra)
-        options.sort(key=lambda o: o[0])
-        return await self.client.request(
-            encode_parts(CON, code, self.mid, b"\x0c", options, payload), timeout=5.0
+        datagram = request_datagram(
+            code, self.mid, path, token=b"\x0c", queries=queries, payload=payload, extra=extra
         )
+        return await self.client.request(datagram, timeout=5.0)
 
     def sent(self, index: int = -1) -> tuple[str, str, dict[str, str], bytes]:
         return self.origin.requests[index]

@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 
-from proxy.coap.codec import Message, decode
+from proxy.coap import options as opt
+from proxy.coap.codec import CON, Message, decode, encode_parts
+
+
+def request_datagram(
+    code: int,
+    mid: int,
+    path: str,
+    *,
+    token: bytes = b"",
+    queries: Iterable[str] = (),
+    payload: bytes = b"",
+    extra: Iterable[tuple[int, bytes]] = (),
+    mtype: int = CON,
+) -> bytes:
+    """A request to ``path`` (one Uri-Path per segment) with Uri-Query ``queries`` and any
+    ``extra`` options, sorted by number as the codec wants them."""
+    options = [
+        (opt.URI_PATH, segment.encode()) for segment in path.strip("/").split("/") if segment
+    ]
+    options += [(opt.URI_QUERY, query.encode()) for query in queries]
+    options += list(extra)
+    options.sort(key=lambda option: option[0])
+    return encode_parts(mtype, code, mid, token, options, payload)
 
 
 class _Collector(asyncio.DatagramProtocol):
