@@ -20,11 +20,7 @@ from api.admission import SeparateAdmission, admission_for
 from api.errors import ApiError, install_error_handler
 from api.fast_path import BatchFastPath
 from api.guard import Guard
-from api.idempotency import (
-    IdempotencyStore,
-    MemoryIdempotencyStore,
-    RedisIdempotencyStore,
-)
+from api.idempotency import build_ledger
 from api.publisher import MqttPublisher, Publisher
 from api.routes import bootstrap, credentials, devices, ingest, location, onboarding
 from api.safe_json import SafeJsonRoute
@@ -32,6 +28,7 @@ from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
+from stores.ledger import Ledger
 
 _TAGS = [
     {
@@ -139,7 +136,7 @@ def create_app(
     *,
     store: DeviceStore | None = None,
     publisher: Publisher | None = None,
-    idempotency: IdempotencyStore | None = None,
+    idempotency: Ledger | None = None,
     fast_path: bool = True,
 ) -> FastAPI:
     """Build the API. A given ``store``/``publisher`` is used as is and left open at shutdown
@@ -147,7 +144,8 @@ def create_app(
 
     The app starts even when the broker is down: the publisher keeps reconnecting and
     ``/ingest`` answers 503 until it is back. ``fast_path``: the proxy's batch calls skip
-    FastAPI's router (api/fast_path.py); off, the route serves them (tests run both).
+    FastAPI's router (api/fast_path.py); off, the route serves them (only the oracle test,
+    tests/api/test_fast_path.py, turns it off: both must give the same answers).
     """
 
     @asynccontextmanager
@@ -159,9 +157,7 @@ def create_app(
                 owned.push_async_callback(built_store.close)
                 app.state.store = built_store
             if idempotency is None and settings.redis_url:
-                shared = RedisIdempotencyStore.from_url(
-                    settings.redis_url, prefix=settings.redis_prefix
-                )
+                shared = build_ledger(settings.redis_url, settings.redis_prefix)
                 owned.push_async_callback(shared.close)
                 app.state.idempotency = shared
             # One script for both questions when this app built both stores on one server.
@@ -169,7 +165,6 @@ def create_app(
                 app.state.store,
                 app.state.idempotency,
                 same_server=store is None and idempotency is None and bool(settings.redis_url),
-                prefix=settings.redis_prefix,
             )
             app.state.publisher = publisher
             if publisher is None:
@@ -193,7 +188,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.publisher = publisher
-    app.state.idempotency = idempotency or MemoryIdempotencyStore()
+    app.state.idempotency = idempotency or build_ledger(None, settings.redis_prefix)
     app.state.admission = (
         SeparateAdmission(store, app.state.idempotency) if store is not None else None
     )

@@ -1,7 +1,8 @@
 """FastAPI dependencies: shared objects from ``app.state`` and the two kinds of caller auth.
 
-Shared state is passed in by :func:`api.app.create_app`, never global; tests swap any of it
-with ``app.dependency_overrides``.
+Shared state is passed in by :func:`api.app.create_app`, never global; tests give their own
+objects to ``create_app`` (the batch route's fast path, api/fast_path.py, reads ``app.state``
+directly, so overriding these dependencies would not reach it).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from api.admission import Admission
 from api.errors import ApiError, NotAuthenticated, NotConfigured, ProxyForbidden
-from api.idempotency import IdempotencyStore
 from api.publisher import Publisher
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from policies.forwarding import TOKEN_HEADER
+from stores.ledger import Ledger
 
 
 # `async def` although nothing is awaited: FastAPI runs plain `def` dependencies in a thread
@@ -51,13 +52,14 @@ async def get_admission(request: Request) -> Admission:
     return admission
 
 
-async def get_idempotency(request: Request) -> IdempotencyStore:
-    idempotency: IdempotencyStore = request.app.state.idempotency
+async def get_idempotency(request: Request) -> Ledger:
+    """The ledger of Idempotency-Keys (api/idempotency.py)."""
+    idempotency: Ledger = request.app.state.idempotency
     return idempotency
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
-IdempotencyDep = Annotated[IdempotencyStore, Depends(get_idempotency)]
+IdempotencyDep = Annotated[Ledger, Depends(get_idempotency)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
 NowDep = Annotated[datetime, Depends(get_now)]
 StoreDep = Annotated[DeviceStore, Depends(get_store)]

@@ -5,7 +5,7 @@ The rules themselves are pure and live in :mod:`policies.psk`; this module appli
 the store in one atomic read-modify-write each (``DeviceStore.modify``), so two replicas
 answering the same device at the same moment can never hand out two different keys. Every
 write that changes a ``psk`` is announced to the proxies by the store itself (PUBLISH on
-``policies.keys.psk_channel`` with Redis, in-process listeners with the memory store).
+``stores.keys.psk_channel`` with Redis, in-process listeners with the memory store).
 
 Keys are never logged: log lines name the device and what happened, not the key.
 """

@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): run the scenarios, write the results JSON (the run's one
 output), then render BENCHMARKS.md's generated section from it (:mod:`bench.report`). Exit
-status 1 when a scenario errored or E/L lost or duplicated a message."""
+status 1 when a scenario errored or a telemetry row is not OK (:func:`bench.harness.verdict`)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,29 @@ from bench.harness import B_SYSTEMS, SCENARIOS, SYSTEMS, Bench, Settings, workdi
 from bench.report import machine, render, update_file
 from bench.services import stop_all
 
-# Passed from the command line to Settings as they are.
-PASSED = (
-    "clients", "loadgen_workers", "proxy_workers", "api_workers", "timeout", "subscriber",
-    "r_workers", "r_api_workers", "dtls_loadgen_workers", "h_workers", "h_concurrency",
-    "b_clients", "b_loadgen_workers",
-)  # fmt: skip
+# (flag, type, default, help): passed to Settings under the flag's name as they are.
+PASSED = [
+    ("--clients", int, 64, "closed-loop clients / sockets"),
+    ("--timeout", float, 5.0, "per request (s)"),
+    ("--loadgen-workers", int, 1, "load generator processes"),
+    ("--proxy-workers", int, 1, "coap-bridge proxy --workers"),
+    ("--api-workers", int, 1, "coap-bridge api --workers"),
+    ("--b-clients", int, 32, "B: clients, each fetching the whole resource"),
+    ("--b-loadgen-workers", int, 1, "B: load generator processes"),
+    ("--r-workers", int, 2, "R: coap-bridge proxy --workers (SO_REUSEPORT)"),
+    ("--r-api-workers", int, 2, "R: coap-bridge api --workers"),
+    ("--dtls-loadgen-workers", int, 1, "D: DTLS load generator processes"),
+    ("--h-workers", int, 1, "H: handshake client processes"),
+    ("--h-concurrency", int, 8, "H: handshakes in flight per process"),
+]
+# Seconds; their defaults depend on --quick (main()).
+WINDOWS = [
+    ("--duration", "measured window of T, E, L"),
+    ("--warmup", "warm-up before each window"),
+    ("--m-duration", "M: seconds of T at full rate"),
+    ("--h-duration", "H: measured window"),
+    ("--b-duration", "B: measured window (default --duration)"),
+]
 
 
 def _choice(
@@ -44,26 +61,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         for name, scenario in SCENARIOS.items()))  # fmt: skip
     add("--t-systems", default=",".join(SYSTEMS), help=f"systems for T ({','.join(SYSTEMS)})")
     add("--b-systems", default=",".join(B_SYSTEMS), help=f"systems for B ({','.join(B_SYSTEMS)})")
-    add("--b-clients", type=int, default=32, help="B: clients, each fetching the whole resource")
-    add("--b-duration", type=float, help="B: measured window (s)")
-    add("--b-loadgen-workers", type=int, default=1, help="B: load generator processes")
-    add("--duration", type=float, help="measured window of T, E, L (s)")
-    add("--warmup", type=float, help="warm-up before each window (s)")
-    add("--m-duration", type=float, help="M: seconds of T at full rate")
-    add("--clients", type=int, default=64, help="closed-loop clients / sockets")
-    add("--timeout", type=float, default=5.0, help="per request (s)")
-    add("--loadgen-workers", type=int, default=1, help="load generator processes")
-    add("--proxy-workers", type=int, default=1, help="coap-bridge proxy --workers")
-    add("--api-workers", type=int, default=1, help="coap-bridge api --workers")
-    add("--r-workers", type=int, default=2, help="R: coap-bridge proxy --workers (SO_REUSEPORT)")
-    add("--r-api-workers", type=int, default=2, help="R: coap-bridge api --workers")
+    for flag, kind, default, text in PASSED:
+        add(flag, type=kind, default=default, help=text)
+    for flag, text in WINDOWS:
+        add(flag, type=float, help=text + " (s)")
     add("--dtls-clients", type=int, help="D: DTLS sessions (devices with a PSK); default --clients")
-    add("--dtls-loadgen-workers", type=int, default=1, help="D: DTLS load generator processes")
-    add("--h-duration", type=float, help="H: measured window (s)")
-    add("--h-workers", type=int, default=1, help="H: handshake client processes")
-    add("--h-concurrency", type=int, default=8, help="H: handshakes in flight per process")
-    add("--subscriber", choices=("mosquitto_sub", "aiomqtt"), default="mosquitto_sub",
-        help="MQTT witness of E/L: the C client costs the shared cores least")  # fmt: skip
     add("--results", default="build/bench-results.json", help="the results JSON to write")
     add("--output", default="BENCHMARKS.md", help="file to render the results into ('' = none)")
     add("--workdir", help="keep logs of the started processes here")
@@ -91,21 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with workdir(Path(args.workdir) if args.workdir else None) as work:
         settings = Settings(
-            scenarios=args.scenarios,
-            t_systems=args.t_systems,
-            b_systems=args.b_systems,
-            duration=pick(args.duration, 1.0, 10.0),
-            e_duration=pick(args.duration, 1.5, 15.0),
-            l_duration=pick(args.duration, 1.0, 10.0),
-            warmup=pick(args.warmup, 0.3, 2.0),
-            m_duration=pick(args.m_duration, 2.0, 60.0),
-            h_duration=pick(args.h_duration, 1.0, 5.0),
+            scenarios=args.scenarios, t_systems=args.t_systems, b_systems=args.b_systems,
+            duration=pick(args.duration, 1.0, 10.0), e_duration=pick(args.duration, 1.5, 15.0),
+            l_duration=pick(args.duration, 1.0, 10.0), warmup=pick(args.warmup, 0.3, 2.0),
+            m_duration=pick(args.m_duration, 2.0, 60.0), h_duration=pick(args.h_duration, 1.0, 5.0),
             b_duration=pick(args.b_duration or args.duration, 1.0, 10.0),
-            dtls_clients=args.dtls_clients or args.clients,
-            workdir=work,
-            quick=args.quick,
-            **{name: getattr(args, name) for name in PASSED},
-        )
+            dtls_clients=args.dtls_clients or args.clients, workdir=work, quick=args.quick,
+            **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+               for flag, *_ in PASSED},
+        )  # fmt: skip
         bench = Bench(settings)
         try:
             bench.run()
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": argv,
         "machine": machine(bench.loadavg_start),
         "settings": settings.as_dict(),
-        "rows": [row.as_dict() for row in bench.rows],
+        "rows": bench.rows,
         "redis_dedup": bench.redis_dedup,
         "notes": bench.notes,
     }

@@ -1,50 +1,28 @@
-"""Load over coaps:// (DTLS 1.2, PSK): telemetry through established sessions, and the rate of
-full handshakes. The client side is tinydtls through DTLSSocket, the library the proxy uses.
+"""Load over coaps:// (DTLS 1.2, PSK, RFC 6347) with tinydtls through DTLSSocket, the library
+the proxy uses. Every request is encrypted and every answer decrypted behind a Python callback,
+so a worker manages a few thousand requests/s at most: the rows report each worker's CPU
+(``worker_cpu``), and a worker near a full core means the row measures the client.
 
-Unlike :mod:`bench.loadgen` this client cannot be made cheap: every request is encrypted and
-every answer decrypted in tinydtls, behind a Python callback each way, so a worker process
-manages a few thousand requests/s at most. The harness therefore reports the CPU each worker
-process used (``worker_cpu``): a worker near 100% of a core means the row measures the client.
-
-- :func:`run_sessions` (E over DTLS): every client is one PSK identity with its own UDP socket
-  and tinydtls context. All sessions are established first (not measured); then each client
-  keeps one CON request in flight, as :mod:`bench.loadgen`'s closed loop does, with the same
-  request template, MID rules, timeouts, separate-response handling and result type. Dedup
-  keys on (identity, MID) over DTLS, so distinct identities keep exchanges distinct.
-- :func:`run_handshakes`: ``concurrency`` handshake loops per worker, each one a fresh socket
-  (new source port) and a fresh tinydtls context per handshake — ClientHello, cookie
-  (HelloVerifyRequest), ClientHello again, the PSK key exchange and both Finished — then
-  close_notify, so the server frees the peer at once. Counts completed handshakes per second
-  and their latency.
+- :func:`run_sessions` (E over DTLS): one PSK identity, socket and tinydtls context per client;
+  all sessions established first (not measured), then :mod:`bench.loadgen`'s closed loop
+  through them. Dedup keys on (identity, MID) over DTLS, so identities keep exchanges apart.
+- :func:`run_handshakes` (H): ``concurrency`` loops per worker, each handshake on a fresh
+  socket and context (ClientHello, HelloVerifyRequest cookie, ClientHello, PSK key exchange,
+  both Finished), then close_notify so the server frees the peer at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import multiprocessing
-import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.loadgen import (
-    BUCKETS,
-    LatencyFigures,
-    LoadResult,
-    LoopWorker,
-    RequestSpec,
-    _Client,
-    _port_slice,
-    _run_loop,
-    _Stats,
-    build_template,
-    run_forked,
-)
+from bench.loadgen import Client, LoadResult, PortPool, RequestSpec, Worker, run_loop, run_workers
 
 EVENT_CONNECTED = 0x01DE  # tinydtls: handshake finished
 ALERT_FATAL = 2
@@ -57,11 +35,6 @@ def _tinydtls() -> Any:
     from DTLSSocket import dtls
 
     return dtls
-
-
-def _process_cpu() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 # --- one DTLS client session -----------------------------------------------------------------
@@ -124,7 +97,7 @@ class Endpoint(asyncio.DatagramProtocol):
         self.errors = 0
 
     async def connect(
-        self, host: str, port: int, within: float, ports: PortCycle | None = None
+        self, host: str, port: int, within: float, ports: PortPool | None = None
     ) -> bool:
         """True once the handshake completed within ``within`` seconds. ``ports``: where the
         source port comes from (default: the kernel's choice)."""
@@ -186,34 +159,8 @@ class Endpoint(asyncio.DatagramProtocol):
         self.errors += 1
 
 
-class PortCycle:
-    """Source ports taken in turn from ``[low, high)``, wrapping around: a port comes back only
-    after every other one was used (the kernel's choice may hand out a port again at once)."""
-
-    def __init__(self, low: int, high: int) -> None:
-        self.low, self.high = low, max(high, low + 1)
-        self.next = low
-
-    def open(self, host: str, port: int) -> socket.socket:
-        for _ in range(self.high - self.low):
-            local = self.next
-            self.next = self.next + 1 if self.next + 1 < self.high else self.low
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            try:
-                sock.bind(("127.0.0.1", local))
-            except OSError as exc:
-                sock.close()
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-                raise
-            sock.connect((host, port))
-            return sock
-        raise OSError(errno.EADDRINUSE, f"no free source port in {self.low}-{self.high}")
-
-
 class _Pipe:
-    """What :class:`bench.loadgen._Client` sees as its transport: ``sendto`` encrypts."""
+    """What :class:`bench.loadgen.Client` sees as its transport: ``sendto`` encrypts."""
 
     __slots__ = ("endpoint",)
 
@@ -225,9 +172,6 @@ class _Pipe:
 
     def close(self) -> None:
         self.endpoint.close()
-
-
-# --- configuration and results -----------------------------------------------------------------
 
 
 @dataclass
@@ -242,199 +186,107 @@ class DtlsLoadConfig:
     workers: int = 1
     seq_base: int = 0  # sequence ids of worker w start at seq_base + w << 40
     handshake_timeout: float = 10.0
-    port_range: tuple[int, int] | None = None  # source ports (split between workers), cycled
-    concurrency: int = 8  # handshakes: loops in flight per worker; sessions: handshakes at once
+    port_range: tuple[int, int] | None = None  # H: source ports (split between workers), cycled
+    concurrency: int = 8  # H: handshake loops per worker; sessions: handshakes at once
 
 
-@dataclass
-class HandshakeResult(LatencyFigures):
-    completed: int = 0  # handshakes finished, warm-up included
-    in_window: int = 0
-    window: float = 0.0
-    failed: int = 0  # not finished within the timeout, or refused
-    hist: list[int] = field(default_factory=lambda: [0] * BUCKETS)
-    overflow: list[float] = field(default_factory=list)
-    worker_cpu: list[float] = field(default_factory=list)  # CPU seconds per worker process
-    workers: int = 1
-    concurrency: int = 0  # handshakes in flight, all workers
+class _SessionWorker(Worker):
+    """E over DTLS: :class:`bench.loadgen.Client` s whose transport encrypts."""
 
-    def merge(self, other: HandshakeResult) -> None:
-        self.completed += other.completed
-        self.in_window += other.in_window
-        self.window = max(self.window, other.window)
-        self.failed += other.failed
-        self.hist = [a + b for a, b in zip(self.hist, other.hist, strict=True)]
-        self.overflow += other.overflow
-        self.worker_cpu += other.worker_cpu
-        self.concurrency += other.concurrency
-
-    def summary(self) -> str:
-        cpu = ", ".join(f"{c:.1f}" for c in self.worker_cpu)
-        return (
-            f"{self.rate:,.0f} handshakes/s  p50 {self.p50_ms:.2f} ms  p99 {self.p99_ms:.2f} ms  "
-            f"completed {self.completed}  failed {self.failed}  in flight {self.concurrency}  "
-            f"client CPU s per worker [{cpu}]"
-        )
-
-
-# --- E over DTLS: requests through established sessions ----------------------------------------
-
-
-class _SessionWorker(LoopWorker):
-    """Duck-types what :class:`bench.loadgen._Client` expects of its worker."""
-
-    def __init__(self, config: DtlsLoadConfig, index: int) -> None:
-        super().__init__(config, _Stats())
-        self.template = build_template(config.spec)
-        self.next_seq = config.seq_base + (index << 40)
-        self.endpoints: list[Endpoint] = []
-        self.handshake_failures = 0
-
-    def on_done(self, client: _Client) -> None:
-        if self.sending and not client.mids.exhausted:
+    def next(self, client: Any) -> None:
+        if not client.mids.exhausted:  # a session cannot move to a fresh source port
             client.send(time.perf_counter())
 
-    async def _establish(self, credentials: Sequence[Credential]) -> None:
-        config = self.config
+    async def _establish(self, credentials: Sequence[Credential]) -> list[Endpoint]:
+        config, endpoints = self.config, []
         gate = asyncio.Semaphore(max(1, config.concurrency))
 
         async def one(identity: str, psk: bytes) -> None:
             async with gate:
                 for _attempt in range(3):
-                    client = _Client(self)  # type: ignore[arg-type]
-                    endpoint = Endpoint(identity, psk, client.datagram_received_plain)
+                    client = Client(self)
+                    endpoint = Endpoint(identity, psk, client.datagram_received)
                     if await endpoint.connect(config.host, config.port, config.handshake_timeout):
-                        client.transport = _Pipe(endpoint)  # type: ignore[assignment]
+                        client.transport = _Pipe(endpoint)
                         self.clients.append(client)
-                        self.endpoints.append(endpoint)
+                        endpoints.append(endpoint)
                         return
                     endpoint.close()
-                    self.handshake_failures += 1
+                    self.result.handshake_failures += 1
 
         await asyncio.gather(*(one(identity, psk) for identity, psk in credentials))
+        return endpoints
 
-    def _sweep(self) -> None:
-        now = time.perf_counter()
-        for client in self.clients:
-            expired = [c for c, entry in client.outstanding.items() if entry[2] < now]
-            for counter in expired:
-                del client.outstanding[counter]
-                self.stats.timeouts += 1
-                if self.sending:
-                    self.on_done(client)
-
-    async def run(self, credentials: Sequence[Credential], barrier: Any) -> LoadResult:
+    async def sessions(self, barrier: Any) -> LoadResult:
+        endpoints = []
         try:
-            await self._establish(credentials)
+            config = self.config
+            endpoints = await self._establish(
+                list(config.credentials)[self.index :: config.workers]
+            )
             if barrier is not None:
                 # Every worker's sessions are up before anyone starts the clock.
                 await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 120)
-            cpu = await self._window(time.time(), self._closed_loop)
-            self._sweep()
+            return await self.window(
+                time.time(), sockets=len(endpoints), send_errors=sum(e.errors for e in endpoints)
+            )
         finally:
-            for endpoint in self.endpoints:
+            for endpoint in endpoints:
                 endpoint.close()
-        return self.stats.result(
-            time.perf_counter(),
-            send_errors=sum(e.errors for e in self.endpoints),
-            sockets=len(self.endpoints),
-            worker_cpu=[cpu],
-            handshake_failures=self.handshake_failures,
-        )
+
+
+class _HandshakeWorker(Worker):
+    """``concurrency`` loops, each a fresh socket and tinydtls context per handshake."""
+
+    async def drive(self, t0: float) -> None:
+        config = self.config
+        mine = list(config.credentials)[self.index :: config.workers]
+        pick = itertools.cycle(mine or list(config.credentials))
+        self.ports.wrap = True
+        ports = self.ports if config.port_range is not None else None
+
+        async def loop() -> None:
+            while (started := time.perf_counter()) < self.window_end:
+                endpoint = Endpoint(*next(pick))
+                try:
+                    done = await endpoint.connect(
+                        config.host, config.port, config.handshake_timeout, ports
+                    )
+                finally:
+                    endpoint.close()
+                if done:
+                    self.count(None, started)
+                else:
+                    self.result.handshake_failures += 1
+
+        await asyncio.gather(*(loop() for _ in range(config.concurrency)))
 
 
 def _sessions_main(config: DtlsLoadConfig, index: int, barrier: Any) -> LoadResult:
-    credentials = list(config.credentials)[index :: config.workers]
-    return _run_loop(_SessionWorker(config, index).run(credentials, barrier))
+    return run_loop(_SessionWorker(config, index).sessions(barrier))
 
 
-# --- handshake rate ------------------------------------------------------------------------
-
-
-async def _handshakes(config: DtlsLoadConfig, index: int, start_at: float) -> HandshakeResult:
-    credentials = list(config.credentials)[index :: config.workers] or list(config.credentials)
-    pick = itertools.cycle(credentials)
-    ports = None
-    if config.port_range is not None:
-        ports = PortCycle(*_port_slice(config.port_range, config.workers, index))
-    result = HandshakeResult(concurrency=config.concurrency)
-    await asyncio.sleep(max(0.0, start_at - time.time()))
-    cpu0 = _process_cpu()
-    t0 = time.perf_counter()
-    window_start = t0 + config.warmup
-    window_end = window_start + config.duration
-
-    async def loop() -> None:
-        while (started := time.perf_counter()) < window_end:
-            identity, psk = next(pick)
-            endpoint = Endpoint(identity, psk)
-            try:
-                ok = await endpoint.connect(
-                    config.host, config.port, config.handshake_timeout, ports
-                )
-            finally:
-                endpoint.close()
-            if not ok:
-                result.failed += 1
-                continue
-            now = time.perf_counter()
-            result.completed += 1
-            if window_start <= now < window_end:
-                result.in_window += 1
-                latency = now - started
-                bucket = int(latency * 100_000)
-                if bucket < BUCKETS:
-                    result.hist[bucket] += 1
-                else:
-                    result.overflow.append(latency)
-
-    await asyncio.gather(*(loop() for _ in range(config.concurrency)))
-    result.window = max(0.0, min(time.perf_counter(), window_end) - window_start)
-    result.worker_cpu = [_process_cpu() - cpu0]
-    return result
-
-
-def _handshakes_main(config: DtlsLoadConfig, index: int, start_at: float) -> HandshakeResult:
-    return _run_loop(_handshakes(config, index, start_at))  # type: ignore[return-value]
-
-
-# --- running workers ---------------------------------------------------------------------------
+def _handshakes_main(config: DtlsLoadConfig, index: int, start_at: float) -> LoadResult:
+    return run_loop(
+        _HandshakeWorker(config, index).window(start_at, concurrency=config.concurrency, sockets=0)
+    )
 
 
 def run_sessions(config: DtlsLoadConfig) -> LoadResult:
     """Establish one session per credential, then load them in closed loop (blocking)."""
     if config.workers < 1 or len(config.credentials) < config.workers:
         raise ValueError("need at least one credential (client) per worker")
+    barrier = (
+        multiprocessing.get_context("fork").Barrier(config.workers) if config.workers > 1 else None
+    )
     limit = 120 + config.warmup + config.duration + config.timeout + 30
-    if config.workers == 1:
-        result = _sessions_main(config, 0, None)
-    else:
-        barrier = multiprocessing.get_context("fork").Barrier(config.workers)
-        result = run_forked(config.workers, _sessions_main, lambda i: (config, i, barrier), limit)
-    result.workers = config.workers
-    return result
+    return run_workers(config, _sessions_main, barrier, limit)
 
 
-def run_handshakes(config: DtlsLoadConfig) -> HandshakeResult:
+def run_handshakes(config: DtlsLoadConfig) -> LoadResult:
     """Full handshakes with fresh sessions for ``warmup + duration`` seconds (blocking)."""
     if config.workers < 1 or not config.credentials:
         raise ValueError("need a credential and a worker")
     start_at = time.time() + 0.3 + 0.05 * config.workers
-    if config.workers == 1:
-        result = _handshakes_main(config, 0, start_at)
-    else:
-        limit = 10 + config.warmup + config.duration + config.handshake_timeout + 30
-        result = run_forked(
-            config.workers, _handshakes_main, lambda i: (config, i, start_at), limit
-        )
-    result.workers = config.workers
-    return result
-
-
-__all__ = [
-    "DtlsLoadConfig",
-    "Endpoint",
-    "HandshakeResult",
-    "run_handshakes",
-    "run_sessions",
-]
+    limit = 10 + config.warmup + config.duration + config.handshake_timeout + 30
+    return run_workers(config, _handshakes_main, start_at, limit)

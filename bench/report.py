@@ -38,12 +38,9 @@ def _first_line(argv: Sequence[str], pattern: str = "") -> str:
     return next((x for x in lines if re.search(pattern, x)), "unknown")
 
 
-def _proc(path: str, prefix: str) -> str | None:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith(prefix)), None)
+def _proc(path: str, prefix: str) -> str:
+    lines = Path(path).read_text().splitlines()
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith(prefix)), "unknown")
 
 
 def _version(package: str) -> str:
@@ -53,20 +50,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _git() -> str:
-    root = str(Path(__file__).resolve().parent.parent)
-    head = _first_line(["git", "-C", root, "rev-parse", "--short", "HEAD"])
-    dirty = _first_line(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
-    return head + (" + uncommitted changes" if dirty not in ("unknown", "not found") else "")
-
-
 def machine(loadavg_start: Sequence[float]) -> dict[str, str]:
-    ram = _proc("/proc/meminfo", "MemTotal:")
     now, before = (" / ".join(f"{v:.2f}" for v in avg) for avg in (os.getloadavg(), loadavg_start))
+    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+    dirty = _first_line([*git, "status", "--porcelain", "-uno"]) not in ("unknown", "not found")
     return {
-        "CPU": _proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "CPU": _proc("/proc/cpuinfo", "model name"),
         "cores": str(os.cpu_count()),
-        "RAM": f"{int(ram.split()[0]) / 2**20:.1f} GiB" if ram else "unknown",
+        "RAM": f"{int(_proc('/proc/meminfo', 'MemTotal:').split()[0]) / 2**20:.1f} GiB",
         "kernel": f"{platform.system()} {platform.release()}",
         "Python": f"{platform.python_version()} ({sys.executable})",
         "libcoap": _first_line(["coap-server-notls", "-h"], r"v\d"),
@@ -74,7 +65,8 @@ def machine(loadavg_start: Sequence[float]) -> dict[str, str]:
         "uvloop": _version("uvloop"),
         "redis-server": _first_line(["redis-server", "--version"]),
         "mosquitto": _first_line(["mosquitto", "-h"], r"version"),
-        "coap-bridge": _git(),
+        "coap-bridge": _first_line([*git, "rev-parse", "--short", "HEAD"])
+        + (" + uncommitted changes" if dirty else ""),
         "load average": f"{before} at the start, {now} at the end (1 / 5 / 15 min)",
     }
 
@@ -143,42 +135,29 @@ def _worker_cpu(row: Row) -> list[float]:
 
 
 def limit(row: Row) -> str:
-    """What held the row back, read off the CPU each process used (a heuristic: a process near
-    a full core is the bottleneck; otherwise the machine's cores, shared by everything)."""
+    """What held the row back, read off the CPU each process used: the first of these that
+    holds (a process near a full core is a bottleneck; else the cores everything shares)."""
     util = utilisation(row)
     if not util:
         return ""
     cores = os.cpu_count() or 1
     other = 100 * (row.get("other_cpu") or 0) / row["wall"]
-    total = sum(util.values()) + other
-    workers = _worker_cpu(row)
+    total, client = sum(util.values()) + other, max(_worker_cpu(row) or [0.0])
     servers = {k: v for k, v in util.items() if k != "load generator"}
-    processes = {"proxy": row.get("proxy_workers") or 1, "api": row.get("api_workers") or 1}
-    saturated = [
-        f"{name} ({v:.0f}% over {processes.get(name, 1)} process(es))"
-        for name, v in servers.items()
-        if v / processes.get(name, 1) >= 85
-    ]
-    if workers and max(workers) >= 85:
-        return (
-            f"the client: a load generator process at {max(workers):.0f}% of a core "
-            "(the server had CPU to spare)"
-            if not saturated
-            else f"both the client (load generator at {max(workers):.0f}%) and {saturated[0]}"
-        )
-    if saturated:
-        return "the server: " + ", ".join(saturated)
-    if total >= 0.85 * cores * 100:
-        return (
-            f"the machine's {cores} cores: everything together used {total:.0f}% of "
-            f"{cores * 100}% ({other:.0f}% by processes outside the bench), no single process "
-            "at a full core"
-        )
-    busiest = max(servers.items(), key=lambda item: item[1]) if servers else ("–", 0.0)
-    return (
-        f"no process at a full core (busiest: {busiest[0]} {busiest[1]:.0f}%; total "
-        f"{total:.0f}% of {cores * 100}%): waiting (round trips, batching), not CPU"
-    )
+    n = {"proxy": row.get("proxy_workers") or 1, "api": row.get("api_workers") or 1}
+    full = ", ".join(f"{k} ({v:.0f}% over {n.get(k, 1)} process(es))"
+                     for k, v in servers.items() if v / n.get(k, 1) >= 85)  # fmt: skip
+    busiest = max(servers.items(), key=lambda item: item[1], default=("–", 0.0))
+    rules = [
+        (client >= 85 and full, f"both the client (load generator at {client:.0f}%) and {full}"),
+        (client >= 85, f"the client: a load generator process at {client:.0f}% of a core"),
+        (full, f"the server: {full}"),
+        (total >= 85 * cores, f"the machine's {cores} cores: everything together used "
+         f"{total:.0f}% of {cores * 100}% ({other:.0f}% outside the bench)"),
+        (True, f"no process at a full core (busiest: {busiest[0]} {busiest[1]:.0f}%; total "
+         f"{total:.0f}% of {cores * 100}%): waiting (round trips, batching), not CPU"),
+    ]  # fmt: skip
+    return next(text for holds, text in rules if holds)
 
 
 def cpu_line(row: Row) -> str:
@@ -230,14 +209,13 @@ class Table:
     intro: str
     columns: Sequence[tuple[str, Cell]]
     after: Callable[[Sequence[Row], Sequence[Row]], list[str]]  # (its rows, all rows) → lines
-    figure: str = "rate"  # without it, the row is an error row
     what: Callable[[Sequence[Row]], str] = lambda rows: ""
 
     def render(self, all_rows: Sequence[Row]) -> str:
         rows = [r for r in all_rows if r["scenario"] == self.scenario]
         cells = [
             [cell(r, all_rows) for _, cell in self.columns]
-            if r.get(self.figure) is not None
+            if r.get("rate") is not None
             else [_label(r), short_error(r.get("error"))] + ["–"] * (len(self.columns) - 2)
             for r in rows
         ]
@@ -298,7 +276,7 @@ def _l_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
 
 
 def _h_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
-    notes = [f"Limited by {limit(r)}." for r in rows if r.get("handshake_rate") is not None]
+    notes = [f"Limited by {limit(r)}." for r in rows if r.get("rate") is not None]
     return [" ".join(notes)] if notes else []
 
 
@@ -339,148 +317,98 @@ def _b_memory(r: Row, _: Sequence[Row]) -> str:
     )
 
 
+def _column(header: str, key: str, digits: int = 0) -> tuple[str, Cell]:
+    return header, _key(key, digits)
+
+
+SYSTEM: tuple[str, Cell] = ("system", lambda r, _: _label(r))
+
+
+def _versus(scenario: str, base: str) -> Cell:
+    return lambda r, rows: _ratio(r["rate"], _rate(rows, scenario, base))
+
+
 TABLES: dict[str, Table] = {
     "T": Table(
         "T",
         "### T — termination: CON GET /.well-known/core, closed loop",
-        f"{REDIS_SYSTEM} = `coap-bridge proxy --redis-url` with a redis-server of its own "
-        "(the cross-replica claim of the production shape; the proxy answers this request "
-        "itself); coap-bridge = the same proxy without Redis.",
-        [
-            ("system", lambda r, _: _label(r)),
-            ("req/s", _key("rate")),
-            *LATENCY,
-            ("server CPU µs/req", SERVER_CPU),
-            ("× libcoap", lambda r, rows: _ratio(r["rate"], _rate(rows, "T", "libcoap"))),
-            ("× aiocoap", lambda r, rows: _ratio(r["rate"], _rate(rows, "T", "aiocoap"))),
-        ],
+        f"{REDIS_SYSTEM} = `coap-bridge proxy --redis-url` with a redis-server of its own (the "
+        "production shape; the proxy answers this request itself); coap-bridge = no Redis.",
+        [SYSTEM, _column("req/s", "rate"), *LATENCY, ("server CPU µs/req", SERVER_CPU),
+         ("× libcoap", _versus("T", "libcoap")), ("× aiocoap", _versus("T", "aiocoap"))],
         _t_after,
     ),
     "B": Table(
         "B",
         "### B — block-wise: {what} (RFC 7959), closed loop",
-        "Every client fetches the whole resource block after block (early negotiation: "
-        "Block2 in the first request), then starts over; one block request in flight per "
-        "client, a new MID and token for each. Every payload is checked against the expected "
-        "bytes, the ETag must hold within a transfer. libcoap = `coap-server-notls` serving "
-        "what a `coap-client-notls -m put -b` stored at /example_data; "
-        f"{REDIS_SYSTEM} = `coap-bridge proxy --redis-url` in front of the bench's HTTP origin "
-        "(`bench/origin.py`, byte ranges, ETag), route marked idempotent. "
-        "Latency and req/s per block request; a transfer counts when its last block arrives "
-        "inside the window. RSS per transfer in progress: the server's RSS line fitted over "
-        "the window, followed back to the start of the load, above the RSS before, divided by "
-        "the clients (in brackets the plain (peak − before) / clients, an upper bound that "
-        "also holds the per-request growth such as the 247 s exchange cache). Server CPU "
-        "counts libcoap or the proxy only; Redis and the origin are in the line below.",
-        [
-            ("system", lambda r, _: _label(r)),
-            ("clients", _key("clients")),
-            ("block req/s", _key("rate")),
-            ("blocks/s", _key("blocks_per_second")),
-            ("transfers/s", _key("transfers_per_second", 1)),
-            ("p50 ms/block", _key("p50_ms", 2)),
-            ("p99 ms/block", _key("p99_ms", 2)),
-            ("timeouts", _key("timeouts")),
-            ("corrupt", _key("corrupt")),
-            ("codes", lambda r, _: _codes(r)),
-            ("server CPU µs/block", lambda r, _: _cpu_per(r, _B_SERVER_PARTS, r["completed"])),
-            (
-                "RSS before → peak MiB",
-                lambda r, _: f"{r['rss_before'] / 2**20:.1f} → {r['rss_peak'] / 2**20:.1f}",
-            ),
-            ("RSS KiB / transfer in progress", _b_memory),
-            (
-                "× libcoap blocks/s",
-                lambda r, rows: _ratio(
-                    r.get("blocks_per_second"), _rate(rows, "B", "libcoap", "blocks_per_second")
-                ),
-            ),
-        ],
+        "Every client fetches the whole resource block after block (Block2 from the first "
+        "request), then starts over; one block request in flight, a new MID and token each; "
+        "every payload checked, the ETag must hold within a transfer. libcoap serves what "
+        f"`coap-client-notls -m put` stored; {REDIS_SYSTEM} is the proxy in front of "
+        "`bench/origin.py` (byte ranges), route idempotent. RSS per transfer in progress: the "
+        "RSS line fitted over the window, followed back to the start, above the RSS before, "
+        "per client (in brackets (peak − before) / clients, an upper bound). Server CPU: "
+        "libcoap or the proxy only.",
+        [SYSTEM, _column("clients", "clients"), _column("block req/s", "rate"),
+         _column("blocks/s", "blocks_per_second"),
+         _column("transfers/s", "transfers_per_second", 1), _column("p50 ms/block", "p50_ms", 2),
+         _column("p99 ms/block", "p99_ms", 2), _column("timeouts", "timeouts"),
+         _column("corrupt", "corrupt"), ("codes", lambda r, _: _codes(r)),
+         ("server CPU µs/block", lambda r, _: _cpu_per(r, _B_SERVER_PARTS, r["completed"])),
+         ("RSS before → peak MiB",
+          lambda r, _: f"{r['rss_before'] / 2**20:.1f} → {r['rss_peak'] / 2**20:.1f}"),
+         ("RSS KiB / transfer in progress", _b_memory),
+         ("× libcoap blocks/s", lambda r, rows: _ratio(
+             r.get("blocks_per_second"), _rate(rows, "B", "libcoap", "blocks_per_second")))],
         _b_after,
         what=_b_what,
     ),
     "E": Table(
         "E",
         "### E — telemetry end to end: CON POST /?t=bench/x, 100-byte payload, closed loop",
-        "coap-bridge = proxy → HTTP → API → Redis + MQTT QoS 1 (Mosquitto) → PUBACK → 2.04, "
-        "dedup shared in Redis; aiocoap = a POST resource that only answers 2.04. "
-        "`--workers N`: the same chain through one `coap-bridge proxy --workers N` "
-        "(SO_REUSEPORT: N processes on one port, the kernel spreads clients by source address; "
-        "dedup shared through Redis) and the API with the workers shown. Over DTLS: "
-        "every client is a device with its own PSK identity (dedup keys on identity and MID), "
-        "its session established before the clock starts, one request in flight each.",
-        [
-            ("system", lambda r, _: _label(r)),
-            (
-                "proxy / API workers",
-                lambda r, _: (
-                    f"{r['proxy_workers']} / {r['api_workers']}"
-                    if r.get("proxy_workers") and r.get("api_workers")
-                    else "–"
-                ),
-            ),
-            ("req/s", _key("rate")),
-            *LATENCY,
-            ("server CPU µs/req", SERVER_CPU),
-            ("× aiocoap", lambda r, rows: _ratio(r["rate"], _rate(rows, "E", "aiocoap"))),
-            (
-                "× plain 1 worker",
-                lambda r, rows: (
-                    "–"
-                    if r["system"] == "aiocoap"
-                    else _ratio(r["rate"], _rate(rows, "E", "coap-bridge"))
-                ),
-            ),
-            ("acked", _key("acked")),
-            *DELIVERY,
-            ("status", lambda r, _: r.get("status", "baseline")),
-        ],
+        "coap-bridge = proxy → HTTP → API → Redis + MQTT QoS 1 (Mosquitto) → 2.04, dedup in "
+        "Redis; aiocoap = a POST that only answers 2.04. `--workers N`: one `coap-bridge proxy "
+        "--workers N` (SO_REUSEPORT) and the API workers shown. Over DTLS: every client a "
+        "device with its own PSK, its session up before the clock starts. OK: every request "
+        "answered 2.04, each acknowledged message delivered once.",
+        [SYSTEM,
+         ("proxy / API workers", lambda r, _: (
+             f"{r['proxy_workers']} / {r['api_workers']}"
+             if r.get("proxy_workers") and r.get("api_workers") else "–")),
+         _column("req/s", "rate"), *LATENCY, ("server CPU µs/req", SERVER_CPU),
+         ("× aiocoap", _versus("E", "aiocoap")),
+         ("× plain 1 worker", lambda r, rows: (
+             "–" if r["system"] == "aiocoap" else _versus("E", "coap-bridge")(r, rows))),
+         _column("acked", "acked"), *DELIVERY,
+         ("status", lambda r, _: r.get("status", "baseline"))],
         _e_after,
     ),
     "L": Table(
         "L",
         "### L — latency: E in open loop at 50% of E's measured maximum",
-        "Latency counts from each request's scheduled send time (requests go out in bursts "
-        "of ≤ 1 ms, the event loop's timer granularity).",
-        [
-            ("system", lambda r, _: _label(r)),
-            ("offered req/s", _key("offered_rate")),
-            ("achieved req/s", _key("rate")),
-            *LATENCY,
-            *DELIVERY,
-            ("status", lambda r, _: r.get("status", "–")),
-        ],
+        "Latency from each request's scheduled send time (bursts of ≤ 1 ms, the event loop's "
+        "timer granularity).",
+        [SYSTEM, _column("offered req/s", "offered_rate"), _column("achieved req/s", "rate"),
+         *LATENCY, *DELIVERY, ("status", lambda r, _: r.get("status", "–"))],
         _l_after,
     ),
     "H": Table(
         "H",
         "### H — DTLS handshakes: full handshakes with fresh sessions",
-        "Each handshake is a new UDP socket (source ports taken in turn from a range of 4,000 "
-        "per client process) and a new tinydtls client context: ClientHello, "
-        "HelloVerifyRequest (cookie), ClientHello, ServerHello…Done, ClientKeyExchange + "
-        "Finished, Finished, then close_notify (so the proxy frees the peer). PSK identities "
-        "are the devices of the DTLS row, keys mirrored from Redis. Server CPU per handshake "
-        "counts the close too. No baseline in this run.",
-        [
-            ("system", lambda r, _: _label(r)),
-            ("handshakes/s", _key("handshake_rate")),
-            ("p50 ms", _key("p50_ms", 2)),
-            ("p99 ms", _key("p99_ms", 2)),
-            ("failed", _key("handshakes_failed")),
-            ("in flight", _key("concurrency")),
-            ("client processes", _key("workers")),
-            (
-                "server CPU µs/handshake",
-                lambda r, _: _cpu_per(r, ("proxy",), r["handshakes_completed"]),
-            ),
-            ("proxy CPU", lambda r, _: f"{utilisation(r).get('proxy', 0):.0f}%"),
-            ("client CPU", lambda r, _: ", ".join(f"{w:.0f}%" for w in _worker_cpu(r)) or "–"),
-            ("status", lambda r, _: short_error(r["error"]) if r.get("error") else "OK"),
-        ],
+        "Each handshake a new UDP socket (source ports in turn from a range) and a new tinydtls "
+        "context: ClientHello, HelloVerifyRequest (cookie), ClientHello, the PSK exchange, both "
+        "Finished, then close_notify. PSK identities of the DTLS row. Server CPU counts the "
+        "close too.",
+        [SYSTEM, _column("handshakes/s", "rate"), _column("p50 ms", "p50_ms", 2),
+         _column("p99 ms", "p99_ms", 2), _column("failed", "handshake_failures"),
+         _column("in flight", "concurrency"), _column("client processes", "workers"),
+         ("server CPU µs/handshake", lambda r, _: _cpu_per(r, ("proxy",), r["completed"])),
+         ("proxy CPU", lambda r, _: f"{utilisation(r).get('proxy', 0):.0f}%"),
+         ("client CPU", lambda r, _: ", ".join(f"{w:.0f}%" for w in _worker_cpu(r)) or "–"),
+         ("status", lambda r, _: short_error(r["error"]) if r.get("error") else "OK")],
         _h_after,
-        figure="handshake_rate",
     ),
-}
+}  # fmt: skip
 
 
 def table_m(rows: Sequence[Row], redis_dedup: dict[str, Any] | None) -> str:
@@ -525,32 +453,36 @@ def table_m(rows: Sequence[Row], redis_dedup: dict[str, Any] | None) -> str:
     )  # fmt: skip
 
 
+# One line per entry, filled in from the run's settings.
+SETTINGS = [
+    "command: `python -m bench {argv}`",
+    "scenarios: {scenarios}; T systems: {t_systems}",
+    "closed loop: {clients} clients (one UDP socket and one request in flight each), warm-up "
+    "{warmup:g} s, measured window T {duration:g} s, E {e_duration:g} s; L {l_duration:g} s; "
+    "M {m_duration:g} s",
+    "request timeout {timeout:g} s (counted, then a new MID; no retransmission)",
+    "B: {b_systems}; {b_clients} clients, {b_kib} KiB in {b_block_size}-byte blocks, window "
+    "{b_duration:g} s, {b_loadgen_workers} load generator process(es)",
+    "MQTT witness of E and L: mosquitto_sub (MQTT 5, QoS 1)",
+    "load generator worker processes: {loadgen_workers}; proxy workers: {proxy_workers}; "
+    "API workers: {api_workers}",
+    "M runs the proxy with COAP_BRIDGE_DEDUP_MAX_ENTRIES={m_dedup_max_entries:,} so that no "
+    "exchange is evicted before its 247 s",
+    "R: proxy --workers {r_workers}, API --workers {r_api_workers}; D: {dtls_clients} DTLS "
+    "sessions (devices with a PSK each), {dtls_loadgen_workers} load generator process(es), "
+    "window {e_duration:g} s; H: {h_workers} client process(es) × {h_concurrency} handshakes "
+    "in flight, window {h_duration:g} s",
+    "every proxy gets a free port for coaps (or `--coaps-port=off`), never 5684",
+    "every process on 127.0.0.1; all of them share the machine's cores with the load "
+    "generator and the MQTT subscriber",
+]
+
+
 def settings_text(s: dict[str, Any], argv: Sequence[str]) -> str:
-    lines = [
-        f"command: `{' '.join(['python -m bench', *argv])}`",
-        f"scenarios: {','.join(s['scenarios'])}; T systems: {', '.join(s['t_systems'])}",
-        f"closed loop: {s['clients']} clients (one UDP socket and one request in flight "
-        f"each), warm-up {s['warmup']:g} s, measured window T {s['duration']:g} s, "
-        f"E {s['e_duration']:g} s; L {s['l_duration']:g} s; M {s['m_duration']:g} s",
-        f"request timeout {s['timeout']:g} s (counted, then a new MID; no retransmission)",
-        f"B: {', '.join(s['b_systems'])}; {s['b_clients']} clients, {s['b_size'] // 1024} KiB "
-        f"in {s['b_block_size']}-byte blocks, window {s['b_duration']:g} s, "
-        f"{s['b_loadgen_workers']} load generator process(es)",
-        f"MQTT witness of E and L: {s['subscriber']} (MQTT 5, QoS 1)",
-        f"load generator worker processes: {s['loadgen_workers']}; proxy workers: "
-        f"{s['proxy_workers']}; API workers: {s['api_workers']}",
-        f"M runs the proxy with COAP_BRIDGE_DEDUP_MAX_ENTRIES={s['m_dedup_max_entries']:,} "
-        "so that no exchange is evicted before its 247 s",
-        f"R: proxy --workers {s['r_workers']}, API --workers {s['r_api_workers']}; D: "
-        f"{s['dtls_clients']} DTLS sessions (devices with a PSK each), "
-        f"{s['dtls_loadgen_workers']} load generator process(es), window {s['e_duration']:g} "
-        f"s; H: {s['h_workers']} client process(es) × {s['h_concurrency']} handshakes in "
-        f"flight, window {s['h_duration']:g} s",
-        "every proxy gets a free port for coaps (or `--coaps-port=off`), never 5684",
-        "every process on 127.0.0.1; all of them share the machine's cores with the load "
-        "generator and the MQTT subscriber",
-    ]
-    return "\n".join(f"- {line}" for line in lines)
+    values = s | {"argv": " ".join(argv), "scenarios": ",".join(s["scenarios"]),
+                  "t_systems": ", ".join(s["t_systems"]), "b_systems": ", ".join(s["b_systems"]),
+                  "b_kib": s["b_size"] // 1024}  # fmt: skip
+    return "\n".join(f"- {line.format(**values)}" for line in SETTINGS)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -577,21 +509,12 @@ def render(results: dict[str, Any]) -> str:
 def update_file(path: Path, generated: str) -> None:
     """Replace what lies between the markers; keep everything else (the hand-written part)."""
     block = f"{START}\n{generated.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else ""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = text.find(START), text.find(END)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END) :]
-    elif text:
-        text = text.rstrip() + "\n\n" + block + "\n"
+        path.write_text(text[:start] + block + text[end + len(END) :])
     else:
-        text = (
-            "# Benchmarks\n\n"
-            "Run `make bench` (or `python -m bench --help`) to measure. The section between the "
-            "`bench:` markers is written by the harness; write by hand only outside it.\n\n"
-            + block
-            + "\n"
-        )
-    path.write_text(text)
+        path.write_text(text.rstrip() + "\n\n" + block + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Processes the harness starts and always stops: servers under test, Redis, Mosquitto.
+"""Processes the harness starts and always stops (servers under test, Redis, Mosquitto), their
+readiness probes, and what they use of the machine (RSS, CPU seconds, from /proc).
 
 Every process runs in its own session (process group), so stopping it also stops whatever it
 forked (``--workers``); :func:`stop_all` is the last resort at exit and on SIGTERM/SIGINT.
@@ -14,11 +15,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from proxy.coap import codec
+from proxy.coap.codes import GET
+from proxy.coap.options import URI_PATH
+
 _RUNNING: list[Service] = []
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def which(name: str) -> str:
@@ -47,9 +53,7 @@ class Service:
     """One subprocess in its own process group, logging to ``workdir/<name>.log``."""
 
     def __init__(self, name: str, argv: Sequence[str], workdir: Path) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.workdir = workdir
+        self.name, self.argv, self.workdir = name, list(argv), workdir
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -63,26 +67,19 @@ class Service:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv,
-            cwd=self.workdir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-        )
+            self.argv, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+        )  # fmt: skip
         _RUNNING.append(self)
 
     def check_alive(self) -> None:
-        if self.process is None:
-            raise RuntimeError(f"{self.name} is not running")
-        code = self.process.poll()
-        if code is not None:
-            how = f"status {code}"
-            if code < 0:
+        code = None if self.process is None else self.process.poll()
+        if self.process is None or code is not None:
+            how = "not running" if code is None else f"exited (status {code})"
+            if code is not None and code < 0:
                 with contextlib.suppress(ValueError):
-                    how = f"signal {signal.Signals(-code).name}"
-            raise RuntimeError(f"{self.name} exited ({how}):\n{self.log_tail()}")
+                    how = f"exited (signal {signal.Signals(-code).name})"
+            raise RuntimeError(f"{self.name} {how}:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -91,47 +88,36 @@ class Service:
             return ""
 
     def stop(self, timeout: float = 5.0) -> None:
-        process = self.process
+        process, self.process = self.process, None
         if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
         # The leader may be gone while forked workers linger: kill the whole group anyway.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-        self.process = None
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
         with contextlib.suppress(ValueError):
             _RUNNING.remove(self)
 
-    def wait_until(self, ready: object, timeout: float = 20.0, what: str = "ready") -> None:
+    def wait_until(
+        self, ready: Callable[[], bool], timeout: float = 20.0, what: str = "ready"
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
-            if ready():  # type: ignore[operator]
+            if ready():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not {what} after {timeout} s:\n{self.log_tail()}")
-
-    def __enter__(self) -> Service:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def stop_all() -> None:
     for service in list(reversed(_RUNNING)):
         service.stop(timeout=3.0)
-
-
-# --- readiness probes ------------------------------------------------------------------------
 
 
 def tcp_ready(port: int) -> bool:
@@ -142,8 +128,9 @@ def tcp_ready(port: int) -> bool:
         return False
 
 
-# CON GET /.well-known/core, MID 0x0001, no token.
-_PROBE = bytes([0x40, 0x01, 0x00, 0x01, 0xBB]) + b".well-known" + bytes([0x04]) + b"core"
+_PROBE = codec.encode_parts(
+    codec.CON, GET, 1, b"", [(URI_PATH, b".well-known"), (URI_PATH, b"core")], b""
+)
 
 
 def coap_ready(port: int, host: str = "127.0.0.1") -> bool:
@@ -158,34 +145,32 @@ def coap_ready(port: int, host: str = "127.0.0.1") -> bool:
         return len(data) >= 4 and data[0] >> 6 == 1
 
 
-def redis_command(port: int, *args: str) -> bytes:
-    request = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        data = arg.encode()
-        request += b"$%d\r\n%s\r\n" % (len(data), data)
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-        sock.sendall(request)
-        return sock.recv(65536)
+def start(
+    workdir: Path, name: str, argv: list[str], ready: Callable[[], bool], what: str,
+    settle: bool = False, env: dict[str, str] | None = None,
+) -> Service:  # fmt: skip
+    """``argv`` started in ``workdir/name`` and waited for until ``ready()``; ``settle``: one
+    second more for the other workers of a ``--workers`` process. Our processes get their
+    settings from flags only, never from the caller's COAP_BRIDGE_* variables."""
+    service = Service(name, argv, workdir / name)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
+    service.start(env=clean | (env or {}))
+    try:
+        service.wait_until(ready, 30.0, what)
+        if settle:
+            time.sleep(1.0)
+    except BaseException:
+        service.stop()
+        raise
+    return service
 
 
 def start_redis(workdir: Path) -> tuple[Service, str]:
     port = free_port()
-    service = Service(
-        "redis-server",
-        [which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        workdir,
-    )  # fmt: skip
-    service.start()
-
-    def ready() -> bool:
-        try:
-            return redis_command(port, "PING").startswith(b"+PONG")
-        except OSError:
-            return False
-
-    service.wait_until(ready, 10.0)
-    return service, f"redis://127.0.0.1:{port}/0"
+    argv = [which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+    redis = start(workdir, "redis-server", argv, lambda: tcp_ready(port), "accepting TCP")
+    return redis, f"redis://127.0.0.1:{port}/0"
 
 
 def start_mosquitto(workdir: Path) -> tuple[Service, str]:
@@ -197,13 +182,9 @@ def start_mosquitto(workdir: Path) -> tuple[Service, str]:
         "log_dest stderr\nlog_type error\nlog_type warning\n"
         "max_inflight_messages 0\nmax_queued_messages 0\n"
     )
-    service = Service("mosquitto", [which("mosquitto"), "-c", str(config)], workdir)
-    service.start()
-    service.wait_until(lambda: tcp_ready(port), 10.0)
-    return service, f"mqtt://127.0.0.1:{port}"
-
-
-# --- the systems under test ------------------------------------------------------------------
+    mosquitto = start(workdir, "mosquitto", [which("mosquitto"), "-c", str(config)],
+                      lambda: tcp_ready(port), "accepting MQTT")  # fmt: skip
+    return mosquitto, f"mqtt://127.0.0.1:{port}"
 
 
 def coap_bridge() -> str:
@@ -211,81 +192,20 @@ def coap_bridge() -> str:
     return str(local) if local.exists() else which("coap-bridge")
 
 
-def clean_env() -> dict[str, str]:
-    """Our processes get their settings from flags only, never from the caller's COAP_BRIDGE_*."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
-
-
-_HELP_CACHE: dict[str, str] = {}
-
-
-def supports(command: str, flag: str) -> bool:
-    """Whether ``coap-bridge <command>`` takes ``flag`` (the bench also runs older builds)."""
-    if command not in _HELP_CACHE:
-        out = subprocess.run(
-            [coap_bridge(), command, "--help"], capture_output=True, text=True, timeout=60
-        )
-        _HELP_CACHE[command] = out.stdout + out.stderr
-    return flag in _HELP_CACHE[command]
-
-
-def _workers_flag(command: str, workers: int) -> list[str]:
-    if workers <= 1:
-        return []
-    if not supports(command, "--workers"):
-        raise RuntimeError(f"coap-bridge {command} has no --workers flag yet")
-    return ["--workers", str(workers)]
-
-
-def start(
-    workdir: Path,
-    name: str,
-    argv: list[str],
-    ready: object,
-    what: str,
-    settle: bool = False,
-    env: dict[str, str] | None = None,
-) -> Service:
-    """``argv`` started in ``workdir/name`` and waited for until ``ready()``; ``settle``: one
-    second more for the other workers of a ``--workers`` process."""
-    service = Service(name, argv, workdir / name)
-    service.start(env=clean_env() | (env or {}))
-    try:
-        service.wait_until(ready, 30.0, what)
-        if settle:
-            time.sleep(1.0)
-    except BaseException:
-        service.stop()
-        raise
-    return service
-
-
 def start_proxy(
-    workdir: Path,
-    upstream: str = "http://127.0.0.1:9",
-    token: str = "bench",
-    redis_url: str | None = None,
-    env: dict[str, str] | None = None,
-    *,
-    workers: int = 1,
-    coaps_port: int | None = None,
-    extra: Sequence[str] = (),
-) -> tuple[Service, int]:
+    workdir: Path, upstream: str = "http://127.0.0.1:9", token: str = "bench",
+    redis_url: str | None = None, env: dict[str, str] | None = None, *, workers: int = 1,
+    coaps_port: int | None = None, extra: Sequence[str] = (),
+) -> tuple[Service, int]:  # fmt: skip
     """The proxy under test: (service, CoAP port). ``coaps_port`` None: DTLS off (never the
     default 5684, which another bridge on this machine may hold)."""
     port = free_port()
     argv = [
         coap_bridge(), "proxy", "--coap-host", "127.0.0.1", "--coap-port", str(port),
         "--upstream", upstream, f"--proxy-token={token}", "--log-level", "warning",
+        f"--workers={workers}", f"--coaps-port={coaps_port or 'off'}", *extra,
+        *([f"--redis-url={redis_url}"] if redis_url else []),
     ]  # fmt: skip
-    argv += _workers_flag("proxy", workers)
-    if redis_url is not None and supports("proxy", "--redis-url"):
-        argv.append(f"--redis-url={redis_url}")
-    if supports("proxy", "--coaps-port"):
-        argv.append(f"--coaps-port={'off' if coaps_port is None else coaps_port}")
-    elif coaps_port is not None:
-        raise RuntimeError("coap-bridge proxy has no --coaps-port flag yet")
-    argv += extra
     ready = lambda: coap_ready(port)  # noqa: E731
     return start(
         workdir, "coap-bridge-proxy", argv, ready, "answering CoAP", workers > 1, env
@@ -312,7 +232,8 @@ def start_api(
     argv = [
         coap_bridge(), "api", "--api-host", "127.0.0.1", "--api-port", str(port),
         f"--redis-url={redis_url}", f"--mqtt-url={mqtt_url}", f"--api-key={api_key}",
-        f"--proxy-token={proxy_token}", "--log-level", "warning", *_workers_flag("api", workers),
+        f"--proxy-token={proxy_token}", "--log-level", "warning",
+        f"--workers={workers}",
     ]  # fmt: skip
     ready = lambda: tcp_ready(port)  # noqa: E731
     return start(workdir, "coap-bridge-api", argv, ready, "accepting HTTP", workers > 1), port
@@ -323,74 +244,41 @@ def start_origin(workdir: Path, path: str, size: int) -> tuple[Service, int]:
     port = free_port()
     argv = [sys.executable, "-m", "bench.origin", "--host", "127.0.0.1", "--port", str(port),
             "--path", path, "--size", str(size)]  # fmt: skip
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {"PYTHONPATH": str(ROOT)}
     return start(workdir, "origin", argv, lambda: tcp_ready(port), "accepting HTTP", env=env), port
 
 
-# --- memory ----------------------------------------------------------------------------------
+# --- what the processes use ------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def process_tree(pid: int) -> list[int]:
-    tree = [pid]
-    index = 0
-    while index < len(tree):
-        tree += _children(tree[index])
-        index += 1
-    return tree
+def _tree_stats(pid: int) -> list[list[str]]:
+    """The ``/proc/<pid>/stat`` fields (after the name) of ``pid`` and all its descendants
+    (the workers of a ``--workers`` process)."""
+    stats: dict[int, list[str]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+    tree = [pid] if pid in stats else []
+    for member in tree:
+        tree += [child for child, f in stats.items() if int(f[1]) == member]
+    return [stats[m] for m in tree]
 
 
 def rss_bytes(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants (the workers of a ``--workers`` process)."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
-    return total
+    """Resident memory of ``pid`` and its descendants (stat's rss, in pages)."""
+    return sum(int(f[21]) for f in _tree_stats(pid)) * os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` and its live descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+    return sum(int(f[11]) + int(f[12]) for f in _tree_stats(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu_seconds() -> float:
     """CPU seconds all processes on the machine have used since boot (``/proc/stat``: every
     state but idle and iowait)."""
     try:
-        with open("/proc/stat") as stat:
-            fields = stat.readline().split()[1:]
+        ticks = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     except OSError:
         return 0.0
-    ticks = [int(f) for f in fields[:8]]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")

@@ -14,20 +14,19 @@ from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
 from policies import status
-from policies import status as status_rules
 from policies.forwarding import http_origin
 
-_METHODS_BY_NAME = {name: number for number, name in status.METHOD_NAMES.items()}
 _HTTP_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH"}
-# CoAP methods with an HTTP method of the same meaning (RFC 8132: iPATCH is an idempotent
-# PATCH). FETCH has none, so a route serving it must name its http_method.
+# CoAP methods (by name, policies/status.py) with an HTTP method of the same meaning
+# (RFC 8132: iPATCH is an idempotent PATCH). FETCH has none, so a route serving it must name
+# its http_method.
 _HTTP_TWIN = {
-    status.GET: "GET",
-    status.POST: "POST",
-    status.PUT: "PUT",
-    status.DELETE: "DELETE",
-    status.PATCH: "PATCH",
-    status.IPATCH: "PATCH",
+    "GET": "GET",
+    "POST": "POST",
+    "PUT": "PUT",
+    "DELETE": "DELETE",
+    "PATCH": "PATCH",
+    "iPATCH": "PATCH",
 }
 
 
@@ -38,7 +37,8 @@ class PolicyError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Route:
     path: str
-    methods: frozenset[int]
+    # CoAP method names as policies/status.py spells them ("GET", "iPATCH").
+    methods: frozenset[str]
     target: str
     http_method: str | None = None
     topic_query: bool = False
@@ -50,12 +50,10 @@ class Route:
     # application for idempotent requests). Off by default: a GET may still change state
     # (/bootstrap rotates a key).
     idempotent: bool = False
-    # The route's own status rows (``status = { "404" = "4.04", "2xx.POST" = "2.01" }``),
-    # which win over policies.status.HTTP_TO_COAP; ``table`` is them compiled.
-    status: tuple[tuple[tuple[int | str, str], int], ...] = ()
-    table: status_rules.StatusTable = field(
-        default=status_rules.DEFAULT_TABLE, compare=False, repr=False
-    )
+    # The route's own status rows (``status = { "404" = "4.04", "2xx.POST" = "2.01" }``), in
+    # the notation of policies.status.HTTP_TO_COAP, over whose rows they win; the proxy
+    # compiles them into code numbers at start-up.
+    status: tuple[tuple[tuple[int | str, str], str], ...] = ()
     # RFC 6690 target attributes listed for the route in /.well-known/core, in a fixed order:
     # ("rt", "..."), ("if", "..."), ("ct", (50,)), ("sz", 1024), ("obs", True).
     link: tuple[tuple[str, str | int | bool | tuple[int, ...]], ...] = ()
@@ -63,7 +61,7 @@ class Route:
     # matches one whole, non-empty Uri-Path segment. () for an exact path.
     variables: tuple[str, ...] = ()
 
-    def http_method_for(self, coap_method: int) -> str:
+    def http_method_for(self, coap_method: str) -> str:
         """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
         return self.http_method or _HTTP_TWIN[coap_method]
 
@@ -83,16 +81,16 @@ def _expand(target: str, params: dict[str, str] | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
-    """Outcome of a lookup: a route, or the CoAP error code to answer with."""
+    """Outcome of a lookup: a route, or the CoAP error code to answer with ("4.04", "4.05")."""
 
     route: Route | None
-    error: int = 0
+    error: str = ""
     # A template route's variables, each the segment it matched (not yet percent-encoded).
     params: dict[str, str] | None = None
 
 
-_NOT_FOUND = RouteMatch(None, status.NOT_FOUND)
-_NOT_ALLOWED = RouteMatch(None, status.METHOD_NOT_ALLOWED)
+_NOT_FOUND = RouteMatch(None, "4.04")  # RFC 7252 §5.9.2.5
+_NOT_ALLOWED = RouteMatch(None, "4.05")  # RFC 7252 §5.9.2.6
 # One template: per segment its literal, or None for a variable; and the route.
 _Template = tuple[tuple[str | None, ...], Route]
 
@@ -121,7 +119,7 @@ class Policy:
         object.__setattr__(self, "_exact", exact)
         object.__setattr__(self, "_templates", templates)
 
-    def match(self, path: str, method: int, segments: list[str] | None = None) -> RouteMatch:
+    def match(self, path: str, method: str, segments: list[str] | None = None) -> RouteMatch:
         """The route for ``path``: an exact path first, then the template of the same number
         of segments whose literals all equal the request's (at most one can: ambiguous
         templates are refused at load). ``segments``: the request's Uri-Path values, when
@@ -138,7 +136,7 @@ class Policy:
         route, params = template
         if method not in route.methods:
             return _NOT_ALLOWED
-        return RouteMatch(route, 0, params)
+        return RouteMatch(route, "", params)
 
     def _match_template(self, segments: list[str]) -> tuple[Route, dict[str, str]] | None:
         for pattern, route in self._templates.get(len(segments), ()):
@@ -197,12 +195,12 @@ def _check_placeholders(where: str, key: str, target: str, names: tuple[str, ...
             raise PolicyError(f"{where}: {key!r} may use variables in its path only")
 
 
-def _status_rows(where: str, raw: object) -> tuple[tuple[tuple[int | str, str], int], ...]:
+def _status_rows(where: str, raw: object) -> tuple[tuple[tuple[int | str, str], str], ...]:
     """``{ "404" = "4.04", "2xx.POST" = "2.01", "304.GET" = "2.03" }``: keys are an HTTP
     status or class, optionally ``.METHOD`` (a CoAP method name or ``*``); values CoAP codes."""
     if not isinstance(raw, dict):
         raise PolicyError(f'{where}: \'status\' must be a table such as {{ "404" = "4.04" }}')
-    rows: dict[tuple[int | str, str], int] = {}
+    rows: dict[tuple[int | str, str], str] = {}
     for key, value in raw.items():
         found = _STATUS_KEY.fullmatch(key)
         method = found.group(2) if found is not None else None
@@ -213,26 +211,14 @@ def _status_rows(where: str, raw: object) -> tuple[tuple[tuple[int | str, str], 
                 f'{where}: status key {key!r} is not an HTTP status or class ("404", '
                 '"2xx"), optionally with .METHOD ("2xx.POST", "304.*")'
             )
-        coap = status.parse_code_text(value) if isinstance(value, str) else None
-        if coap is None:
+        if not isinstance(value, str) or not status.is_response_code(value):
             raise PolicyError(f"{where}: status {key!r}: {value!r} is not a CoAP code like 2.05")
         http = found.group(1)
-        rows[(int(http) if http.isdigit() else http, method or status.ANY)] = coap
+        rows[(int(http) if http.isdigit() else http, method or status.ANY)] = value
     return tuple(sorted(rows.items(), key=repr))
 
 
-_METHOD_NAME_BY_UPPER = {name.upper(): name for name in status.METHOD_NAMES.values()}
-# Compiled tables shared between routes with the same rows (each is 8000 cells).
-_TABLES: dict[tuple[tuple[tuple[int | str, str], int], ...], status.StatusTable] = {}
-
-
-def _table(rows: tuple[tuple[tuple[int | str, str], int], ...]) -> status.StatusTable:
-    if not rows:
-        return status.DEFAULT_TABLE
-    table = _TABLES.get(rows)
-    if table is None:
-        table = _TABLES[rows] = status.StatusTable(status.HTTP_TO_COAP, dict(rows))
-    return table
+_METHOD_NAME_BY_UPPER = {name.upper(): name for name in status.METHODS}
 
 
 def _link(where: str, raw: object) -> tuple[tuple[str, str | int | bool | tuple[int, ...]], ...]:
@@ -288,12 +274,13 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     methods = raw.get("methods")
     if not isinstance(methods, list) or not methods:
         raise PolicyError(f"{where}: 'methods' must be a non-empty list such as [\"POST\"]")
-    numbers = set()
+    names = set()
     for name in methods:
-        number = _METHODS_BY_NAME.get(str(name).upper()) or _METHODS_BY_NAME.get(str(name))
-        if number is None:
+        # Any case of the upper-case names, "iPATCH" as RFC 8132 spells it.
+        method = next((m for m in (str(name).upper(), str(name)) if m in status.METHODS), None)
+        if method is None:
             raise PolicyError(f"{where}: unknown CoAP method {name!r}")
-        numbers.add(number)
+        names.add(method)
     target = raw.get("target")
     if not _is_target(target):
         raise PolicyError(f"{where}: 'target' must be '/path' or an absolute http(s):// URL")
@@ -303,7 +290,7 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     http_method = raw.get("http_method")
     if http_method is not None and str(http_method).upper() not in _HTTP_METHODS:
         raise PolicyError(f"{where}: 'http_method' must be one of {sorted(_HTTP_METHODS)}")
-    if http_method is None and not numbers <= set(_HTTP_TWIN):
+    if http_method is None and not names <= set(_HTTP_TWIN):
         raise PolicyError(f"{where}: a route serving FETCH must set 'http_method'")
     topic_query = raw.get("topic_query", False)
     if not isinstance(topic_query, bool):
@@ -337,14 +324,13 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     rows = _status_rows(where, raw["status"]) if "status" in raw else ()
     return Route(
         path=path,
-        methods=frozenset(numbers),
+        methods=frozenset(names),
         target=target,
         http_method=str(http_method).upper() if http_method else None,
         topic_query=topic_query,
         batch_target=batch_target,
         idempotent=idempotent,
         status=rows,
-        table=_table(rows),
         link=_link(where, raw["link"]) if "link" in raw else (),
         variables=variables,
     )

@@ -5,6 +5,7 @@ The rules are docs/CONTRACT.md §3 (resources), §10 (translation) and §11 (int
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from policies.discovery import Discovery
 from policies.routes import Policy, PolicyError, Route, RouteMatch
 from policies.topics import TopicError, topic_from_queries
 from proxy.batching import GroupCommit
+from proxy.coap import codes
 from proxy.coap import options as opt
 from proxy.coap.codec import uint_bytes
 from proxy.coap.requests import Request, Response
@@ -29,15 +31,79 @@ WELL_KNOWN_CORE = "/.well-known/core"
 # its PSK.
 PLAIN_PATHS_IN_PRODUCTION = frozenset({"/bootstrap"})
 LINK_FORMAT = 40
-_SAFE = frozenset({status.GET, status.FETCH})  # RFC 7252 §5.1, RFC 8132 §2
+_SAFE = frozenset({codes.GET, codes.FETCH})  # RFC 7252 §5.1, RFC 8132 §2
 
 
 # Answers that tell the device when to come back: the origin's Retry-After becomes Max-Age
 # (RFC 8075 §7.1.2 for 5.03; 4.29 per RFC 8516 §3 carries Max-Age the same way).
-_RETRY_LATER = frozenset({status.SERVICE_UNAVAILABLE, status.TOO_MANY_REQUESTS})
+_RETRY_LATER = frozenset({codes.SERVICE_UNAVAILABLE, codes.TOO_MANY_REQUESTS})
 # Success codes a client may cache, and so the ones Max-Age speaks about (RFC 7252 §5.9.1:
 # 2.01, 2.02 and 2.04 are not cacheable); every error code is cacheable (§5.9.2, §5.9.3).
-_CACHEABLE_SUCCESS = frozenset({status.VALID, status.CONTENT})
+_CACHEABLE_SUCCESS = frozenset({codes.VALID, codes.CONTENT})
+# The route policy's answers where no route serves the request (policies/routes.py), and the
+# method names it is asked with.
+_ROUTE_ERRORS = {"4.04": codes.NOT_FOUND, "4.05": codes.METHOD_NOT_ALLOWED}
+_METHOD_NAME_OF = codes.METHOD_NAME_OF
+
+
+class StatusTable:
+    """The translation rules (policies/status.py, in RFC notation) compiled into CoAP code
+    numbers for the hot path, once at start-up: one list index per answer.
+
+    Built from :data:`policies.status.HTTP_TO_COAP` by default; a profile may pass its own
+    rows, and a route policy its ``overrides`` (a route's ``status`` rows), which win over
+    every row of ``table``.
+    """
+
+    __slots__ = ("_cells", "overrides")
+
+    def __init__(
+        self, table: status.Rows = status.HTTP_TO_COAP, overrides: status.Rows | None = None
+    ) -> None:
+        self.overrides: status.Rows = dict(overrides or {})
+        self._cells = [
+            _number(
+                status.lookup_with(self.overrides, table, http_status, codes.METHOD_NAME_OF[method])
+            )
+            for http_status in range(1000)
+            for method in range(8)
+        ]
+
+    def code_for(self, http_status: int, method: int) -> int:
+        if 0 <= http_status < 1000 and 0 <= method < 8:
+            return self._cells[http_status * 8 + method]
+        return _UNMAPPED
+
+
+@functools.cache  # a table names a handful of codes in 8000 cells
+def _number(text: str) -> int:
+    number = codes.parse_code_text(text)
+    if number is None:
+        raise ValueError(f"{text!r} is not a CoAP response code like 2.05")
+    return number
+
+
+_UNMAPPED = _number(status.UNMAPPED)
+
+
+DEFAULT_TABLE = StatusTable()
+# Compiled tables shared between routes with the same rows (each is 8000 cells).
+_TABLES: dict[tuple[tuple[tuple[int | str, str], str], ...], StatusTable] = {}
+
+
+def table_for(route: Route) -> StatusTable:
+    """The route's table: its own ``status`` rows over the default ones."""
+    if not route.status:
+        return DEFAULT_TABLE
+    table = _TABLES.get(route.status)
+    if table is None:
+        table = _TABLES[route.status] = StatusTable(status.HTTP_TO_COAP, dict(route.status))
+    return table
+
+
+def coap_code_for(http_status: int, method: int) -> int:
+    """The CoAP response code for an HTTP status answering a request with CoAP ``method``."""
+    return DEFAULT_TABLE.code_for(http_status, method)
 
 
 def _error(
@@ -53,14 +119,14 @@ def _error(
 
 
 def translate(
-    upstream: UpstreamResponse, method: int, table: status.StatusTable = status.DEFAULT_TABLE
+    upstream: UpstreamResponse, method: int, table: StatusTable = DEFAULT_TABLE
 ) -> Response:
     """An HTTP answer as a CoAP response (docs/ARCHITECTURE.md, "Translation"): the code by
     ``table``; ETag, Content-Format and Max-Age from the origin's headers. Errors carry no
     payload (docs/CONTRACT.md §3). Location and preconditions are the forwarder's."""
     code = table.code_for(upstream.status, method)
     headers = upstream.headers
-    if code >= status.BAD_REQUEST:
+    if code >= codes.BAD_REQUEST:
         return _error(code, upstream.status, upstream.retry_after, headers)
     options: list[tuple[int, bytes]] = []
     if headers:
@@ -83,11 +149,11 @@ def translate(
 
 
 def translate_status(
-    http_status: int, retry_after: str | None, method: int, table: status.StatusTable
+    http_status: int, retry_after: str | None, method: int, table: StatusTable
 ) -> Response:
     """A batch item's answer: a status alone (policies/batch.py carries no headers)."""
     code = table.code_for(http_status, method)
-    if code >= status.BAD_REQUEST:
+    if code >= codes.BAD_REQUEST:
         return _error(code, http_status, retry_after, NO_HEADERS)
     return Response(code)
 
@@ -153,9 +219,11 @@ class ProxyHandler:
         self._max_payload = max_payload
         self._discovery = Discovery(policy.routes.values())
         self._all_links = Response(
-            status.CONTENT, [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))], self._discovery.payload
+            codes.CONTENT, [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))], self._discovery.payload
         )
         self._templates = any(route.variables for route in policy.routes.values())
+        # Each route's status rows compiled into code numbers once (policies/status.py).
+        self._tables = {path: table_for(route) for path, route in policy.routes.items()}
         self._max_batch = max_batch
         self._batch_concurrency = batch_concurrency
         self._batchers: dict[str, GroupCommit] = {}
@@ -211,12 +279,14 @@ class ProxyHandler:
         """The route, or this handler's own answer where there is none to forward to: 4.01 in
         production mode, discovery, 4.04, 4.05."""
         if self._plain_paths is not None and request.path not in self._plain_paths:
-            return Response(status.UNAUTHORIZED)
+            return Response(codes.UNAUTHORIZED)
         if request.path == WELL_KNOWN_CORE:
             return self._discover(request)
-        match = self._policy.match(request.path, request.method, self._segments(request))
+        match = self._policy.match(
+            request.path, _METHOD_NAME_OF[request.method], self._segments(request)
+        )
         if match.route is None:
-            return Response(match.error)
+            return Response(_ROUTE_ERRORS[match.error])
         return match
 
     def _check(self, request: Request) -> Response | RouteMatch:
@@ -231,11 +301,11 @@ class ProxyHandler:
             try:
                 topic_from_queries(request.queries)
             except TopicError:
-                return Response(status.BAD_REQUEST)
+                return Response(codes.BAD_REQUEST)
         payload = request.message.payload
         if len(payload) > self._max_payload:
             return Response(
-                status.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
+                codes.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
             )
         return match
 
@@ -248,12 +318,12 @@ class ProxyHandler:
     def _discover(self, request: Request) -> Response:
         """RFC 6690 resource discovery, served by the proxy itself, with query filtering
         (§4.1). The block-wise layer slices an answer larger than one block."""
-        if request.method != status.GET:
-            return Response(status.METHOD_NOT_ALLOWED)
+        if request.method != codes.GET:
+            return Response(codes.METHOD_NOT_ALLOWED)
         if not request.queries:
             return self._all_links  # built once: nothing downstream changes a Response
         return Response(
-            status.CONTENT,
+            codes.CONTENT,
             [(opt.CONTENT_FORMAT, uint_bytes(LINK_FORMAT))],
             self._discovery.filtered(request.queries),
         )
@@ -290,12 +360,12 @@ class ProxyHandler:
         if request.content_format is not None:
             content_type = media.content_type_for(request.content_format)
             if content_type is None:
-                return Response(status.UNSUPPORTED_CONTENT_FORMAT)
+                return Response(codes.UNSUPPORTED_CONTENT_FORMAT)
         accept: str | None = None
         if request.accept is not None:
             accept = media.content_type_for(request.accept)
             if accept is None:
-                return Response(status.NOT_ACCEPTABLE)
+                return Response(codes.NOT_ACCEPTABLE)
         key = forwarding.idempotency_key(ip, port, message.mid, message.token, request.identity)
         options = message.options
         # If-Match (1), ETag (4), If-None-Match (5) sort first: one look at the first option.
@@ -310,7 +380,7 @@ class ProxyHandler:
                 try:
                     topic = topic_from_queries(request.queries) or ""
                 except TopicError:
-                    return Response(status.BAD_REQUEST)
+                    return Response(codes.BAD_REQUEST)
                 item = BatchItem(
                     ip if ":" not in ip else (forwarding.canonical_ip(ip) or ip),
                     port,
@@ -323,7 +393,9 @@ class ProxyHandler:
                 )
                 # Template routes have no batch_target (policies/routes.py).
                 http_status, retry_after = await self._batcher(route.batch_target).call(item)
-                return translate_status(http_status, retry_after, request.method, route.table)
+                return translate_status(
+                    http_status, retry_after, request.method, self._tables[route.path]
+                )
             query = "&".join(_encode_query(q) for q in request.queries)
             forwarded = forwarding.format_forwarded(ip, port, self._proto)
             headers = {forwarding.FORWARDED_HEADER: forwarded}
@@ -338,7 +410,7 @@ class ProxyHandler:
                 headers["Accept"] = accept
             target = route.target if params is None else route.target_for(params)
             url = self._url(target) + ("?" + query if query else "")
-            method = route.http_method_for(request.method)
+            method = route.http_method_for(_METHOD_NAME_OF[request.method])
             if conditions is not None:
                 refused = await self._preconditions(conditions, request, method, url, headers)
                 if refused is not None:
@@ -356,11 +428,11 @@ class ProxyHandler:
         except ProxyError as exc:
             log.warning("upstream call failed: %s", exc)
             return Response(exc.coap_code)
-        response = translate(answer, request.method, route.table)
+        response = translate(answer, request.method, self._tables[route.path])
         response.size = size
         if request.method in _SAFE and (conditions is not None or answer.status == 304):
             return _validated(response, answer, conditions.etags if conditions else [])
-        if response.code == status.CREATED and "location" in answer.headers:
+        if response.code == codes.CREATED and "location" in answer.headers:
             _add_location(response, answer.headers["location"], url, target, request.path)
         return response
 
@@ -407,7 +479,7 @@ class ProxyHandler:
         current = await self._upstream.request("GET", url, probe, b"")
         tag = current.headers.get("etag") if 200 <= current.status < 300 else None
         if tag is None or translation.coap_etag(tag) not in conditions.if_match:
-            return Response(status.PRECONDITION_FAILED)
+            return Response(codes.PRECONDITION_FAILED)
         headers["If-Match"] = tag.strip()
         return None
 
@@ -425,7 +497,7 @@ class ProxyHandler:
         that is not the asked-for slice of a known length is fetched again whole."""
         if answer.status == 416:
             total = translation.content_range(answer.headers.get("content-range"))[2]
-            return Response(status.BAD_OPTION, size=total)
+            return Response(codes.BAD_OPTION, size=total)
         if answer.status != 206:
             return answer, None
         first, _last, total = translation.content_range(answer.headers.get("content-range"))
@@ -444,7 +516,7 @@ def _validated(response: Response, answer: UpstreamResponse, etags: list[bytes])
     when the origin said 304, or sent a representation whose (hashed) tag is one the device
     named (RFC 7252 §5.10.6.2, §5.9.1.3). A 304 the proxy cannot pin to one of the device's
     ETags is 5.02: 2.03 without an ETag means nothing to a CoAP client."""
-    if response.code >= status.BAD_REQUEST:
+    if response.code >= codes.BAD_REQUEST:
         return response
     etag = next((v for n, v in response.options if n == opt.ETAG), None)
     if answer.status == 304:
@@ -452,11 +524,11 @@ def _validated(response: Response, answer: UpstreamResponse, etags: list[bytes])
             etag = etags[0]
         if etag is None or etag not in etags:
             log.warning("origin answered 304 without one of the request's ETags: 5.02")
-            return Response(status.BAD_GATEWAY)
+            return Response(codes.BAD_GATEWAY)
     elif etag is None or etag not in etags:
         return response
     kept = [(opt.ETAG, etag)] + [(n, v) for n, v in response.options if n == opt.MAX_AGE]
-    return Response(status.VALID, kept)
+    return Response(codes.VALID, kept)
 
 
 def _add_location(response: Response, location: str, url: str, target: str, path: str) -> None:

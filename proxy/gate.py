@@ -2,7 +2,7 @@
 
 The endpoint (:mod:`proxy.coap.endpoint`) deduplicates what reaches this process (RFC 7252
 §4.5); a device's retransmission can reach another replica, though. With a shared
-:class:`~proxy.state.base.DedupStore` (``--redis-url``) the gate claims each new exchange there
+:class:`~stores.ledger.Ledger` (``--redis-url``) the gate claims each new exchange there
 before the handler runs (docs/ARCHITECTURE.md, docs/CONTRACT.md §5):
 
 - OWNED: this replica handles it; its answer is written to the store, so a retransmission that
@@ -25,11 +25,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from proxy.coalesce import Coalescer
 from proxy.coap.codec import CON
 from proxy.coap.endpoint import MessagingStats
 from proxy.coap.exchanges import EXCHANGE_LIFETIME, NON_LIFETIME, Exchange
 from proxy.coap.requests import Request, RequestHandler
-from proxy.state.base import Claim, ClaimResult, DedupStore, DedupUnavailable
+from stores.ledger import Claim, Ledger, LedgerUnavailable, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,25 @@ class Gate:
     def __init__(
         self,
         handler: RequestHandler,
-        store: DedupStore,
+        ledger: Ledger,
         key: Callable[[str, int, int, str | None], str],
         *,
         lease: float = 10.0,
+        max_batch: int = 512,
         retry_after: float = 1.0,
         stats: MessagingStats | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``key`` names an exchange in the store from (ip, port, MID, PSK identity)
-        (``policies.keys.dedup_key``). ``lease`` bounds a claim: a replica that dies after
-        claiming blocks the exchange for at most that long. ``stats``: the endpoint's, so that
-        one object counts the whole messaging layer."""
+        """``key`` names an exchange in the ledger from (ip, port, MID, PSK identity)
+        (``stores.keys.dedup_key``). ``lease`` bounds a claim: a replica that dies after
+        claiming blocks the exchange for at most that long. Concurrent claims go to the ledger
+        together, up to ``max_batch`` in one call (proxy/coalesce.py). ``stats``: the
+        endpoint's, so that one object counts the whole messaging layer."""
         self._handler = handler
-        self.store = store
+        self.ledger = ledger
+        self._claims: Coalescer[str, Outcome] = Coalescer(
+            self._claim_batch, max_batch=max_batch, max_concurrency=1, name="dedup"
+        )
         self._key = key
         self._lease = lease
         self._retry_after = retry_after
@@ -68,7 +74,10 @@ class Gate:
         peer = request.peer
         return self._key(peer[0], peer[1], request.message.mid, request.identity)
 
-    async def claim(self, exchange: Exchange, key: str) -> ClaimResult:
+    async def _claim_batch(self, keys: list[str]) -> list[Outcome]:
+        return await self.ledger.claim(keys, self._lease)
+
+    async def claim(self, exchange: Exchange, key: str) -> Outcome:
         """OWNED, BUSY, or the bytes another replica answered with. OWNED also while the
         store is down; the answer is still written if the store is back by then."""
         exchange.claim = key
@@ -77,8 +86,8 @@ class Gate:
             self.stats.shared_unavailable += 1
             return Claim.OWNED
         try:
-            result = await self.store.claim(key, self._lease)
-        except DedupUnavailable as exc:
+            result = await self._claims.submit(key)
+        except LedgerUnavailable as exc:
             self.stats.shared_unavailable += 1
             self._down_until = now + self._retry_after
             if not self._down:
@@ -103,4 +112,4 @@ class Gate:
         key = exchange.claim
         if key is not None and not self._down:
             lifetime = EXCHANGE_LIFETIME if exchange.message.mtype == CON else NON_LIFETIME
-            self.store.complete(key, exchange.record, lifetime)
+            self.ledger.record(key, exchange.record, lifetime)

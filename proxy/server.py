@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from policies.keys import dedup_key
 from policies.routes import Policy, load_policy
 from proxy.coap.blockwise import BlockwiseHandler
 from proxy.coap.driver import CoapDriver
@@ -21,12 +20,12 @@ from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
 from proxy.gate import Gate
 from proxy.http1 import Http1Upstream
 from proxy.settings import ProxySettings
-from proxy.state.base import DedupStore
 from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
-from proxy.state.redis_store import RedisDedupStore
 from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
 from proxy.upstream import Upstream
+from stores.keys import dedup_key, dedup_prefix
+from stores.ledger import Ledger, redis_ledger
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class RunningProxy:
     driver: CoapDriver
     handler: BlockwiseHandler
     upstream: Upstream
-    dedup: DedupStore | None = None
+    dedup: Ledger | None = None
     # coaps:// (docs/CONTRACT.md §6): its own transport and driver, the same upstream and dedup
     # store.
     dtls: DtlsTransport | None = None
@@ -191,7 +190,7 @@ def _handler(
 def _driver(
     settings: ProxySettings,
     handler: RequestHandler,
-    dedup: DedupStore | None,
+    dedup: Ledger | None,
     identity_of: Callable[[tuple[str, int]], str | None] | None = None,
 ) -> CoapDriver:
     """The messaging layer for one transport: endpoint (RFC 7252), and with a shared store
@@ -203,11 +202,10 @@ def _driver(
     )
     gate = None
     if dedup is not None:
-        prefix = settings.redis_prefix
         gate = Gate(
             handler,
             dedup,
-            lambda ip, port, mid, identity: dedup_key(ip, port, mid, identity, prefix),
+            dedup_key,
             lease=settings.dedup_lease,
             stats=endpoint.stats,
         )
@@ -218,7 +216,7 @@ async def start_proxy(
     settings: ProxySettings,
     *,
     upstream: Upstream | None = None,
-    dedup: DedupStore | None = None,
+    dedup: Ledger | None = None,
     psk_store: PskStore | None = None,
     reuse_port: bool = False,
 ) -> RunningProxy:
@@ -243,7 +241,11 @@ async def start_proxy(
         plain_paths=PLAIN_PATHS_IN_PRODUCTION if settings.require_dtls else None,
     )
     if dedup is None and settings.redis_url is not None:
-        dedup = RedisDedupStore.from_url(settings.redis_url)
+        # No retries: a failed claim is served on local dedup, better for the device than
+        # waiting through a retry schedule (proxy/gate.py).
+        dedup = redis_ledger(
+            settings.redis_url, prefix=dedup_prefix(settings.redis_prefix), timeout=1.0, retries=0
+        )
     loop = asyncio.get_running_loop()
     try:
         transport, driver = await loop.create_datagram_endpoint(

@@ -7,7 +7,6 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from starlette.background import BackgroundTask
 
 from api.admission import Admission
 from api.deps import (
@@ -27,15 +26,13 @@ from api.errors import (
     DeviceUnauthorized,
     InvalidTopic,
     PayloadTooLarge,
-    StoreUnavailable,
 )
-from api.idempotency import Claimed, IdempotencyStore
+from api.idempotency import claim_keys, settle_keys
 from api.identity import calling_device
 from api.publisher import Publisher
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import Device
-from policies import dedup
 from policies.batch import (
     BATCH_CONTENT_TYPE,
     BatchFormatError,
@@ -52,6 +49,7 @@ from policies.forwarding import (
 )
 from policies.media import content_format_for
 from policies.topics import TopicError, render_topic, validate_topic
+from stores.ledger import Claim, Ledger, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +149,17 @@ async def ingest(
     )
     payload = await _read_body(request, settings.max_payload)
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
-    claims: list[Claimed | None] = list(await idempotency.claim([key])) if key else [None]
+    claims: list[Outcome | None] = list(await claim_keys(idempotency, [key])) if key else [None]
     [status], answered, released = await _publish_claimed(
         publisher,
         [(key, topic, payload, properties)],
         claims,
         publish_budget(request.headers.get(TIMEOUT_HEADER)),
     )
-    background = _recording(idempotency, answered, released)
+    settle_keys(idempotency, answered, released)
     if status == 503:
-        if background is not None:
-            await background()
         raise BrokerUnavailable()
-    return Response(status_code=status, background=background)
+    return Response(status_code=status)
 
 
 Outgoing = tuple[str | None, str, bytes, dict[str, str]]  # idempotency key, topic, payload, props
@@ -180,7 +176,7 @@ def publish_budget(proxy_timeout: str | bytes | None) -> float | None:
 async def _publish_claimed(
     publisher: Publisher,
     messages: list[Outgoing],
-    claims: list[Claimed | None],
+    claims: list[Outcome | None],
     within: float | None = None,
 ) -> tuple[list[int], list[tuple[str, bytes]], list[str]]:
     """Publish each message whose Idempotency-Key claim is ours (or that has no key), waiting
@@ -196,7 +192,7 @@ async def _publish_claimed(
     for n, claim in enumerate(claims):
         if isinstance(claim, bytes):
             statuses[n] = int(claim) if claim.isdigit() else 204
-        elif claim is dedup.BUSY:
+        elif claim is Claim.BUSY:
             statuses[n] = 503
         else:
             sending.append(n)
@@ -214,24 +210,6 @@ async def _publish_claimed(
         elif key:
             answered.append((key, b"204"))
     return statuses, answered, released
-
-
-def _recording(
-    idempotency: IdempotencyStore, answered: list[tuple[str, bytes]], released: list[str]
-) -> BackgroundTask | None:
-    """Record answers after the response has gone out: a duplicate arriving meanwhile finds the
-    claim and gets 503, so it is retried, never published twice; the device is not kept waiting
-    for one more Redis round trip."""
-    if not answered and not released:
-        return None
-
-    async def record() -> None:
-        try:
-            await idempotency.settle(answered, released)
-        except StoreUnavailable as exc:
-            log.warning("idempotency records not written (claims lapse after their lease): %s", exc)
-
-    return BackgroundTask(record)
 
 
 # The most a proxy may put in one call (its max_batch is at most this); settings.max_batch,
@@ -299,7 +277,7 @@ async def answer_batch(
     settings: ApiSettings,
     admission: Admission,
     publisher: Publisher,
-    idempotency: IdempotencyStore,
+    idempotency: Ledger,
     within: float | None = None,
 ) -> Response:
     """The whole of ``POST /ingest/batch`` once the caller is known to be the proxy and the
@@ -316,7 +294,7 @@ async def answer_batch(
     keyed = [n for n, item in enumerate(items) if item.idempotency_key]
     # Who sent each item, and its Idempotency-Key claim: one question (api/admission.py).
     devices, claimed_in_order = await _admit(admission, items, keyed)
-    claimed: dict[int, Claimed] = dict(zip(keyed, claimed_in_order, strict=True))
+    claimed: dict[int, Outcome] = dict(zip(keyed, claimed_in_order, strict=True))
     outgoing: list[Outgoing] = []
     positions: list[int] = []
     # The item's fields are used as they come: the proxy checked the topic and wrote the
@@ -347,26 +325,24 @@ async def answer_batch(
     released += [
         items[n].idempotency_key
         for n in keyed
-        if n not in accepted and claimed.get(n) is dedup.OWNED
+        if n not in accepted and claimed.get(n) is Claim.OWNED
     ]
     retry_after = False
     for index, status in zip(positions, sent, strict=True):
         statuses[index] = status
         retry_after = retry_after or status == 503
     headers = {"Retry-After": "1"} if retry_after else None
-    return Response(
-        encode_statuses(statuses),
-        media_type="application/json",
-        headers=headers,
-        background=_recording(idempotency, answered, released),
-    )
+    # Queued, written with the next claim: a duplicate arriving before that finds the claim and
+    # gets 503, so it is retried, never published twice.
+    settle_keys(idempotency, answered, released)
+    return Response(encode_statuses(statuses), media_type="application/json", headers=headers)
 
 
 async def _admit(
     admission: Admission,
     items: list[BatchItem],
     keyed: list[int],
-) -> tuple[dict[tuple[str, str], Device | ApiError], list[Claimed]]:
+) -> tuple[dict[tuple[str, str], Device | ApiError], list[Outcome]]:
     """Every distinct device of a batch, by PSK identity (DTLS) or by address
     (docs/CONTRACT.md §2), keyed ``(identity, "")`` or ``("", ip)``, and the claims of the
     keyed items, in one question to the stores. Unknown or non-active → 401; a failed lookup

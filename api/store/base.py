@@ -71,7 +71,7 @@ class Device(BaseModel):
     and left out of ``repr`` so a logged device cannot leak it.
 
     Fields are flat scalars because each is one field of the device's Redis hash; the proxy's
-    PSK mirror reads the ``psk`` field directly (``policies.keys.device_key``).
+    PSK mirror reads the ``psk`` field directly (``stores.keys.device_key``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -138,7 +138,7 @@ class DeviceStore(Protocol):
 
     PSK changes are announced: whenever a write changes a device's ``psk`` (set, rotated,
     revoked) or deletes a device, the store tells the proxies — the Redis store PUBLISHes the
-    ICCID on ``policies.keys.psk_channel(prefix)`` in the same transaction as the write, the
+    ICCID on ``stores.keys.psk_channel(prefix)`` in the same transaction as the write, the
     memory store calls its in-process listeners (``MemoryDeviceStore.add_psk_listener``).
     """
 

@@ -23,7 +23,7 @@ class MemoryDeviceStore:
     signal in process: :meth:`add_psk_listener` registers a plain callable that is called with
     the ICCID right after a write that set, changed, rotated or revoked that device's PSK, or
     deleted the device — the events the Redis store PUBLISHes on
-    ``policies.keys.psk_channel``. Listeners run synchronously on the event loop, after the
+    ``stores.keys.psk_channel``. Listeners run synchronously on the event loop, after the
     write is applied (so ``await store.get(iccid)`` inside one already sees the new state);
     they must be quick and must not raise (an exception is logged and swallowed). This is the
     seam for ``coap-bridge up`` without Redis to keep the proxy's PSK mirror fresh.

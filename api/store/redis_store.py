@@ -2,17 +2,17 @@
 
 Redis is where replicas share state (docs/CONTRACT.md §1, §12).
 
-Key schema from :mod:`policies.keys`: a hash per device, a string ``ip → iccid`` (the
+Key schema from :mod:`stores.keys`: a hash per device, a string ``ip → iccid`` (the
 SIM-as-an-identity index) and a set of all iccids. Writes run as optimistic transactions
 (WATCH/MULTI/EXEC) that watch the device hash and the ip key they claim, so two concurrent
 writers can never both take one ip nor leave an index entry pointing at the wrong device.
 
 Every write that changes a device's ``psk`` (or deletes the device) also PUBLISHes the ICCID on
-:func:`policies.keys.psk_channel`, inside the same MULTI/EXEC: a proxy that receives the message
+:func:`stores.keys.psk_channel`, inside the same MULTI/EXEC: a proxy that receives the message
 and re-reads the hash always sees the new value, and a write that failed announces nothing.
 
 Every key carries the ``{dev}`` hash tag, so on a Redis Cluster they all live in one slot: the
-store then talks to the master that owns that slot with a plain client (links/redis.py
+store then talks to the master that owns that slot with a plain client (stores/redis.py
 ``SlotClient``), and the transactions and announcements work as on one server. A ``MOVED``
 reply (the slot went elsewhere) makes it look the owner up again and retry once; a lost
 connection makes it look the owner up again for the next call and answers StoreUnavailable.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -36,8 +37,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
 from api.store.base import Change, Device, normalise_ip
-from links.redis import REDIS_ERRORS, SlotClient
-from policies.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key, psk_channel
+from stores.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key, psk_channel
+from stores.ledger import ScriptReads
+from stores.redis import REDIS_ERRORS, SlotClient
 
 # Contention on one device is rare (a management call racing another); a handful of retries
 # settles it, and a hot loop against a misbehaving server must end.
@@ -45,17 +47,55 @@ _MAX_TRANSACTION_ATTEMPTS = 16
 
 _T = TypeVar("_T")
 
-# KEYS: ip index keys; ARGV[1]: the device key prefix (``device_key("")``). For each ip, the
-# device's hash as a flat field/value list, or an empty list. Every key it touches carries the
-# {dev} tag: one slot, so it runs on a Cluster's slot owner as on one server.
-_BY_IP_SCRIPT = """
-local out = {}
-for i = 1, #KEYS do
-  local iccid = redis.call('GET', KEYS[i])
-  if iccid then out[i] = redis.call('HGETALL', ARGV[1] .. iccid) else out[i] = {} end
+# Devices by address and by PSK identity, in one script call (stores/ledger.py ScriptReads):
+# ``keys`` are ip index keys, then device hashes; args[1] says how many ip keys come first,
+# args[2] is the device key prefix (``device_key("")``). One reply per key: the device's hash as
+# a flat field/value list, or an empty list. Every key it touches carries the {dev} tag: one
+# slot, so it runs on a Cluster's slot owner as on one server.
+DEVICE_READ_LUA = """
+local function read(keys, args)
+  local n_ip, prefix = tonumber(args[1]), args[2]
+  local out = {}
+  for i = 1, #keys do
+    if i <= n_ip then
+      local iccid = redis.call('GET', keys[i])
+      if iccid then out[i] = redis.call('HGETALL', prefix .. iccid) else out[i] = {} end
+    else
+      out[i] = redis.call('HGETALL', keys[i])
+    end
+  end
+  return out
 end
-return out
 """
+_READ_SCRIPT = DEVICE_READ_LUA + "return read(KEYS, ARGV)"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReads:
+    """The reads of :data:`DEVICE_READ_LUA` for some identities and addresses, and how to turn
+    their replies into devices (:meth:`devices`)."""
+
+    script: ScriptReads
+    identities: int
+    ips: list[str | None]  # as asked, normalised; None: not an address
+    asked: list[str]  # the distinct addresses read, in key order
+
+    def devices(self, replies: Sequence[Any]) -> tuple[list[Device | None], list[Device | None]]:
+        """Devices by identity and by address, in the order asked. A device found through an
+        index entry that no longer names its address is nobody's (it moved between writes)."""
+        found = [_device(flat) for flat in replies]
+        by_ip_found = dict(zip(self.asked, found[: len(self.asked)], strict=True))
+        by_ip: list[Device | None] = []
+        for ip in self.ips:
+            device = by_ip_found.get(ip) if ip is not None else None
+            by_ip.append(device if device is not None and device.ip == ip else None)
+        return found[len(self.asked) :], by_ip
+
+
+def _device(flat: Any) -> Device | None:
+    if not flat:
+        return None
+    return device_from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
 def _to_hash(device: Device) -> tuple[dict[str, str], builtins.list[str]]:
@@ -192,37 +232,36 @@ class RedisDeviceStore:
 
         return [device_from_hash(raw) if raw else None for raw in await self._run(work)]
 
-    async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
-        """One round trip whatever the number of ips: :data:`_BY_IP_SCRIPT` follows each index
-        entry to its device inside Redis (two pipelined reads measured 0.76 ms per batch of one
-        device in the API, most of it redis-py's work per call; the script, one call). Being one
-        script, it also cannot see an ip that moved between the two reads."""
-        keys: builtins.list[str | None] = []
+    def reads(self, identities: Sequence[str], ips: Sequence[str]) -> DeviceReads:
+        """The devices of ``identities`` and ``ips`` as reads for one script call (here in
+        :meth:`get_many_by_ip`; with the Idempotency-Key claims in api/admission.py)."""
+        wanted: builtins.list[str | None] = []
         for ip in ips:
             try:
-                keys.append(normalise_ip(ip))
+                wanted.append(normalise_ip(ip))
             except ValueError:
-                keys.append(None)
-        wanted = sorted({ip for ip in keys if ip is not None})
-        if not wanted:
-            return [None] * len(keys)
+                wanted.append(None)
+        asked = sorted({ip for ip in wanted if ip is not None})
+        keys = [self._ipkey(ip) for ip in asked] + [self._dkey(iccid) for iccid in identities]
+        script = ScriptReads(DEVICE_READ_LUA, keys, [len(asked), self._dkey("")])
+        return DeviceReads(script, len(identities), wanted, asked)
+
+    async def get_many_by_ip(self, ips: Sequence[str]) -> builtins.list[Device | None]:
+        """One round trip whatever the number of ips: :data:`DEVICE_READ_LUA` follows each
+        index entry to its device inside Redis (two pipelined reads measured 0.76 ms per batch
+        of one device in the API, most of it redis-py's work per call; the script, one call).
+        Being one script, it also cannot see an ip that moved between the two reads."""
+        reads = self.reads((), ips)
+        if not reads.asked:
+            return [None] * len(ips)
 
         async def work(redis: Redis) -> builtins.list[Any]:
             found: builtins.list[Any] = await redis.eval(
-                _BY_IP_SCRIPT,
-                len(wanted),
-                *[self._ipkey(ip) for ip in wanted],
-                self._dkey(""),
+                _READ_SCRIPT, len(reads.script.keys), *reads.script.keys, *reads.script.args
             )
             return found
 
-        by_ip: dict[str, Device] = {}
-        for ip, flat in zip(wanted, await self._run(work), strict=True):
-            if flat:
-                device = device_from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
-                if device.ip == ip:
-                    by_ip[ip] = device
-        return [by_ip.get(ip) if ip is not None else None for ip in keys]
+        return reads.devices(await self._run(work))[1]
 
     async def list(self) -> builtins.list[Device]:
         async def work(redis: Redis) -> builtins.list[dict[bytes | str, bytes | str]]:

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from policies import status
+from proxy.coap import codes
 from proxy.coap import options as opt
 from proxy.coap.codec import Message, parse_uint, uint_bytes
 from proxy.coap.requests import Request, RequestHandler, Response
@@ -50,10 +50,10 @@ from proxy.state.blocks import (
 
 log = logging.getLogger(__name__)
 
-CONTINUE = status.code(2, 31)  # RFC 7959 §2.9.1
-REQUEST_ENTITY_INCOMPLETE = status.code(4, 8)  # RFC 7959 §2.9.2
-_ERROR = status.BAD_REQUEST  # 4.00 and above: errors carry no payload and are never sliced
-_SAFE = frozenset({status.GET, status.FETCH})  # may be run again for a later block
+CONTINUE = codes.CONTINUE  # RFC 7959 §2.9.1
+REQUEST_ENTITY_INCOMPLETE = codes.REQUEST_ENTITY_INCOMPLETE  # RFC 7959 §2.9.2
+_ERROR = codes.BAD_REQUEST  # 4.00 and above: errors carry no payload and are never sliced
+_SAFE = frozenset({codes.GET, codes.FETCH})  # may be run again for a later block
 # What the handler inside never sees (the contract in docs/ARCHITECTURE.md).
 _BLOCKWISE = frozenset({opt.BLOCK1, opt.BLOCK2, opt.SIZE1, opt.SIZE2, opt.REQUEST_TAG})
 _M = 0x08
@@ -150,7 +150,7 @@ def _block(full: Response, num: int, szx: int, size2: bool) -> Response:
     body = full.payload
     first = num * size
     if num and first >= len(body):
-        return Response(status.BAD_REQUEST)
+        return Response(codes.BAD_REQUEST)
     chunk = body[first : first + size]
     more = first + len(chunk) < len(body)
     extra = [(opt.BLOCK2, uint_bytes(num << 4 | (_M if more else 0) | szx))]
@@ -288,7 +288,7 @@ class BlockwiseHandler:
         payload = request.message.payload
         # §2.3: a block with M set is exactly the block size; the last one at most that.
         if (more and len(payload) != size) or len(payload) > size:
-            return Response(status.BAD_REQUEST)
+            return Response(codes.BAD_REQUEST)
         if num == 0 and not more:
             body = payload  # the whole body in one block: nothing to keep
         else:
@@ -300,7 +300,7 @@ class BlockwiseHandler:
                 return self._too_large()
             if outcome is Outcome.BUSY:
                 return Response(
-                    status.SERVICE_UNAVAILABLE, [(opt.MAX_AGE, uint_bytes(BUSY_MAX_AGE))]
+                    codes.SERVICE_UNAVAILABLE, [(opt.MAX_AGE, uint_bytes(BUSY_MAX_AGE))]
                 )
             if outcome is not Outcome.COMPLETE:
                 return Response(REQUEST_ENTITY_INCOMPLETE)
@@ -345,7 +345,7 @@ class BlockwiseHandler:
 
     def _too_large(self) -> Response:
         return Response(
-            status.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
+            codes.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
         )
 
     # -- Block2 -------------------------------------------------------------------------------
@@ -389,18 +389,18 @@ class BlockwiseHandler:
         ranged = self._inward(request, byte_range=(first, first + size - 1))
         response = await self._inner.handle(ranged)
         whole = False
-        if response.code == status.BAD_OPTION:
+        if response.code == codes.BAD_OPTION:
             # The origin's 416 (the forwarder's contract): the range lies past the end. For
             # block 0 the representation is empty: ask for it whole.
             if num:
-                return Response(status.BAD_REQUEST)
+                return Response(codes.BAD_REQUEST)
             whole = True
         elif response.code >= _ERROR:
             return response
         elif response.size is not None:
             if _has_etag(response.options):
                 if first >= response.size:
-                    return Response(status.BAD_REQUEST)
+                    return Response(codes.BAD_REQUEST)
                 chunk = response.payload[:size]
                 more = first + len(chunk) < response.size
                 extra = [(opt.BLOCK2, uint_bytes(num << 4 | (_M if more else 0) | szx))]
@@ -447,7 +447,7 @@ class BlockwiseHandler:
 
     def _cache_key(self, request: Request) -> tuple[str, ...]:
         key: tuple[str, ...] = (self._who(request), str(request.method), self._uri(request))
-        if request.method == status.FETCH:
+        if request.method == codes.FETCH:
             # RFC 8132 §2: a FETCH's payload is part of what it asks for.
             key += (hashlib.blake2b(request.message.payload, digest_size=16).hexdigest(),)
         return key

@@ -18,12 +18,12 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from policies import status
+from proxy.coap import codes
 from proxy.coap.endpoint import Endpoint, MessagingStats
 from proxy.coap.exchanges import CHECKING, Exchange
 from proxy.coap.requests import RequestHandler, Response
 from proxy.gate import Gate
-from proxy.state.base import Claim
+from stores.ledger import Claim
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,9 @@ class CoapDriver(asyncio.DatagramProtocol):
         except Exception:
             endpoint.stats.handler_errors += 1
             log.exception(
-                "request handler failed for %s %s", status.code_text(request.method), request.path
+                "request handler failed for %s %s", codes.code_text(request.method), request.path
             )
-            response = Response(status.INTERNAL_SERVER_ERROR)
+            response = Response(codes.INTERNAL_SERVER_ERROR)
         self._send(endpoint.respond(exchange, response, self._loop.time()), exchange)
         if gate is not None:
             gate.answered(exchange)

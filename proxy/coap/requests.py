@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from policies import status
+from proxy.coap import codes
 from proxy.coap import options as opt
 from proxy.coap.codec import Message, parse_uint
 
@@ -100,11 +100,11 @@ def interpret(message: Message, peer: Peer, identity: str | None) -> Request:
         rule = rules.get(number)
         if rule is None:
             if number & 1:
-                raise BadRequest(status.BAD_OPTION)  # critical and not understood
+                raise BadRequest(codes.BAD_OPTION)  # critical and not understood
             continue  # elective and not read: ignored
         if len(value) not in rule[0] or (repeated and not rule[1]):
             if number & 1:
-                raise BadRequest(status.BAD_OPTION)
+                raise BadRequest(codes.BAD_OPTION)
             continue
         if number == opt.URI_PATH:
             path_segments.append(_text(value))
@@ -116,11 +116,11 @@ def interpret(message: Message, peer: Peer, identity: str | None) -> Request:
             accept = parse_uint(value)
         elif number == opt.PROXY_URI or number == opt.PROXY_SCHEME:
             # We are a reverse proxy (an origin server to the device), not a forward proxy.
-            raise BadRequest(status.PROXYING_NOT_SUPPORTED)
+            raise BadRequest(codes.PROXYING_NOT_SUPPORTED)
         elif number == opt.BLOCK1 or number == opt.BLOCK2:
             block = parse_uint(value)
             if block & 0x07 == _SZX_RESERVED:
-                raise BadRequest(status.BAD_REQUEST)
+                raise BadRequest(codes.BAD_REQUEST)
             # Any other block is the block-wise layer's (proxy/coap/blockwise.py).
     # Positional: keyword arguments to a slots dataclass cost ~250 ns here, every request.
     return Request(
@@ -139,4 +139,4 @@ def _text(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequest(status.BAD_REQUEST) from None
+        raise BadRequest(codes.BAD_REQUEST) from None

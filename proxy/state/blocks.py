@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from links.redis import REDIS_ERRORS, RedisConnection, connect
-from policies.keys import DEFAULT_PREFIX, block_index_key, block_peer_key, block_transfer_key
+from stores.keys import DEFAULT_PREFIX, block_index_key, block_peer_key, block_transfer_key
+from stores.redis import REDIS_ERRORS, RedisConnection, connect
 
 # RFC 7252 §4.8.2: how long a CoAP exchange, and so a block of a transfer, may still arrive.
 EXCHANGE_LIFETIME = 247.0
@@ -265,7 +265,7 @@ return {'continue'}
 
 
 class RedisBlockStore:
-    """Transfers in Redis, shared by every replica (keys: ``policies.keys.block_*``)."""
+    """Transfers in Redis, shared by every replica (keys: ``stores.keys.block_*``)."""
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ handshake: that lookup must be a dict read, never network I/O. So every proxy ke
 memory and Redis pub/sub keeps that copy fresh:
 
 - :class:`RedisPskMirror` loads every device's ``psk`` at start (SMEMBERS of the device set,
-  then one pipelined HGET per device), subscribes to :func:`policies.keys.psk_channel` and,
+  then one pipelined HGET per device), subscribes to :func:`stores.keys.psk_channel` and,
   for each ICCID announced there, re-reads that device's ``psk``. The API publishes inside the
   same MULTI/EXEC that writes the hash, so the re-read always sees the new value; a change
   reaches every replica in one round trip. After a Redis outage it reconnects and reloads
@@ -24,10 +24,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from links.redis import REDIS_ERRORS, RedisConnection, connect
-from links.redis_url import parse_redis_url
-from policies.keys import DEFAULT_PREFIX, device_key, device_set_key, psk_channel
 from policies.psk import PskError, psk_bytes
+from stores.keys import DEFAULT_PREFIX, device_key, device_set_key, psk_channel
+from stores.redis import REDIS_ERRORS, RedisConnection, connect
+from stores.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class RedisPskMirror:
     # -- mirroring ------------------------------------------------------------------------
 
     def _connect(self) -> RedisConnection:
-        # Any URL the dedup store takes (links.redis_url): one server, Sentinel or Cluster.
+        # Any URL the ledger takes (stores.redis_url): one server, Sentinel or Cluster.
         # Every device key carries the {dev} hash tag, so on a Cluster the SMEMBERS and the
         # HGET pipeline all go to the one node that owns that slot; the announcements are
         # classic pub/sub, which a Cluster broadcasts to every node, so the subscription may

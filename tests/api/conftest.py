@@ -27,7 +27,7 @@ from api.store.base import Device, DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
 from policies.forwarding import IDENTITY_HEADER, TOKEN_HEADER, format_forwarded
-from policies.keys import psk_channel
+from stores.keys import psk_channel
 from tests.support.http import free_port, serve_app
 from tests.support.services import MosquittoServer, RedisServer
 

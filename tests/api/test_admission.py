@@ -10,12 +10,13 @@ import pytest
 
 from api.admission import Admission, RedisAdmission, SeparateAdmission, admission_for
 from api.errors import StoreUnavailable
-from api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from api.idempotency import build_ledger, settle_keys
 from api.store.base import Device, DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
-from links.redis import connect
-from policies import dedup
+from stores.keys import idempotency_prefix
+from stores.ledger import Claim, ClientRunner, Ledger, RedisLedger, redis_ledger
+from stores.redis import connect
 from tests.support.services import RedisServer
 
 A = "8988280666000000001"
@@ -27,7 +28,7 @@ OFF = "8988280666000000003"
 class Rig:
     admission: Admission
     store: DeviceStore
-    idempotency: IdempotencyStore
+    idempotency: Ledger
 
 
 @pytest.fixture(
@@ -36,18 +37,22 @@ class Rig:
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     if request.param == "separate, memory":
         store: DeviceStore = MemoryDeviceStore()
-        idempotency: IdempotencyStore = MemoryIdempotencyStore()
+        idempotency: Ledger = build_ledger(None, "adm")
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisDeviceStore.from_url(server.url, prefix="adm")
         if request.param.endswith("redis-py"):  # the script through redis-py, not our link
-            idempotency = RedisIdempotencyStore(
-                connect(server.url, timeout=2.0, retries=None), prefix="adm", settle_delay=60
+            idempotency = RedisLedger(
+                ClientRunner(connect(server.url, timeout=2.0, retries=None)),
+                prefix=idempotency_prefix("adm"),
+                record_delay=60,
             )
         else:
-            idempotency = RedisIdempotencyStore.from_url(server.url, prefix="adm", settle_delay=60)
+            idempotency = redis_ledger(
+                server.url, prefix=idempotency_prefix("adm"), record_delay=60
+            )
     one_script = request.param.startswith("one script")
-    admission = admission_for(store, idempotency, same_server=one_script, prefix="adm")
+    admission = admission_for(store, idempotency, same_server=one_script)
     expected = RedisAdmission if one_script else SeparateAdmission
     assert isinstance(admission, expected)
     await store.create(Device(iccid=A, ip="10.1.0.1", status="active"))
@@ -81,16 +86,17 @@ async def test_a_moved_device_is_found_under_its_new_address_only(rig: Rig) -> N
 
 async def test_claims_are_made_with_the_lookup_and_see_settled_answers(rig: Rig) -> None:
     first = await rig.admission.admit([], ["10.1.0.1"], ["k1", "k2", "k1"])
-    assert first.claims == [dedup.OWNED, dedup.OWNED, dedup.BUSY]
-    await rig.idempotency.settle([("k1", b"204")], ["k2"])  # deferred under Redis (60 s)
+    assert first.claims == [Claim.OWNED, Claim.OWNED, Claim.BUSY]
+    settle_keys(rig.idempotency, [("k1", b"204")], ["k2"])  # queued under Redis (60 s)
     second = await rig.admission.admit([A], [], ["k1", "k2"])
-    assert second.claims == [b"204", dedup.OWNED]
+    assert second.claims == [b"204", Claim.OWNED]
     assert second.by_identity == [await rig.store.get(A)]
 
 
 async def test_one_script_needs_a_server_that_is_up(redis_server: RedisServer) -> None:
-    idempotency = RedisIdempotencyStore.from_url(redis_server.url, prefix="adm")
-    admission = RedisAdmission(idempotency, prefix="adm")
+    store = RedisDeviceStore.from_url(redis_server.url, prefix="adm")
+    idempotency = redis_ledger(redis_server.url, prefix=idempotency_prefix("adm"))
+    admission = RedisAdmission(store, idempotency)
     try:
         redis_server.stop()
         with pytest.raises(StoreUnavailable):
@@ -98,6 +104,7 @@ async def test_one_script_needs_a_server_that_is_up(redis_server: RedisServer) -
     finally:
         redis_server.start()
         await idempotency.close()
+        await store.close()
 
 
 async def test_stores_given_from_elsewhere_are_asked_side_by_side(
@@ -105,15 +112,13 @@ async def test_stores_given_from_elsewhere_are_asked_side_by_side(
 ) -> None:
     # Not known to share a server (same_server=False), or not both in Redis: no shared script.
     store = RedisDeviceStore.from_url(redis_server.url, prefix="adm")
-    idempotency = RedisIdempotencyStore.from_url(redis_server.url, prefix="adm")
+    idempotency = build_ledger(redis_server.url, "adm")
     try:
+        assert isinstance(admission_for(store, idempotency, same_server=False), SeparateAdmission)
         assert isinstance(
-            admission_for(store, idempotency, same_server=False, prefix="adm"), SeparateAdmission
+            admission_for(MemoryDeviceStore(), idempotency, same_server=True), SeparateAdmission
         )
-        assert isinstance(
-            admission_for(MemoryDeviceStore(), idempotency, same_server=True, prefix="adm"),
-            SeparateAdmission,
-        )
+        assert isinstance(admission_for(store, idempotency, same_server=True), RedisAdmission)
     finally:
         await idempotency.close()
         await store.close()

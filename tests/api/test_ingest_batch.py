@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator, Sequence
 
 import httpx
 import pytest
-from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.app import create_app
 from api.publisher import MqttPublisher, pack_user_properties
@@ -38,58 +36,16 @@ def item(
     return BatchItem(ip, 40000, "coap", identity, key, topic, content_format, payload)
 
 
-@pytest.fixture(params=["fast path", "route"])
+@pytest.fixture
 async def client(
-    request: pytest.FixtureRequest,
-    mosquitto: MosquittoServer,
-    device_store: MemoryDeviceStore,
-    publisher: MqttPublisher,
+    mosquitto: MosquittoServer, device_store: MemoryDeviceStore, publisher: MqttPublisher
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """Every test here runs through the fast path (api/fast_path.py) and through the route."""
-    app = create_app(
-        make_settings(mosquitto),
-        store=device_store,
-        publisher=publisher,
-        fast_path=request.param == "fast path",
-    )
+    """The app as production runs it: the proxy's calls take the fast path (api/fast_path.py);
+    tests/api/test_fast_path.py holds it to the route's answers."""
+    app = create_app(make_settings(mosquitto), store=device_store, publisher=publisher)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
         yield http
-
-
-async def test_the_fast_path_answers_the_proxy_before_the_router(
-    mosquitto: MosquittoServer, device_store: MemoryDeviceStore, publisher: MqttPublisher
-) -> None:
-    app = create_app(make_settings(mosquitto), store=device_store, publisher=publisher)
-    reached_router: list[str] = []
-
-    class Witness:
-        """Innermost middleware: sees what the fast path passed on to the router."""
-
-        def __init__(self, inner: ASGIApp) -> None:
-            self.inner = inner
-
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            reached_router.append(scope["path"])
-            await self.inner(scope, receive, send)
-
-    app.user_middleware.append(Middleware(Witness))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as c:
-        ok = await c.post("/ingest/batch", content=encode_batch([item()]), headers=BATCH_HEADERS)
-        assert ok.status_code == 200, ok.text
-        assert ok.json() == {"statuses": [204]}
-        assert reached_router == []
-        # What it leaves to the route (here: a chunked body, no declared length) is answered
-        # there. (A call without the token never gets this far: api/guard.py answers 403.)
-        body = encode_batch([item()])
-
-        async def chunked() -> AsyncIterator[bytes]:
-            yield body
-
-        routed = await c.post("/ingest/batch", content=chunked(), headers=BATCH_HEADERS)
-        assert routed.status_code == 200, routed.text
-        assert routed.json() == {"statuses": [204]}
-        assert reached_router == ["/ingest/batch"]
 
 
 async def test_each_item_gets_the_status_the_single_form_would_give(

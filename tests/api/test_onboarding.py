@@ -13,7 +13,7 @@ import pytest
 from api.store.base import Device, DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
-from policies.keys import device_key
+from stores.keys import device_key
 from tests.api.conftest import (
     AUTH,
     REDIS_PREFIX,

@@ -16,7 +16,7 @@ from api.errors import DeviceNotFound, LocationForbidden
 from api.store.base import Device, DeviceStore, Location
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
-from policies.keys import device_key
+from stores.keys import device_key
 from tests.api.conftest import REDIS_PREFIX, START, psk_events
 from tests.support.services import RedisServer
 

@@ -1,12 +1,11 @@
 """The API's Redis users behind Redis Sentinel and Redis Cluster URLs (issue #4), on real
-servers: the device store (its contract essentials and the PSK change announcements) and the
-Idempotency-Key store.
+servers: the device store (its contract essentials and the PSK change announcements); the
+Idempotency-Key ledger's: tests/stores/test_ledger_topologies.py.
 
 Each test runs once per topology (``redis_topology``: ``tests/support/redis_topologies.py``):
 a throwaway sentinel in front of the test's redis-server, and a throwaway 3-node cluster. On
 the cluster every device key carries the ``{dev}`` hash tag, so the store's WATCH/MULTI/EXEC
-transactions run on the one master that owns that slot; idempotency records spread over all
-nodes.
+transactions run on the one master that owns that slot.
 """
 
 from __future__ import annotations
@@ -21,11 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
-from api.idempotency import RedisIdempotencyStore
 from api.store.base import Device
 from api.store.redis_store import RedisDeviceStore
-from policies import dedup
-from policies.keys import device_set_key, psk_channel
+from stores.keys import device_set_key, psk_channel
 from tests.support.redis_topologies import ClusterDeployment, SentinelDeployment, cli
 
 PREFIX = "t"
@@ -148,37 +145,13 @@ async def test_device_store_follows_its_slot_to_a_new_master(
         await store.close()
 
 
-async def test_idempotency_claim_answer_release(redis_topology: Deployment) -> None:
-    store = RedisIdempotencyStore.from_url(redis_topology.url, prefix=PREFIX)
-    keys = [f"exchange-{n}" for n in range(30)]
-    try:
-        claimed = await store.claim([*keys, keys[0]])
-        assert claimed == [dedup.OWNED] * len(keys) + [dedup.BUSY]
-        if isinstance(redis_topology, ClusterDeployment):
-            # One batch, records on every master: the batch really spanned slots.
-            assert all(int(cli(port, "DBSIZE")) > 0 for port in redis_topology.ports)
-        await store.settle([(key, b"204") for key in keys[:15]], keys[15:])
-        assert await store.claim(keys) == [b"204"] * 15 + [dedup.OWNED] * 15
-        await store.settle([], keys)  # a release never drops an answer
-        assert await store.claim(keys) == [b"204"] * 15 + [dedup.OWNED] * 15
-    finally:
-        await store.close()
-
-
 async def test_unreachable_deployment_is_store_unavailable(unreachable_url: str) -> None:
     # A Cluster client that reaches no node raises RedisClusterException (no RedisError).
     devices = RedisDeviceStore.from_url(unreachable_url, prefix=PREFIX)
-    records = RedisIdempotencyStore.from_url(unreachable_url, prefix=PREFIX)
     try:
         with pytest.raises(StoreUnavailable):
             await devices.get(A)
         with pytest.raises(StoreUnavailable):
             await devices.create(Device(iccid=A, ip="10.0.0.1"))
-        if "cluster=1" in unreachable_url:
-            # (Behind a sentinel it raises MasterNotFoundError, a RedisError, after redis-py's
-            # default retry schedule, which this store keeps: seconds, so not tested here.)
-            with pytest.raises(StoreUnavailable):
-                await records.claim(["k"])
     finally:
         await devices.close()
-        await records.close()

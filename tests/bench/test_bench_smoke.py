@@ -92,8 +92,8 @@ def test_quick_run_of_t_e_and_dtls(tmp_path: Path) -> None:
     assert dtls["sockets"] == 8, log  # every session was established
     assert dtls["handshake_failures"] == 0, log
     handshakes = rows["H", "coap-bridge"]
-    assert handshakes["handshakes_in_window"] > 0, log
-    assert handshakes["handshakes_failed"] == 0, log
+    assert handshakes["in_window"] > 0, log
+    assert handshakes["handshake_failures"] == 0, log
 
     text = output.read_text()
     assert text.startswith("# Hand-written\n\nkeep me\n")
@@ -103,12 +103,6 @@ def test_quick_run_of_t_e_and_dtls(tmp_path: Path) -> None:
     assert "### E" in text
     assert "### H" in text
     assert "Machine:" in text
-
-
-def test_quick_e_with_the_aiomqtt_witness(tmp_path: Path) -> None:
-    rows, log = _run(tmp_path, "--scenarios", "E", "--subscriber", "aiomqtt", "--output", "")
-    assert set(rows) == {("E", "aiocoap"), ("E", "coap-bridge")}, log
-    _assert_chain_clean(rows["E", "coap-bridge"], log)
 
 
 def test_quick_t_in_the_production_shape_and_b(tmp_path: Path) -> None:

@@ -20,12 +20,12 @@ from bench.blockload import (
     block_value,
     fetch_once,
     parse_block,
-    path_options,
     resource_body,
     run_blocks,
     szx_of,
 )
 from bench.harness import block_memory
+from bench.loadgen import path_options
 from bench.origin import UNSATISFIABLE, parse_range
 from bench.services import Service, coap_ready, free_port, tcp_ready, which
 from proxy.coap import codec
@@ -207,8 +207,8 @@ def test_fetch_once_gets_every_byte_block_by_block_from_libcoap(libcoap: int) ->
 @pytest.mark.integration
 def test_block_load_against_libcoap_completes_clean_transfers(libcoap: int) -> None:
     config = BlockConfig(
-        "127.0.0.1", libcoap, "/example_data", SIZE, 1024, clients=4, duration=0.5, warmup=0.1,
-        timeout=2.0, port_range=(0, 0),  # kernel-chosen source ports
+        "127.0.0.1", libcoap, path="/example_data", size=SIZE, clients=4, duration=0.5,
+        warmup=0.1, timeout=2.0, port_range=(0, 0),  # kernel-chosen source ports
     )  # fmt: skip
     result = run_blocks(config)
     assert set(result.codes) == {"2.05"}
@@ -271,7 +271,7 @@ def _run_against(lie: Callable[[int, bytes], tuple[bytes, bytes]]) -> BlockResul
     port, close = _lying_server(lie)
     try:
         config = BlockConfig(
-            "127.0.0.1", port, "/x", SIZE, 1024, clients=2, duration=0.4, warmup=0.05,
+            "127.0.0.1", port, path="/x", size=SIZE, clients=2, duration=0.4, warmup=0.05,
             timeout=1.0, port_range=(0, 0),
         )  # fmt: skip
         return run_blocks(config)

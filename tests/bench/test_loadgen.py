@@ -13,6 +13,7 @@ from typing import Any
 import aiocoap
 import pytest
 
+from bench.harness import verdict
 from bench.loadgen import (
     BUCKET_SECONDS,
     BUCKETS,
@@ -199,11 +200,9 @@ def test_update_file_keeps_hand_written_text(tmp_path: Path) -> None:
     assert f"{START}\ngen\n{END}" in (other.read_text())
 
 
-def test_port_cycle_hands_ports_out_in_turn_skips_busy_ones_and_wraps() -> None:
-    from bench.dtls_loadgen import PortCycle
-
+def test_port_pool_with_wrap_hands_ports_out_in_turn_skips_busy_ones_and_wraps() -> None:
     low, busy = _busy_neighbour()
-    cycle = PortCycle(low, low + 3)
+    cycle = PortPool(low, low + 3, wrap=True)
     with busy:
         ports = []
         for _ in range(3):
@@ -226,3 +225,23 @@ def test_limit_names_the_client_the_server_or_the_cores() -> None:
     busy = row({"proxy": 5.0, "load generator": 1.0}, [1.0], other=10.0 * cores)
     assert limit(busy).startswith(f"the machine's {cores} cores")
     assert limit(row({"proxy": 1.0, "load generator": 1.0}, [1.0])).startswith("no process")
+
+
+@pytest.mark.parametrize(
+    ("sent", "codes", "timeouts", "lost", "duplicated", "status"),
+    [
+        (100, {"2.04": 100}, 0, 0, 0, "OK"),
+        (0, {}, 0, 0, 0, "FAILED"),  # nothing sent
+        (100, {}, 100, 0, 0, "FAILED"),  # everything timed out: nothing acked, nothing lost
+        (100, {"2.04": 90}, 10, 0, 0, "FAILED"),  # some timed out
+        (100, {"2.04": 99, "5.03": 1}, 0, 0, 0, "FAILED"),  # another code
+        (100, {"5.02": 100}, 0, 0, 0, "FAILED"),
+        (100, {"2.04": 100}, 0, 1, 0, "FAILED"),  # acked, never delivered
+        (100, {"2.04": 100}, 0, 0, 1, "FAILED"),  # delivered twice
+    ],
+)
+def test_telemetry_row_is_ok_only_when_every_request_was_acknowledged_and_delivered_once(
+    sent: int, codes: dict[str, int], timeouts: int, lost: int, duplicated: int, status: str
+) -> None:
+    result = LoadResult(sent=sent, completed=sum(codes.values()), codes=codes, timeouts=timeouts)
+    assert verdict(result, lost, duplicated) == status

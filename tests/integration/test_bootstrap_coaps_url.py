@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import DEMO_ICCID
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import CON, encode_parts
 from tests.support.bridge import Bridge, running_bridge

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from policies import status
 from policies.batch import decode_batch
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, encode_parts
 from tests.support.coap import PortClient

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from launcher.cli import DEMO_ICCID
-from policies import status
 from policies.forwarding import TOKEN_HEADER, format_forwarded
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, Message, decode, encode_empty, encode_parts
 from tests.support.bridge import bridge_command, running_bridge

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, RST, encode_empty, encode_parts
 from tests.support.bridge import Bridge, running_bridge

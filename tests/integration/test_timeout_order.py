@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, encode_empty, encode_parts, parse_uint
 from tests.support.bridge import Bridge, running_bridge

@@ -39,10 +39,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from policies import dedup, status
 from policies.batch import decode_batch
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, RST, Message, decode, encode_empty, encode_parts
+from stores.ledger import ANSWERED
 from tests.support import netns
 from tests.support.bridge import bridge_command
 from tests.support.dtls import DtlsClient, _ClientSocket
@@ -380,7 +381,7 @@ async def test_a_replica_taken_out_mid_stream_loses_and_duplicates_nothing(
             assert len(keys) == FLOWS * PER_FLOW
             assert {int(k.split(":")[3]) for k in keys} == ports
             values = r.mget(keys)
-            assert all(v is not None and v.startswith(dedup.DONE) for v in values)
+            assert all(v is not None and v.startswith(ANSWERED) for v in values)
         assert well_known.code == status.CONTENT
     finally:
         if dtls is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import CON, encode_parts
 from tests.support.bridge import bridge_command

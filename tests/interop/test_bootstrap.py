@@ -20,8 +20,8 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from policies.keys import DEFAULT_PREFIX, device_key
 from policies.psk import ALPHABET
+from stores.keys import DEFAULT_PREFIX, device_key
 from tests.support.bridge import Bridge, running_bridge
 from tests.support.clients import ClientRun, coap_client
 from tests.support.http import free_port

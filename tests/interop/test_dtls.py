@@ -36,10 +36,10 @@ from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
 from policies import forwarding
-from policies.keys import device_key, device_set_key, psk_channel
 from proxy.server import start_proxy
 from proxy.settings import ProxySettings
 from proxy.state.psk import MemoryPskStore
+from stores.keys import device_key, device_set_key, psk_channel
 from tests.support.bridge import Bridge, bridge_command, running_bridge
 from tests.support.clients import aiocoap_client, coap_client
 from tests.support.dtls import (

@@ -1,4 +1,6 @@
-"""The HTTP → CoAP status table (docs/CONTRACT.md §10), one case per row and per fallback class."""
+"""The HTTP → CoAP status table (docs/CONTRACT.md §10), one case per row and per fallback class:
+the rules in RFC notation (policies/status.py) and the proxy's compiled form of them
+(proxy/forward.py), with the CoAP numbers they compile into (proxy/coap/codes.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +10,27 @@ from hypothesis import strategies as st
 
 from policies.status import (
     ANY,
-    CONTENT,
-    CREATED,
+    HTTP_TO_COAP,
+    METHODS,
+    is_response_code,
+    lookup,
+    lookup_with,
+)
+from proxy.coap.codes import (
     DELETE,
-    DELETED,
     FETCH,
     GET,
-    HTTP_TO_COAP,
     IPATCH,
+    METHOD_NAME_OF,
     METHOD_NAMES,
     PATCH,
     POST,
     PUT,
-    StatusTable,
-    coap_code_for,
     code,
     code_text,
-    lookup,
-    lookup_with,
     parse_code_text,
 )
+from proxy.forward import StatusTable, coap_code_for
 
 ALL_METHODS = sorted(METHOD_NAMES)
 
@@ -112,26 +115,26 @@ def test_method_independent_rows(http_status: int, expected: str, method: int) -
 def test_explicit_rows_are_data(http_status: int, expected: str) -> None:
     # The table itself (not only the function) carries each explicit row, so a policy that
     # reads or overrides the table sees the same mapping.
-    assert code_text(HTTP_TO_COAP[(http_status, ANY)]) == expected
+    assert HTTP_TO_COAP[(http_status, ANY)] == expected
 
 
 @pytest.mark.parametrize(("http_status", "method", "expected"), METHOD_DEPENDENT_ROWS)
 def test_compiled_table_agrees_with_the_readable_lookup(
     http_status: int, method: int, expected: str
 ) -> None:
-    assert code_text(lookup(HTTP_TO_COAP, http_status, method)) == expected
+    assert lookup(HTTP_TO_COAP, http_status, METHOD_NAMES[method]) == expected
 
 
 def test_method_dependent_rows_live_in_the_table() -> None:
     # Issue: DELETE answered 200/202 became 2.05; a body-less 2xx to GET became 2.04. Rows, not
     # code around the table, decide that.
-    assert HTTP_TO_COAP[("2xx", "DELETE")] == DELETED
-    assert HTTP_TO_COAP[("2xx", "GET")] == CONTENT
-    assert HTTP_TO_COAP[(201, "POST")] == CREATED
+    assert HTTP_TO_COAP[("2xx", "DELETE")] == "2.02"
+    assert HTTP_TO_COAP[("2xx", "GET")] == "2.05"
+    assert HTTP_TO_COAP[(201, "POST")] == "2.01"
 
 
 def test_a_profile_can_compile_its_own_table() -> None:
-    table = StatusTable({**HTTP_TO_COAP, (204, "POST"): CREATED})
+    table = StatusTable({**HTTP_TO_COAP, (204, "POST"): "2.01"})
     assert code_text(table.code_for(204, POST)) == "2.01"
     assert code_text(table.code_for(204, PUT)) == "2.04"
     assert code_text(coap_code_for(204, POST)) == "2.04"  # the default is untouched
@@ -189,17 +192,18 @@ def test_code_helpers(cls: int, detail: int, value: int, text: str) -> None:
 def test_method_numbers(method: int, number: int, name: str) -> None:
     # RFC 7252 §12.1.1 and RFC 8132 §6.
     assert method == number
-    assert METHOD_NAMES[number] == name
+    assert METHOD_NAMES[number] == METHOD_NAME_OF[number] == name
+    assert name in METHODS  # the rules spell it the same way
 
 
 # -- a route's own rows (policies/routes.py: `status = { ... }`) -------------------------------
 
 # Overrides: "2xx" (any method) → 2.04, 201 for POST → 2.01, 404 → 4.00, 5xx → 5.03.
-_OVERRIDES: dict[tuple[int | str, str], int] = {
-    ("2xx", ANY): code(2, 4),
-    (201, "POST"): code(2, 1),
-    (404, ANY): code(4, 0),
-    ("5xx", ANY): code(5, 3),
+_OVERRIDES: dict[tuple[int | str, str], str] = {
+    ("2xx", ANY): "2.04",
+    (201, "POST"): "2.01",
+    (404, ANY): "4.00",
+    ("5xx", ANY): "5.03",
 }
 
 
@@ -224,7 +228,7 @@ _OVERRIDES: dict[tuple[int | str, str], int] = {
 def test_overrides_win_over_the_table(http_status: int, method: int, expected: str) -> None:
     table = StatusTable(HTTP_TO_COAP, _OVERRIDES)
     assert code_text(table.code_for(http_status, method)) == expected
-    assert code_text(lookup_with(_OVERRIDES, HTTP_TO_COAP, http_status, method)) == expected
+    assert lookup_with(_OVERRIDES, HTTP_TO_COAP, http_status, METHOD_NAMES[method]) == expected
 
 
 @pytest.mark.parametrize(
@@ -243,3 +247,16 @@ def test_overrides_win_over_the_table(http_status: int, method: int, expected: s
 )
 def test_parse_code_text(text: str, value: int | None) -> None:
     assert parse_code_text(text) == value
+    assert is_response_code(text) is (value is not None)
+
+
+@given(st.text(alphabet="0123456789.x", max_size=5))
+def test_the_rules_notation_is_what_the_proxy_compiles(text: str) -> None:
+    # policies/status.py checks the "c.dd" notation as text; proxy/coap/codes.py parses it
+    # into a number: every text one accepts, the other compiles, and no other.
+    assert is_response_code(text) is (parse_code_text(text) is not None)
+
+
+def test_every_rule_compiles() -> None:
+    assert all(is_response_code(text) for text in HTTP_TO_COAP.values())
+    assert sorted(METHOD_NAMES.values()) == sorted(METHODS)

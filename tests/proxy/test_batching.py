@@ -12,10 +12,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from policies import forwarding, status
+from policies import forwarding
 from policies.batch import BatchItem, decode_batch, encode_statuses
 from policies.routes import parse_policy
 from proxy.batching import GroupCommit
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import CON, Message, uint_bytes
 from proxy.coap.requests import interpret

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from policies.keys import block_transfer_key
 from proxy.state.blocks import (
     AppendResult,
     BlockLimits,
@@ -20,6 +19,7 @@ from proxy.state.blocks import (
     Outcome,
     RedisBlockStore,
 )
+from stores.keys import block_transfer_key
 from tests.support.services import RedisServer, free_port
 
 CONTINUE, COMPLETE = AppendResult(Outcome.CONTINUE), Outcome.COMPLETE

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.blockwise import (
     CONTINUE,

@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, RST, Message, decode, encode_empty, encode_parts
 from proxy.coap.endpoint import MAX_RETRANSMIT, Endpoint

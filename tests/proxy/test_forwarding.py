@@ -18,8 +18,9 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
-from policies import forwarding, status
+from policies import forwarding
 from policies.routes import PolicyError, load_policy
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, Message, encode_parts, parse_uint
 from proxy.coap.requests import Request

@@ -53,7 +53,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
-from policies import status
+from proxy.coap import codes as status
 from proxy.coap.codec import ACK, CON, NON, RST, decode, encode_empty, encode_parts
 from tests.support.coap import RawClient
 from tests.support.http import serve_app

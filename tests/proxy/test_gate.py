@@ -9,7 +9,7 @@ replaying the first one's answer.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -19,8 +19,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
-from policies import status
-from policies.dedup import DONE
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, decode, encode_parts
 from proxy.coap.endpoint import Endpoint, MessagingStats
@@ -29,7 +28,7 @@ from proxy.coap.requests import Request, Response
 from proxy.gate import Gate
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ProxySettings
-from proxy.state.base import Claim, ClaimResult, DedupUnavailable
+from stores.ledger import ANSWERED, Claim, LedgerUnavailable, Outcome
 from tests.support.coap import PortClient, request_datagram
 from tests.support.http import serve_app
 from tests.support.services import RedisServer
@@ -55,19 +54,25 @@ class Handler:
 class FakeStore:
     """Answers claims from a script; records what is written."""
 
-    answers: list[ClaimResult | Exception] = field(default_factory=list)
+    answers: list[Outcome | Exception] = field(default_factory=list)
     claims: list[str] = field(default_factory=list)
     written: list[tuple[str, bytes, float]] = field(default_factory=list)
 
-    async def claim(self, key: str, lease: float) -> ClaimResult:
-        self.claims.append(key)
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    async def claim(self, keys: Sequence[str], lease: float) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for key in keys:
+            self.claims.append(key)
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            outcomes.append(answer)
+        return outcomes
 
-    def complete(self, key: str, response: bytes, lifetime: float) -> None:
-        self.written.append((key, response, lifetime))
+    def record(self, key: str, answer: bytes, lifetime: float) -> None:
+        self.written.append((key, answer, lifetime))
+
+    def release(self, key: str) -> None:
+        raise AssertionError("the proxy never releases a claim")
 
     async def flush(self) -> None:
         return None
@@ -139,7 +144,7 @@ async def test_owned_is_handled_here_and_the_answer_written_for_its_lifetime(
 @pytest.mark.parametrize(
     ("verdict", "counter"), [(Claim.BUSY, "shared_busy"), (b"\x60\x44", "shared_replays")]
 )
-async def test_busy_and_replayed_are_counted(verdict: ClaimResult, counter: str) -> None:
+async def test_busy_and_replayed_are_counted(verdict: Outcome, counter: str) -> None:
     gate = gate_for(FakeStore([verdict]))
     assert await gate.claim(new_exchange(4), "k") == verdict
     assert getattr(gate.stats, counter) == 1
@@ -148,7 +153,7 @@ async def test_busy_and_replayed_are_counted(verdict: ClaimResult, counter: str)
 async def test_a_store_that_is_down_means_local_dedup_logged_once_and_asked_again_later(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    down = DedupUnavailable("connection refused")
+    down = LedgerUnavailable("connection refused")
     store = FakeStore([down, down, Claim.OWNED])
     clock = Clock()
     gate = gate_for(store, clock=clock)
@@ -279,7 +284,7 @@ async def test_a_claimed_answer_is_replayed_by_the_other_replica(
     first = await replicas.device.request(datagram, replicas.port(0))
     assert decode(first).code == status.CHANGED
     [key] = await replicas.dedup_keys()
-    assert await replicas.redis.get(key) == DONE + first
+    assert await replicas.redis.get(key) == ANSWERED + first
     # The device's retransmission reaches the other replica: the same bytes, no second call.
     again = await replicas.device.request(datagram, replicas.port(1))
     assert again == first

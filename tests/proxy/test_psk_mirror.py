@@ -2,7 +2,7 @@
 the mirror must do (load at start, follow pub/sub, reload after an outage).
 
 The Redis writer here does what the API's store does: write the device hash field ``psk`` and
-PUBLISH the ICCID on ``policies.keys.psk_channel`` (tests/api covers the API side itself)."""
+PUBLISH the ICCID on ``stores.keys.psk_channel`` (tests/api covers the API side itself)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Protocol
 import pytest
 import redis.asyncio as aioredis
 
-from policies.keys import device_key, device_set_key, psk_channel
 from proxy.state.psk import MemoryPskStore, PskStore, RedisPskMirror
+from stores.keys import device_key, device_set_key, psk_channel
 
 PREFIX = "t"
 A = "8988280666000000101"

@@ -1,12 +1,11 @@
 """The proxy's Redis users behind Redis Sentinel and Redis Cluster URLs (issue #4), on real
-servers: the dedup store and the PSK mirror.
+servers: the PSK mirror (the exactly-once ledger's: tests/stores/test_ledger_topologies.py).
 
 Sentinel: one throwaway sentinel monitors the test's redis-server; the clients find the master
 through it (``redis+sentinel://host:port/name``). Cluster: three throwaway redis-server nodes
-made into a cluster by ``redis-cli --cluster create`` (``redis://seed/0?cluster=1``); dedup
-keys of one batch land on different slots, so the store runs the batch as a pipeline instead of
-one script; the PSK mirror reads the ``{dev}`` slot and hears announcements PUBLISHed on any
-node. Fixtures: ``tests/support/redis_topologies.py``.
+made into a cluster by ``redis-cli --cluster create`` (``redis://seed/0?cluster=1``); the PSK
+mirror reads the ``{dev}`` slot and hears announcements PUBLISHed on any node. Fixtures:
+``tests/support/redis_topologies.py``.
 """
 
 from __future__ import annotations
@@ -16,45 +15,17 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from policies.keys import dedup_key, device_key, device_set_key, psk_channel
 from policies.psk import psk_bytes
-from proxy.state.base import Claim, DedupUnavailable
 from proxy.state.psk import RedisPskMirror
-from proxy.state.redis_store import PipelineBatches, RedisDedupStore, ScriptBatches
+from stores.keys import device_key, device_set_key, psk_channel
 from tests.support.redis_topologies import ClusterDeployment, SentinelDeployment
 
 PREFIX = "t"
 A = "8988280666000000301"
 B = "8988280666000000302"
-
-
-async def _exercise(store: RedisDedupStore) -> None:
-    keys = [dedup_key("10.1.2.3", 40000 + n, n) for n in range(40)]  # spread over many slots
-    try:
-        assert {await store.claim(key, lease=5) for key in keys} == {Claim.OWNED}
-        assert await store.claim(keys[0], lease=5) is Claim.BUSY
-        for key in keys:
-            store.complete(key, key.encode(), lifetime=5)
-        await store.flush()
-        assert [await store.claim(key, lease=5) for key in keys] == [k.encode() for k in keys]
-    finally:
-        await store.close()
-
-
-async def test_sentinel_url_finds_the_master(redis_sentinel: SentinelDeployment) -> None:
-    store = RedisDedupStore.from_url(redis_sentinel.url)
-    assert isinstance(store._batches, ScriptBatches)  # redis-py follows the sentinels
-    await _exercise(store)
-
-
-async def test_cluster_url_spreads_keys_over_slots(redis_cluster: ClusterDeployment) -> None:
-    store = RedisDedupStore.from_url(redis_cluster.url)
-    assert isinstance(store._batches, PipelineBatches)  # scripts cannot span slots
-    await _exercise(store)
 
 
 @contextlib.asynccontextmanager
@@ -114,17 +85,11 @@ async def test_psk_mirror_loads_and_follows_announcements(
             await mirror.close()
 
 
-async def test_unreachable_deployment_means_local_dedup_and_a_waiting_mirror(
+async def test_an_unreachable_deployment_leaves_the_mirror_waiting(
     unreachable_url: str,
 ) -> None:
     # A Cluster client that reaches no node raises RedisClusterException (no RedisError):
-    # it must still become DedupUnavailable, and must not end the mirror's retry loop.
-    store = RedisDedupStore.from_url(unreachable_url)
-    try:
-        with pytest.raises(DedupUnavailable):
-            await store.claim("k", lease=1)
-    finally:
-        await store.close()
+    # it must not end the mirror's retry loop (the ledger's side: tests/stores/).
     mirror = RedisPskMirror(unreachable_url, prefix=PREFIX, reconnect_delay=0.05)
     await mirror.start(wait=0.2)
     try:

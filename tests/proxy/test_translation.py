@@ -21,9 +21,9 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
-from policies import status
 from policies.routes import parse_policy
 from policies.translation import coap_etag
+from proxy.coap import codes as status
 from proxy.coap import options as opt
 from proxy.coap.codec import CON, Message, parse_uint
 from proxy.coap.requests import Request

@@ -1,10 +1,10 @@
-"""links/deferred.py: records wait for the next call, or go on their own after the delay."""
+"""stores/deferred.py: records wait for the next call, or go on their own after the delay."""
 
 from __future__ import annotations
 
 import asyncio
 
-from links.deferred import Deferred
+from stores.deferred import Deferred
 
 
 async def test_items_taken_before_the_delay_are_never_due() -> None:

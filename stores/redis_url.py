@@ -1,6 +1,6 @@
 """What a Redis URL points at: one server, a Sentinel-managed master, or a Redis Cluster.
 
-Pure (no I/O): :func:`links.redis.connect` builds the one client of both sides from the
+Pure (no I/O): :func:`stores.redis.connect` builds the one client of both sides from the
 parsed :class:`RedisTarget`, so the proxy and the API accept exactly the same URLs
 (``--redis-url``, issue #4):
 

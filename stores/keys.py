@@ -25,15 +25,19 @@ def device_set_key(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:{{dev}}:devices"
 
 
-def dedup_key(
-    ip: str, port: int, mid: int, identity: str | None = None, prefix: str = DEFAULT_PREFIX
-) -> str:
+def dedup_prefix(prefix: str = DEFAULT_PREFIX) -> str:
+    """The proxy's ledger records (stores/ledger.py): one per CoAP exchange, named by
+    :func:`dedup_key`."""
+    return f"{prefix}:dd:"
+
+
+def dedup_key(ip: str, port: int, mid: int, identity: str | None = None) -> str:
     """One CoAP exchange as RFC 7252 §4.5 identifies it: the peer endpoint and the MID. Over
     DTLS the peer is its PSK identity (docs/CONTRACT.md §5), which survives a change of
     address/port."""
     if identity is not None:
-        return f"{prefix}:dd:id:{identity}:{mid}"
-    return f"{prefix}:dd:{ip}:{port}:{mid}"
+        return f"id:{identity}:{mid}"
+    return f"{ip}:{port}:{mid}"
 
 
 def psk_channel(prefix: str = DEFAULT_PREFIX) -> str:
@@ -42,9 +46,9 @@ def psk_channel(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:psk-changes"
 
 
-def idempotency_record_key(key: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Where the API remembers an Idempotency-Key it processed (shared by API replicas)."""
-    return f"{prefix}:idem:{key}"
+def idempotency_prefix(prefix: str = DEFAULT_PREFIX) -> str:
+    """The API's ledger records (stores/ledger.py): one per Idempotency-Key it processed."""
+    return f"{prefix}:idem:"
 
 
 def block_transfer_key(transfer: str, prefix: str = DEFAULT_PREFIX) -> str:

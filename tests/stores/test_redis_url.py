@@ -1,11 +1,11 @@
-"""links.redis_url: which Redis deployment a URL names (pure; the clients are tested on real
+"""stores.redis_url: which Redis deployment a URL names (pure; the clients are tested on real
 servers in tests/proxy/test_redis_topologies.py and tests/api/test_store_topologies.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from links.redis_url import RedisTarget, parse_redis_url
+from stores.redis_url import RedisTarget, parse_redis_url
 
 
 @pytest.mark.parametrize(

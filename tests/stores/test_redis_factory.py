@@ -1,4 +1,4 @@
-"""links/redis.py, the one redis-py factory of both sides: which client each kind of URL gives,
+"""stores/redis.py, the one redis-py factory of both sides: which client each kind of URL gives,
 with which options, on real servers (one redis-server; a sentinel and a 3-node cluster from
 tests/support/redis_topologies.py)."""
 
@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
-from links.redis import RedisConnection, SlotClient, connect
-from links.redis_url import RedisTarget, parse_redis_url
+from stores.redis import RedisConnection, SlotClient, connect
+from stores.redis_url import RedisTarget, parse_redis_url
 from tests.support.redis_topologies import ClusterDeployment, SentinelDeployment
 from tests.support.services import RedisServer, free_port
 

@@ -1,4 +1,4 @@
-"""Our own Redis link (links/resp.py): the RESP codec row by row, and the link against a real
+"""Our own Redis link (stores/resp.py): the RESP codec row by row, and the link against a real
 redis-server (pipelining, AUTH and SELECT, a unix socket, a lost or silent server)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from links.resp import (
+from stores.resp import (
     Address,
     LinkDown,
     ProtocolViolation,

@@ -1,4 +1,4 @@
-"""redis-py clients for both sides' stores, from any URL :mod:`links.redis_url` accepts: one
+"""redis-py clients for both sides' stores, from any URL :mod:`stores.redis_url` accepts: one
 server (``redis://``, ``rediss://`` with TLS, ``unix://``), a Sentinel-managed master
 (``redis+sentinel://…``) or a Redis Cluster (``…?cluster=1``).
 
@@ -14,7 +14,7 @@ server (``redis://``, ``rediss://`` with TLS, ``unix://``), a Sentinel-managed m
   EXISTS (split across slots, never awaited) and runs each WATCHed command in a new event loop
   on a thread of its own (~7 ms a transaction).
 
-Script calls to one server without TLS take :mod:`links.resp` instead (docs/ARCHITECTURE.md,
+Script calls to one server without TLS take :mod:`stores.resp` instead (docs/ARCHITECTURE.md,
 "Own wire clients on the hot path"); everything else goes through these clients.
 """
 
@@ -33,7 +33,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from links.redis_url import RedisTarget, parse_redis_url
+from stores.redis_url import RedisTarget, parse_redis_url
 
 # What a lost or unreachable Redis raises. A Cluster client that cannot reach any node raises
 # RedisClusterException, which is not a RedisError.
