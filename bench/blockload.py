@@ -30,7 +30,7 @@ from bench.loadgen import (
     empty_ack,
     patch,
     path_options,
-    run_clients,
+    run_load,
 )
 from proxy.coap import codec
 from proxy.coap.codec import CON
@@ -89,7 +89,7 @@ class _Transfer:
     __slots__ = ("etag", "num", "szx")
 
     def __init__(self, szx: int) -> None:
-        self.num, self.szx, self.etag = 0, szx, b""
+        self.reset(szx)
 
     def reset(self, szx: int) -> None:
         self.num, self.szx, self.etag = 0, szx, b""
@@ -178,7 +178,7 @@ class _BlockWorker(Worker):
 
 def run_blocks(config: BlockConfig) -> LoadResult:
     """Run one load and return the merged result (blocking; forks workers when > 1)."""
-    return run_clients(config, _BlockWorker)
+    return run_load(config, _BlockWorker)
 
 
 def fetch_once(

@@ -121,7 +121,9 @@ class Endpoint(asyncio.DatagramProtocol):
                 self._dtls.checkRetransmit()
         return bool(self.wire.connected.result())
 
-    def send(self, data: bytes) -> None:
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        """Encrypted to the server: an Endpoint is its :class:`bench.loadgen.Client`'s
+        transport."""
         if self._connection is not None:
             self._dtls.write(self._connection, data)
 
@@ -159,21 +161,6 @@ class Endpoint(asyncio.DatagramProtocol):
         self.errors += 1
 
 
-class _Pipe:
-    """What :class:`bench.loadgen.Client` sees as its transport: ``sendto`` encrypts."""
-
-    __slots__ = ("endpoint",)
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-
-    def sendto(self, data: bytes, addr: object = None) -> None:
-        self.endpoint.send(data)
-
-    def close(self) -> None:
-        self.endpoint.close()
-
-
 @dataclass
 class DtlsLoadConfig:
     host: str
@@ -197,42 +184,34 @@ class _SessionWorker(Worker):
         if not client.mids.exhausted:  # a session cannot move to a fresh source port
             client.send(time.perf_counter())
 
-    async def _establish(self, credentials: Sequence[Credential]) -> list[Endpoint]:
-        config, endpoints = self.config, []
+    async def sessions(self, barrier: Any) -> LoadResult:
+        """One session per credential of this worker (up to ``concurrency`` handshakes at once,
+        three tries each), then the closed loop through them."""
+        config = self.config
         gate = asyncio.Semaphore(max(1, config.concurrency))
 
-        async def one(identity: str, psk: bytes) -> None:
+        async def establish(identity: str, psk: bytes) -> None:
             async with gate:
                 for _attempt in range(3):
                     client = Client(self)
-                    endpoint = Endpoint(identity, psk, client.datagram_received)
+                    client.transport = endpoint = Endpoint(identity, psk, client.datagram_received)
                     if await endpoint.connect(config.host, config.port, config.handshake_timeout):
-                        client.transport = _Pipe(endpoint)
                         self.clients.append(client)
-                        endpoints.append(endpoint)
                         return
                     endpoint.close()
                     self.result.handshake_failures += 1
 
-        await asyncio.gather(*(one(identity, psk) for identity, psk in credentials))
-        return endpoints
-
-    async def sessions(self, barrier: Any) -> LoadResult:
-        endpoints = []
         try:
-            config = self.config
-            endpoints = await self._establish(
-                list(config.credentials)[self.index :: config.workers]
-            )
+            mine = list(config.credentials)[self.index :: config.workers]
+            await asyncio.gather(*(establish(identity, psk) for identity, psk in mine))
             if barrier is not None:
                 # Every worker's sessions are up before anyone starts the clock.
                 await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 120)
-            return await self.window(
-                time.time(), sockets=len(endpoints), send_errors=sum(e.errors for e in endpoints)
-            )
+            errors = sum(client.transport.errors for client in self.clients)
+            return await self.window(time.time(), sockets=len(self.clients), send_errors=errors)
         finally:
-            for endpoint in endpoints:
-                endpoint.close()
+            for client in self.clients:
+                client.transport.close()
 
 
 class _HandshakeWorker(Worker):

@@ -5,6 +5,7 @@ systems (:mod:`bench.services`), drive them with :mod:`bench.loadgen` (B:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -69,33 +70,35 @@ CHAIN = {"scenario_e", "scenario_dtls", "scenario_r"}  # on one Redis, Mosquitto
 
 @dataclass
 class Settings:
-    scenarios: list[str]
-    t_systems: list[str]
-    duration: float  # measured window of T, E, L
-    e_duration: float
-    l_duration: float
-    warmup: float
-    m_duration: float
-    clients: int
-    loadgen_workers: int
-    proxy_workers: int
-    api_workers: int
-    timeout: float
-    workdir: Path
+    """What a run was asked to do (``python -m bench --help`` says what each is)."""
+
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    t_systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    b_systems: list[str] = field(default_factory=lambda: list(B_SYSTEMS))
+    duration: float = 10.0  # measured window of T and L
+    e_duration: float = 15.0
+    l_duration: float = 10.0
+    warmup: float = 2.0
+    m_duration: float = 60.0
+    h_duration: float = 5.0
+    b_duration: float = 10.0
+    clients: int = 64
+    loadgen_workers: int = 1
+    proxy_workers: int = 1
+    api_workers: int = 1
+    timeout: float = 5.0
+    workdir: Path = Path()
     quick: bool = False
     r_workers: int = 2  # R: proxy --workers (SO_REUSEPORT, dedup shared in Redis)
     r_api_workers: int = 2
     dtls_clients: int = 64  # D: sessions, one PSK identity (device) each
     dtls_loadgen_workers: int = 1
-    h_duration: float = 5.0
     h_workers: int = 1
     h_concurrency: int = 8  # handshakes in flight per worker
     # M must keep every exchange (COAP_BRIDGE_DEDUP_MAX_ENTRIES), or bytes/exchange would be
     # measured on evicted entries.
     m_dedup_max_entries: int = 100_000_000
-    b_systems: list[str] = field(default_factory=lambda: list(B_SYSTEMS))
     b_clients: int = 32
-    b_duration: float = 10.0
     b_size: int = 256 * 1024
     b_block_size: int = 1024
     b_loadgen_workers: int = 1
@@ -149,7 +152,7 @@ class Bench:
         self.chain_stack = contextlib.ExitStack()
         self.chain_error: str | None = None
         self.urls: dict[str, str] = {}
-        self.api_workers = 0
+        self.workers = {"api": 0, "proxy": 0}  # of the running chain
         self.secrets = {"api": secrets.token_urlsafe(16), "proxy": secrets.token_urlsafe(16)}
         self.dtls_batch = 0
 
@@ -183,11 +186,10 @@ class Bench:
         # Whatever else ran on the machine meanwhile (other people's tests: noise).
         other = max(0.0, machine - sum(cpu.values()))
         row |= figures(result) | {"cpu": cpu, "wall": wall, "other_cpu": other}
-        self.log(f"  {result.summary()}")
         used = ", ".join(f"{k} {v:.1f} ({100 * v / wall:.0f}%)" for k, v in cpu.items())
+        outside = f"outside the bench {other:.1f} ({100 * other / max(wall, 1e-9):.0f}%)"
         self.log(
-            f"  CPU seconds (% of one core) over {wall:.1f} s: {used}; processes outside the "
-            f"bench {other:.1f} ({100 * other / max(wall, 1e-9):.0f}%)"
+            f"  {result.summary()}\n  CPU s (% of a core) over {wall:.1f} s: {used}; {outside}"
         )
         for service in watch.values():
             service.check_alive()
@@ -231,12 +233,10 @@ class Bench:
             with self.row("T", system) as row, contextlib.ExitStack() as stack:
                 watch, proxy = {}, {}
                 if system == REDIS_SYSTEM:
-                    redis, proxy["redis_url"] = self.redis(stack, "redis-t")
-                    watch["coap-bridge"], port = self.server(stack, "coap-bridge", **proxy)
-                    watch["redis"] = redis
-                else:
-                    watch[system], port = self.server(stack, system)
-                self.load(row, port, RequestSpec.wkc(), self.settings.duration, watch)
+                    watch["redis"], proxy["redis_url"] = self.redis(stack, "redis-t")
+                name = "coap-bridge" if system == REDIS_SYSTEM else system
+                watch[name], port = self.server(stack, name, **proxy)
+                self.load(row, port, RequestSpec(), self.settings.duration, watch)
 
     def scenario_m(self) -> None:
         s = self.settings
@@ -245,19 +245,14 @@ class Bench:
             env = {"COAP_BRIDGE_DEDUP_MAX_ENTRIES": str(s.m_dedup_max_entries)}
             service, port = self.server(stack, "coap-bridge", env=env)
             time.sleep(0.5)
-            with RssSampler(service.pid, max(1.0, s.m_duration / 6)) as rss:
-                result = self.load(
-                    row, port, RequestSpec.wkc(), s.m_duration, {"coap-bridge": service},
-                    warmup=0.0,
-                )  # fmt: skip
-            before, after = rss.before, rss_bytes(service.pid)
-            samples = [(0.0, before), *rss.samples]
+            with rss_sampled(service.pid, max(1.0, s.m_duration / 6)) as samples:
+                watch = {"coap-bridge": service}
+                result = self.load(row, port, RequestSpec(), s.m_duration, watch, warmup=0.0)
+            before, after = samples[0][1], rss_bytes(service.pid)
             if samples[-1][0] < result.window - 1:
                 samples.append((result.window, after))
-            held = result.sent
-            if s.m_duration > EXCHANGE_LIFETIME:
-                held = round(result.sent * EXCHANGE_LIFETIME / s.m_duration)
-            else:
+            held = round(result.sent * min(1.0, EXCHANGE_LIFETIME / s.m_duration))
+            if s.m_duration <= EXCHANGE_LIFETIME:
                 self.notes.append(
                     f"M ran {s.m_duration:g} s, less than the 247 s exchange lifetime: no entry "
                     "expired yet, so it shows growth per exchange, not the plateau "
@@ -267,20 +262,16 @@ class Bench:
             row |= {"rss_before": before, "rss_after": after, "rss_delta": after - before,
                     "exchanges_held": held, "bytes_per_exchange": per,
                     "rss_samples": samples}  # fmt: skip
-            self.log(
-                f"  RSS {before / 2**20:.1f} MiB → {after / 2**20:.1f} MiB over {held} "
-                f"exchanges: {per or 0:.0f} B/exchange"
-            )
+            self.log(f"  RSS {before / 2**20:.1f} MiB → {after / 2**20:.1f} MiB over {held} "
+                     f"exchanges: {per or 0:.0f} B/exchange")  # fmt: skip
 
     # --- B: block-wise -----------------------------------------------------------------------
 
     def scenario_b(self) -> None:
         s = self.settings
         for system in s.b_systems:
-            self.log(
-                f"B: {system}, {s.b_size // 1024} KiB fetched block-wise (Block2, "
-                f"{s.b_block_size} B) by {s.b_clients} clients, closed loop"
-            )
+            self.log(f"B: {system}, {s.b_size // 1024} KiB fetched block-wise (Block2, "
+                     f"{s.b_block_size} B) by {s.b_clients} clients, closed loop")  # fmt: skip
             with self.row("B", system) as row:
                 with contextlib.ExitStack() as stack:
                     port, started = self._block_server(system, stack)
@@ -297,8 +288,7 @@ class Bench:
         self, system: str, stack: contextlib.ExitStack
     ) -> tuple[int, dict[str, Service]]:
         """``system`` serving the B resource: (CoAP port, its processes, the server first)."""
-        s, path = self.settings, B_PATHS[system]
-        work = s.workdir / "b"
+        s, path, work = self.settings, B_PATHS[system], self.settings.workdir / "b"
         work.mkdir(parents=True, exist_ok=True)
         if system == "libcoap":
             service, port = self.server(stack, "libcoap")
@@ -339,12 +329,14 @@ class Bench:
             path=path, size=s.b_size, block_size=s.b_block_size,
         )  # fmt: skip
         server = next(iter(started.values()))
-        with RssSampler(server.pid, interval=min(0.5, max(0.1, s.b_duration / 20))) as rss:
+        with rss_sampled(server.pid, min(0.5, max(0.1, s.b_duration / 20))) as samples:
             self.measure(row, lambda: blockload.run_blocks(config), started)
         # The load starts ~0.05 s after the sampler (0.5 s more with forked workers).
         begin = 0.05 + (0.5 + 0.05 * s.b_loadgen_workers if s.b_loadgen_workers > 1 else 0.0)
         end = begin + s.warmup + s.b_duration
-        memory = block_memory(rss.samples, rss.before, end - s.b_duration, end, s.b_clients, begin)
+        memory = block_memory(
+            samples[1:], samples[0][1], end - s.b_duration, end, s.b_clients, begin
+        )
         row |= {"clients": s.b_clients, "resource_bytes": s.b_size, "block_size": s.b_block_size,
                 "blocks_per_transfer": len(sizes), "etag": etag.hex() if etag else None,
                 **memory}  # fmt: skip
@@ -368,38 +360,46 @@ class Bench:
     def failed(self) -> bool:
         return any("error" in row or row.get("status") == "FAILED" for row in self.rows)
 
-    def backend(self, api_workers: int) -> None:
-        """The chain's Redis, Mosquitto and API (``api_workers``), started once (the API again
-        when the worker count changes); a failure to start is remembered for the other rows."""
+    def chain_proxy(
+        self, stack: contextlib.ExitStack, api_workers: int, workers: int, dtls: bool = False
+    ) -> int:
+        """The chain (Redis, Mosquitto and the API with ``api_workers``, started once, the API
+        again when its worker count changes; a failure to start is remembered for the other
+        rows) and a proxy in front of it, stopped when ``stack`` closes: its CoAP port, or
+        with ``dtls`` its coaps port."""
         if self.chain_error is not None:
             raise RuntimeError(self.chain_error)
-        s, stack = self.settings, self.chain_stack
+        s, chain = self.settings, self.chain
         try:
-            if not self.chain:
-                stack.callback(self.chain.clear)
-                self.chain["redis"], self.urls["redis"] = self.redis(stack, "redis")
+            if not chain:
+                self.chain_stack.callback(chain.clear)
+                chain["redis"], self.urls["redis"] = self.redis(self.chain_stack, "redis")
                 mosquitto, self.urls["mqtt"] = services.start_mosquitto(s.workdir / "mosquitto")
-                stack.callback(mosquitto.stop)
-                self.chain["mosquitto"] = mosquitto
-            if "api" in self.chain and self.api_workers == api_workers:
-                return
-            if "api" in self.chain:
+                chain["mosquitto"] = mosquitto
+                self.chain_stack.callback(mosquitto.stop)
+            if "api" in chain and self.workers["api"] != api_workers:
                 self.log(f"restarting the API with {api_workers} worker(s)")
-                self.chain.pop("api").stop()
-            api, port = services.start_api(
-                s.workdir, redis_url=self.urls["redis"], mqtt_url=self.urls["mqtt"],
-                api_key=self.secrets["api"], proxy_token=self.secrets["proxy"], workers=api_workers,
-            )  # fmt: skip
-            stack.callback(api.stop)
-            self.chain["api"], self.urls["api"], self.api_workers = (
-                api,
-                f"http://127.0.0.1:{port}",
-                api_workers,
-            )
-            self.register([DEVICE])
+                chain.pop("api").stop()
+            if "api" not in chain:
+                chain["api"], port = services.start_api(
+                    s.workdir, redis_url=self.urls["redis"], mqtt_url=self.urls["mqtt"],
+                    api_key=self.secrets["api"], proxy_token=self.secrets["proxy"],
+                    workers=api_workers,
+                )  # fmt: skip
+                self.chain_stack.callback(chain["api"].stop)
+                self.urls["api"], self.workers["api"] = f"http://127.0.0.1:{port}", api_workers
+                self.register([DEVICE])
         except Exception as exc:
             self.chain_error = f"starting Redis, Mosquitto, API: {type(exc).__name__}: {exc}"
             raise
+        coaps_port = free_port() if dtls else None
+        chain["proxy"], port = self.server(
+            stack, "coap-bridge", upstream=self.urls["api"], token=self.secrets["proxy"],
+            redis_url=self.urls["redis"], workers=workers, coaps_port=coaps_port,
+        )  # fmt: skip
+        stack.callback(chain.pop, "proxy", None)
+        self.workers["proxy"] = workers
+        return coaps_port or port
 
     def register(self, devices: Sequence[dict[str, str]], psks: Sequence[str] = ()) -> None:
         """``devices`` through the API (409: already there), each with its PSK if given."""
@@ -420,20 +420,6 @@ class Bench:
                             f"{self.chain['api'].log_tail()}"
                         )
 
-    def chain_proxy(
-        self, stack: contextlib.ExitStack, workers: int, dtls: bool = False
-    ) -> tuple[Service, int, int | None]:
-        """A proxy in front of the running API, stopped when ``stack`` closes: (service, CoAP
-        port, coaps port or None)."""
-        coaps_port = free_port() if dtls else None
-        proxy, port = self.server(
-            stack, "coap-bridge", upstream=self.urls["api"], token=self.secrets["proxy"],
-            redis_url=self.urls["redis"], workers=workers, coaps_port=coaps_port,
-        )  # fmt: skip
-        self.chain["proxy"] = proxy
-        stack.callback(self.chain.pop, "proxy", None)
-        return proxy, port, coaps_port
-
     def telemetry(self, row: Row, run: Callable[[dict[str, Service]], LoadResult]) -> None:
         """``run(watch)`` with an MQTT subscriber as witness: ``row`` gets what was lost or
         duplicated between the acknowledgements and MQTT, and its :func:`verdict`."""
@@ -445,119 +431,112 @@ class Bench:
         mine = Counter(seq for seq in received if seq >> 56 == self.seq_tag)
         acked = result.acked()
         lost, duplicated = check_delivery(acked, mine)
-        acked_set = set(acked)
-        delivered = sum(mine.values())
+        acked_set, delivered = set(acked), sum(mine.values())
         row |= {
             "acked": len(acked), "delivered": delivered, "lost": lost, "duplicated": duplicated,
             "delivered_unacked": sum(1 for seq in mine if seq not in acked_set),
             "foreign": len(received) - delivered, "status": verdict(result, lost, duplicated),
-            "proxy_workers": self.settings.proxy_workers, "api_workers": self.api_workers,
+            "proxy_workers": self.workers["proxy"], "api_workers": self.workers["api"],
         }  # fmt: skip
         self.log(
             f"  MQTT: {len(acked)} acked, {delivered} delivered, lost {lost}, duplicated "
             f"{duplicated}, delivered but not acked {row['delivered_unacked']}: {row['status']}"
         )
 
-    def scenario_e(self) -> None:
-        """E: the aiocoap baseline, then the chain with one proxy; L on the same proxy."""
-        s = self.settings
-        spec = RequestSpec.telemetry(TOPIC, 100)
-        self.log("E: aiocoap do-nothing POST server (baseline)")
-        with self.row("E", "aiocoap") as row, contextlib.ExitStack() as stack:
-            service, port = self.server(stack, "aiocoap")
-            self.load(row, port, spec, s.e_duration, {"aiocoap": service})
-        self.log("E: coap-bridge chain (proxy → API → Redis + Mosquitto)")
+    def telemetry_load(
+        self, system: str, api_workers: int, proxy_workers: int, with_l: bool = False
+    ) -> None:
+        """E's row of ``system`` through a fresh proxy; with ``with_l`` L on the same one."""
+        s, spec = self.settings, RequestSpec.telemetry(TOPIC, 100)
         with contextlib.ExitStack() as stack:
-            with self.row("E", "coap-bridge") as row:
-                self.backend(s.api_workers)
-                port = self.chain_proxy(stack, s.proxy_workers)[1]
+            with self.row("E", system) as row:
+                port = self.chain_proxy(stack, api_workers, proxy_workers)
                 self.telemetry(row, lambda watch: self.load(row, port, spec, s.e_duration, watch))
-            if "L" in s.scenarios:
-                with self.row("L", "coap-bridge") as lrow:
+            if with_l:
+                with self.row("L", system) as lrow:
                     if not row.get("rate"):
                         raise RuntimeError("E failed: no maximum rate to take 50% of")
                     rate = max(1.0, 0.5 * row["rate"])
                     self.log(f"L: open loop at {rate:,.0f} req/s (50% of E)")
                     self.telemetry(lrow, lambda watch: self.load(
                         lrow, port, spec, s.l_duration, watch, mode="open", rate=rate))  # fmt: skip
-            with contextlib.suppress(Exception):
-                self.redis_dedup = _redis_dedup_sample(self.urls["redis"])
+
+    def scenario_e(self) -> None:
+        """E: the aiocoap baseline, then the chain with one proxy; L on the same proxy."""
+        s = self.settings
+        self.log("E: aiocoap do-nothing POST server (baseline)")
+        with self.row("E", "aiocoap") as row, contextlib.ExitStack() as stack:
+            service, port = self.server(stack, "aiocoap")
+            spec = RequestSpec.telemetry(TOPIC, 100)
+            self.load(row, port, spec, s.e_duration, {"aiocoap": service})
+        self.log("E: coap-bridge chain (proxy → API → Redis + Mosquitto)")
+        self.telemetry_load("coap-bridge", s.api_workers, s.proxy_workers, "L" in s.scenarios)
+        with contextlib.suppress(Exception):
+            self.redis_dedup = _redis_dedup_sample(self.urls["redis"])
 
     def scenario_r(self) -> None:
         s = self.settings
-        self.log(
-            f"R: E through coap-bridge proxy --workers {s.r_workers} (SO_REUSEPORT, dedup "
-            f"shared in Redis), API workers {s.r_api_workers}"
-        )
-        with self.row("E", R_SYSTEM) as row, contextlib.ExitStack() as stack:
-            self.backend(s.r_api_workers)
-            port = self.chain_proxy(stack, s.r_workers)[1]
-            spec = RequestSpec.telemetry(TOPIC, 100)
-            self.telemetry(row, lambda watch: self.load(row, port, spec, s.e_duration, watch))
-            row["proxy_workers"] = s.r_workers
+        self.log(f"R: E through coap-bridge proxy --workers {s.r_workers} (SO_REUSEPORT, dedup "
+                 f"shared in Redis), API workers {s.r_api_workers}")  # fmt: skip
+        self.telemetry_load(R_SYSTEM, s.r_api_workers, s.r_workers)
 
     def scenario_dtls(self) -> None:
         """D (E over DTLS) and H (handshakes) on one proxy with a coaps port, with devices that
         each have a PSK: the DTLS identity is the ICCID, and dedup keys on (identity, MID),
         so every load generator client needs an identity of its own."""
-        s = self.settings
+        s, setup = self.settings, None
         with contextlib.ExitStack() as stack:
             try:
-                self.backend(s.api_workers)
+                port = self.chain_proxy(stack, s.api_workers, 1, dtls=True)
                 self.log(f"D/H: registering {s.dtls_clients} devices, each with its own PSK")
                 credentials = self._psk_devices(s.dtls_clients)
-                proxy, _, coaps_port = self.chain_proxy(stack, 1, dtls=True)
-                assert coaps_port is not None
-                self._wait_dtls(proxy, coaps_port, credentials[0])
+                self._wait_dtls(port, credentials[0])
             except Exception as exc:
-                pairs = [("D", ("E", DTLS_SYSTEM)), ("H", ("H", "coap-bridge"))]
-                for name, (scenario, system) in pairs:
-                    if name in s.scenarios:
-                        with self.row(scenario, system):
-                            raise exc
-                return
+                setup = exc
             if "D" in s.scenarios:
                 self.log(
-                    f"D: E over DTLS: {len(credentials)} sessions established first, one "
-                    f"request in flight each, {s.dtls_loadgen_workers} load generator process(es)"
+                    f"D: E over DTLS, {s.dtls_clients} sessions established first, one "
+                    f"request in flight each, {s.dtls_loadgen_workers} load process(es)"
                 )
                 with self.row("E", DTLS_SYSTEM) as row:
+                    if setup:
+                        raise setup
                     self.seq_tag += 1
                     config = DtlsLoadConfig(
-                        "127.0.0.1", coaps_port, credentials, RequestSpec.telemetry(TOPIC, 100),
-                        s.e_duration, s.warmup, s.timeout, s.dtls_loadgen_workers,
-                        self.seq_tag << 56, handshake_timeout=s.timeout,
+                        "127.0.0.1", port, credentials, RequestSpec.telemetry(TOPIC, 100),
+                        duration=s.e_duration, warmup=s.warmup, timeout=s.timeout,
+                        workers=s.dtls_loadgen_workers, seq_base=self.seq_tag << 56,
+                        handshake_timeout=s.timeout,
                     )  # fmt: skip
                     self.telemetry(row, lambda watch: self.measure(
                         row, lambda: dtls_loadgen.run_sessions(config), watch))  # fmt: skip
-                    row["proxy_workers"] = 1
             if "H" in s.scenarios:
-                self._scenario_h(proxy, coaps_port, credentials)
+                self.log(f"H: full DTLS handshakes, fresh session each, {s.h_workers} process(es)"
+                         f" × {s.h_concurrency} in flight, {s.h_duration:g} s")  # fmt: skip
+                with self.row("H", "coap-bridge") as row:
+                    if setup:
+                        raise setup
+                    self._scenario_h(row, port, credentials)
 
-    def _scenario_h(self, proxy: Service, coaps_port: int, credentials: list[Credential]) -> None:
+    def _scenario_h(self, row: Row, port: int, credentials: list[Credential]) -> None:
         s = self.settings
-        self.log(
-            f"H: full DTLS handshakes, fresh session each, {s.h_workers} process(es) × "
-            f"{s.h_concurrency} in flight, {s.h_duration:g} s"
-        )
-        with self.row("H", "coap-bridge") as row:
-            config = DtlsLoadConfig(
-                "127.0.0.1", coaps_port, credentials, duration=s.h_duration,
-                warmup=min(1.0, s.warmup), workers=s.h_workers, concurrency=s.h_concurrency,
-                handshake_timeout=s.timeout,
-                # Source ports in turn from a range, each back only after the others: the
-                # kernel's own choice may hand a port out again at once.
-                port_range=self.ports.take(4),
-            )  # fmt: skip
-            try:
-                self.measure(row, lambda: dtls_loadgen.run_handshakes(config), {"proxy": proxy})
-            except RuntimeError as exc:
-                if "completed" not in row:
-                    raise
-                # The figures stand for the time before; the row still fails the run.
-                row["error"] = f"{str(exc).splitlines()[0]} during the run, after " + (
-                    f"{row['completed']:,} handshakes"
-                )
+        config = DtlsLoadConfig(
+            "127.0.0.1", port, credentials, duration=s.h_duration, warmup=min(1.0, s.warmup),
+            workers=s.h_workers, concurrency=s.h_concurrency, handshake_timeout=s.timeout,
+            # Source ports in turn from a range, each back only after the others: the
+            # kernel's own choice may hand a port out again at once.
+            port_range=self.ports.take(4),
+        )  # fmt: skip
+        try:
+            watch = {"proxy": self.chain["proxy"]}
+            self.measure(row, lambda: dtls_loadgen.run_handshakes(config), watch)
+        except RuntimeError as exc:
+            if "completed" not in row:
+                raise
+            # The figures stand for the time before; the row still fails the run.
+            row["error"] = f"{str(exc).splitlines()[0]} during the run, after " + (
+                f"{row['completed']:,} handshakes"
+            )
 
     def _psk_devices(self, count: int) -> list[Credential]:
         self.dtls_batch += 1
@@ -571,10 +550,9 @@ class Bench:
         self.register(devices, psks)
         return [(d["iccid"], psk.encode()) for d, psk in zip(devices, psks, strict=True)]
 
-    def _wait_dtls(self, proxy: Service, coaps_port: int, credential: Credential) -> None:
+    def _wait_dtls(self, coaps_port: int, credential: Credential) -> None:
         """Until one handshake with ``credential`` completes: the DTLS listener is up and the
         proxy's PSK mirror holds the keys."""
-        import asyncio
 
         async def handshake() -> bool:
             endpoint = dtls_loadgen.Endpoint(*credential)
@@ -583,7 +561,8 @@ class Bench:
             finally:
                 endpoint.close()
 
-        proxy.wait_until(lambda: asyncio.run(handshake()), 30.0, "completing a DTLS handshake")
+        ready = lambda: asyncio.run(handshake())  # noqa: E731
+        self.chain["proxy"].wait_until(ready, 30.0, "completing a DTLS handshake")
 
 
 def _origin_answers(log: Path) -> dict[str, int]:
@@ -594,27 +573,24 @@ def _origin_answers(log: Path) -> dict[str, int]:
     return dict(json.loads(lines[-1].split(" ", 1)[1]))
 
 
-class RssSampler(threading.Thread):
-    """RSS of ``pid`` (with its children) every ``interval`` seconds: ``before`` on entry,
-    ``samples`` as (seconds since entry, bytes)."""
+@contextlib.contextmanager
+def rss_sampled(pid: int, interval: float) -> Iterator[list[tuple[float, int]]]:
+    """RSS of ``pid`` (with its children) as (seconds since entry, bytes): at entry, then
+    every ``interval`` seconds until the block ends."""
+    t0, stop = time.monotonic(), threading.Event()
+    samples = [(0.0, rss_bytes(pid))]
 
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.interval, self.samples = pid, interval, list[tuple[float, int]]()
-        self.stopped = threading.Event()
+    def sample() -> None:
+        while not stop.wait(interval):
+            samples.append((time.monotonic() - t0, rss_bytes(pid)))
 
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            self.samples.append((time.monotonic() - self.started, rss_bytes(self.pid)))
-
-    def __enter__(self) -> RssSampler:
-        self.before, self.started = rss_bytes(self.pid), time.monotonic()
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stopped.set()
-        self.join()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        sampler.join()
 
 
 def block_memory(

@@ -1,23 +1,14 @@
 """The CoAP load generator, and what the block-wise (:mod:`bench.blockload`) and DTLS
 (:mod:`bench.dtls_loadgen`) ones build on: one result type, one worker loop, one client.
 
-Fast enough not to be the bottleneck (≥ 100k datagrams/s per process): every request is a
-pre-encoded datagram (the product's codec) in which only the Message ID, the 4-byte token and
-an 8-byte sequence id at the start of the payload are patched; each client is one connected UDP
-socket driven by uvloop; the work can be split over forked worker processes, results merged.
-
-Rules it keeps:
-
-- a Message ID is never reused on one source port within EXCHANGE_LIFETIME (RFC 7252 §4.8.2):
-  each socket spends its 65536 MIDs once, then a fresh socket takes a port not used before in
-  this run (:class:`PortPool`, from a range the caller hands out);
-- an empty ACK means the response follows as a separate message (RFC 7252 §5.2.2); a CON
-  response is answered with an empty ACK; responses match by MID (piggybacked) or token;
-- a request unanswered after ``timeout`` counts as a timeout and the client moves on with a
-  NEW MID (no retransmission: on loopback nothing is lost, and it would hide slowness).
-
-Modes: closed loop (``clients`` sockets, one request in flight each) and open loop (a fixed
-``rate`` round-robin over the sockets; latency from the intended send time).
+Every request is a datagram pre-encoded with the product's codec in which only the MID, a
+4-byte token and an 8-byte sequence id (payload start) get patched; each client is a connected
+UDP socket under uvloop; forked worker processes split the work. A MID is never reused on one
+source port (RFC 7252 §4.8.2): a socket spends its 65536 MIDs once, then a fresh one takes an
+unused port (:class:`PortPool`). An empty ACK means a separate response follows (RFC 7252
+§5.2.2); a CON response gets an empty ACK. No retransmission: an unanswered request counts as a
+timeout and the client moves on. Closed loop (one request in flight per socket) or open loop
+(a fixed rate over the sockets, latency from the intended send time).
 """
 
 from __future__ import annotations
@@ -35,7 +26,7 @@ import time
 from array import array
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from proxy.coap import codec
 from proxy.coap.codec import ACK, CON, NON, RST
@@ -74,16 +65,11 @@ class RequestSpec:
     confirmable: bool = True
 
     @classmethod
-    def wkc(cls) -> RequestSpec:
-        return cls(GET, "/.well-known/core")
-
-    @classmethod
     def telemetry(cls, topic: str = "bench/x", size: int = 100) -> RequestSpec:
         return cls(POST, "/", (f"t={topic}",), size)
 
 
-@dataclass(frozen=True)
-class Template:
+class Template(NamedTuple):
     data: bytes
     seq_offset: int  # where the sequence id goes; -1: no payload
 
@@ -113,8 +99,8 @@ def empty_ack(mid: int) -> bytes:
 
 
 class MidSequence:
-    """The MIDs of one source port: each of the 65536 values once, from ``start`` on. The
-    request counter doubles as the token, so a response maps back to its request by either."""
+    """The MIDs of one source port, each of the 65536 once from ``start`` on; the request
+    counter doubles as the token, so a response maps back to its request by either."""
 
     __slots__ = ("count", "start")
 
@@ -122,18 +108,13 @@ class MidSequence:
         self.start = random.randrange(MID_SPACE) if start is None else start % MID_SPACE
         self.count = 0
 
-    @property
-    def exhausted(self) -> bool:
-        """True once every MID was used: the socket must be replaced (new source port)."""
-        return self.count >= MID_SPACE
+    exhausted = property(lambda self: self.count >= MID_SPACE)  # then: a new source port
 
     def take(self) -> tuple[int, int]:
-        """``(mid, counter)`` of the next request; ValueError when exhausted."""
         if self.count >= MID_SPACE:
             raise ValueError("all 65536 MIDs of this source port are used")
-        counter = self.count
         self.count += 1
-        return (self.start + counter) & 0xFFFF, counter
+        return (self.start + self.count - 1) & 0xFFFF, self.count - 1
 
     def counter_of(self, mid: int) -> int:
         return (mid - self.start) & 0xFFFF
@@ -146,19 +127,15 @@ class PortPool:
 
     def __init__(self, low: int, high: int, wrap: bool = False) -> None:
         self.low, self.next, self.high, self.wrap = low, low, high, wrap
-        self.fallbacks = 0
-        self.used = 0
+        self.fallbacks = self.used = 0
 
     def open(self, host: str, port: int) -> socket.socket:
-        tries = max(1, self.high - self.low)
-        while True:
-            local = 0
-            if self.next < self.high:
-                local, self.next = self.next, self.next + 1
-                if self.wrap and self.next >= self.high:
-                    self.next = self.low
-            else:
-                self.fallbacks += 1
+        for _ in range(max(1, self.high - self.low)):
+            local = self.next if self.next < self.high else 0
+            self.next += bool(local)
+            if self.wrap and self.next >= self.high:
+                self.next = self.low
+            self.fallbacks += not local
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setblocking(False)
             with contextlib.suppress(OSError):
@@ -167,13 +144,13 @@ class PortPool:
                 sock.bind(("127.0.0.1" if host.startswith("127.") else "0.0.0.0", local))
             except OSError as exc:
                 sock.close()
-                tries -= 1
-                if exc.errno == errno.EADDRINUSE and local and tries > 0:
+                if exc.errno == errno.EADDRINUSE and local:
                     continue
                 raise
             sock.connect((host, port))
             self.used += 1
             return sock
+        raise OSError(errno.EADDRINUSE, f"every source port in [{self.low}, {self.high}) is busy")
 
 
 def histogram_percentile(
@@ -201,7 +178,7 @@ def histogram_percentile(
 class LoadConfig:
     host: str
     port: int
-    spec: RequestSpec = field(default_factory=RequestSpec.wkc)
+    spec: RequestSpec = field(default_factory=RequestSpec)
     mode: str = "closed"  # or "open"
     clients: int = 64  # sockets (closed loop: requests in flight)
     rate: float = 0.0  # open loop: requests/s offered, over all workers
@@ -369,7 +346,7 @@ class Worker:
         self.codes: dict[int, int] = {}
         self.acked = array("Q")
         self.window_start = self.window_end = math.inf
-        self.template = build_template(getattr(config, "spec", RequestSpec.wkc()))
+        self.template = build_template(getattr(config, "spec", RequestSpec()))
         self.next_seq = getattr(config, "seq_base", 0) + (index << 40)
         port_range = getattr(config, "port_range", None) or (0, 0)
         self.ports = PortPool(*_port_slice(port_range, config.workers, index))
@@ -568,42 +545,33 @@ def run_workers(
         for process in processes:
             process.start()
         try:
-            parts: list[LoadResult] = []
-            deadline = time.time() + limit
+            deadline, result = time.time() + limit, LoadResult()
             for _ in processes:
                 part, error = queue.get(timeout=max(1.0, deadline - time.time()))
                 if error is not None:
                     raise RuntimeError(f"load worker failed: {error}")
-                parts.append(part)
+                result.merge(part)
         finally:
             for process in processes:
                 process.join(2)
                 if process.is_alive():
                     process.kill()
                     process.join()
-        result = parts[0]
-        for part in parts[1:]:
-            result.merge(part)
     result.workers = config.workers
     return result
 
 
-def run_clients(config: Any, worker: type[Worker]) -> LoadResult:
+def run_load(config: LoadConfig, worker: type[Worker] | None = None) -> LoadResult:
     """A closed or open loop of ``worker`` over ``config.clients`` sockets, split over
-    ``config.workers`` processes that open their window at the same moment."""
+    ``config.workers`` processes that open their window at the same moment (blocking)."""
     if config.workers < 1 or config.clients < config.workers:
         raise ValueError("need at least one client per worker")
     start_at = time.time() + (0.05 if config.workers == 1 else 0.5 + 0.05 * config.workers)
     limit = start_at - time.time() + config.warmup + config.duration + config.timeout + 30
 
     def main(config: Any, index: int, start_at: float) -> LoadResult:
-        return run_loop(worker(config, index).run(start_at))
+        return run_loop((worker or Worker)(config, index).run(start_at))
 
-    return run_workers(config, main, start_at, limit)
-
-
-def run_load(config: LoadConfig) -> LoadResult:
-    """Run one load and return the merged result (blocking; forks workers when > 1)."""
-    result = run_clients(config, Worker)
+    result = run_workers(config, main, start_at, limit)
     result.offered_rate = config.rate if config.mode == "open" else 0.0
     return result

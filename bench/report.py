@@ -61,8 +61,7 @@ def machine(loadavg_start: Sequence[float]) -> dict[str, str]:
         "kernel": f"{platform.system()} {platform.release()}",
         "Python": f"{platform.python_version()} ({sys.executable})",
         "libcoap": _first_line(["coap-server-notls", "-h"], r"v\d"),
-        "aiocoap": _version("aiocoap"),
-        "uvloop": _version("uvloop"),
+        **{name: _version(name) for name in ("aiocoap", "uvloop")},
         "redis-server": _first_line(["redis-server", "--version"]),
         "mosquitto": _first_line(["mosquitto", "-h"], r"version"),
         "coap-bridge": _first_line([*git, "rev-parse", "--short", "HEAD"])
@@ -221,7 +220,9 @@ class Table:
         ]
         title = self.title.format(what=self.what(rows))
         body = _table([header for header, _ in self.columns], cells)
-        return "\n\n".join([title, self.intro, body, *self.after(rows, all_rows)]) + "\n"
+        return (
+            "\n\n".join([title, self.intro, body, *filter(None, self.after(rows, all_rows))]) + "\n"
+        )
 
 
 def _t_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
@@ -269,15 +270,9 @@ def _e_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def _l_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+def _l_met(rows: Sequence[Row]) -> bool:
     last = next((r for r in reversed(rows) if r.get("rate") is not None), None)
-    met = last is not None and last["p99_ms"] <= 10.0 and last.get("status") == "OK"
-    return [f"Target: p99 ≤ 10 ms — {_verdict(met)}."]
-
-
-def _h_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
-    notes = [f"Limited by {limit(r)}." for r in rows if r.get("rate") is not None]
-    return [" ".join(notes)] if notes else []
+    return last is not None and last["p99_ms"] <= 10.0 and last.get("status") == "OK"
 
 
 def _b_what(rows: Sequence[Row]) -> str:
@@ -390,7 +385,7 @@ TABLES: dict[str, Table] = {
         "timer granularity).",
         [SYSTEM, _column("offered req/s", "offered_rate"), _column("achieved req/s", "rate"),
          *LATENCY, *DELIVERY, ("status", lambda r, _: r.get("status", "–"))],
-        _l_after,
+        lambda rows, _: [f"Target: p99 ≤ 10 ms — {_verdict(_l_met(rows))}."],
     ),
     "H": Table(
         "H",
@@ -406,46 +401,43 @@ TABLES: dict[str, Table] = {
          ("proxy CPU", lambda r, _: f"{utilisation(r).get('proxy', 0):.0f}%"),
          ("client CPU", lambda r, _: ", ".join(f"{w:.0f}%" for w in _worker_cpu(r)) or "–"),
          ("status", lambda r, _: short_error(r["error"]) if r.get("error") else "OK")],
-        _h_after,
+        lambda rows, _: [" ".join(f"Limited by {limit(r)}." for r in rows if "rate" in r)],
     ),
 }  # fmt: skip
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def table_m(rows: Sequence[Row], redis_dedup: dict[str, Any] | None) -> str:
     cells: list[list[str]] = []
-    proxy_ok = False
+    proxy_ok, redis_ok = False, None
     for r in (r for r in rows if r["scenario"] == "M"):
         if r.get("rate") is None:
             cells.append(["proxy RSS", short_error(r.get("error"))])
             continue
         per = r.get("bytes_per_exchange")
         proxy_ok = per is not None and per <= 300
-        samples = ", ".join(f"{t:.0f} s: {b / 2**20:.0f}" for t, b in r.get("rss_samples", []))
         cells += [
             ["load", f"T (CON GET /.well-known/core) at full rate, {r['rate']:,.0f} req/s "
                      f"for {r['window']:.0f} s"],
-            ["proxy RSS before → after", f"{r['rss_before'] / 2**20:.1f} MiB → "
-                                         f"{r['rss_after'] / 2**20:.1f} MiB "
+            ["proxy RSS before → after", f"{_mib(r['rss_before'])} → {_mib(r['rss_after'])} "
                                          f"(Δ {r['rss_delta'] / 2**20:+.1f} MiB)"],
             ["exchanges held (sent within 247 s)", _num(r["exchanges_held"])],
             ["**proxy bytes per exchange**", f"**{_num(per)}**"],
-            ["RSS during the run (MiB)", samples],
+            ["RSS during the run (MiB)",
+             ", ".join(f"{t:.0f} s: {b / 2**20:.0f}" for t, b in r.get("rss_samples", []))],
         ]  # fmt: skip
-    redis_ok: bool | None = None
-    if redis_dedup is None:
-        cells.append(["Redis bytes per dedup entry", "n/a (E not run)"])
-    elif not redis_dedup.get("keys_sampled"):
-        cells.append(["Redis bytes per dedup entry", "n/a (no Redis dedup keys)"])
+    name, dedup = "Redis bytes per dedup entry", redis_dedup or {}
+    if not dedup.get("keys_sampled"):
+        why = "E not run" if redis_dedup is None else "no Redis dedup keys"
+        cells.append([name, f"n/a ({why})"])
     else:
-        per_entry = redis_dedup["bytes_per_entry"]
-        redis_ok = per_entry <= 150
-        cells.append(
-            [
-                "**Redis bytes per dedup entry** (`MEMORY USAGE`, cb:dd:*)",
-                f"**{per_entry:,.0f}** (mean of {redis_dedup['keys_sampled']} keys; "
-                f"{redis_dedup['dbsize']:,} keys in the db after E and L)",
-            ]
-        )
+        redis_ok = dedup["bytes_per_entry"] <= 150
+        cells.append([f"**{name}** (`MEMORY USAGE`, cb:dd:*)",
+                      f"**{dedup['bytes_per_entry']:,.0f}** (mean of {dedup['keys_sampled']} keys; "
+                      f"{dedup['dbsize']:,} keys in the db after E and L)"])  # fmt: skip
     return (
         "### M — memory\n\n" + _table(["measure", "value"], cells)
         + f"\n\nTarget: ≤ 300 B proxy memory per exchange — {_verdict(proxy_ok)}; "

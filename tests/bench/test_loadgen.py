@@ -33,7 +33,7 @@ from bench.subscriber import check_delivery
 
 
 def test_wkc_template_decodes_as_con_get_with_patched_mid_and_token() -> None:
-    template = build_template(RequestSpec.wkc())
+    template = build_template(RequestSpec())
     assert template.seq_offset == -1
     data = patch(bytearray(template.data), template.seq_offset, 0xBEEF, 0x01020304, 99)
     message = aiocoap.Message.decode(data)
