@@ -17,18 +17,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.admission import SeparateAdmission, admission_for
+from api.command_intake import CommandIntake
+from api.commands import Commands
 from api.errors import ApiError, install_error_handler
 from api.fast_path import BatchFastPath
+from api.feed import ChangeFeed
+from api.feed import router as feed_router
 from api.guard import Guard
 from api.idempotency import build_ledger
 from api.publisher import MqttPublisher, Publisher
-from api.routes import bootstrap, credentials, devices, ingest, location, onboarding
+from api.routes import bootstrap, commands, credentials, devices, ingest, location, onboarding
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
 from stores.ledger import Ledger
+from stores.queue import queue_for
 
 _TAGS = [
     {
@@ -172,6 +177,19 @@ def create_app(
                 owned.push_async_callback(mqtt.close)
                 await mqtt.start()
                 app.state.publisher = mqtt
+            # Commands and the change feed are built with the app (usable without the
+            # lifespan); closed here, the status worker first (it publishes).
+            owned.push_async_callback(app.state.changes.close)
+            owned.push_async_callback(app.state.commands.close)
+            # Commands from MQTT arrive on the publisher's connection (a publisher given by a
+            # test may not subscribe: then there is no MQTT intake).
+            app.state.command_intake = CommandIntake(
+                app.state.commands,
+                settings.command_topic,
+                share_group=settings.command_share_group,
+            )
+            if isinstance(app.state.publisher, MqttPublisher):
+                await app.state.command_intake.start(app.state.publisher)
             yield
 
     app = FastAPI(
@@ -192,6 +210,14 @@ def create_app(
     app.state.admission = (
         SeparateAdmission(store, app.state.idempotency) if store is not None else None
     )
+    app.state.changes = ChangeFeed(settings.redis_url, prefix=settings.redis_prefix)
+    app.state.commands = Commands(
+        settings,
+        queue_for(settings.redis_url, prefix=settings.redis_prefix),
+        app.state.changes,
+        store=lambda: app.state.store,
+        publisher=lambda: app.state.publisher,
+    )
     install_error_handler(app)
     # Routes declared on the app itself parse JSON bodies at a bounded cost too.
     app.router.route_class = SafeJsonRoute
@@ -205,6 +231,9 @@ def create_app(
     app.include_router(devices.router)
     app.include_router(credentials.router)
     app.include_router(location.management)
+    app.include_router(commands.management)
+    app.include_router(commands.router)
+    app.include_router(feed_router)
 
     @app.get(
         "/healthz",

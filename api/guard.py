@@ -62,6 +62,11 @@ def _one_payload(settings: ApiSettings) -> int:
     return settings.max_payload
 
 
+def _command(settings: ApiSettings) -> int:
+    # One payload as JSON text or base64 (4/3 of its bytes), and a few fields around it.
+    return settings.max_payload * 2 + 1024
+
+
 # Path (without a trailing slash) → rule; "/devices" covers everything under it. Tested row
 # by row against the routes' own auth dependencies (tests/api/test_guard.py).
 RULES: dict[str, Rule] = {
@@ -69,9 +74,13 @@ RULES: dict[str, Rule] = {
     "/ingest": Rule(Caller.PROXY, _one_payload),
     "/bootstrap": Rule(Caller.PROXY, _no_body),
     "/location": Rule(Caller.PROXY, _no_body),
+    "/observe/events": Rule(Caller.PROXY, _no_body),
+    "/commands": Rule(Caller.PROXY, _no_body),  # and everything under it
     "/devices": Rule(Caller.MANAGEMENT, _management),
+    "/devices/*/commands": Rule(Caller.MANAGEMENT, _command),
 }
 MANAGEMENT_PREFIX = "/devices/"
+COMMANDS_PREFIX = "/commands/"
 DEFAULT_RULE = Rule(Caller.ANYONE, _no_body)
 
 
@@ -80,7 +89,11 @@ def rule_for(path: str) -> Rule:
     if rule is not None:
         return rule
     if path.startswith(MANAGEMENT_PREFIX):
+        if path.rstrip("/").endswith("/commands"):
+            return RULES["/devices/*/commands"]
         return RULES["/devices"]
+    if path.startswith(COMMANDS_PREFIX):
+        return RULES["/commands"]
     return RULES.get(path.rstrip("/"), DEFAULT_RULE)
 
 

@@ -9,6 +9,14 @@ errors never leave this module.
 A background task owns the connection and reconnects with capped backoff. A publish that finds
 no connection asks that task for an immediate attempt and waits briefly for it, so the first
 message after a broker restart already gets through instead of hitting the backoff delay.
+
+The same connection receives commands (issue 15): :meth:`MqttPublisher.subscribe` registers a
+topic filter with an ``on_message(topic, payload, properties)`` hook; every filter is
+subscribed again after each reconnect (a broker restarted without persistence forgot them).
+Under MQTT 5 the session persists for ``session_expiry`` seconds (Clean Start 0, one client id
+per publisher), so a QoS 1 command whose PUBACK had not gone out when the connection or the
+broker went away is sent again (MQTT 5 §4.4; across a broker restart only if the broker
+persists sessions). Under MQTT 3.1.1 the session is clean: such a message may be lost.
 """
 
 from __future__ import annotations
@@ -16,17 +24,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from api.errors import BrokerUnavailable
-from api.mqtt_link import LinkError, MqttLink, PublishRefused, varint
+from api.mqtt_link import (
+    LinkError,
+    Message,
+    MqttLink,
+    PublishRefused,
+    SubscribeRefused,
+    check_filter,
+    topic_matches,
+    varint,
+)
 from api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
 _MIN_BACKOFF = 0.1
 _MAX_BACKOFF = 2.0
+DEFAULT_SESSION_EXPIRY = 300
+"""Seconds the broker keeps our MQTT 5 session (subscriptions, unacknowledged commands) after
+the connection drops: long enough for a broker restart or a network blip."""
+
+OnMessage = Callable[[str, bytes, dict[str, object]], Awaitable[None]]
+"""``on_message(topic, payload, properties)``: ``properties`` always holds ``qos``, ``retain``,
+``duplicate``; ``content_type`` and ``message_expiry_interval`` (seconds left) when the MQTT 5
+PUBLISH carried them. Returning means "taken" (the PUBACK goes out); raising means "not taken":
+the connection is dropped so the broker sends it again (see the module docstring)."""
+
+
+def message_properties(message: Message) -> dict[str, object]:
+    """The ``properties`` argument of :data:`OnMessage` for one received message."""
+    properties: dict[str, object] = {
+        "qos": message.qos,
+        "retain": message.retain,
+        "duplicate": message.duplicate,
+    }
+    if message.content_type is not None:
+        properties["content_type"] = message.content_type
+    if message.expiry is not None:
+        properties["message_expiry_interval"] = message.expiry
+    if message.utf8:
+        properties["payload_format_indicator"] = 1
+    return properties
 
 
 class Publisher(Protocol):
@@ -81,6 +124,8 @@ class MqttPublisher:
         keepalive: int = 60,
         min_backoff: float = _MIN_BACKOFF,
         max_backoff: float = _MAX_BACKOFF,
+        client_id: str | None = None,
+        session_expiry: int = DEFAULT_SESSION_EXPIRY,
     ) -> None:
         self._host = host
         self._port = port
@@ -97,6 +142,12 @@ class MqttPublisher:
         self._wake = asyncio.Event()
         self._attempted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One id for every connection of this publisher, so a reconnect resumes its session;
+        # a generated one is never resumed by anyone else, so its session ends at close().
+        self._own_client_id = client_id is None
+        self._client_id = client_id or f"coap-bridge-{secrets.token_hex(6)}"
+        self._session_expiry = session_expiry if protocol == "5" else 0
+        self._subscriptions: dict[str, OnMessage] = {}
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> MqttPublisher:
@@ -125,6 +176,45 @@ class MqttPublisher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._attempted.wait(), self._reconnect_wait)
 
+    async def subscribe(self, topic_filter: str, on_message: OnMessage) -> None:
+        """Subscribe to ``topic_filter`` at QoS 1, now if connected and after every reconnect;
+        messages on it go to ``on_message``. Returns once the broker granted it, or at once when
+        disconnected (the next connection subscribes). ValueError for a malformed filter; a
+        refusal by the broker is logged, not raised (it is tried again at every reconnect)."""
+        check_filter(topic_filter)
+        self._subscriptions[topic_filter] = on_message
+        link = self._link
+        if link is not None:
+            await self._subscribe(link, [topic_filter])
+
+    async def _subscribe(self, link: MqttLink, filters: list[str]) -> None:
+        try:
+            granted = await asyncio.wait_for(link.subscribe(filters), self._publish_timeout)
+        except TimeoutError:
+            # A broker that does not answer SUBACK: start over on a new connection.
+            link.abort(f"no SUBACK within {self._publish_timeout:g} s")
+            return
+        except SubscribeRefused as exc:
+            log.error("mqtt subscription refused filters=%s: %s", filters, exc)
+            return
+        except LinkError:
+            return  # the connection ended first: the next one subscribes again
+        for topic_filter, qos in zip(filters, granted, strict=False):
+            if qos < 1:
+                log.warning(
+                    "mqtt subscription granted QoS 0 only filter=%s: messages may be lost",
+                    topic_filter,
+                )
+        log.info("mqtt subscribed filters=%s", filters)
+
+    async def _dispatch(self, message: Message) -> None:
+        for topic_filter, on_message in list(self._subscriptions.items()):
+            if topic_matches(topic_filter, message.topic):
+                await on_message(message.topic, message.payload, message_properties(message))
+                return
+        # A message for none of our filters (an old session's subscription): taken, dropped.
+        log.debug("mqtt message on an unsubscribed topic=%s dropped", message.topic)
+
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -147,6 +237,10 @@ class MqttPublisher:
                     password=self._password,
                     keepalive=self._keepalive,
                     connect_timeout=self._publish_timeout,
+                    client_id=self._client_id,
+                    on_message=self._dispatch,
+                    clean_start=not self._session_expiry,
+                    session_expiry=self._session_expiry,
                 )
             except LinkError as exc:
                 # One warning per outage, not one per attempt every couple of seconds.
@@ -167,11 +261,13 @@ class MqttPublisher:
                 down_reported = False
                 log.info("mqtt connected host=%s port=%d", self._host, self._port)
                 try:
+                    if self._subscriptions:
+                        await self._subscribe(link, list(self._subscriptions))
                     reason = await asyncio.shield(link.lost)
                 finally:
                     self._link = None
                     self._up.clear()
-                    link.close()
+                    link.close(end_session=self._own_client_id)
                 log.warning(
                     "mqtt connection lost host=%s port=%d: %s", self._host, self._port, reason
                 )

@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from policies.topics import DEFAULT_TOPIC_TEMPLATE, render_topic, validate_topic
 
 _MQTT_SCHEMES = {"mqtt": 1883, "tcp": 1883}
+DEFAULT_COMMAND_TOPIC = "devices/{iccid}/commands"
+MAX_COMMAND_TTL = 2_592_000
+"""Longest time a command may wait for its device: 30 days."""
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 DEFAULT_COAPS_PORT = 5684
 # Values of ``coaps_port`` that mean "no DTLS listener": the proxy's own list
@@ -92,6 +95,22 @@ class ApiSettings(BaseSettings):
     device fetch its ~60-byte onboarding answer in 8-byte Range pieces within one window."""
     bootstrap_rate_window: float = Field(default=60.0, gt=0)
     """Length of the rate-limit window in seconds."""
+    command_topic: str = DEFAULT_COMMAND_TOPIC
+    """Where MQTT applications publish commands for a device (``{iccid}``: the device; the
+    API subscribes with ``+`` in its place). Delivery status goes to
+    ``<this topic>/<command id>/status``, which that filter does not match (docs/API.md)."""
+    command_share_group: str | None = "coap-bridge"
+    """The shared-subscription group (``$share/<group>/…``, MQTT 5 §4.8.2; Mosquitto also
+    honours it over 3.1.1) through which exactly one API replica takes each command, so that
+    replicas on one broker do not each queue it. Empty: a plain subscription (a broker
+    without shared subscriptions, such as the embedded one of ``coap-bridge up``; then only
+    one replica may run)."""
+    max_commands_per_device: int = Field(default=100, ge=1, le=10_000)
+    """Commands a device may have queued or sent at once; beyond: 409."""
+    command_ttl: int = Field(default=86_400, ge=1, le=MAX_COMMAND_TTL)
+    """Seconds a command waits for its device when the submitter gives no ``ttl``."""
+    feed_keepalive: float = Field(default=15.0, gt=0)
+    """Seconds between the comment lines that keep an idle change feed open (docs/API.md)."""
 
     @field_validator("mqtt_url")
     @classmethod
@@ -108,6 +127,31 @@ class ApiSettings(BaseSettings):
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"topic_template {value!r} does not render a valid topic: {exc}"
+            ) from exc
+        return value
+
+    @field_validator("command_share_group")
+    @classmethod
+    def _check_share_group(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # empty: a plain subscription
+        if any(c in value for c in "/+#"):
+            raise ValueError(f"command_share_group {value!r} must not contain / + #")
+        return value
+
+    @field_validator("command_topic")
+    @classmethod
+    def _check_command_topic(cls, value: str) -> str:
+        # {iccid} must be one whole level: the subscription puts the single-level wildcard
+        # there, and a device's commands are told apart by that level (MQTT 5 §4.7.1.3).
+        levels = value.split("/")
+        if levels.count("{iccid}") != 1 or "{iccid}" in value.replace("{iccid}", "", 1):
+            raise ValueError(f"command_topic {value!r} must have {{iccid}} as one whole level")
+        try:
+            validate_topic(render_topic(value, iccid="8988280666000000000"))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"command_topic {value!r} does not render a valid topic: {exc}"
             ) from exc
         return value
 
@@ -135,6 +179,14 @@ class ApiSettings(BaseSettings):
     def _check_networks(cls, value: list[str]) -> list[str]:
         # Fail at start-up on a typo rather than silently trusting nobody (or everybody).
         return [str(ipaddress.ip_network(item.strip(), strict=False)) for item in value]
+
+    @property
+    def command_filter(self) -> str:
+        """The subscription of the command topic: ``{iccid}`` → ``+``."""
+        return self.command_topic.replace("{iccid}", "+")
+
+    def command_status_topic(self, iccid: str, command_id: str) -> str:
+        return f"{render_topic(self.command_topic, iccid=iccid)}/{command_id}/status"
 
     @property
     def mqtt_endpoint(self) -> MqttEndpoint:

@@ -74,6 +74,13 @@ _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
     ("--proxy-token", str, "secret the proxy presents to the backend", ("up", "proxy", "api")),
     ("--log-level", str, "debug, info, warning, error (default info)", ("up", "proxy", "api")),
     ("--block-size", int, "largest CoAP payload sent; more goes block-wise", ("up", "proxy")),
+    (
+        "--max-observers-per-device",
+        int,
+        "Observe relations per device (default 4); beyond: answered without Observe",
+        ("up", "proxy"),
+    ),
+    ("--max-observers", int, "Observe relations per process (default 100000)", ("up", "proxy")),
     ("--workers", int, "processes (proxy: SO_REUSEPORT; api: uvicorn workers)", ("proxy", "api")),
     (
         "--drain-timeout",
@@ -219,6 +226,7 @@ async def run_up(given: dict[str, Any]) -> None:
             await broker.start()
             updates["mqtt_url"] = broker.url
             updates["mqtt_protocol"] = "3.1.1"
+            updates["command_share_group"] = None  # the embedded broker has no $share
             log.info("embedded MQTT broker (MQTT 3.1.1) listening on %s", broker.url)
         api_socket = _bind_api(api_settings.api_host, api_settings.api_port)
         store = None

@@ -60,6 +60,14 @@ class Route:
     # A template route (``/commands/{device}``): the variable names, in path order; each
     # matches one whole, non-empty Uri-Path segment. () for an exact path.
     variables: tuple[str, ...] = ()
+    # RFC 7641: GET with Observe=0 registers; the origin announces changes on the change feed
+    # (docs/ARCHITECTURE.md, "Observe"). ``observe_con``: every notification is a CON (else
+    # NON, with a CON at least every 24 h, RFC 7641 §4.5). ``observe_ack``: the
+    # representations are a queue the device consumes (commands): every notification is a
+    # CON, and the device's ACK is acknowledged to the origin with DELETE + If-Match.
+    observe: bool = False
+    observe_con: bool = False
+    observe_ack: bool = False
 
     def http_method_for(self, coap_method: str) -> str:
         """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
@@ -103,6 +111,9 @@ class Policy:
     # identity, the Idempotency-Key. Any other origin a route targets gets only what a public
     # reverse proxy sends (Forwarded and the content headers), docs/ARCHITECTURE.md.
     trusted_origins: frozenset[str] = frozenset()
+    # The path of the change feed on the --upstream origin (text/event-stream; observable
+    # routes, docs/ARCHITECTURE.md "Observe").
+    observe_events: str = "/observe/events"
     # Derived from ``routes``: exact paths (one dict lookup) and templates by segment count.
     _exact: dict[str, RouteMatch] = field(init=False, compare=False, repr=False)
     _templates: dict[int, list[_Template]] = field(init=False, compare=False, repr=False)
@@ -298,6 +309,15 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     idempotent = raw.get("idempotent", False)
     if not isinstance(idempotent, bool):
         raise PolicyError(f"{where}: 'idempotent' must be true or false")
+    flags = {}
+    for name in ("observe", "observe_con", "observe_ack"):
+        flags[name] = raw.get(name, False)
+        if not isinstance(flags[name], bool):
+            raise PolicyError(f"{where}: {name!r} must be true or false")
+    if (flags["observe_con"] or flags["observe_ack"]) and not flags["observe"]:
+        raise PolicyError(f"{where}: 'observe_con' and 'observe_ack' need 'observe = true'")
+    if flags["observe"] and "GET" not in names:
+        raise PolicyError(f"{where}: an observable route must serve GET (RFC 7641 §2)")
     known = {
         "path",
         "methods",
@@ -308,6 +328,9 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         "idempotent",
         "status",
         "link",
+        "observe",
+        "observe_con",
+        "observe_ack",
     }
     unknown = set(raw) - known
     if unknown:
@@ -322,6 +345,9 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     if batch_target is not None:
         _check_placeholders(where, "batch_target", batch_target, ())
     rows = _status_rows(where, raw["status"]) if "status" in raw else ()
+    link = _link(where, raw["link"]) if "link" in raw else ()
+    if flags["observe"] and ("obs", True) not in link:
+        link += (("obs", True),)  # RFC 7641 §6: discovery says the route is observable
     return Route(
         path=path,
         methods=frozenset(names),
@@ -331,8 +357,11 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         batch_target=batch_target,
         idempotent=idempotent,
         status=rows,
-        link=_link(where, raw["link"]) if "link" in raw else (),
+        link=link,
         variables=variables,
+        observe=flags["observe"],
+        observe_con=flags["observe_con"],
+        observe_ack=flags["observe_ack"],
     )
 
 
@@ -348,10 +377,13 @@ def parse_policy(text: str) -> Policy:
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         raise PolicyError("policy has no [[route]] tables")
-    unknown = set(data) - {"route", "trusted_origins"}
+    unknown = set(data) - {"route", "trusted_origins", "observe_events"}
     if unknown:
         raise PolicyError(f"policy: unknown top-level keys {sorted(unknown)}")
     trusted = _trusted_origins(data.get("trusted_origins", []))
+    events = data.get("observe_events", "/observe/events")
+    if not isinstance(events, str) or not events.startswith("/") or "?" in events:
+        raise PolicyError("'observe_events' must be a path on the upstream such as /observe/events")
     routes: dict[str, Route] = {}
     for index, raw in enumerate(raw_routes):
         if not isinstance(raw, dict):
@@ -361,8 +393,17 @@ def parse_policy(text: str) -> Policy:
             raise PolicyError(f"route {route.path!r} is defined twice")
         if route.variables:
             _refuse_ambiguous(route, [r for r in routes.values() if r.variables])
+        if route.observe and route.target.startswith("http"):
+            origin = http_origin(route.target)
+            if origin not in trusted:
+                # Only the --upstream and trusted origins serve the change feed (and see the
+                # device's identity on the re-GETs).
+                raise PolicyError(
+                    f"route {route.path!r}: an observable route must target the upstream or a "
+                    "trusted origin; add its origin to 'trusted_origins'"
+                )
         routes[route.path] = route
-    return Policy(routes=routes, trusted_origins=trusted)
+    return Policy(routes=routes, trusted_origins=trusted, observe_events=events)
 
 
 def _refuse_ambiguous(route: Route, templates: list[Route]) -> None:

@@ -20,6 +20,7 @@ from proxy.batching import GroupCommit
 from proxy.coap import codes
 from proxy.coap import options as opt
 from proxy.coap.codec import uint_bytes
+from proxy.coap.observe import ObserveRoute
 from proxy.coap.requests import Request, Response
 from proxy.errors import ProxyError
 from proxy.upstream import NO_HEADERS, Upstream, UpstreamResponse
@@ -247,6 +248,13 @@ class ProxyHandler:
                     f"route {route.path!r}: batch_target {route.batch_target!r} is not the "
                     "upstream nor a trusted origin; add its origin to 'trusted_origins'"
                 )
+            if route.observe and not self._is_internal(route.target):
+                # The change feed is the upstream's (docs/ARCHITECTURE.md, "Observe").
+                raise PolicyError(
+                    f"route {route.path!r}: an observable route must target the upstream or a "
+                    "trusted origin; add its origin to 'trusted_origins'"
+                )
+        self._observe_routes: dict[str, ObserveRoute] = {}
 
     def needs_claim(self, request: Request) -> bool:
         """Only what is forwarded, and is not a safe request on an idempotent route, needs the
@@ -308,6 +316,61 @@ class ProxyHandler:
                 codes.REQUEST_ENTITY_TOO_LARGE, [(opt.SIZE1, uint_bytes(self._max_payload))]
             )
         return match
+
+    def observe_route(self, request: Request) -> ObserveRoute | None:
+        """What Observe needs of the route ``request`` reaches (RFC 7641), None when the route
+        is not observable or the request is not a GET to it: the origin path the change feed
+        names (the target expanded), the notification type, whether deliveries are
+        acknowledged (policies/routes.py)."""
+        if request.method != codes.GET:
+            return None
+        match = self._match(request)
+        if isinstance(match, Response) or match.route is None or not match.route.observe:
+            return None
+        route = match.route
+        target = route.target if match.params is None else route.target_for(match.params)
+        path = urlsplit(self._url(target)).path
+        found = self._observe_routes.get(path)
+        if found is None:
+            found = ObserveRoute(path, route.observe_con or route.observe_ack, route.observe_ack)
+            if len(self._observe_routes) < 100_000:
+                self._observe_routes[path] = found
+        return found
+
+    @property
+    def observe_events_url(self) -> str:
+        """The change feed on the upstream (policy ``observe_events``)."""
+        return self._base_url + self._policy.observe_events
+
+    @property
+    def internal_headers(self) -> dict[str, str]:
+        return dict(self._internal_headers)
+
+    async def acknowledge(self, request: Request, etag: bytes) -> int:
+        """Tell the origin the device confirmed the representation tagged ``etag`` (an
+        observe_ack route, obs contract §4): ``DELETE`` on the route's target with
+        ``If-Match`` and the device's headers, as its GETs carry them. Returns the HTTP status
+        (2xx: done; 412: not the head any more); raises ProxyError when the origin could not be
+        reached. A tag the proxy hashed cannot be named: the current tag is read first and
+        sent when it is the one the device confirmed (as for a device's If-Match)."""
+        match = self._match(request)
+        if isinstance(match, Response) or match.route is None:
+            return 404
+        route = match.route
+        target = route.target if match.params is None else route.target_for(match.params)
+        url = self._url(target)
+        ip, port = request.peer
+        headers = {forwarding.FORWARDED_HEADER: forwarding.format_forwarded(ip, port, self._proto)}
+        if self._is_internal(route.target):
+            if request.identity is not None:
+                headers[forwarding.IDENTITY_HEADER] = request.identity
+            headers.update(self._internal_headers)
+        conditions = _Conditions([(opt.IF_MATCH, etag)])
+        refused = await self._preconditions(conditions, request, "DELETE", url, headers)
+        if refused is not None:
+            return 412
+        answer = await self._upstream.request("DELETE", url, headers, b"")
+        return answer.status
 
     def _segments(self, request: Request) -> list[str] | None:
         """The Uri-Path values, for template matching only (a value may hold a "/")."""

@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from policies.routes import Policy, load_policy
@@ -15,10 +15,13 @@ from proxy.coap.blockwise import BlockwiseHandler
 from proxy.coap.driver import CoapDriver
 from proxy.coap.endpoint import Endpoint
 from proxy.coap.exchanges import ExchangeCache
+from proxy.coap.observe import Observers
 from proxy.coap.requests import RequestHandler
+from proxy.feed import ChangeFeed
 from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
 from proxy.gate import Gate
 from proxy.http1 import Http1Upstream
+from proxy.observing import Observing, dispatch_change, refresh_all
 from proxy.settings import ProxySettings
 from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
@@ -98,6 +101,11 @@ class RunningProxy:
     dtls_handler: BlockwiseHandler | None = None
     psk_store: PskStore | None = None
     owns_psk_store: bool = False
+    # RFC 7641 (when the policy has observable routes): the relations of both transports, the
+    # change feed, and each transport's glue.
+    observers: Observers | None = None
+    feed: ChangeFeed | None = None
+    observing: list[Observing] = field(default_factory=list)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -134,6 +142,10 @@ class RunningProxy:
                 drivers.append(self.dtls_driver)
             results = await asyncio.gather(*(d.drain(drain_timeout) for d in drivers))
             drained = all(results)
+        if self.feed is not None:
+            await self.feed.aclose()
+        for observing in self.observing:
+            await observing.aclose()
         self.transport.close()
         if self.dtls is not None:
             self.dtls.close()
@@ -192,12 +204,14 @@ def _driver(
     handler: RequestHandler,
     dedup: Ledger | None,
     identity_of: Callable[[tuple[str, int]], str | None] | None = None,
+    observing: Observing | None = None,
 ) -> CoapDriver:
     """The messaging layer for one transport: endpoint (RFC 7252), and with a shared store
     the gate (the cross-replica claim) in front of the handler."""
     endpoint = Endpoint(
         exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
         ack_window=settings.ack_window,
+        ack_timeout=settings.ack_timeout,
         claims=dedup is not None,
     )
     gate = None
@@ -209,7 +223,28 @@ def _driver(
             lease=settings.dedup_lease,
             stats=endpoint.stats,
         )
-    return CoapDriver(endpoint, handler, gate=gate, identity_of=identity_of)
+    return CoapDriver(endpoint, handler, gate=gate, identity_of=identity_of, observing=observing)
+
+
+def _observing(
+    settings: ProxySettings, policy: Policy, handler: BlockwiseHandler
+) -> tuple[Observers, ChangeFeed] | None:
+    """Observe's shared parts when the policy has an observable route: the relations (both
+    transports, one set of limits) and the change feed on the upstream (proxy/feed.py)."""
+    if not any(route.observe for route in policy.routes.values()):
+        return None
+    forwarder = handler.inner
+    assert isinstance(forwarder, ProxyHandler)
+    observers = Observers(
+        max_per_device=settings.max_observers_per_device, max_total=settings.max_observers
+    )
+    feed = ChangeFeed(
+        forwarder.observe_events_url,
+        forwarder.internal_headers,
+        lambda path: dispatch_change(observers, path),
+        lambda: refresh_all(observers),
+    )
+    return observers, feed
 
 
 async def start_proxy(
@@ -246,10 +281,12 @@ async def start_proxy(
         dedup = redis_ledger(
             settings.redis_url, prefix=dedup_prefix(settings.redis_prefix), timeout=1.0, retries=0
         )
+    shared = _observing(settings, policy, handler)
+    observing = Observing(shared[0], handler, shared[1]) if shared is not None else None
     loop = asyncio.get_running_loop()
     try:
         transport, driver = await loop.create_datagram_endpoint(
-            lambda: _driver(settings, handler, dedup),
+            lambda: _driver(settings, handler, dedup, observing=observing),
             local_addr=(settings.coap_host, settings.coap_port),
             reuse_port=reuse_port or None,
         )
@@ -269,6 +306,9 @@ async def start_proxy(
     running = RunningProxy(
         transport=transport, driver=driver, handler=handler, upstream=upstream, dedup=dedup
     )
+    if shared is not None and observing is not None:
+        running.observers, running.feed = shared
+        running.observing.append(observing)
     if settings.coaps_port is not None and (psk_store is not None or settings.redis_url):
         try:
             await _start_dtls(running, settings, policy, psk_store, reuse_port)
@@ -303,9 +343,13 @@ async def _start_dtls(
     await psk_store.start()
     handler = _handler(settings, policy, running.upstream, proto="coaps")
     running.dtls_handler = handler
+    observing = None
+    if running.observers is not None:
+        observing = Observing(running.observers, handler, running.feed)
+        running.observing.append(observing)
 
     def driver_for(transport: DtlsTransport) -> CoapDriver:
-        return _driver(settings, handler, running.dedup, transport.identity_of)
+        return _driver(settings, handler, running.dedup, transport.identity_of, observing)
 
     host = settings.coaps_host if settings.coaps_host is not None else settings.coap_host
     try:

@@ -28,6 +28,12 @@ class ProxySettings(BaseSettings):
     ack_window: float = Field(
         1.0, gt=0, description="Seconds before an empty ACK and a separate response"
     )
+    ack_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="RFC 7252 §4.8 ACK_TIMEOUT: first retransmission of a separate response or "
+        "CON notification after 1-1.5 times this, doubling, 4 times",
+    )
     max_payload: int = Field(65536, gt=0, description="Largest request payload, else 4.13")
     dedup_max_entries: int = Field(1_000_000, gt=0, description="Cap on remembered exchanges")
     upstream_connections: int = Field(100, gt=0, description="HTTP connection pool size")
@@ -69,6 +75,13 @@ class ProxySettings(BaseSettings):
         1024,
         description="Largest payload in one CoAP response: larger ones go out block-wise "
         "(RFC 7959 Block2); a power of two from 16 to 1024",
+    )
+
+    max_observers_per_device: int = Field(
+        4, gt=0, description="Most Observe relations (RFC 7641) one device may hold here"
+    )
+    max_observers: int = Field(
+        100_000, gt=0, description="Most Observe relations in this process; beyond: no Observe"
     )
 
     @field_validator("block_size")

@@ -66,3 +66,19 @@ def block_peer_key(peer: str, prefix: str = DEFAULT_PREFIX) -> str:
 def block_index_key(prefix: str = DEFAULT_PREFIX) -> str:
     """Sorted set of every transfer in progress (score: expiry, ms): the global cap."""
     return f"{prefix}:{{blk}}:all"
+
+
+def changes_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """Pub/sub channel on which an API replica announces a changed origin resource (the
+    message is its path, e.g. ``/commands/<iccid>``); every API replica relays it to the
+    change feeds it serves (docs/API.md, "Commands and the change feed")."""
+    return f"{prefix}:changes"
+
+
+def command_keys(iccid: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str, str, str]:
+    """One device's command queue (stores/queue.py): the records hash, the pending ids by
+    sequence, the pending ids by expiry, the finished ids by the time they finished. The
+    ``{cmd:<iccid>}`` hash tag puts a device's four keys on one Redis Cluster slot, so one
+    script call changes them atomically; devices spread over the slots."""
+    base = f"{prefix}:{{cmd:{iccid}}}"
+    return f"{base}:rec", f"{base}:pending", f"{base}:expiry", f"{base}:done"

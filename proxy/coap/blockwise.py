@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from proxy.coap import codes
 from proxy.coap import options as opt
 from proxy.coap.codec import Message, parse_uint, uint_bytes
+from proxy.coap.observe import ObserveRoute
 from proxy.coap.requests import Request, RequestHandler, Response
 from proxy.state.blocks import (
     AppendResult,
@@ -240,6 +241,19 @@ class BlockwiseHandler:
     @property
     def inner(self) -> RequestHandler:
         return self._inner
+
+    def observe_route(self, request: Request) -> ObserveRoute | None:
+        """The wrapped handler's answer (RFC 7641): notifications run through :meth:`handle`
+        like any GET, so one larger than a block carries its first block (RFC 7959 §2.6)."""
+        ask = getattr(self._inner, "observe_route", None)
+        return ask(request) if ask is not None else None
+
+    async def acknowledge(self, request: Request, etag: bytes) -> int:
+        ask = getattr(self._inner, "acknowledge", None)
+        if ask is None:
+            return 404
+        status: int = await ask(request, etag)
+        return status
 
     def needs_claim(self, request: Request) -> bool:
         """The wrapped handler decides for whatever is forwarded. Two kinds of block never are:

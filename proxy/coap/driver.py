@@ -16,14 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from proxy.coap import codes
 from proxy.coap.endpoint import Endpoint, MessagingStats
 from proxy.coap.exchanges import CHECKING, Exchange
+from proxy.coap.observe import REPLACE
 from proxy.coap.requests import RequestHandler, Response
 from proxy.gate import Gate
 from stores.ledger import Claim
+
+if TYPE_CHECKING:
+    from proxy.coap.observe import Notification, Relation
+    from proxy.observing import Observing
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +44,13 @@ class CoapDriver(asyncio.DatagramProtocol):
         *,
         gate: Gate | None = None,
         identity_of: Callable[[tuple[str, int]], str | None] | None = None,
+        observing: Observing | None = None,
     ) -> None:
         """``gate``: the cross-replica claim (the endpoint must then be built with
         ``claims=True``). ``identity_of``: for a secured transport (DTLS), the authenticated
         identity of a peer address; deduplication then keys on (identity, MID)
-        (docs/CONTRACT.md §5)."""
+        (docs/CONTRACT.md §5). ``observing``: RFC 7641 relations and notifications
+        (proxy/observing.py); None: Observe options are ignored as elective (RFC 7252 §5.4.1)."""
         self._endpoint = endpoint
         self._handler = handler
         self._gate = gate
@@ -54,6 +61,9 @@ class CoapDriver(asyncio.DatagramProtocol):
         self._timer_at = _INF
         self._horizon = endpoint.ack_window + TIMER_SLACK
         self._tasks: set[asyncio.Task[None]] = set()
+        self._observing = observing
+        if observing is not None:
+            observing.bind(self)
 
     @property
     def stats(self) -> MessagingStats:
@@ -80,6 +90,8 @@ class CoapDriver(asyncio.DatagramProtocol):
         identity = self._identity_of(addr) if self._identity_of is not None else None
         now = self._loop.time()
         event = self._endpoint.receive(data, addr, now, identity)
+        if self._observing is not None:
+            self._collect()
         if event is None:
             return
         if type(event) is bytes:
@@ -142,11 +154,54 @@ class CoapDriver(asyncio.DatagramProtocol):
                 "request handler failed for %s %s", codes.code_text(request.method), request.path
             )
             response = Response(codes.INTERNAL_SERVER_ERROR)
-        self._send(endpoint.respond(exchange, response, self._loop.time()), exchange)
+        now = self._loop.time()
+        observing = self._observing
+        if observing is None:
+            self._send(endpoint.respond(exchange, response, now), exchange)
+        else:
+            response, tag, confirm = observing.answered(exchange, request, response, now)
+            if confirm:
+                for data in endpoint.respond_confirmable(exchange, response, now, tag):
+                    self._send(data, exchange)
+                self._arm()
+            else:
+                self._send(endpoint.respond(exchange, response, now, tag), exchange)
         if gate is not None:
             gate.answered(exchange)
         if exchange.acked:
             self._arm()  # a separate response: its retransmission deadline
+
+    # -- notifications (RFC 7641) -----------------------------------------------------------
+
+    def notify(self, note: Notification) -> None:
+        """Send a notification (or make it replace the CON in flight, RFC 7641 §4.5.2)."""
+        relation = note.relation
+        endpoint = self._endpoint
+        if note.action == REPLACE and endpoint.replace(relation, note.response):
+            return
+        data = endpoint.notify(
+            relation.peer,
+            relation.request.message.token,
+            note.response,
+            note.confirmable,
+            self._loop.time(),
+            relation,
+        )
+        if self._transport is not None:
+            self._transport.sendto(data, relation.peer)
+        if note.confirmable:
+            self._arm()
+
+    def forget(self, relation: Relation) -> None:
+        """The relation ended: its CON in flight is not retransmitted any more."""
+        self._endpoint.forget(relation)
+
+    def _collect(self) -> None:
+        outcomes = self._endpoint.take_outcomes()
+        if outcomes:
+            assert self._observing is not None
+            self._observing.outcomes(outcomes)
+            self._arm()  # a notification that waited for an ACK went out
 
     def _send(self, data: bytes | None, exchange: Exchange) -> None:
         if data is not None and self._transport is not None:
@@ -179,6 +234,8 @@ class CoapDriver(asyncio.DatagramProtocol):
         if transport is not None:
             for data, peer in due:
                 transport.sendto(data, peer)
+        if self._observing is not None:
+            self._collect()
         self._arm()
 
     # -- stopping ---------------------------------------------------------------------------

@@ -29,11 +29,14 @@ handler. An endpoint built with ``claims=True`` hands new exchanges out as CHECK
 then moves them to HANDLING (:meth:`Endpoint.handling`), ELSEWHERE (:meth:`Endpoint.elsewhere`)
 or answers them with stored bytes (:meth:`Endpoint.replay`).
 
-Answers to one request beyond the first (RFC 7641 notifications, a later issue) have their
-seam here: an exchange carries its token and peer, and a separate response in flight keeps its
-exchange (``_Outgoing.exchange``), so an ACK, a Reset or the give-up (where RFC 7641 §3.6 ends
-an observation) reach the exchange the response belongs to; a notification is a further
-separate response built by ``_separate`` for the same exchange.
+Answers to one request beyond the first (RFC 7641 notifications): :meth:`Endpoint.notify`
+sends a notification (new MID, the registration's token) as a CON, retransmitted like a
+separate response, or as a NON; each carries the caller's ``tag`` (the relation,
+:mod:`proxy.coap.observe`). An ACK, a Reset (matched by MID, NON notifications included) or
+the give-up after MAX_RETRANSMIT becomes an outcome the caller collects with
+:meth:`Endpoint.take_outcomes` (RFC 7641 §3.6, §4.5). :meth:`Endpoint.replace` puts a newer
+notification in the place of the CON in flight: it goes out at that CON's next retransmission,
+with a new MID and the same retransmission counter and timeout (RFC 7641 §4.5.2).
 """
 
 from __future__ import annotations
@@ -95,12 +98,45 @@ class MessagingStats:
     claims_skipped: int = 0  # handled without asking the shared store (needs_claim False)
 
 
+# Outcomes of a tagged message (a notification, or a registration's separate response), as
+# proxy.coap.observe names them.
+ACKED = 0
+RESET = 1
+GAVE_UP = 2
+# How long the MID of a NON notification is remembered, so that a Reset to it is understood
+# (RFC 7641 §3.6; RFC 7252 §4.8.2 NON_LIFETIME).
+NON_TAG_LIFETIME = 145.0
+
+
 class _Outgoing:
-    """A CON this endpoint sent (a separate response), until ACKed, Reset or given up."""
+    """A CON this endpoint sent (a separate response or a notification), until ACKed, Reset or
+    given up. ``tag``: the caller's handle for the outcome (None: nobody asks)."""
 
-    __slots__ = ("count", "data", "done", "exchange", "key", "peer", "timeout")
+    __slots__ = (
+        "count",
+        "data",
+        "done",
+        "exchange",
+        "key",
+        "peer",
+        "replacement",
+        "response",
+        "tag",
+        "timeout",
+        "token",
+    )
 
-    def __init__(self, key: int, data: bytes, peer: Peer, exchange: Exchange, timeout: float):
+    def __init__(
+        self,
+        key: int,
+        data: bytes,
+        peer: Peer,
+        exchange: Exchange | None,
+        timeout: float,
+        tag: object = None,
+        response: Response | None = None,
+        token: bytes = b"",
+    ):
         self.key = key
         self.data = data
         self.peer = peer
@@ -108,6 +144,10 @@ class _Outgoing:
         self.timeout = timeout
         self.count = 0  # retransmissions so far
         self.done = False
+        self.tag = tag
+        self.response = response
+        self.token = token
+        self.replacement: Response | None = None
 
 
 class Endpoint:
@@ -150,6 +190,12 @@ class Endpoint:
         self._awaiting: dict[int, _Outgoing] = {}
         self._retransmits: list[tuple[float, int, _Outgoing]] = []
         self._sequence = itertools.count()
+        # Tagged CONs in flight by tag (one per tag: RFC 7641 §4.5.2), the MIDs of NON
+        # notifications (for a Reset) with their expiry, and the outcomes not yet collected.
+        self._tagged: dict[object, _Outgoing] = {}
+        self._non_tags: dict[int, object] = {}
+        self._non_expiry: deque[tuple[float, int]] = deque()
+        self._outcomes: list[tuple[object, int, Response | None]] = []
         # False once a graceful shutdown began (stop_accepting): no new exchange is taken.
         self._accepting = True
         self.stats = stats if stats is not None else MessagingStats()
@@ -176,14 +222,14 @@ class Endpoint:
                 # A ping (§4.3). Not answered while stopping, so health checks see it going.
                 return encode_empty(RST, message.mid) if self._accepting else None
             if mtype != NON:
-                self._peer_answered(peer, message.mid)
+                return self._peer_answered(peer, message.mid, mtype == RST, now)
             return None
         if code >= 64:
             # A response sent to a server: nothing asked for it (§4.2 reject a CON, §4.3 NON).
             if mtype == CON:
                 return encode_empty(RST, message.mid)
             if mtype != NON:
-                self._peer_answered(peer, message.mid)
+                self._peer_answered(peer, message.mid, mtype == RST)
             return None
         if mtype >= ACK:
             # A request can only travel in a CON or NON; an ACK/RST carrying one is malformed
@@ -240,12 +286,30 @@ class Endpoint:
         # CHECKING: the store's answer is a moment away; the device will retransmit anyway.
         return None
 
-    def _peer_answered(self, peer: Peer, mid: int) -> None:
+    def _peer_answered(self, peer: Peer, mid: int, reset: bool, now: float = 0.0) -> bytes | None:
         """An ACK or RST from ``peer`` for our message ``mid``: a separate response stops
-        being retransmitted (§4.2). A Reset is where RFC 7641 §3.6 ends an observation."""
-        outgoing = self._awaiting.pop(peer_key(peer[0], peer[1], mid), None)
+        being retransmitted (§4.2). A Reset is where RFC 7641 §3.6 ends an observation, for a
+        NON notification too."""
+        key = peer_key(peer[0], peer[1], mid)
+        outgoing = self._awaiting.pop(key, None)
         if outgoing is not None:
             outgoing.done = True
+            tag = outgoing.tag
+            if tag is not None:
+                if self._tagged.get(tag) is outgoing:
+                    del self._tagged[tag]
+                self._outcomes.append((tag, RESET if reset else ACKED, outgoing.response))
+                if outgoing.replacement is not None and not reset:
+                    # A newer notification waited for this one: it goes now (RFC 7641 §4.5.2).
+                    return self._send_new(
+                        peer, outgoing.token, outgoing.replacement, CON, now, tag, None
+                    )
+            return None
+        if reset:
+            tag = self._non_tags.pop(key, None)
+            if tag is not None:
+                self._outcomes.append((tag, RESET, None))
+        return None
 
     # -- the gate's verdicts (proxy/gate.py) ----------------------------------------------
 
@@ -270,9 +334,13 @@ class Endpoint:
 
     # -- answering ------------------------------------------------------------------------
 
-    def respond(self, exchange: Exchange, response: Response, now: float) -> bytes | None:
+    def respond(
+        self, exchange: Exchange, response: Response, now: float, tag: object = None
+    ) -> bytes | None:
         """The datagram carrying the final ``response`` to ``exchange.peer``; None when the
-        exchange was answered already (e.g. by bytes another replica stored)."""
+        exchange was answered already (e.g. by bytes another replica stored). ``tag``: when
+        the answer travels as a separate CON, its ACK, Reset or give-up is reported under it
+        (:meth:`take_outcomes`; an Observe registration's answer, RFC 7641 §3.6)."""
         if exchange.state == ANSWERED:
             return None
         exchange.state = ANSWERED
@@ -296,26 +364,112 @@ class Endpoint:
             record = encode_empty(ACK, message.mid)
             exchange.record = record
             self._exchanges.complete(exchange.key, record)
-            return self._separate(exchange, response, CON, now)
+            return self._separate(exchange, response, CON, now, tag)
         # A NON's duplicates are never answered (§4.5): its record is empty.
         self._exchanges.complete(exchange.key, b"")
-        return self._separate(exchange, response, NON, now)
+        return self._separate(exchange, response, NON, now, tag)
 
-    def _separate(self, exchange: Exchange, response: Response, mtype: int, now: float) -> bytes:
+    def respond_confirmable(
+        self, exchange: Exchange, response: Response, now: float, tag: object
+    ) -> list[bytes]:
+        """The final ``response`` as a CON of its own, so that the device's ACK confirms it
+        arrived (an acknowledged Observe route, obs contract §4): an empty ACK first when the
+        request was a CON not yet acknowledged (RFC 7252 §5.2.2), or a CON answer to a NON
+        request (§5.2.3 lets a server do so). Its outcome is reported under ``tag``."""
+        if exchange.state == ANSWERED:
+            return []
+        out: list[bytes] = []
+        message = exchange.message
+        if message.mtype == CON and not exchange.acked:
+            exchange.acked = True
+            out.append(encode_empty(ACK, message.mid))
+        exchange.state = ANSWERED
+        record = encode_empty(ACK, message.mid) if message.mtype == CON else b""
+        exchange.record = record
+        self._exchanges.complete(exchange.key, record)
+        self.stats.separate_responses += 1
+        out.append(self._separate(exchange, response, CON, now, tag))
+        return out
+
+    def _separate(
+        self, exchange: Exchange, response: Response, mtype: int, now: float, tag: object = None
+    ) -> bytes:
         """A response in a message of its own (new MID, the request's token), reliable when
         ``mtype`` is CON."""
+        return self._send_new(
+            exchange.peer, exchange.message.token, response, mtype, now, tag, exchange
+        )
+
+    def _send_new(
+        self,
+        peer: Peer,
+        token: bytes,
+        response: Response,
+        mtype: int,
+        now: float,
+        tag: object,
+        exchange: Exchange | None,
+    ) -> bytes:
         mid = self._next_mid
         self._next_mid = (mid + 1) & 0xFFFF
-        data = encode_parts(
-            mtype, response.code, mid, exchange.message.token, response.options, response.payload
-        )
+        data = encode_parts(mtype, response.code, mid, token, response.options, response.payload)
+        key = peer_key(peer[0], peer[1], mid)
         if mtype == CON:
-            peer = exchange.peer
             timeout = self._ack_timeout * self._rng.uniform(1.0, self._ack_random_factor)
-            outgoing = _Outgoing(peer_key(peer[0], peer[1], mid), data, peer, exchange, timeout)
-            self._awaiting[outgoing.key] = outgoing
+            outgoing = _Outgoing(key, data, peer, exchange, timeout, tag, response, token)
+            self._awaiting[key] = outgoing
+            if tag is not None:
+                self._tagged[tag] = outgoing
             heapq.heappush(self._retransmits, (now + timeout, next(self._sequence), outgoing))
+        elif tag is not None:
+            self._non_tags[key] = tag
+            self._non_expiry.append((now + NON_TAG_LIFETIME, key))
         return data
+
+    # -- notifications (RFC 7641) ---------------------------------------------------------
+
+    def notify(
+        self,
+        peer: Peer,
+        token: bytes,
+        response: Response,
+        confirmable: bool,
+        now: float,
+        tag: object,
+    ) -> bytes:
+        """A notification to ``peer``: a new MID, ``token``; a CON is retransmitted until
+        ACKed, Reset or given up (RFC 7252 §4.2), each reported under ``tag``. A NON's MID is
+        remembered for NON_TAG_LIFETIME so that a Reset to it ends the observation too."""
+        previous = self._tagged.pop(tag, None)
+        if previous is not None:
+            # The caller sends at most one CON per tag (RFC 7641 §4.5.2): a stale one stops.
+            previous.done = True
+            self._awaiting.pop(previous.key, None)
+        return self._send_new(peer, token, response, CON if confirmable else NON, now, tag, None)
+
+    def replace(self, tag: object, response: Response) -> bool:
+        """Make ``response`` take the place of the CON in flight under ``tag``: it goes out at
+        that CON's next retransmission with a new MID, the counter and timeout carried over
+        (RFC 7641 §4.5.2). False: nothing of ``tag`` is in flight (send it anew)."""
+        outgoing = self._tagged.get(tag)
+        if outgoing is None or outgoing.done:
+            return False
+        outgoing.replacement = response
+        return True
+
+    def forget(self, tag: object) -> None:
+        """Stop retransmitting what is in flight under ``tag`` (the observation ended)."""
+        outgoing = self._tagged.pop(tag, None)
+        if outgoing is not None:
+            outgoing.done = True
+            self._awaiting.pop(outgoing.key, None)
+
+    def take_outcomes(self) -> list[tuple[object, int, Response | None]]:
+        """(tag, ACKED | RESET | GAVE_UP, the response concerned) since the last call."""
+        outcomes = self._outcomes
+        if outcomes:
+            self._outcomes = []
+        return outcomes
 
     # -- time -----------------------------------------------------------------------------
 
@@ -342,16 +496,42 @@ class Endpoint:
                 del self._awaiting[outgoing.key]
                 peer = outgoing.peer
                 log.info("separate response to %s:%s never acknowledged", peer[0], peer[1])
+                if outgoing.tag is not None:
+                    if self._tagged.get(outgoing.tag) is outgoing:
+                        del self._tagged[outgoing.tag]
+                    self._outcomes.append((outgoing.tag, GAVE_UP, outgoing.response))
                 continue
             # §4.2: the timeout doubles with each retransmission, counted from when it was due
             # (not from when a late timer ran).
             outgoing.count += 1
             outgoing.timeout *= 2
             self.stats.retransmissions += 1
+            if outgoing.replacement is not None:
+                self._swap(outgoing)
             out.append((outgoing.data, outgoing.peer))
             heapq.heappush(retransmits, (due + outgoing.timeout, next(self._sequence), outgoing))
+        non_expiry = self._non_expiry
+        while non_expiry and non_expiry[0][0] <= now:
+            self._non_tags.pop(non_expiry.popleft()[1], None)
         self._exchanges.expire(now)
         return out
+
+    def _swap(self, outgoing: _Outgoing) -> None:
+        """The newer notification goes out in the place of the one in flight: a new MID (it
+        is a new message), the same retransmission state (RFC 7641 §4.5.2)."""
+        response = outgoing.replacement
+        assert response is not None
+        outgoing.replacement = None
+        self._awaiting.pop(outgoing.key, None)
+        mid = self._next_mid
+        self._next_mid = (mid + 1) & 0xFFFF
+        peer = outgoing.peer
+        outgoing.key = peer_key(peer[0], peer[1], mid)
+        outgoing.data = encode_parts(
+            CON, response.code, mid, outgoing.token, response.options, response.payload
+        )
+        outgoing.response = response
+        self._awaiting[outgoing.key] = outgoing
 
     def next_deadline(self) -> float | None:
         """When :meth:`timeout` next has something to do; None: nothing, until a datagram."""
@@ -362,6 +542,10 @@ class Endpoint:
                 deadline = first
         if self._retransmits:
             first = self._retransmits[0][0]
+            if first < deadline:
+                deadline = first
+        if self._non_expiry:
+            first = self._non_expiry[0][0]
             if first < deadline:
                 deadline = first
         return None if deadline == _INF else deadline
@@ -392,3 +576,4 @@ class Endpoint:
             outgoing.done = True
         self._awaiting.clear()
         self._retransmits.clear()
+        self._tagged.clear()

@@ -51,8 +51,10 @@ EXAMPLES_PER_OPERATION = 25
 # schema cannot state: the proxy-facing ones need a `Forwarded` header from the proxy
 # (docs/CONTRACT.md §11, never a generated one), a plain PSK may be at most 16 *bytes* and
 # must not break the CSV line, a location sample may not be from a day ahead, a well-formed
-# range may lie past the end of the body (416). Everything else is checked.
+# range may lie past the end of the body (416), an acknowledgement must name the command at
+# the head of the queue (412/428). Everything else is checked.
 SEMANTIC_RULES = {
+    "DELETE /commands/{device}",
     "GET /onboarding/coap",
     "POST /ingest",
     "POST /ingest/batch",

@@ -1,10 +1,11 @@
 """The checks of each test description, as data, and the verdicts a run gives them.
 
 Every TD in scope lists the server-side "check" lines of its sequence (the ETSI CoAP#4 test
-descriptions, https://github.com/cabo/td-coap4: base.yml, block.yml, link.yml) as short
-labels; a test marks each label passed or failed on what came over the wire. A label the test
-never reached (an earlier step got no answer) counts as failed, so the number of checks does not
-depend on how far a run got. The conformance conftest prints the tally at the end of the run.
+descriptions, https://github.com/cabo/td-coap4: base.yml, block.yml (with its TD_COAP_OBS part),
+link.yml) as short labels; a test marks each label passed or failed on what came over the wire.
+A label the test never reached (an earlier step got no answer) counts as failed, so the number
+of checks does not depend on how far a run got. The conformance conftest prints the tally at the
+end of the run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ from dataclasses import dataclass, field
 
 _CORE_205 = ("2.05 Content", "MID = CMID", "token = CTOK", "Content-Format", "payload non-empty")
 _NON_TYPE = "NON response (no ACK)"
+_OBS_FIRST = (
+    "first answer: ACK 2.05 (piggybacked)",
+    "first answer: Content-Format f",
+    "first answer: token t",
+    "first answer: Observe",
+)
+_OBS_NOTE = (
+    "notification: CON",
+    "notification: 2.05 Content",
+    "notification: Content-Format f",
+    "notification: token t",
+    "notification: Observe increasing",
+)
 
 # TD → (what the test drives, the checks). The labels paraphrase the TD's check lines.
 TDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -290,6 +304,107 @@ TDS: dict[str, tuple[str, tuple[str, ...]]] = {
             "last block: NUM n, M 0, payload <= 16 bytes",
             "blocks reassemble the resource (no gap, right order)",
             "coap-client -b 16 displays the whole resource",
+        ),
+    ),
+    "TD_COAP_OBS_01": (
+        "CON GET /obs with Observe=0, two changes (raw, libcoap -s)",
+        (
+            *_OBS_FIRST,
+            *_OBS_NOTE,
+            "coap-client -s displays the notifications",
+        ),
+    ),
+    "TD_COAP_OBS_02": (
+        "NON GET /obs-non with Observe=0, two changes (raw, aiocoap observe)",
+        (
+            "first answer: NON 2.05, token, Observe",
+            "notification: NON",
+            "notification: 2.05 Content",
+            "notification: Content-Format unchanged",
+            "notification: token = t",
+            "notification: Observe increasing",
+            "aiocoap observation displays the changes",
+        ),
+    ),
+    "TD_COAP_OBS_04": (
+        "server loses the relation, client re-registers with the same token (raw)",
+        (
+            *_OBS_FIRST,
+            *_OBS_NOTE,
+            "no notification once the relation is lost",
+            "re-registration: ACK 2.05, Content-Format, token t, Observe",
+            "after re-registration: CON 2.05 notification, token t, Observe increasing",
+        ),
+    ),
+    "TD_COAP_OBS_05": (
+        "client switched off: CON notifications never ACKed (raw)",
+        (
+            *_OBS_FIRST,
+            "notification: CON 2.05, token t",
+            "unacknowledged notification retransmitted",
+            "retransmission carries the newer state with an updated Observe value",
+            "no notification after the final timeout",
+        ),
+    ),
+    "TD_COAP_OBS_06": (
+        "client answers a notification with RST (raw)",
+        (*_OBS_FIRST, "notification: CON 2.05, token t", "no notification after the RST"),
+    ),
+    "TD_COAP_OBS_07": (
+        "the origin deletes /obs (raw)",
+        (
+            *_OBS_FIRST,
+            "notification: CON 4.04, token t",
+            "4.04 notification: no Observe",
+            "no notification after the 4.04",
+        ),
+    ),
+    "TD_COAP_OBS_08": (
+        "/obs changes Content-Format (raw)",
+        (
+            *_OBS_FIRST,
+            "notification: CON 4.06, token t",
+            "4.06 notification: no Observe",
+            "no notification after the 4.06",
+        ),
+    ),
+    "TD_COAP_OBS_10": (
+        "a GET without Observe (token t2) does not cancel (raw)",
+        (
+            *_OBS_FIRST,
+            "plain GET: ACK 2.05, Content-Format f, token t2",
+            "plain GET: no Observe",
+            "notifications still arrive: CON 2.05, token t, Observe increasing",
+        ),
+    ),
+    "TD_COAP_OBS_11": (
+        "lossy: a notification's ACK is lost while /obs keeps changing (raw)",
+        (
+            *_OBS_FIRST,
+            "notification: CON 2.05, token t",
+            "never more than one CON notification in flight",
+            "after the ACK: the latest state, nothing more in flight",
+        ),
+    ),
+    "TD_COAP_OBS_12": (
+        "GET with Observe=1 and token t cancels (raw, libcoap)",
+        (
+            *_OBS_FIRST,
+            "cancel: ACK 2.05, Content-Format f, token t",
+            "cancel: no Observe",
+            "no notification after the cancel",
+        ),
+    ),
+    "TD_COAP_OBS_13": (
+        "CON GET /obs-large with Observe=0 (raw, aiocoap observe)",
+        (
+            "first answer: ACK 2.05, token t, Observe",
+            "first answer: Block2 NUM 0, M 1, full block",
+            "client gets the rest with Block2",
+            "notification: CON 2.05, token t, Observe increasing",
+            "notification: Block2 NUM 0, M 1, full block",
+            "notification: the rest assembles the new representation",
+            "aiocoap observation displays the large representation",
         ),
     ),
     "TD_COAP_LINK_01": (

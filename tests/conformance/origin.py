@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 TEXT = "text/plain; charset=utf-8"
@@ -63,15 +63,39 @@ class OriginState:
     large_post_received: bytes = b""
     # /large honours `Range: bytes=` (206) when True; answers 200 with everything when False.
     ranges: bool = True
+    # TD_COAP_OBS: the observable resources (path → body, media type; absent: deleted) and
+    # the change feed's listeners (one queue per open event stream).
+    observed: dict[str, tuple[bytes, str]] = field(default_factory=lambda: dict(OBSERVED))
+    feeds: list[asyncio.Queue[str]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.requests.clear()
         self.test_body = b"TD test resource"
         self.validate_body = b"validate v1"
         self.create1 = None
+        self.observed = dict(OBSERVED)
+
+    def change(self, path: str, body: bytes | None = None, media: str = TEXT) -> None:
+        """Give ``path`` a new representation (None: delete it) and announce it on every open
+        change feed, as the obs contract §3 says an origin does."""
+        if body is None:
+            self.observed.pop(path, None)
+        else:
+            self.observed[path] = (body, media)
+        for queue in self.feeds:
+            queue.put_nowait(path)
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
+
+
+# TD_COAP_OBS_*: /obs (CON notifications), /obs-non (NON), /obs-large (larger than a block).
+OBS_LARGE = b"".join(b"[%04d]" % i for i in range(400))[:2100]
+OBSERVED: dict[str, tuple[bytes, str]] = {
+    "/obs": (b"obs 0", TEXT),
+    "/obs-non": (b"obs-non 0", TEXT),
+    "/obs-large": (OBS_LARGE, TEXT),
+}
 
 
 def _parse_range(header: str | None, length: int) -> tuple[int, int] | None:
@@ -205,6 +229,41 @@ def build_app(state: OriginState) -> Starlette:
         await record(request)
         return Response(b"</path/sub1>,</path/sub2>", media_type=LINK_FORMAT)
 
+    async def observed(request: Request) -> Response:
+        await record(request)
+        found = state.observed.get(request.url.path)
+        if found is None:
+            return Response(status_code=404)
+        body, media = found
+        headers = {"ETag": strong_etag(body), "Cache-Control": "max-age=30"}
+        wanted = _parse_range(request.headers.get("range"), len(body))
+        if wanted is not None and wanted[0] < len(body):
+            first, last = wanted
+            headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
+            return Response(body[first : last + 1], 206, headers, media)
+        return Response(body, headers=headers, media_type=media)
+
+    async def events(request: Request) -> Response:
+        """The change feed (obs contract §3): an event stream of the paths that changed."""
+        await record(request)
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        state.feeds.append(queue)
+
+        async def stream():  # type: ignore[no-untyped-def]
+            try:
+                yield b": open\n\n"
+                while True:
+                    try:
+                        path = await asyncio.wait_for(queue.get(), 15)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield f"event: changed\ndata: {path}\n\n".encode()
+            finally:
+                state.feeds.remove(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     every = ["GET", "POST", "PUT", "DELETE"]
     return Starlette(
         routes=[
@@ -231,5 +290,9 @@ def build_app(state: OriginState) -> Starlette:
             Route("/rt/{name}", plain, methods=["GET"]),
             Route("/if/{name}", plain, methods=["GET"]),
             Route("/sz/{name}", plain, methods=["GET"]),
+            Route("/obs", observed, methods=["GET"]),
+            Route("/obs-non", observed, methods=["GET"]),
+            Route("/obs-large", observed, methods=["GET"]),
+            Route("/observe/events", events, methods=["GET"]),
         ]
     )

@@ -62,7 +62,17 @@ def test_default_policy_routes(
 
 
 def test_default_policy_has_exactly_these_routes(default_policy: Policy) -> None:
-    assert set(default_policy.routes) == {"/", "/data", "/bootstrap", "/location"}
+    assert set(default_policy.routes) == {
+        "/",
+        "/data",
+        "/bootstrap",
+        "/location",
+        "/commands/{device}",
+    }
+    commands = default_policy.routes["/commands/{device}"]
+    assert commands.observe
+    assert commands.observe_ack
+    assert commands.idempotent
 
 
 @pytest.mark.parametrize(

@@ -208,6 +208,14 @@ class DtlsClient:
         self._dtls.write(self._connection, request)
         return decode(await asyncio.wait_for(self._plaintext.get(), timeout))
 
+    def send(self, datagram: bytes) -> None:
+        """One CoAP datagram through the session (the caller chose its MID)."""
+        self._dtls.write(self._connection, datagram)
+
+    async def recv(self, timeout: float = 2.0) -> bytes:
+        """The next CoAP datagram the server sent through the session."""
+        return await asyncio.wait_for(self._plaintext.get(), timeout)
+
     def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
