@@ -26,14 +26,25 @@ from api.feed import router as feed_router
 from api.guard import Guard
 from api.idempotency import build_ledger
 from api.publisher import MqttPublisher, Publisher
-from api.routes import bootstrap, commands, credentials, devices, ingest, location, onboarding
+from api.routes import (
+    bootstrap,
+    commands,
+    credentials,
+    devices,
+    firmware,
+    ingest,
+    location,
+    onboarding,
+)
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
+from stores.firmware import firmware_store_for
 from stores.ledger import Ledger
 from stores.queue import queue_for
+from stores.relations import RelationCount, RelationReader
 
 _TAGS = [
     {
@@ -63,6 +74,12 @@ _TAGS = [
         "name": "credentials",
         "description": "A device's DTLS PSK: set, revoke, generate (shown once) "
         "(docs/CONTRACT.md §6, §13).",
+    },
+    {
+        "name": "firmware",
+        "description": "Firmware images: uploaded, listed and deleted by operators; "
+        "downloaded block-wise by devices through the proxy, one byte range per block "
+        "(issue 16).",
     },
     {
         "name": "health",
@@ -143,9 +160,12 @@ def create_app(
     publisher: Publisher | None = None,
     idempotency: Ledger | None = None,
     fast_path: bool = True,
+    relations: RelationCount | None = None,
 ) -> FastAPI:
     """Build the API. A given ``store``/``publisher`` is used as is and left open at shutdown
-    (its owner closes it); the ones built here are closed by the lifespan.
+    (its owner closes it); the ones built here are closed by the lifespan. ``relations``: the
+    records of which proxy holds which Observe relation (stores/relations.py; ``coap-bridge
+    up`` without Redis shares its proxy's); by default read from Redis when there is one.
 
     The app starts even when the broker is down: the publisher keeps reconnecting and
     ``/ingest`` answers 503 until it is back. ``fast_path``: the proxy's batch calls skip
@@ -180,7 +200,10 @@ def create_app(
             # Commands and the change feed are built with the app (usable without the
             # lifespan); closed here, the status worker first (it publishes).
             owned.push_async_callback(app.state.changes.close)
+            if relations is None and app.state.relations is not None:
+                owned.push_async_callback(app.state.relations.close)
             owned.push_async_callback(app.state.commands.close)
+            owned.push_async_callback(app.state.firmware.close)
             # Commands from MQTT arrive on the publisher's connection (a publisher given by a
             # test may not subscribe: then there is no MQTT intake).
             app.state.command_intake = CommandIntake(
@@ -211,6 +234,10 @@ def create_app(
         SeparateAdmission(store, app.state.idempotency) if store is not None else None
     )
     app.state.changes = ChangeFeed(settings.redis_url, prefix=settings.redis_prefix)
+    known: RelationCount | None = relations
+    if relations is None and settings.redis_url:
+        known = RelationReader.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    app.state.relations = known
     app.state.commands = Commands(
         settings,
         queue_for(settings.redis_url, prefix=settings.redis_prefix),
@@ -218,6 +245,7 @@ def create_app(
         store=lambda: app.state.store,
         publisher=lambda: app.state.publisher,
     )
+    app.state.firmware = firmware_store_for(settings.redis_url, prefix=settings.redis_prefix)
     install_error_handler(app)
     # Routes declared on the app itself parse JSON bodies at a bounded cost too.
     app.router.route_class = SafeJsonRoute
@@ -234,6 +262,8 @@ def create_app(
     app.include_router(commands.management)
     app.include_router(commands.router)
     app.include_router(feed_router)
+    app.include_router(firmware.management)
+    app.include_router(firmware.router)
 
     @app.get(
         "/healthz",

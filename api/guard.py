@@ -62,6 +62,10 @@ def _one_payload(settings: ApiSettings) -> int:
     return settings.max_payload
 
 
+def _firmware(settings: ApiSettings) -> int:
+    return settings.max_firmware_size
+
+
 def _command(settings: ApiSettings) -> int:
     # One payload as JSON text or base64 (4/3 of its bytes), and a few fields around it.
     return settings.max_payload * 2 + 1024
@@ -78,13 +82,24 @@ RULES: dict[str, Rule] = {
     "/commands": Rule(Caller.PROXY, _no_body),  # and everything under it
     "/devices": Rule(Caller.MANAGEMENT, _management),
     "/devices/*/commands": Rule(Caller.MANAGEMENT, _command),
+    # Firmware (docs/API.md): the listing and the uploads/deletes are management; a GET of one
+    # version is the device's download, forwarded by the proxy.
+    "/firmware": Rule(Caller.MANAGEMENT, _no_body),
+    "/firmware/*": Rule(Caller.MANAGEMENT, _firmware),
+    "GET /firmware/*": Rule(Caller.PROXY, _no_body),
 }
 MANAGEMENT_PREFIX = "/devices/"
 COMMANDS_PREFIX = "/commands/"
+FIRMWARE_PREFIX = "/firmware/"
+_READS = frozenset({"GET", "HEAD"})
 DEFAULT_RULE = Rule(Caller.ANYONE, _no_body)
 
 
-def rule_for(path: str) -> Rule:
+def rule_for(path: str, method: str = "GET") -> Rule:
+    """The rule for a request. The method matters under ``/firmware/`` only, where one path
+    is both the device's download (GET, by the proxy) and an upload or delete (management)."""
+    if path.startswith(FIRMWARE_PREFIX) and path[len(FIRMWARE_PREFIX) :].strip("/"):
+        return RULES["GET /firmware/*" if method in _READS else "/firmware/*"]
     rule = RULES.get(path)
     if rule is not None:
         return rule
@@ -112,7 +127,7 @@ class Guard:
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
-        rule = rule_for(path)
+        rule = rule_for(path, scope["method"])
         authorization: bytes | None = None
         token: bytes | None = None
         length: bytes | None = None

@@ -111,6 +111,9 @@ class ApiSettings(BaseSettings):
     """Seconds a command waits for its device when the submitter gives no ``ttl``."""
     feed_keepalive: float = Field(default=15.0, gt=0)
     """Seconds between the comment lines that keep an idle change feed open (docs/API.md)."""
+    max_firmware_size: int = Field(default=16 * 1024 * 1024, ge=1)
+    """Largest firmware image ``PUT /firmware/{version}`` accepts, in bytes; a larger body is
+    refused with 413 before it is read (api/guard.py)."""
 
     @field_validator("mqtt_url")
     @classmethod

@@ -13,7 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import B_SYSTEMS, SCENARIOS, SYSTEMS, Bench, Settings, workdir
+from bench.harness import (
+    B_SYSTEMS,
+    DEFAULT_SCENARIOS,
+    SCENARIOS,
+    SYSTEMS,
+    Bench,
+    Settings,
+    workdir,
+)
 from bench.report import machine, render, update_file
 from bench.services import stop_all
 
@@ -37,9 +45,15 @@ OPTIONS = [
     ("--m-duration", (2.0, 60.0), "M: seconds of T at full rate"),
     ("--h-duration", (1.0, 5.0), "H: measured window (s)"),
     ("--b-duration", None, "B: measured window (s; default --duration)"),
+    ("--o-devices", (500, 10_000), "O: observing devices (a loopback address and socket each)"),
+    ("--o-memory-devices", 0, "O: devices with a waiting command, for Redis memory (0: as O)"),
+    ("--o-loadgen-workers", 1, "O: device processes"),
+    ("--o-concurrency", 64, "O: HTTP requests in flight (devices, commands)"),
+    ("--o-timeout", 120.0, "O: longest wait for the fan-out after the last POST (s)"),
     ("--dtls-clients", None, "D: DTLS sessions (devices with a PSK each; default --clients)"),
 ]
 CHOICES = {"--scenarios": SCENARIOS, "--t-systems": SYSTEMS, "--b-systems": B_SYSTEMS}
+DEFAULTS = {"--scenarios": DEFAULT_SCENARIOS}
 
 
 def parse(argv: list[str]) -> dict[str, object]:
@@ -49,7 +63,8 @@ def parse(argv: list[str]) -> dict[str, object]:
     add("--quick", action="store_true", help="short durations (smoke test)")
     described = {name: f"{name} ({s.description})" for name, s in SCENARIOS.items()}
     for flag, allowed in CHOICES.items():
-        add(flag, default=",".join(allowed), help="comma-separated, of: "
+        preset = ",".join(DEFAULTS.get(flag, allowed))
+        add(flag, default=preset, help=f"comma-separated (default {preset}), of: "
             + "; ".join(described.get(x, x) for x in allowed).replace("%", "%%"))  # fmt: skip
     for flag, default, text in OPTIONS:
         kind = type(default[0] if isinstance(default, tuple) else default or 0)

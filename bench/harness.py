@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
+import random
 import secrets
 import subprocess
 import tempfile
@@ -21,10 +23,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bench import blockload, dtls_loadgen, loadgen, services
+from bench import blockload, dtls_loadgen, loadgen, observeload, services
 from bench.blockload import BlockConfig
 from bench.dtls_loadgen import Credential, DtlsLoadConfig
 from bench.loadgen import LoadConfig, LoadResult, RequestSpec
+from bench.observeload import Call, Fleet
 from bench.services import Service, cpu_seconds, free_port, rss_bytes, start_redis
 from bench.subscriber import Subscriber, check_delivery
 
@@ -62,17 +65,24 @@ SCENARIOS = {
     "L": Scenario("scenario_e", ("coap-bridge",), "E in open loop at 50% of E's maximum"),
     "D": Scenario("scenario_dtls", (DTLS_SYSTEM,), "E over DTLS, one PSK per client"),
     "H": Scenario("scenario_dtls", ("coap-bridge",), "full DTLS handshakes per second"),
+    "O": Scenario(
+        "scenario_o", ("coap-bridge",),
+        "observing devices (Observe), one command each queued over HTTP and fanned out",
+    ),
     "R": Scenario("scenario_r", (R_SYSTEM,), "E through proxy --workers N (SO_REUSEPORT)"),
     "M": Scenario("scenario_m", ("coap-bridge",), "memory: proxy RSS over T, Redis per entry"),
 }  # fmt: skip
-CHAIN = {"scenario_e", "scenario_dtls", "scenario_r"}  # on one Redis, Mosquitto and API
+CHAIN = {"scenario_e", "scenario_dtls", "scenario_o", "scenario_r"}  # one Redis, Mosquitto, API
+# What runs without --scenarios: O takes minutes at its default size (10,000 devices), so it
+# runs when asked for (--scenarios O).
+DEFAULT_SCENARIOS = [name for name in SCENARIOS if name != "O"]
 
 
 @dataclass
 class Settings:
     """What a run was asked to do (``python -m bench --help`` says what each is)."""
 
-    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
     t_systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     b_systems: list[str] = field(default_factory=lambda: list(B_SYSTEMS))
     duration: float = 10.0  # measured window of T and L
@@ -102,6 +112,12 @@ class Settings:
     b_size: int = 256 * 1024
     b_block_size: int = 1024
     b_loadgen_workers: int = 1
+    o_devices: int = 10_000  # O: observing devices, one loopback address and socket each
+    o_memory_devices: int = 0  # O: devices whose commands wait (Redis memory); 0: o_devices
+    o_loadgen_workers: int = 1  # O: device processes
+    o_concurrency: int = 64  # O: HTTP requests in flight (device set-up, commands)
+    o_window: int = 256  # O: registrations in flight per device process
+    o_timeout: float = 120.0  # O: how long the fan-out may take after the last POST
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workdir"}
@@ -155,6 +171,8 @@ class Bench:
         self.workers = {"api": 0, "proxy": 0}  # of the running chain
         self.secrets = {"api": secrets.token_urlsafe(16), "proxy": secrets.token_urlsafe(16)}
         self.dtls_batch = 0
+        self.retried: dict[str, int] = {}  # O: API calls answered 503 and made again, by phase
+        self.retry_reasons: set[str] = set()
 
     def log(self, text: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -563,6 +581,257 @@ class Bench:
 
         ready = lambda: asyncio.run(handshake())  # noqa: E731
         self.chain["proxy"].wait_until(ready, 30.0, "completing a DTLS handshake")
+
+    # --- O: observing devices, commands fanned out ---------------------------------------------
+
+    def scenario_o(self) -> None:
+        """O: ``o_devices`` devices observe their ``/commands/{iccid}`` through one proxy, then
+        one command per device is queued over HTTP, all at once. Before that, in a phase of
+        its own, ``o_memory_devices`` other devices (never observing) get one command each:
+        Redis's ``used_memory`` across it is the memory per queued command."""
+        s = self.settings
+        count, parked_count = s.o_devices, s.o_memory_devices or s.o_devices
+        self.log(
+            f"O: {count:,} devices observing /commands/{{iccid}} through one proxy, one command "
+            f"each over HTTP; Redis memory over {parked_count:,} waiting commands"
+        )
+        with self.row("O", "coap-bridge") as row, contextlib.ExitStack() as stack:
+            port = self.chain_proxy(stack, s.api_workers, 1)
+            proxy = self.chain["proxy"]
+            self.retried, self.retry_reasons = {}, set()
+            observers = [(n, f"898828066710{n:07d}") for n in range(count)]
+            parked = [(n, f"898828066720{n:07d}") for n in range(max(2, parked_count))]
+            t0 = time.monotonic()
+            self._o_devices(observers, parked)
+            row["devices_setup_s"] = time.monotonic() - t0
+            row |= self._o_redis_memory(parked)
+            self.log(f"  Redis: {row['redis_bytes_per_command']:,.0f} B per queued command "
+                     f"(used_memory), {row.get('redis_key_bytes_per_command') or 0:,.0f} B "
+                     "(MEMORY USAGE of its keys)")  # fmt: skip
+            fleet = Fleet("127.0.0.1", port, observers, s.o_loadgen_workers, s.o_window)
+            stack.callback(fleet.close)
+            row["sockets"] = fleet.ready()
+            time.sleep(0.3)
+            rss_before = rss_bytes(proxy.pid)
+            t0 = time.monotonic()
+            states = fleet.register(timeout=60.0 + count / 50)
+            row["register_s"] = time.monotonic() - t0
+            time.sleep(0.5)
+            rss_after = rss_bytes(proxy.pid)
+            registered = states.get("registered", 0)
+            row |= {"devices": count, "registration": states, "rss_before": rss_before,
+                    "rss_relations": rss_after,
+                    "rss_per_relation": (rss_after - rss_before) / registered
+                    if registered else None}  # fmt: skip
+            self.log(f"  registered {states} in {row['register_s']:.1f} s; proxy RSS "
+                     f"{rss_before / 2**20:.1f} → {rss_after / 2**20:.1f} MiB: "
+                     f"{row['rss_per_relation'] or 0:,.0f} B per relation")  # fmt: skip
+            if registered == 0:
+                raise RuntimeError(f"no device could register: {states}")
+            self._o_fan_out(row, fleet, observers, registered)
+            result = fleet.collect()
+            self._o_figures(row, result, observers)
+            row |= self._o_delivered(observers)
+            row["http_503_retried"] = dict(self.retried)
+            row["http_503_reasons"] = sorted(self.retry_reasons)[:3]
+            ok = (
+                registered == count and row["received"] == count and row["duplicates"] == 0
+                and row["wrong"] == 0 and row["post_codes"] == {"201": count}
+                and row["delivered_sampled"] == row["sampled"] > 0
+            )  # fmt: skip
+            row["status"] = "OK" if ok else "FAILED"
+            self.log(
+                f"  {row['notifications_per_second']:,.0f} notifications/s, p50 "
+                f"{row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, received {row['received']:,}"
+                f" of {count:,}, missing {row['missing']}, duplicates {row['duplicates']}, "
+                f"delivered {row['delivered_sampled']}/{row['sampled']} sampled: {row['status']}"
+            )
+
+    def _o_devices(self, observers: list[tuple[int, str]], parked: list[tuple[int, str]]) -> None:
+        """Both device sets through the management API, many requests at once (409: there
+        already). Observers by their loopback address; parked ones never send a datagram."""
+        calls = [Call("POST", "/devices", {"iccid": iccid, "status": "active",
+                                           "ip": observeload.device_address(n)})
+                 for n, iccid in observers]  # fmt: skip
+        calls += [Call("POST", "/devices", {"iccid": iccid, "status": "active",
+                                            "ip": f"10.150.{n // 250}.{n % 250 + 1}"})
+                  for n, iccid in parked]  # fmt: skip
+        self._o_call(calls, "registering devices", {201, 409})
+
+    def _o_call(
+        self, calls: list[Call], what: str, expected: set[int] | None = None
+    ) -> list[observeload.Answer]:
+        answers = observeload.call_all(
+            self.urls["api"], self.secrets["api"], calls, self.settings.o_concurrency
+        )
+        # 503 means "try again" (api/errors.py): a client does, after a pause; counted.
+        for attempt in range(5):
+            again = [i for i, answer in enumerate(answers) if answer.status == 503]
+            if not again:
+                break
+            self.retried[what] = self.retried.get(what, 0) + len(again)
+            self.retry_reasons.update(answers[i].body.decode(errors="replace")[:200] for i in again)
+            time.sleep(0.2 * 2**attempt)
+            retried = observeload.call_all(
+                self.urls["api"], self.secrets["api"], [calls[i] for i in again],
+                self.settings.o_concurrency,
+            )  # fmt: skip
+            for i, answer in zip(again, retried, strict=True):
+                answers[i] = answer
+        if expected is not None:
+            bad = [(c, a) for c, a in zip(calls, answers, strict=True) if a.status not in expected]
+            if bad:
+                call, answer = bad[0]
+                raise RuntimeError(
+                    f"{what}: {len(bad)} of {len(calls)} failed, first {call.method} {call.path}"
+                    f" → {answer.status or answer.error}: {answer.body[:300]!r}\n"
+                    f"{self.chain['api'].log_tail()}"
+                )
+        return answers
+
+    def _o_redis_memory(self, parked: list[tuple[int, str]]) -> Row:
+        """One command each for the parked devices (the first not counted: it loads the
+        queue's scripts); ``used_memory`` (less the clients' buffers) before and after, and
+        MEMORY USAGE of a sample of the devices' command keys (stores/keys.py)."""
+        import redis
+
+        from stores.keys import command_keys
+
+        def command(n: int, iccid: str) -> Call:
+            return Call("POST", f"/devices/{iccid}/commands",
+                        {"payload": observeload.command_payload(n)})  # fmt: skip
+
+        self._o_call([command(*parked[0])], "queueing a command", {201})
+        counted = parked[1:]
+
+        def held(info: dict[str, Any]) -> int:
+            # Client buffers are not the queue's: the API's pool grows with the concurrency.
+            return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
+
+        with redis.Redis.from_url(self.urls["redis"], socket_timeout=10) as client:
+            before = client.info("memory")
+            self._o_call([command(*p) for p in counted], "queueing commands", {201})
+            after = client.info("memory")
+            sizes = []
+            for _, iccid in random.Random(15).sample(counted, min(200, len(counted))):
+                keys = command_keys(iccid)
+                sizes.append(sum(client.memory_usage(k, samples=0) or 0 for k in keys))
+        return {
+            "memory_commands": len(counted), "redis_used_before": before["used_memory"],
+            "redis_used_after": after["used_memory"],
+            "redis_clients_before": before.get("mem_clients_normal"),
+            "redis_clients_after": after.get("mem_clients_normal"),
+            "redis_bytes_per_command": (held(after) - held(before)) / len(counted),
+            "redis_key_bytes_per_command": sum(sizes) / len(sizes) if sizes else None,
+        }  # fmt: skip
+
+    def _o_fan_out(
+        self, row: Row, fleet: Fleet, observers: list[tuple[int, str]], registered: int
+    ) -> None:
+        """One command per observer over HTTP, then until every registered device has one (or
+        nothing arrived for 15 s, or ``o_timeout``), then until the proxy is idle again (its
+        acknowledgements to the API follow the devices' ACKs): CPU of each process over it."""
+        s = self.settings
+        watch = {k: v for k, v in self.chain.items() if k in ("redis", "mosquitto", "api", "proxy")}
+        before = {name: cpu_seconds(service.pid) for name, service in watch.items()}
+        machine, t0 = services.machine_cpu_seconds(), time.monotonic()
+        calls = [Call("POST", f"/devices/{iccid}/commands",
+                      {"payload": observeload.command_payload(n)})
+                 for n, iccid in observers]  # fmt: skip
+        answers = self._o_call(calls, "queueing commands")
+        posted = time.monotonic()
+        last, progress = fleet.received(), posted
+        while (got := fleet.received()) < registered:
+            now = time.monotonic()
+            if got != last:
+                last, progress = got, now
+            if now - progress > 15.0 or now - posted > s.o_timeout:
+                self.log(f"  gave up waiting: {got:,} of {registered:,} devices have a command")
+                break
+            time.sleep(0.05)
+        received_at = time.monotonic()
+        quiet_since, cpu = time.monotonic(), cpu_seconds(watch["proxy"].pid)
+        while time.monotonic() - received_at < 15.0:  # the proxy's DELETEs and re-fetches
+            time.sleep(0.25)
+            now_cpu = cpu_seconds(watch["proxy"].pid)
+            if now_cpu - cpu > 0.01:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 0.5:
+                break
+            cpu = now_cpu
+        wall = time.monotonic() - t0
+        used = {name: cpu_seconds(service.pid) - before[name] for name, service in watch.items()}
+        outside = max(0.0, services.machine_cpu_seconds() - machine - sum(used.values()))
+        for service in watch.values():
+            service.check_alive()
+        codes = Counter(str(a.status or a.error) for a in answers)
+        errors = {a.body.decode(errors="replace")[:300] for a in answers if a.status != 201}
+        span = max(a.answered for a in answers) - min(a.sent for a in answers)
+        row |= {
+            "cpu": used, "wall": wall, "other_cpu": outside, "post_codes": dict(codes),
+            "post_errors": sorted(errors)[:3],
+            "post_sent": [a.sent for a in answers],
+            "post_answered": [a.answered for a in answers],
+            "posts_per_second": len(answers) / span if span > 0 else None,
+        }  # fmt: skip
+
+    def _o_figures(
+        self, row: Row, result: observeload.DeviceResult, observers: list[tuple[int, str]]
+    ) -> None:
+        """What the devices saw, against when each POST was answered."""
+        sent, answered = row.pop("post_sent"), row.pop("post_answered")
+        by_number = dict(zip(result.numbers, range(len(result.numbers)), strict=True))
+        latencies, acks = [], []
+        for n, _ in observers:
+            i = by_number.get(n)
+            if i is None or result.commands[i] == 0:
+                continue
+            acks.append(result.acked_at[i])
+            latencies.append(result.acked_at[i] - answered[n])
+        received = len(acks)
+        window = max(acks) - min(sent) if acks else 0.0
+        duplicates = sum(max(0, c - 1) for c in result.commands)
+        proxy_cpu = row["cpu"].get("proxy", 0.0)
+        row |= {
+            "received": received, "missing": len(observers) - received, "duplicates": duplicates,
+            "wrong": sum(result.wrong), "window": window,
+            "notifications_per_second": received / window if window > 0 else 0.0,
+            "rate": received / window if window > 0 else 0.0,  # the report's "has figures"
+            "p50_ms": observeload.percentile(latencies, 0.5) * 1e3,
+            "p99_ms": observeload.percentile(latencies, 0.99) * 1e3,
+            "max_ms": max(latencies, default=math.nan) * 1e3,
+            "before_post_answer": sum(1 for x in latencies if x < 0),
+            "proxy_cpu_us_per_notification": proxy_cpu / received * 1e6 if received else None,
+            "notification_codes": result.notified, "empty_notifications": result.empty,
+            "retransmitted": result.retransmitted, "non_commands": result.non,
+            "resets": result.resets, "relations_ended": result.ended,
+            "reregistered": result.reregistered, "device_datagrams": result.sent,
+            "worker_cpu": [result.cpu], "registration_codes": dict(Counter(
+                f"{c >> 5}.{c & 31:02d}" for c in result.codes if c)),
+        }  # fmt: skip
+        row["cpu"]["load generator"] = result.cpu
+
+    def _o_delivered(self, observers: list[tuple[int, str]], sample: int = 200) -> Row:
+        """GET /devices/{iccid}/commands for a sample (all when few): how many ended
+        ``delivered``; asked again for up to 10 s while some are not yet."""
+        chosen = observers if len(observers) <= sample else random.Random(7).sample(
+            observers, sample)  # fmt: skip
+        final: dict[str, str] = {}
+        waiting, deadline = [iccid for _, iccid in chosen], time.monotonic() + 10.0
+        while waiting:
+            calls = [Call("GET", f"/devices/{iccid}/commands") for iccid in waiting]
+            answers = self._o_call(calls, "listing commands", {200})
+            for iccid, answer in zip(waiting, answers, strict=True):
+                listed = json.loads(answer.body)["commands"]
+                final[iccid] = ",".join(c["state"] for c in listed) or "none"
+            waiting = [iccid for iccid in waiting if final[iccid] != "delivered"]
+            if waiting and time.monotonic() < deadline:
+                time.sleep(0.5)
+            else:
+                break
+        states = Counter(final.values())
+        return {"sampled": len(chosen), "delivered_sampled": states.get("delivered", 0),
+                "sample_states": dict(states)}  # fmt: skip
 
 
 def _origin_answers(log: Path) -> dict[str, int]:

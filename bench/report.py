@@ -403,7 +403,60 @@ TABLES: dict[str, Table] = {
          ("status", lambda r, _: short_error(r["error"]) if r.get("error") else "OK")],
         lambda rows, _: [" ".join(f"Limited by {limit(r)}." for r in rows if "rate" in r)],
     ),
+    "O": Table(
+        "O",
+        "### O — observing devices: one command each, fanned out (RFC 7641 through the proxy)",
+        "Every device a UDP socket on a loopback address of its own (plain CoAP names a device "
+        "by its source address), registered over the management API, observing "
+        "`/commands/{iccid}` (CON GET, Observe=0) through one proxy worker before the clock "
+        "starts; then one JSON command per device is queued with `POST "
+        "/devices/{iccid}/commands`, many at once. Each device ACKs every CON at once. "
+        "Notifications/s: devices that got their command, over the time from the first POST "
+        "to the last ACK. Latency: POST answered → the device has the notification (its ACK "
+        "leaves at once). Proxy RSS per relation: (RSS with the relations − RSS before) / "
+        "relations. Redis per queued command: `used_memory` less client buffers across "
+        "queueing one command each for other devices that do not observe (MEMORY USAGE of "
+        "their keys in brackets). Delivered: `GET /devices/{iccid}/commands` of a sample. "
+        "Ended: relations the proxy ended with an error notification (the device registers "
+        "again, as RFC 7641 §4.2 leaves it to); 503: API calls answered 503 and made again. OK: "
+        "every device got its own command exactly once and the sample is all delivered.",
+        [SYSTEM, _column("devices", "devices"),
+         ("registered", lambda r, _: _num((r.get("registration") or {}).get("registered"))),
+         _column("notifications/s", "notifications_per_second"),
+         _column("p50 ms", "p50_ms", 1), _column("p99 ms", "p99_ms", 1),
+         _column("missing", "missing"), _column("duplicates", "duplicates"),
+         ("delivered (sample)", lambda r, _: f"{r['delivered_sampled']:,} / {r['sampled']:,}"),
+         _column("proxy B/relation", "rss_per_relation"),
+         _column("proxy CPU µs/notification", "proxy_cpu_us_per_notification"),
+         ("Redis B/queued command", lambda r, _: (
+             f"{_num(r.get('redis_bytes_per_command'))} "
+             f"({_num(r.get('redis_key_bytes_per_command'))})")),
+         ("ended / 503 retried", lambda r, _: (
+             f"{_num(r.get('relations_ended'))} / "
+             f"{_num(sum((r.get('http_503_retried') or {}).values()))}")),
+         ("status", lambda r, _: r.get("status", "–"))],
+        lambda rows, _: [line for r in rows if (line := _o_line(r))],
+    ),
 }  # fmt: skip
+
+
+def _o_line(row: Row) -> str:
+    """Where the fan-out's time went: CPU per notification of each process, the POST rate,
+    set-up times, and why the API answered 503 if it did."""
+    util, done = utilisation(row), row.get("received")
+    if not util or not done:
+        return ""
+    cpu = row["cpu"]
+    parts = ", ".join(f"{k} {cpu[k] / done * 1e6:,.0f} µs ({util[k]:.0f}%)" for k in cpu)
+    other = 100 * (row.get("other_cpu") or 0) / row["wall"]
+    reasons = "; ".join(row.get("http_503_reasons") or [])
+    return (
+        f"- O: CPU per notification (and % of one core over {row['wall']:.1f} s) — {parts}; "
+        f"outside the bench {other:.0f}%. POSTs answered at "
+        f"{row.get('posts_per_second') or 0:,.0f}/s; devices set up in "
+        f"{row.get('devices_setup_s', 0):.1f} s, registered in {row.get('register_s', 0):.1f} s."
+        + (f" 503 answers said: {reasons.replace('|', '/')}" if reasons else "")
+    )
 
 
 def _mib(n: float) -> str:
@@ -470,11 +523,21 @@ SETTINGS = [
 ]
 
 
+O_SETTINGS = (
+    "O: {o_devices:,} observing devices in {o_loadgen_workers} process(es), {o_concurrency} "
+    "HTTP requests in flight, {memory:,} other devices with a waiting command for Redis memory"
+)
+
+
 def settings_text(s: dict[str, Any], argv: Sequence[str]) -> str:
     values = s | {"argv": " ".join(argv), "scenarios": ",".join(s["scenarios"]),
                   "t_systems": ", ".join(s["t_systems"]), "b_systems": ", ".join(s["b_systems"]),
                   "b_kib": s["b_size"] // 1024}  # fmt: skip
-    return "\n".join(f"- {line.format(**values)}" for line in SETTINGS)
+    lines = [line.format(**values) for line in SETTINGS]
+    if "O" in s["scenarios"] and "o_devices" in s:
+        lines.insert(-2, O_SETTINGS.format(
+            **s, memory=s.get("o_memory_devices") or s["o_devices"]))  # fmt: skip
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -489,7 +552,7 @@ def render(results: dict[str, Any]) -> str:
         settings_text(results["settings"], results["argv"]) + "\n",
     ]
     # E's table also holds the rows of R and D (E through --workers N, E over DTLS).
-    shown = {"T": "T", "B": "B", "E": "ELRD", "L": "L", "H": "H"}
+    shown = {"T": "T", "B": "B", "E": "ELRD", "L": "L", "H": "H", "O": "O"}
     parts += [TABLES[t].render(rows) for t, by in shown.items() if set(by) & set(chosen)]
     if "M" in chosen:
         parts.append(table_m(rows, results.get("redis_dedup")))

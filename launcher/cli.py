@@ -37,6 +37,7 @@ from policies.routes import PolicyError
 from proxy.server import ListenerError, RunningProxy, start_proxy
 from proxy.settings import ProxySettings
 from proxy.state.psk import MemoryPskStore
+from stores.relations import MemoryRelationRecords
 
 log = logging.getLogger("coap_bridge")
 
@@ -245,14 +246,16 @@ async def run_up(given: dict[str, Any]) -> None:
         # The proxy before the API: /bootstrap hands out the coaps URL the proxy actually
         # serves (the port it bound, none with --coaps-port off) unless coaps_url is set. Its
         # first forwards wait in the API socket's backlog until uvicorn serves.
-        proxy = await start_proxy(proxy_settings, psk_store=psk_store)
+        # Without Redis the API learns who observes from the proxy's memory, in this process.
+        relations = MemoryRelationRecords() if api_settings.redis_url is None else None
+        proxy = await start_proxy(proxy_settings, psk_store=psk_store, relations=relations)
         served = proxy.dtls_address
         updates["coaps_port"] = served[1] if served is not None else "off"
         api_settings = api_settings.model_copy(update=updates)
         if "api_key" in updates:
             log.info("management API key (generated): %s", api_settings.api_key)
         server, api_task = await _start_api(
-            create_app(api_settings, store=store),
+            create_app(api_settings, store=store, relations=relations),
             api_socket,
             launcher.log_level,
             launcher.drain_timeout,

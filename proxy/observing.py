@@ -49,11 +49,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Codes the proxy answers itself when the origin cannot be asked: no new state of the resource,
-# so not notified (and the relation stays; the next change or feed reconnect fetches again).
-_GATEWAY_TROUBLE = frozenset({codes.BAD_GATEWAY, codes.GATEWAY_TIMEOUT})
+# Answers that say the origin could not be asked, or could not answer for now (5.02, 5.04 the
+# proxy gives itself; 5.03 the origin's "try again"): no new state of the resource, so not
+# notified, and the fetch is tried again with backoff while the relation lives — otherwise a
+# change announced once (a queued command) would wait for the next one (Benchmark O).
+_TRANSIENT = frozenset({codes.BAD_GATEWAY, codes.SERVICE_UNAVAILABLE, codes.GATEWAY_TIMEOUT})
 ACK_RETRY_FIRST = 0.5
 ACK_RETRY_MAX = 30.0
+FETCH_RETRY_FIRST = 0.5
+FETCH_RETRY_MAX = 30.0
 DEFAULT_MAX_AGE = 60
 
 
@@ -219,19 +223,28 @@ class Observing:
 
     async def _refresh(self, relation: Relation) -> None:
         loop = asyncio.get_running_loop()
+        delay = FETCH_RETRY_FIRST
         try:
             while relation.active:
                 relation.stale = False
                 try:
-                    response = await self._handler.handle(self._fetch(relation))
+                    response: Response | None = await self._handler.handle(self._fetch(relation))
                 except Exception:
                     log.exception("fetching %s for an observer failed", relation.request.path)
-                    return
+                    response = None
                 if _ended(relation):  # deregistered while the origin answered
                     return
-                if response.code in _GATEWAY_TROUBLE:
-                    log.info("origin unreachable for %s: not notified", relation.request.path)
-                elif (note := self.observers.offer(relation, response, loop.time())) is not None:
+                if response is None or response.code in _TRANSIENT:
+                    log.info(
+                        "origin could not answer for %s: not notified, again in %.1f s",
+                        relation.request.path,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, FETCH_RETRY_MAX)
+                    continue
+                delay = FETCH_RETRY_FIRST
+                if (note := self.observers.offer(relation, response, loop.time())) is not None:
                     self._send(note)
                 if not relation.stale:
                     return

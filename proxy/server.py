@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -15,7 +16,7 @@ from proxy.coap.blockwise import BlockwiseHandler
 from proxy.coap.driver import CoapDriver
 from proxy.coap.endpoint import Endpoint
 from proxy.coap.exchanges import ExchangeCache
-from proxy.coap.observe import Observers
+from proxy.coap.observe import Observers, Relation, relation_record_id
 from proxy.coap.requests import RequestHandler
 from proxy.feed import ChangeFeed
 from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
@@ -29,6 +30,7 @@ from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
 from proxy.upstream import Upstream
 from stores.keys import dedup_key, dedup_prefix
 from stores.ledger import Ledger, redis_ledger
+from stores.relations import RedisRelationRecords, RelationRecords
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ class RunningProxy:
     observers: Observers | None = None
     feed: ChangeFeed | None = None
     observing: list[Observing] = field(default_factory=list)
+    # Which replica holds which relation, in Redis (stores/relations.py), and its writer.
+    relations: RelationRecords | None = None
+    relations_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -146,6 +151,12 @@ class RunningProxy:
             await self.feed.aclose()
         for observing in self.observing:
             await observing.aclose()
+        if self.relations_task is not None:
+            self.relations_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.relations_task
+        if self.relations is not None:
+            await self.relations.close()
         self.transport.close()
         if self.dtls is not None:
             self.dtls.close()
@@ -247,6 +258,27 @@ def _observing(
     return observers, feed
 
 
+def _record_relations(
+    running: RunningProxy, observers: Observers, records: RelationRecords
+) -> None:
+    """Keep this replica's relations recorded (stores/relations.py; in Redis with
+    ``--redis-url``): the API shows who observes, and a dead replica's records are dropped by
+    the survivors' heartbeats."""
+
+    def changed(relation: Relation, started: bool) -> None:
+        name = relation_record_id(relation)
+        if started:
+            records.add(name, relation.route.origin_path)
+        else:
+            records.remove(name, relation.route.origin_path)
+
+    observers.listener = changed
+    running.relations = records
+    running.relations_task = asyncio.get_running_loop().create_task(
+        records.run(), name="observe-relation-records"
+    )
+
+
 async def start_proxy(
     settings: ProxySettings,
     *,
@@ -254,6 +286,7 @@ async def start_proxy(
     dedup: Ledger | None = None,
     psk_store: PskStore | None = None,
     reuse_port: bool = False,
+    relations: RelationRecords | None = None,
 ) -> RunningProxy:
     """Bind the CoAP port and start serving. ``reuse_port``: several worker processes share
     the port (SO_REUSEPORT); the kernel spreads datagrams by a hash of the source address, so
@@ -309,6 +342,14 @@ async def start_proxy(
     if shared is not None and observing is not None:
         running.observers, running.feed = shared
         running.observing.append(observing)
+        if relations is None and settings.redis_url is not None:
+            relations = RedisRelationRecords.from_url(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                heartbeat=settings.observe_heartbeat,
+            )
+        if relations is not None:
+            _record_relations(running, shared[0], relations)
     if settings.coaps_port is not None and (psk_store is not None or settings.redis_url):
         try:
             await _start_dtls(running, settings, policy, psk_store, reuse_port)

@@ -83,6 +83,12 @@ class ProxySettings(BaseSettings):
     max_observers: int = Field(
         100_000, gt=0, description="Most Observe relations in this process; beyond: no Observe"
     )
+    observe_heartbeat: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between refreshes of this replica's Observe relation records in "
+        "Redis; records of a replica silent for three of them are dropped",
+    )
 
     @field_validator("block_size")
     @classmethod

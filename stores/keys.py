@@ -82,3 +82,23 @@ def command_keys(iccid: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str, st
     script call changes them atomically; devices spread over the slots."""
     base = f"{prefix}:{{cmd:{iccid}}}"
     return f"{base}:rec", f"{base}:pending", f"{base}:expiry", f"{base}:done"
+
+
+def firmware_meta_key(version: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Hash of one firmware version's current image (stores/firmware.py): its generation,
+    size, sha256, creation time and chunk size. The ``{fw:<version>}`` hash tag puts it and
+    its chunks on one Redis Cluster slot (one script call switches them); versions spread over
+    the slots."""
+    return f"{prefix}:{{fw:{version}}}:meta"
+
+
+def firmware_chunk_key(
+    version: str, generation: str, index: int, prefix: str = DEFAULT_PREFIX
+) -> str:
+    """Chunk ``index`` of one stored copy (``generation``) of a firmware image."""
+    return f"{prefix}:{{fw:{version}}}:{generation}:{index}"
+
+
+def firmware_index_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Set of every stored firmware version (for listing only)."""
+    return f"{prefix}:fw:versions"

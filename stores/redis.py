@@ -27,7 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -101,7 +101,9 @@ def connect(
     options = _options(timeout, connect_timeout, retries, decode_responses, health_check_interval)
     if target.kind == "cluster":
         options.pop("retry", None)
-        return RedisConnection(RedisCluster.from_url(target.url, **options))
+        return RedisConnection(
+            RedisCluster.from_url(target.url, max_connections=MAX_CONNECTIONS, **options)
+        )
     if target.kind == "sentinel":
         # The sentinels' own clients get the same timeouts and retries (redis-py's default
         # gives them only the timeouts, and its retry schedule: seconds when they are down).
@@ -111,9 +113,24 @@ def connect(
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **options
         )
-        master: Redis = sentinel.master_for(target.service, db=target.db, **options)
+        master: Redis = sentinel.master_for(
+            target.service, db=target.db, max_connections=MAX_CONNECTIONS, **options
+        )
         return RedisConnection(master, list(sentinel.sentinels))
-    return RedisConnection(Redis.from_url(target.url, **options))
+    return RedisConnection(Redis.from_pool(_waiting_pool(target.url, timeout, options)))
+
+
+# Connections one client may open to one server. redis-py's asyncio pool refuses the call
+# beyond its limit (100 by default) with "Too many connections" — a 503 for a device under load
+# (Benchmark O: the proxy's parallel fetches plus management calls). A waiting pool queues the
+# call for a free connection instead, for at most the command timeout.
+MAX_CONNECTIONS = 256
+
+
+def _waiting_pool(url: str, timeout: float, options: dict[str, Any]) -> BlockingConnectionPool:
+    return BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
+    )
 
 
 class SlotClient:
@@ -175,7 +192,10 @@ class SlotClient:
         # The URL's credentials, TLS and other options, with the master's address.
         options: dict[str, Any] = {**parse_url(self._target.url), **self._options}
         options.update(host=node.host, port=node.port, db=0)
-        return Redis.from_pool(ConnectionPool(**options))
+        wait = options.get("socket_timeout") or 5.0
+        return Redis.from_pool(
+            BlockingConnectionPool(max_connections=MAX_CONNECTIONS, timeout=wait, **options)
+        )
 
     async def relocate(self, stale: Redis) -> None:
         """``stale`` was told MOVED or lost its connection: on a Cluster, forget it and refresh

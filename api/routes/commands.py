@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 from typing import Annotated
 
@@ -44,6 +45,10 @@ from api.routes.devices import EXAMPLE_ICCID, IccidPath
 from api.safe_json import SafeJsonRoute
 from api.settings import MAX_COMMAND_TTL
 from policies.media import CONTENT_FORMATS, content_type_for
+from stores.redis import REDIS_ERRORS
+from stores.relations import RelationCount
+
+log = logging.getLogger(__name__)
 
 JSON_FORMAT = 50  # application/json
 BYTES_FORMAT = 42  # application/octet-stream
@@ -128,6 +133,10 @@ class CommandOut(BaseModel):
 
 class CommandList(BaseModel):
     commands: list[CommandOut] = Field(description="oldest first")
+    observers: int | None = Field(
+        description="Observe relations on the device's /commands resource held by proxy "
+        "replicas that are alive (docs/SCALING.md); null when that is not known here"
+    )
 
 
 def _payload(body: JsonCommand | BytesCommand) -> tuple[bytes, int]:
@@ -186,8 +195,20 @@ async def submit_command(
     "expired in the last 24 hours.",
     responses=error_responses(CommandDeviceNotFound, *_AUTH_ERRORS),
 )
-async def list_commands(iccid: IccidPath, commands: CommandsDep) -> CommandList:
-    return CommandList(commands=[CommandOut.of(c) for c in await commands.list(iccid)])
+async def list_commands(iccid: IccidPath, commands: CommandsDep, request: Request) -> CommandList:
+    listed = [CommandOut.of(c) for c in await commands.list(iccid)]
+    return CommandList(commands=listed, observers=await _observers(request, iccid))
+
+
+async def _observers(request: Request, iccid: str) -> int | None:
+    relations: RelationCount | None = request.app.state.relations
+    if relations is None:
+        return None
+    try:
+        return await relations.observers(f"/commands/{iccid}")
+    except REDIS_ERRORS as exc:  # the listing still answers; the count is unknown
+        log.warning("observe relation records unreadable: %s", exc)
+        return None
 
 
 # --- proxy-facing ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ same token, §3.6). A relation's key is (peer endpoint or PSK identity, token) (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,11 @@ class Relation:
     stale: bool = False
 
 
+def relation_record_id(relation: Relation) -> str:
+    """The relation's name in the shared records (stores/relations.py): device and token."""
+    return f"{relation.key[0]}|{relation.key[1].hex()}"
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     relation: Relation
@@ -192,6 +197,9 @@ class Observers:
         self._relations: dict[tuple[str, bytes], Relation] = {}
         self._per_device: dict[str, int] = {}
         self._by_path: dict[str, dict[tuple[str, bytes], Relation]] = {}
+        # Told of every relation that starts (True) or ends (False): the shared records of
+        # which replica holds what (stores/relations.py).
+        self.listener: Callable[[Relation, bool], None] | None = None
 
     def __len__(self) -> int:
         return len(self._relations)
@@ -226,6 +234,8 @@ class Observers:
         self._relations[key] = relation
         self._per_device[device] = self._per_device.get(device, 0) + 1
         self._by_path.setdefault(route.origin_path, {})[key] = relation
+        if self.listener is not None:
+            self.listener(relation, True)
         return relation
 
     def remove(self, relation: Relation) -> bool:
@@ -244,6 +254,8 @@ class Observers:
         del on_path[relation.key]
         if not on_path:
             del self._by_path[relation.route.origin_path]
+        if self.listener is not None:
+            self.listener(relation, False)
         return True
 
     def _next_sequence(self, relation: Relation) -> int:

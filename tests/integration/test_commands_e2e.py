@@ -224,17 +224,23 @@ async def test_a_replica_killed_while_holding_the_relation_loses_no_command(
         api = await procs.api(mqtt_url=mosquitto.url, redis_url=redis_server.url)
         upstream = f"http://127.0.0.1:{api.port}"
         await register(api, ICCID_KILL, "127.0.0.1")
-        a = await procs.proxy("A", upstream=upstream, redis_url=redis_server.url)
-        b = await procs.proxy("B", upstream=upstream, redis_url=redis_server.url)
+        # Relation records refreshed every 0.3 s: a silent replica's are dropped after ~1 s.
+        fast = {"COAP_BRIDGE_OBSERVE_HEARTBEAT": "0.3"}
+        a = await procs.proxy("A", upstream=upstream, redis_url=redis_server.url, env=fast)
+        b = await procs.proxy("B", upstream=upstream, redis_url=redis_server.url, env=fast)
         device = await PortClient.open()
         register_a = _observe(0x3001, b"\x0c\x01", ICCID_KILL)
         answer = decode(await device.request(register_a, a.port))
         assert answer.code == status.CONTENT, answer
         assert any(number == opt.OBSERVE for number, _ in answer.options)
-        a.kill()
         async with httpx.AsyncClient(
             base_url=upstream, headers={"Authorization": f"Bearer {API_KEY}"}
         ) as client:
+            # The API sees the relation A holds (its record in Redis) ...
+            await _observers(client, ICCID_KILL, 1)
+            a.kill()
+            # ... and, once A's liveness lapsed, B's heartbeat drops it.
+            await _observers(client, ICCID_KILL, 0)
             queued = await client.post(
                 f"/devices/{ICCID_KILL}/commands", json={"payload_base64": _b64(b"survives")}
             )
@@ -247,6 +253,7 @@ async def test_a_replica_killed_while_holding_the_relation_loses_no_command(
             assert got.payload == b"survives"
             assert got.mtype == CON
             device.send(encode_empty(ACK, got.mid), b.port)
+            await _observers(client, ICCID_KILL, 1)  # now held by B
             deadline = time.monotonic() + 10
             while True:
                 listed = (await client.get(f"/devices/{ICCID_KILL}/commands")).json()["commands"]
@@ -260,6 +267,16 @@ async def test_a_replica_killed_while_holding_the_relation_loses_no_command(
 
 
 ICCID_KILL = "8988280666150099999"
+
+
+async def _observers(client: httpx.AsyncClient, iccid: str, wanted: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        listed = (await client.get(f"/devices/{iccid}/commands")).json()
+        if listed["observers"] == wanted:
+            return
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.1)
 
 
 def _observe(mid: int, token: bytes, iccid: str) -> bytes:

@@ -3,11 +3,14 @@ endpoint's notifications (proxy/coap/endpoint.py: notify, replace, outcomes by M
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import observing
 from proxy.coap import codes
 from proxy.coap import options as opt
 from proxy.coap.codec import ACK, CON, NON, RST, Message, decode, encode_empty, uint_bytes
@@ -19,6 +22,7 @@ from proxy.coap.observe import (
     SEND,
     SEQUENCE_MODULO,
     LimitReached,
+    Notification,
     ObserveRoute,
     Observers,
     observe_value,
@@ -251,3 +255,54 @@ def test_forget_stops_retransmission() -> None:
     ep.forget(tag)
     assert ep.timeout(100.0) == []
     assert ep.awaiting_ack == 0
+
+
+class _FlakyOrigin:
+    """A handler whose origin answers 5.03, then 5.02, then the new state (a unit test of the
+    retry rule: the answers are the point, not the transport)."""
+
+    def __init__(self, answers: list[Response]) -> None:
+        self.answers = answers
+        self.fetches = 0
+
+    async def handle(self, request: Request) -> Response:
+        self.fetches += 1
+        return self.answers.pop(0)
+
+    def observe_route(self, request: Request) -> ObserveRoute | None:
+        return NON_ROUTE
+
+    async def acknowledge(self, request: Request, etag: bytes) -> int:
+        raise AssertionError("not an acknowledged route")
+
+
+class _Driver:
+    def __init__(self) -> None:
+        self.sent: list[Response] = []
+
+    def notify(self, note: Notification) -> None:
+        self.sent.append(note.response)
+
+
+async def test_a_fetch_the_origin_could_not_answer_is_tried_again_not_notified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(observing, "FETCH_RETRY_FIRST", 0.01)
+    observers = Observers()
+    relation = observers.register(request(), NON_ROUTE, 0.0)
+    observers.first_answer(relation, content(b"old"), 0.0)
+    origin = _FlakyOrigin(
+        [Response(codes.SERVICE_UNAVAILABLE), Response(codes.BAD_GATEWAY), content(b"new")]
+    )
+    driver = _Driver()
+    watcher = observing.Observing(observers, origin)
+    watcher.bind(driver)  # type: ignore[arg-type]
+    watcher.refresh(relation)  # one change announced, once
+    for _ in range(200):
+        if driver.sent:
+            break
+        await asyncio.sleep(0.01)
+    await watcher.aclose()
+    assert origin.fetches == 3
+    assert [r.payload for r in driver.sent] == [b"new"]  # the errors were never notified
+    assert relation.active

@@ -4,6 +4,7 @@ tests/support/redis_topologies.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -137,3 +138,19 @@ async def test_slot_client_on_one_server_is_that_servers_client(
         assert await client.get("{dev}:x") == "1"
     finally:
         await slot.aclose()
+
+
+async def test_more_calls_at_once_than_the_pool_holds_wait_for_a_connection(
+    redis_server: RedisServer,
+) -> None:
+    # redis-py's own pool raises "Too many connections" beyond its limit: a 503 under load.
+    from stores.redis import MAX_CONNECTIONS
+
+    connection = connect(redis_server.url, timeout=5.0)
+    try:
+        client = connection.client
+        # Each BLPOP holds its connection for a moment, so the calls really overlap.
+        calls = [client.blpop([f"t:none:{n}"], timeout=0.2) for n in range(MAX_CONNECTIONS + 50)]
+        assert await asyncio.gather(*calls) == [None] * (MAX_CONNECTIONS + 50)
+    finally:
+        await connection.aclose()
