@@ -27,7 +27,7 @@ from api.errors import (
 )
 from api.settings import ApiSettings
 from api.store.base import Device, DeviceStore
-from policies.psk import BootstrapDecision, PskError, bootstrap_psk, generate_psk, normalise_psk
+from policies.psk import BootstrapDecision, PskError, bootstrap_psk, generate_key, normalise_psk
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +130,12 @@ async def revoke_psk(store: DeviceStore, iccid: str) -> Device:
     return device
 
 
-async def issue_credentials(store: DeviceStore, iccid: str) -> str:
-    """N-Hub style (docs/CONTRACT.md §13): a fresh generated key, replacing any other. The
-    operator asked for it through the management API, so it counts as user-set and bootstrap
-    never rotates it (a rotation would silently break the credentials just handed over)."""
-    psk = generate_psk()
+async def issue_credentials(store: DeviceStore, iccid: str, key_format: str = "alnum16") -> str:
+    """N-Hub style (docs/CONTRACT.md §13): a fresh generated key in ``key_format``
+    (:data:`policies.psk.KEY_FORMATS`), replacing any other. The operator asked for it through
+    the management API, so it counts as user-set and bootstrap never rotates it (a rotation
+    would silently break the credentials just handed over)."""
+    psk = generate_key(key_format)
     await store.update(iccid, psk=psk, psk_user_set=True)
     log.info("psk credentials issued for device %s", iccid)
     return psk

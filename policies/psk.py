@@ -6,6 +6,12 @@ The DTLS handshake uses :func:`psk_bytes`; ``/bootstrap`` and onboarding hand ou
 
 Rotation (1NCE): a generated key is regenerated when a bootstrap/onboarding call comes five
 minutes or more after the previous one; a key the user set is never regenerated.
+
+Two generated formats (docs/API.md, "Credentials"): ``alnum16``, 16 characters of [A-Za-z0-9]
+(bootstrap and the default of the credentials endpoint), and ``hex64``, 32 random bytes written
+as 64 lowercase hex characters, the form the managed-PSK platform issues. Its devices give that
+text to libcoap's ``-k``, which uses the characters themselves as the key: 64 ASCII bytes on the
+wire, so the text is stored as a plain key, never decoded as ``0x`` hex.
 """
 
 from __future__ import annotations
@@ -17,8 +23,12 @@ from datetime import datetime, timedelta
 
 ALPHABET = string.ascii_letters + string.digits
 GENERATED_LENGTH = 16  # ≥ 16 of [A-Za-z0-9]: ~95 bits from the system CSPRNG
+HEX_RANDOM_BYTES = 32  # hex64: 256 bits, written as 64 hex characters
 ROTATION_AFTER = timedelta(minutes=5)
-MAX_PSK_BYTES = 16  # tinydtls 0.8.6: DTLS_PSK_MAX_KEY_LEN = 16; DTLSSocket copies unchecked
+# DTLS_PSK_MAX_KEY_LEN of our tinydtls build (scripts/patches/dtlssocket-0.2.3-psk-64-bytes.patch;
+# the published one has 16): room for a hex64 key; proxy/transports/dtls.py has the same limit.
+MAX_PSK_BYTES = 64
+KEY_FORMATS = ("alnum16", "hex64")
 
 
 class PskError(ValueError):
@@ -27,6 +37,20 @@ class PskError(ValueError):
 
 def generate_psk(length: int = GENERATED_LENGTH) -> str:
     return "".join(secrets.choice(ALPHABET) for _ in range(length))
+
+
+def generate_hex_psk(random_bytes: int = HEX_RANDOM_BYTES) -> str:
+    """hex64: the key is this text (64 lowercase hex characters = 64 key bytes)."""
+    return secrets.token_hex(random_bytes)
+
+
+def generate_key(key_format: str) -> str:
+    """A fresh key in one of :data:`KEY_FORMATS`."""
+    if key_format == "alnum16":
+        return generate_psk()
+    if key_format == "hex64":
+        return generate_hex_psk()
+    raise PskError(f"key_format must be one of {', '.join(KEY_FORMATS)}")
 
 
 def psk_bytes(psk: str) -> bytes:

@@ -1,7 +1,9 @@
 """DTLS credentials of a device through the management API (docs/CONTRACT.md §6, §13; issue #5).
 
 ``PUT /devices/{iccid}/psk`` sets a key (plain text or hex), ``DELETE`` revokes it, and the
-N-Hub-style ``POST /devices/{iccid}/credentials`` generates one and shows it exactly once. No
+N-Hub-style ``POST /devices/{iccid}/credentials`` generates one (16 alphanumerics, or with
+``"key_format": "hex64"`` the managed-PSK platform's 64 hex characters, docs/API.md
+"Credentials") and shows it exactly once. No
 endpoint ever reads a key back: ``GET /devices`` has no ``psk`` field, and a lost key is
 replaced, not retrieved. Every change reaches the proxies within a second (the store announces
 it; see ``api.store.base.DeviceStore``).
@@ -28,6 +30,7 @@ from api.psk_lifecycle import issue_credentials, parse_user_psk, revoke_psk, set
 from api.routes.bootstrap import NO_STORE
 from api.routes.devices import IccidPath
 from api.safe_json import SafeJsonRoute
+from policies.psk import MAX_PSK_BYTES
 
 router = APIRouter(
     prefix="/devices",
@@ -51,13 +54,15 @@ class PskIn(BaseModel):
         },
     )
 
+    # Generous enough that a key a few bytes too long gets the specific "PSK is N bytes"
+    # message rather than a generic string-length one.
     psk: str = Field(
         min_length=1,
-        max_length=130,
+        max_length=4 * MAX_PSK_BYTES,
         description=(
             "plain: the key's characters (UTF-8, printable, no comma, quote or line break); "
             "hex: pairs of hex digits, with or without a leading 0x. "
-            "At most 16 bytes of key (tinydtls)."
+            f"At most {MAX_PSK_BYTES} bytes of key (our tinydtls build)."
         ),
     )
     format: Literal["plain", "hex"] = "plain"
@@ -65,10 +70,21 @@ class PskIn(BaseModel):
 
 class CredentialsRequest(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"auth_type": "psk"}]}
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"auth_type": "psk"}, {"auth_type": "psk", "key_format": "hex64"}]
+        },
     )
 
     auth_type: Literal["psk"]
+    key_format: Literal["alnum16", "hex64"] = Field(
+        default="alnum16",
+        description=(
+            "alnum16: 16 characters of [A-Za-z0-9]. hex64: 32 random bytes written as 64 "
+            "lowercase hex characters, as the managed-PSK platform issues them; the key is "
+            "that text (64 bytes, what `coap-client -k <key>` presents), not the 32 bytes."
+        ),
+    )
 
 
 class Credentials(BaseModel):
@@ -88,7 +104,12 @@ class Credentials(BaseModel):
     )
 
     psk_identity: str = Field(description="the DTLS PSK identity: the device's ICCID")
-    psk_key: str = Field(description="the key (16 characters of [A-Za-z0-9]); shown only here")
+    psk_key: str = Field(
+        description=(
+            "the key, used as its characters' bytes: 16 of [A-Za-z0-9] (alnum16) or 64 "
+            "lowercase hex digits (hex64); shown only here"
+        )
+    )
     server: str = Field(description="the coaps:// endpoint to connect to")
     status: Literal["active"] = Field(description="the key works from now on")
 
@@ -129,7 +150,9 @@ async def delete_psk(iccid: IccidPath, store: StoreDep) -> Response:
     summary="Generate DTLS credentials (N-Hub style); the key is shown once",
     description=(
         "Generates a new random key, replacing any previous one at once on every proxy. It "
-        "counts as user-set: bootstrap never rotates it. The key is in this answer only."
+        "counts as user-set: bootstrap never rotates it. The key is in this answer only. "
+        "`key_format` hex64 gives the managed-PSK platform's 64 hex characters, which the "
+        'device uses as text (docs/API.md, "Credentials").'
     ),
     responses=_BODY_ERRORS,
 )
@@ -140,7 +163,7 @@ async def create_credentials(
     settings: SettingsDep,
     response: Response,
 ) -> Credentials:
-    psk = await issue_credentials(store, iccid)
+    psk = await issue_credentials(store, iccid, body.key_format)
     response.headers.update(NO_STORE)
     return Credentials(
         psk_identity=iccid, psk_key=psk, server=settings.coaps_endpoint, status="active"

@@ -23,8 +23,8 @@ What this module adds to tinydtls (docs/CONTRACT.md §6; docs/ARCHITECTURE.md, "
   secret, so its handshake fails exactly like one with a wrong key: the client's Finished does
   not decrypt, tinydtls drops it, and the client hears nothing more (RFC 4279 §2 allows either
   answer; the point is that both cases give the same one). A key longer than tinydtls'
-  16-byte ``DTLS_PSK_MAX_KEY_LEN`` is treated the same way: DTLSSocket would copy it past the
-  end of tinydtls' stack buffer.
+  ``DTLS_PSK_MAX_KEY_LEN`` (64 bytes in our build) is treated the same way: it cannot be used,
+  and published DTLSSocket would copy it past the end of tinydtls' stack buffer.
 - **Identity bound at the end of the handshake.** The identity whose key was looked up becomes
   the session's identity only when tinydtls reports the handshake complete, so a second,
   unfinished handshake from the same address cannot relabel an established session.
@@ -68,9 +68,12 @@ _EVENT_CONNECTED = 0x01DE
 _ALERT_LEVEL_FATAL = 2
 _ALERT_CLOSE_NOTIFY = 0
 
-# tinydtls 0.8.6 crypto.h: DTLS_PSK_MAX_KEY_LEN = DTLS_KEY_LENGTH = 16. DTLSSocket copies the
-# key without checking the buffer size, so a longer key must never reach it.
-MAX_KEY_BYTES = 16
+# DTLS_PSK_MAX_KEY_LEN of our build (scripts/patches/dtlssocket-0.2.3-psk-64-bytes.patch; the
+# published tinydtls 0.8.6 has 16): room for the 64 ASCII bytes a managed-PSK device presents
+# (docs/API.md, "Credentials"). The patched DTLSSocket refuses a longer key itself; checking
+# here as well makes such a key fail exactly like a wrong one and says why in the log.
+# policies.psk.MAX_PSK_BYTES, which the API enforces, is the same number.
+MAX_KEY_BYTES = 64
 
 Address = tuple[Any, ...]
 _Key = tuple[str, int]
@@ -132,11 +135,12 @@ def _install_user_parameters(context: Any, callback: Any) -> bool:
 
 
 # The DTLSSocket build scripts/install-dtlssocket.sh makes: tinydtls 0.8.6 with the alert
-# double-delete fixed (scripts/patches/). The published 0.2.3 removes a peer from its hash table
-# twice on close_notify or a fatal alert; a client running a few handshakes at once and closing
-# them then crashes the whole process (SIGFPE in uthash). Measured here: the published build
-# died after ~10,000 handshakes at 8 in flight; the patched one ran 180,000 at 8 and 32.
-PATCHED_BUILD = "0.2.3+coapbridge.1"
+# double-delete fixed and room for 64-byte PSKs (scripts/patches/). The published 0.2.3 removes
+# a peer from its hash table twice on close_notify or a fatal alert; a client running a few
+# handshakes at once and closing them then crashes the whole process (SIGFPE in uthash).
+# Measured here: the published build died after ~10,000 handshakes at 8 in flight; the patched
+# one ran 180,000 at 8 and 32. Build 1 had the fix but 16-byte keys (MAX_KEY_BYTES).
+PATCHED_BUILD = "0.2.3+coapbridge.2"
 _INSTALL_HINT = (
     "build it with scripts/install-dtlssocket.sh PYTHON (make install does; it needs the "
     "Debian packages autoconf automake libtool), or turn coaps off with --coaps-port off"
@@ -166,7 +170,8 @@ def check_build(version: str | None) -> None:
         raise DtlsError(
             f"DTLSSocket {version or '(not installed)'} is not the patched build "
             f"{PATCHED_BUILD}: the published tinydtls 0.8.6 corrupts its peer table when a "
-            f"client sends close_notify, and a client can crash the proxy; {_INSTALL_HINT}"
+            f"client sends close_notify, and a client can crash the proxy; it also takes no PSK "
+            f"over 16 bytes; {_INSTALL_HINT}"
         )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from api.store.base import Device, DeviceStore
 from api.store.redis_store import RedisDeviceStore
+from policies.psk import psk_bytes
 from tests.api.conftest import (
     AUTH,
     COAPS_URL,
@@ -52,6 +53,10 @@ async def bootstrap_key(client: httpx.AsyncClient) -> str:
         pytest.param({"psk": "0X00ff10AB", "format": "hex"}, "0x00ff10ab", id="hex-0x"),
         pytest.param({"psk": "k" * 16}, "k" * 16, id="plain-16-bytes"),
         pytest.param({"psk": "0x" + "ab" * 16, "format": "hex"}, "0x" + "ab" * 16, id="hex-16"),
+        # Our tinydtls build takes 64 key bytes: a managed-PSK key (64 hex characters as text).
+        pytest.param({"psk": "0f" * 32}, "0f" * 32, id="plain-64-bytes"),
+        pytest.param({"psk": "ü" * 32}, "ü" * 32, id="plain-64-bytes-utf8"),
+        pytest.param({"psk": "ab" * 64, "format": "hex"}, "0x" + "ab" * 64, id="hex-64"),
     ],
 )
 async def test_put_psk_sets_a_user_key_that_bootstrap_hands_out(
@@ -72,10 +77,14 @@ async def test_put_psk_sets_a_user_key_that_bootstrap_hands_out(
         pytest.param({"psk": "0xabc", "format": "hex"}, "pairs of hex digits", id="odd-hex"),
         pytest.param({"psk": "zz", "format": "hex"}, "pairs of hex digits", id="not-hex"),
         pytest.param({"psk": "0x", "format": "hex"}, "PSK is empty", id="empty-hex"),
-        # tinydtls keeps at most 16 key bytes (DTLS_PSK_MAX_KEY_LEN).
-        pytest.param({"psk": "k" * 17}, "at most 16", id="too-long"),
-        pytest.param({"psk": "ü" * 9}, "at most 16", id="too-long-in-bytes"),
-        pytest.param({"psk": "0x" + "ab" * 17, "format": "hex"}, "at most", id="hex-too-long"),
+        # Our tinydtls build keeps at most 64 key bytes (DTLS_PSK_MAX_KEY_LEN).
+        pytest.param({"psk": "0f" * 32 + "a"}, "PSK is 65 bytes, at most 64", id="too-long"),
+        pytest.param({"psk": "ü" * 33}, "PSK is 66 bytes, at most 64", id="too-long-in-bytes"),
+        pytest.param(
+            {"psk": "0x" + "ab" * 65, "format": "hex"},
+            "PSK is 65 bytes, at most 64",
+            id="hex-too-long",
+        ),
         pytest.param({"psk": "a,b"}, "no comma", id="comma-breaks-csv"),
         pytest.param({"psk": "a\nb"}, "line break", id="newline"),
         pytest.param({"psk": "a\x00b"}, "printable", id="control-char"),
@@ -157,18 +166,64 @@ async def test_credentials_are_shown_once_and_replace_the_key(
     assert device.psk == second.json()["psk_key"]
 
 
+async def test_hex64_credentials_are_64_hex_characters_used_as_text(
+    client: httpx.AsyncClient, any_store: DeviceStore
+) -> None:
+    """The managed-PSK platform's form: 32 random bytes as 64 lowercase hex characters, and the
+    key is that text (what ``coap-client -k <key>`` presents), not the 32 bytes."""
+    keys = []
+    for _ in range(2):
+        response = await client.post(
+            f"/devices/{A}/credentials",
+            json={"auth_type": "psk", "key_format": "hex64"},
+            headers=AUTH,
+        )
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert set(body) == {"psk_identity", "psk_key", "server", "status"}
+        assert response.headers["cache-control"] == "no-store"
+        key = body["psk_key"]
+        assert len(key) == 64
+        assert set(key) <= set("0123456789abcdef")
+        device = await any_store.get(A)
+        assert device is not None
+        # Stored as a plain key: the handshake uses the 64 characters' bytes.
+        assert (device.psk, device.psk_user_set) == (key, True)
+        assert psk_bytes(device.psk) == key.encode()
+        assert await bootstrap_key(client) == key
+        keys.append(key)
+    assert keys[0] != keys[1]
+
+
+async def test_default_key_format_is_the_existing_one(client: httpx.AsyncClient) -> None:
+    explicit = await client.post(
+        f"/devices/{A}/credentials",
+        json={"auth_type": "psk", "key_format": "alnum16"},
+        headers=AUTH,
+    )
+    assert explicit.status_code == 201, explicit.text
+    key = explicit.json()["psk_key"]
+    assert len(key) == 16
+    assert key.isalnum()
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "field"),
     [
-        pytest.param({"auth_type": "x509"}, id="other-auth-type"),
-        pytest.param({}, id="missing"),
+        pytest.param({"auth_type": "x509"}, "auth_type", id="other-auth-type"),
+        pytest.param({}, "auth_type", id="missing"),
+        pytest.param({"auth_type": "psk", "key_format": "hex32"}, "key_format", id="bad-format"),
+        pytest.param({"auth_type": "psk", "key_format": 64}, "key_format", id="format-not-text"),
     ],
 )
 async def test_credentials_other_auth_type_is_422(
-    client: httpx.AsyncClient, any_store: DeviceStore, body: dict[str, str]
+    client: httpx.AsyncClient, any_store: DeviceStore, body: dict[str, str], field: str
 ) -> None:
     response = await client.post(f"/devices/{A}/credentials", json=body, headers=AUTH)
     assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert error["msg"]
     device = await any_store.get(A)
     assert device is not None
     assert device.psk is None
