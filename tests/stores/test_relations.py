@@ -7,6 +7,7 @@ import asyncio
 
 from stores.redis import connect
 from stores.relations import MemoryRelationRecords, RedisRelationRecords, RelationReader
+from tests.support.redis_topologies import ClusterDeployment
 from tests.support.services import RedisServer
 
 PATH = "/commands/8988280666000000001"
@@ -74,3 +75,19 @@ async def test_memory_records_count_what_was_added() -> None:
     assert await records.observers(PATH) == 1
     records.remove("dev1|02", PATH)
     assert await records.observers(PATH) == 0
+
+
+async def test_records_on_a_cluster(redis_cluster: ClusterDeployment) -> None:
+    # Every key carries the {obs} tag: one slot, so each step is one script on its master.
+    a = RedisRelationRecords(connect(redis_cluster.url, timeout=2.0), prefix="t", heartbeat=0.2)
+    reader = RelationReader.from_url(redis_cluster.url, prefix="t")
+    try:
+        a.add("dev1|01", PATH)
+        await a.sync()
+        assert await reader.observers(PATH) == 1
+        a.remove("dev1|01", PATH)
+        await a.sync()
+        assert await reader.observers(PATH) == 0
+    finally:
+        await reader.close()
+        await a.close()
