@@ -51,6 +51,9 @@ OPTIONS = [
     ("--o-concurrency", 64, "O: HTTP requests in flight (devices, commands)"),
     ("--o-timeout", 120.0, "O: longest wait for the fan-out after the last POST (s)"),
     ("--dtls-clients", None, "D: DTLS sessions (devices with a PSK each; default --clients)"),
+    ("--f-clients", (8, 32), "F: clients, each downloading the whole firmware image"),
+    ("--f-size", 1024 * 1024, "F: the firmware image's bytes"),
+    ("--f-duration", None, "F: measured window (s; default --duration)"),
 ]
 CHOICES = {"--scenarios": SCENARIOS, "--t-systems": SYSTEMS, "--b-systems": B_SYSTEMS}
 DEFAULTS = {"--scenarios": DEFAULT_SCENARIOS}
@@ -88,6 +91,7 @@ def parse(argv: list[str]) -> dict[str, object]:
             )
     args["l_duration"] = args["duration"]
     args["b_duration"] = args["b_duration"] or args["duration"]
+    args["f_duration"] = args["f_duration"] or args["duration"]
     args["dtls_clients"] = args["dtls_clients"] or args["clients"]
     return args
 

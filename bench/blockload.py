@@ -40,10 +40,13 @@ from proxy.coap.options import BLOCK2, ETAG, SIZE2
 SZX_BERT = 7  # RFC 8323: not for UDP
 
 
-def resource_body(size: int) -> bytes:
-    """The bytes of scenario B's resource: pseudo-random (nothing on the way can compress or
-    guess them), the same in every process that asks."""
-    return hashlib.shake_256(b"coap-bridge bench B").digest(size)
+B_SEED = b"coap-bridge bench B"
+
+
+def resource_body(size: int, seed: bytes = B_SEED) -> bytes:
+    """The bytes of a resource: pseudo-random (nothing on the way can compress or guess them),
+    the same in every process that asks with the same ``seed`` (F: a new one per run)."""
+    return hashlib.shake_256(seed).digest(size)
 
 
 def szx_of(block_size: int) -> int:
@@ -76,6 +79,7 @@ def block_request(
 class BlockConfig(LoadConfig):
     path: str = "/blob"
     size: int = 256 * 1024  # the resource's expected length
+    seed: bytes = B_SEED  # its bytes: resource_body(size, seed)
     block_size: int = 1024
     clients: int = 32
 
@@ -115,7 +119,7 @@ class _BlockWorker(Worker):
         super().__init__(config, index)
         self.szx = szx_of(config.block_size)
         self.path = path_options(config.path)
-        self.body = resource_body(config.size)
+        self.body = resource_body(config.size, config.seed)
         self.requests: dict[int, bytearray] = {}
 
     def make_client(self, old: Any) -> Client:

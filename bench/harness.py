@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -20,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,17 @@ SYSTEMS = ("coap-bridge", REDIS_SYSTEM, "libcoap", "aiocoap")
 # the proxy serves the bench's HTTP origin (bench/origin.py, byte ranges) through a route.
 B_SYSTEMS = ("libcoap", REDIS_SYSTEM)
 B_PATHS = {"libcoap": "/example_data", REDIS_SYSTEM: "/blob"}
+# F: a firmware image through the whole chain (proxy → API → Redis, docs/API.md "Firmware"),
+# beside libcoap's example server holding the same bytes.
+F_SYSTEMS = ("libcoap", "coap-bridge")
+F_VERSION = "bench-1.0.0"
+F_PATHS = {"libcoap": "/example_data", "coap-bridge": f"/firmware/{F_VERSION}"}
+# A GET safe to repeat, so no cross-replica claim (docs/ARCHITECTURE.md), as docs/API.md
+# "Firmware" shows it.
+FIRMWARE_POLICY = (
+    '[[route]]\npath = "/firmware/{version}"\nmethods = ["GET"]\n'
+    'target = "/firmware/{version}"\nidempotent = true\n'
+)
 DTLS_SYSTEM = "coap-bridge over DTLS"
 R_SYSTEM = "coap-bridge --workers N"
 EXCHANGE_LIFETIME = 247.0  # RFC 7252 §4.8.2
@@ -69,13 +82,22 @@ SCENARIOS = {
         "scenario_o", ("coap-bridge",),
         "observing devices (Observe), one command each queued over HTTP and fanned out",
     ),
+    "F": Scenario(
+        "scenario_f", F_SYSTEMS,
+        "firmware downloads: one image block-wise by many clients through proxy, API, Redis",
+    ),
     "R": Scenario("scenario_r", (R_SYSTEM,), "E through proxy --workers N (SO_REUSEPORT)"),
     "M": Scenario("scenario_m", ("coap-bridge",), "memory: proxy RSS over T, Redis per entry"),
 }  # fmt: skip
-CHAIN = {"scenario_e", "scenario_dtls", "scenario_o", "scenario_r"}  # one Redis, Mosquitto, API
-# What runs without --scenarios: O takes minutes at its default size (10,000 devices), so it
-# runs when asked for (--scenarios O).
-DEFAULT_SCENARIOS = [name for name in SCENARIOS if name != "O"]
+CHAIN = {
+    "scenario_e",
+    "scenario_dtls",
+    "scenario_o",
+    "scenario_f",
+    "scenario_r",
+}  # one Redis, Mosquitto, API
+# What runs without --scenarios: all of them (O, 10,000 devices, adds about 90 s).
+DEFAULT_SCENARIOS = list(SCENARIOS)
 
 
 @dataclass
@@ -118,6 +140,10 @@ class Settings:
     o_concurrency: int = 64  # O: HTTP requests in flight (device set-up, commands)
     o_window: int = 256  # O: registrations in flight per device process
     o_timeout: float = 120.0  # O: how long the fan-out may take after the last POST
+    f_clients: int = 32  # F: clients, each downloading the whole image
+    f_size: int = 1024 * 1024  # F: the image's bytes
+    f_block_size: int = 1024
+    f_duration: float = 10.0
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workdir"}
@@ -138,6 +164,26 @@ def verdict(result: LoadResult, lost: int, duplicated: int) -> str:
     2.04 (no timeouts, no other code) and MQTT delivered each acknowledged one exactly once."""
     answered = result.sent > 0 and result.timeouts == 0 and result.codes == {"2.04": result.sent}
     return "OK" if answered and lost == 0 and duplicated == 0 else "FAILED"
+
+
+def f_figures(result: LoadResult, cpu: dict[str, float], blocks: int) -> Row:
+    """F's own figures: CPU µs per block of each server process (over every answered block,
+    warm-up included, as the CPU was read), whole images per second (blocks/s over the
+    image's blocks: at 1 MiB a transfer may outlast the window), and the verdict: OK only if
+    blocks were answered, each 2.05 with the right bytes, no ETag change, no timeout."""
+    done = result.completed
+    per_block = {
+        f"{name}_cpu_us_per_block": seconds / done * 1e6 if done else None
+        for name, seconds in cpu.items() if name != "load generator"
+    }  # fmt: skip
+    clean = (
+        done > 0 and result.blocks_in_window > 0 and result.codes == {"2.05": done}
+        and result.corrupt == result.etag_changes == result.timeouts == result.restarts == 0
+    )  # fmt: skip
+    return per_block | {
+        "image_transfers_per_second": result.blocks_per_second / blocks if blocks else 0.0,
+        "status": "OK" if clean else "FAILED",
+    }
 
 
 class SourcePorts:
@@ -309,17 +355,9 @@ class Bench:
         s, path, work = self.settings, B_PATHS[system], self.settings.workdir / "b"
         work.mkdir(parents=True, exist_ok=True)
         if system == "libcoap":
-            service, port = self.server(stack, "libcoap")
-            upload = work / "resource.bin"
-            upload.write_bytes(blockload.resource_body(s.b_size))
-            # The example server keeps what a PUT to /example_data carried and serves it
-            # block-wise (its default block handling, -L 1).
-            subprocess.run(
-                [services.which("coap-client-notls"), "-m", "put", "-b", str(s.b_block_size),
-                 "-f", str(upload), f"coap://127.0.0.1:{port}{path}"],
-                capture_output=True, timeout=30, check=True,
-            )  # fmt: skip
-            return port, {"libcoap": service}
+            return self._libcoap_holding(
+                stack, blockload.resource_body(s.b_size), work, s.b_block_size
+            )
         origin, origin_port = services.start_origin(s.workdir, path, s.b_size)
         stack.callback(origin.stop)
         redis, redis_url = self.redis(stack, "redis-b")
@@ -333,13 +371,35 @@ class Bench:
         )  # fmt: skip
         return port, {"proxy": proxy, "redis": redis, "origin": origin}
 
+    def _libcoap_holding(
+        self, stack: contextlib.ExitStack, body: bytes, work: Path, block_size: int
+    ) -> tuple[int, dict[str, Service]]:
+        """libcoap's example server holding ``body`` at /example_data: (port, its process)."""
+        service, port = self.server(stack, "libcoap")
+        upload = work / "resource.bin"
+        upload.write_bytes(body)
+        # The example server keeps what a PUT to /example_data carried and serves it
+        # block-wise (its default block handling, -L 1).
+        subprocess.run(
+            [services.which("coap-client-notls"), "-m", "put", "-b", str(block_size),
+             "-f", str(upload), f"coap://127.0.0.1:{port}/example_data"],
+            capture_output=True, timeout=30, check=True,
+        )  # fmt: skip
+        return port, {"libcoap": service}
+
+    @staticmethod
+    def _whole_once(port: int, path: str, body: bytes, block_size: int) -> tuple[int, bytes]:
+        """One whole transfer before the load: the resource is there, every byte right, no
+        datagram over the block size (it also warms the server up): (blocks, ETag)."""
+        got, sizes, etag = blockload.fetch_once("127.0.0.1", port, path, block_size, 5.0)
+        if got != body or max(sizes) > block_size:
+            raise RuntimeError(f"{path}: {len(got)} bytes in blocks up to {max(sizes)} B")
+        return len(sizes), etag or b""
+
     def _block_run(self, row: Row, system: str, port: int, started: dict[str, Service]) -> None:
         s, path = self.settings, B_PATHS[system]
-        # One whole transfer first: the resource is there, every byte right, no datagram over
-        # the block size; it also warms the server up before its memory is read.
-        body, sizes, etag = blockload.fetch_once("127.0.0.1", port, path, s.b_block_size, 5.0)
-        if body != blockload.resource_body(s.b_size) or max(sizes) > s.b_block_size:
-            raise RuntimeError(f"{path}: {len(body)} bytes in blocks up to {max(sizes)} B")
+        body = blockload.resource_body(s.b_size)
+        blocks, etag = self._whole_once(port, path, body, s.b_block_size)
         time.sleep(0.3)
         config = BlockConfig(
             "127.0.0.1", port, clients=s.b_clients, duration=s.b_duration, warmup=s.warmup,
@@ -356,10 +416,78 @@ class Bench:
             samples[1:], samples[0][1], end - s.b_duration, end, s.b_clients, begin
         )
         row |= {"clients": s.b_clients, "resource_bytes": s.b_size, "block_size": s.b_block_size,
-                "blocks_per_transfer": len(sizes), "etag": etag.hex() if etag else None,
+                "blocks_per_transfer": blocks, "etag": etag.hex() if etag else None,
                 **memory}  # fmt: skip
         upper, fitted = memory["rss_per_transfer"] or 0, memory["rss_per_transfer_corrected"] or 0
         self.log(f"  RSS per transfer in progress {fitted / 1024:.1f} KiB (≤ {upper / 1024:.1f})")
+
+    # --- F: firmware downloads ----------------------------------------------------------------
+
+    def scenario_f(self) -> None:
+        """F: ``f_clients`` clients download one image block by block, closed loop (B's load
+        generator: every block checked, the ETag constant within a transfer), from libcoap's
+        example server holding the image, then through the chain: the proxy's route to
+        ``/firmware/{version}`` (idempotent: one HTTP byte range per block), the API, the
+        Redis store (docs/API.md "Firmware")."""
+        s, work = self.settings, self.settings.workdir / "f"
+        work.mkdir(parents=True, exist_ok=True)
+        seed = secrets.token_bytes(16)  # a new image every run
+        body = blockload.resource_body(s.f_size, seed)
+        for system in F_SYSTEMS:
+            self.log(f"F: {system}, a {s.f_size // 1024} KiB image downloaded block-wise (Block2, "
+                     f"{s.f_block_size} B) by {s.f_clients} clients, closed loop")  # fmt: skip
+            with self.row("F", system) as row, contextlib.ExitStack() as stack:
+                if system == "libcoap":
+                    port, watch = self._libcoap_holding(stack, body, work, s.f_block_size)
+                else:
+                    port, watch = self._firmware_chain(stack, body, work)
+                path = F_PATHS[system]
+                blocks, etag = self._whole_once(port, path, body, s.f_block_size)
+                time.sleep(0.3)
+                config = BlockConfig(
+                    "127.0.0.1", port, clients=s.f_clients, duration=s.f_duration,
+                    warmup=s.warmup, timeout=s.timeout, workers=s.b_loadgen_workers,
+                    port_range=self.ports.take(), path=path, size=s.f_size, seed=seed,
+                    block_size=s.f_block_size,
+                )  # fmt: skip
+                result = self.measure(row, partial(blockload.run_blocks, config), watch)
+                row |= f_figures(result, row["cpu"], blocks) | {
+                    "clients": s.f_clients, "resource_bytes": s.f_size,
+                    "block_size": s.f_block_size, "blocks_per_transfer": blocks,
+                    "etag": etag.hex(), "image_sha256": hashlib.sha256(body).hexdigest(),
+                }  # fmt: skip
+                self.log(
+                    f"  {row['blocks_per_second']:,.0f} blocks/s, "
+                    f"{row['image_transfers_per_second']:.2f} images/s, corrupt "
+                    f"{result.corrupt}, ETag changes {result.etag_changes}, timeouts "
+                    f"{result.timeouts}: {row['status']}"
+                )
+
+    def _firmware_chain(
+        self, stack: contextlib.ExitStack, body: bytes, work: Path
+    ) -> tuple[int, dict[str, Service]]:
+        """The chain's proxy with the firmware route, and ``body`` uploaded as F_VERSION:
+        (CoAP port, the processes whose CPU counts). The device 127.0.0.1 is registered with
+        the chain: every load generator client downloads as that device."""
+        import httpx
+
+        s = self.settings
+        policy = work / "policy.toml"
+        policy.write_text(FIRMWARE_POLICY)
+        port = self.chain_proxy(
+            stack, s.api_workers, s.proxy_workers,
+            extra=["--policy", str(policy), "--block-size", str(s.f_block_size)],
+        )  # fmt: skip
+        headers = {"Authorization": f"Bearer {self.secrets['api']}",
+                   "Content-Type": "application/octet-stream"}  # fmt: skip
+        with httpx.Client(base_url=self.urls["api"], headers=headers, timeout=60) as client:
+            answer = client.put(f"/firmware/{F_VERSION}", content=body)
+        if answer.status_code not in (200, 201):
+            raise RuntimeError(f"PUT /firmware/{F_VERSION} answered {answer.status_code}: "
+                               f"{answer.text[:500]}\n{self.chain['api'].log_tail()}")  # fmt: skip
+        if answer.json().get("sha256") != hashlib.sha256(body).hexdigest():
+            raise RuntimeError(f"PUT /firmware/{F_VERSION}: another sha256: {answer.text[:500]}")
+        return port, {name: self.chain[name] for name in ("proxy", "api", "redis")}
 
     # --- E, L, D, H, R: the telemetry chain --------------------------------------------------
 
@@ -379,8 +507,9 @@ class Bench:
         return any("error" in row or row.get("status") == "FAILED" for row in self.rows)
 
     def chain_proxy(
-        self, stack: contextlib.ExitStack, api_workers: int, workers: int, dtls: bool = False
-    ) -> int:
+        self, stack: contextlib.ExitStack, api_workers: int, workers: int, dtls: bool = False,
+        extra: Sequence[str] = (),
+    ) -> int:  # fmt: skip
         """The chain (Redis, Mosquitto and the API with ``api_workers``, started once, the API
         again when its worker count changes; a failure to start is remembered for the other
         rows) and a proxy in front of it, stopped when ``stack`` closes: its CoAP port, or
@@ -413,7 +542,7 @@ class Bench:
         coaps_port = free_port() if dtls else None
         chain["proxy"], port = self.server(
             stack, "coap-bridge", upstream=self.urls["api"], token=self.secrets["proxy"],
-            redis_url=self.urls["redis"], workers=workers, coaps_port=coaps_port,
+            redis_url=self.urls["redis"], workers=workers, coaps_port=coaps_port, extra=extra,
         )  # fmt: skip
         stack.callback(chain.pop, "proxy", None)
         self.workers["proxy"] = workers

@@ -312,6 +312,25 @@ def _b_memory(r: Row, _: Sequence[Row]) -> str:
     )
 
 
+def _f_what(rows: Sequence[Row]) -> str:
+    sizes = {(r.get("resource_bytes"), r.get("block_size")) for r in rows}
+    size, block = next(iter(sizes)) if len(sizes) == 1 else (None, None)
+    if size and block:
+        return f"a {size // 1024} KiB image in {block}-byte blocks"
+    return "an image block-wise"
+
+
+def _f_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+    ours = [r for r in rows if r["system"] != "libcoap"]
+    clean = bool(rows) and all(r.get("status") == "OK" for r in rows)
+    lines = [
+        f"Every block right, the ETag constant, no timeout — {_verdict(clean and bool(ours))}."
+    ]
+    if cpu_lines := [line for r in rows if (line := cpu_line(r))]:
+        lines.append("\n".join(cpu_lines))
+    return lines
+
+
 def _column(header: str, key: str, digits: int = 0) -> tuple[str, Cell]:
     return header, _key(key, digits)
 
@@ -357,6 +376,33 @@ TABLES: dict[str, Table] = {
              r.get("blocks_per_second"), _rate(rows, "B", "libcoap", "blocks_per_second")))],
         _b_after,
         what=_b_what,
+    ),
+    "F": Table(
+        "F",
+        "### F — firmware downloads: {what} (RFC 7959 Block2) by many clients, closed loop",
+        "The image (random bytes, new each run) is uploaded with `PUT /firmware/{version}` "
+        "before the clock; every client then downloads it whole, block after block (Block2 "
+        "from the first request, B's load generator), and starts over: every payload checked "
+        "against the image, the ETag must hold within a transfer. coap-bridge = proxy (route "
+        "`/firmware/{version}`, idempotent: one HTTP byte range per block) → API → Redis "
+        "store, every client the one device registered for 127.0.0.1; libcoap = "
+        "`coap-server-notls` serving the same bytes, PUT to /example_data. Images/s: blocks/s "
+        "over the image's blocks (a transfer may outlast the window). CPU per block over "
+        "every answered block, warm-up included. OK: every block right, no timeout.",
+        [SYSTEM, _column("clients", "clients"), _column("blocks/s", "blocks_per_second"),
+         _column("images/s", "image_transfers_per_second", 2),
+         _column("whole transfers", "transfers"),
+         _column("p50 ms/block", "p50_ms", 2), _column("p99 ms/block", "p99_ms", 2),
+         _column("timeouts", "timeouts"), _column("corrupt", "corrupt"),
+         ("proxy (libcoap) CPU µs/block", lambda r, _: _num(
+             r.get("proxy_cpu_us_per_block", r.get("libcoap_cpu_us_per_block")))),
+         _column("API CPU µs/block", "api_cpu_us_per_block"),
+         _column("Redis CPU µs/block", "redis_cpu_us_per_block", 1),
+         ("× libcoap blocks/s", lambda r, rows: _ratio(
+             r.get("blocks_per_second"), _rate(rows, "F", "libcoap", "blocks_per_second"))),
+         ("status", lambda r, _: r.get("status", "–"))],
+        _f_after,
+        what=_f_what,
     ),
     "E": Table(
         "E",
@@ -523,6 +569,10 @@ SETTINGS = [
 ]
 
 
+F_SETTINGS = (
+    "F: {f_clients} clients, a {f_kib} KiB firmware image in {f_block_size}-byte blocks, "
+    "window {f_duration:g} s, {b_loadgen_workers} load generator process(es)"
+)
 O_SETTINGS = (
     "O: {o_devices:,} observing devices in {o_loadgen_workers} process(es), {o_concurrency} "
     "HTTP requests in flight, {memory:,} other devices with a waiting command for Redis memory"
@@ -534,6 +584,8 @@ def settings_text(s: dict[str, Any], argv: Sequence[str]) -> str:
                   "t_systems": ", ".join(s["t_systems"]), "b_systems": ", ".join(s["b_systems"]),
                   "b_kib": s["b_size"] // 1024}  # fmt: skip
     lines = [line.format(**values) for line in SETTINGS]
+    if "F" in s["scenarios"] and "f_clients" in s:
+        lines.insert(5, F_SETTINGS.format(**s, f_kib=s["f_size"] // 1024))
     if "O" in s["scenarios"] and "o_devices" in s:
         lines.insert(-2, O_SETTINGS.format(
             **s, memory=s.get("o_memory_devices") or s["o_devices"]))  # fmt: skip
@@ -552,7 +604,7 @@ def render(results: dict[str, Any]) -> str:
         settings_text(results["settings"], results["argv"]) + "\n",
     ]
     # E's table also holds the rows of R and D (E through --workers N, E over DTLS).
-    shown = {"T": "T", "B": "B", "E": "ELRD", "L": "L", "H": "H", "O": "O"}
+    shown = {"T": "T", "B": "B", "E": "ELRD", "L": "L", "H": "H", "O": "O", "F": "F"}
     parts += [TABLES[t].render(rows) for t, by in shown.items() if set(by) & set(chosen)]
     if "M" in chosen:
         parts.append(table_m(rows, results.get("redis_dedup")))
