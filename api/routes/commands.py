@@ -27,6 +27,7 @@ from api.commands import (
     Commands,
     CommandTooLarge,
     PreconditionRequired,
+    command_path,
 )
 from api.deps import StoreDep, require_api_key, require_proxy
 from api.errors import (
@@ -205,7 +206,7 @@ async def _observers(request: Request, iccid: str) -> int | None:
     if relations is None:
         return None
     try:
-        return await relations.observers(f"/commands/{iccid}")
+        return await relations.observers(command_path(iccid))
     except REDIS_ERRORS as exc:  # the listing still answers; the count is unknown
         log.warning("observe relation records unreadable: %s", exc)
         return None
