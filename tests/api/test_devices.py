@@ -270,6 +270,7 @@ async def test_healthz_and_docs(store: DeviceStore) -> None:
         "onboarding",
         "devices",
         "credentials",
+        "firmware",
         "health",
     }
     assert {
