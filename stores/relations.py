@@ -212,8 +212,10 @@ class RedisRelationRecords:
         """Write what is pending and refresh this replica's liveness; drop dead replicas'
         records. Returns how many records of dead replicas were dropped."""
         if self._resync:
-            # Redis came back (maybe empty): everything this replica holds, again.
+            # Redis came back (maybe empty): everything this replica holds, again, and the
+            # removals asked for meanwhile (their records may have survived).
             pending = {rel: ("a", path) for rel, path in self._held.items()}
+            pending.update((rel, wish) for rel, wish in self._pending.items() if wish[0] == "r")
         else:
             pending = self._pending
         self._pending = {}

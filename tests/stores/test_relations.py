@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from stores.redis import connect
 from stores.relations import MemoryRelationRecords, RedisRelationRecords, RelationReader
 from tests.support.redis_topologies import ClusterDeployment
@@ -88,6 +91,31 @@ async def test_records_on_a_cluster(redis_cluster: ClusterDeployment) -> None:
         a.remove("dev1|01", PATH)
         await a.sync()
         assert await reader.observers(PATH) == 0
+    finally:
+        await reader.close()
+        await a.close()
+
+
+async def test_a_removal_asked_while_redis_was_away_is_written_after(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = _replica(redis_server)
+    reader = RelationReader.from_url(redis_server.url, prefix="t")
+    try:
+        a.add("dev1|01", PATH)
+        a.add("dev1|02", PATH)
+        await a.sync()
+        working = a._script
+
+        async def unreachable(*args: object) -> object:
+            raise RedisConnectionError("connection refused")
+
+        monkeypatch.setattr(a, "_script", unreachable)
+        assert await a.sync() == 0  # not written: everything held goes again next time
+        a.remove("dev1|02", PATH)  # asked while Redis is away; its record is still there
+        monkeypatch.setattr(a, "_script", working)
+        await a.sync()
+        assert await reader.observers(PATH) == 1
     finally:
         await reader.close()
         await a.close()
