@@ -1,10 +1,11 @@
 """One Redis connection of our own for script calls on the hot paths: RESP2 commands, pipelined,
 over one :class:`asyncio.Protocol`.
 
-Why: the proxy sends one script call per batch of dedup claims (proxy/state/redis_store.py),
-the API one per batch of telemetry (api/admission.py), and on that path redis-py's command
-packing, connection pool and reply parser in Python cost about twice this link's CPU per call
-(docs/ARCHITECTURE.md, "Own wire clients on the hot path"; BENCHMARKS.md, "Fourth session").
+Why: the exactly-once ledger (stores/ledger.py) sends one script call per batch of claims on
+both sides (the proxy's dedup; the API's admission, api/admission.py), and on that path
+redis-py's command packing, connection pool and reply parser in Python cost about twice this
+link's CPU per call (docs/ARCHITECTURE.md, "Own wire clients on the hot path"; BENCHMARKS.md,
+"Fourth session").
 
 What it speaks: requests as RESP arrays of bulk strings; replies of the five RESP2 types
 (simple string, error, integer, bulk string, array; nil bulk and nil array as ``None``). Replies
