@@ -110,6 +110,26 @@ async def silent(wire: Wire, seconds: float = 0.6) -> bool:
     return True
 
 
+def newer(observe: int | None, last: int) -> bool:
+    """``observe`` is fresher than ``last`` in 24-bit serial arithmetic (RFC 7641 §3.4)."""
+    return observe is not None and 0 < (observe - last) % (1 << 24) < (1 << 23)
+
+
+async def expect_con_note(
+    c: Checks, wire: Wire, label: str, token: bytes, last: int | None = None
+) -> Message | None:
+    """The next datagram, checked as a CON 2.05 notification on ``token`` (and newer than
+    ``last`` when given)."""
+    note = await receive(wire)
+    c.check(
+        label,
+        note is not None and note.mtype == CON and note.code == w.CONTENT
+        and note.token == token and (last is None or newer(observe_of(note), last)),
+        note,
+    )  # fmt: skip
+    return note
+
+
 def check_first(c: Checks, answer: Message, token: bytes) -> tuple[int | None, int]:
     cf = w.content_format(answer)
     c.check(
@@ -135,7 +155,7 @@ def check_note(c: Checks, note: Message | None, token: bytes, cf: int | None, la
     observe = observe_of(note)
     c.check(
         "notification: Observe increasing",
-        observe is not None and 0 < (observe - last) % (1 << 24) < (1 << 23),
+        newer(observe, last),
         f"{last} → {observe}",
     )
     return observe or last
@@ -214,7 +234,7 @@ async def test_td_coap_obs_02(wire: Wire, proxy: RunningProxy, state: OriginStat
         observe = observe_of(note)
         c.check(
             "notification: Observe increasing",
-            observe is not None and 0 < (observe - last) % (1 << 24) < (1 << 23),
+            newer(observe, last),
             f"{last} → {observe}",
         )
         last = observe or last
@@ -273,14 +293,13 @@ async def test_td_coap_obs_04(wire: Wire, proxy: RunningProxy, state: OriginStat
     )  # fmt: skip
     last = observe_of(again) or 0
     state.change("/obs", b"obs 04 c")
-    note = await receive(wire)
-    observe = observe_of(note) if note is not None else None
-    c.check(
+    note = await expect_con_note(
+        c,
+        wire,
         "after re-registration: CON 2.05 notification, token t, Observe increasing",
-        note is not None and note.mtype == CON and note.code == w.CONTENT and note.token == tok
-        and observe is not None and 0 < (observe - last) % (1 << 24) < (1 << 23),
-        note,
-    )  # fmt: skip
+        tok,
+        last,
+    )
     if note is not None:
         ack(wire, note)
     c.done()
@@ -291,12 +310,7 @@ async def test_td_coap_obs_05(wire: Wire, proxy: RunningProxy, state: OriginStat
     _mid, tok, first = await register(wire, "/obs")
     check_first(c, first, tok)
     state.change("/obs", b"obs 05 a")
-    note = await receive(wire)
-    c.check(
-        "notification: CON 2.05, token t",
-        note is not None and note.mtype == CON and note.code == w.CONTENT and note.token == tok,
-        note,
-    )
+    note = await expect_con_note(c, wire, "notification: CON 2.05, token t", tok)
     # Switched off: nothing is acknowledged from here on.
     again = await receive(wire)
     c.check(
@@ -337,12 +351,7 @@ async def test_td_coap_obs_06(wire: Wire, proxy: RunningProxy, state: OriginStat
     _mid, tok, first = await register(wire, "/obs")
     check_first(c, first, tok)
     state.change("/obs", b"obs 06 a")
-    note = await receive(wire)
-    c.check(
-        "notification: CON 2.05, token t",
-        note is not None and note.mtype == CON and note.code == w.CONTENT and note.token == tok,
-        note,
-    )
+    note = await expect_con_note(c, wire, "notification: CON 2.05, token t", tok)
     if note is not None:
         wire.client.send(encode_empty(RST, note.mid))
     await asyncio.sleep(0.2)
@@ -402,14 +411,9 @@ async def test_td_coap_obs_10(wire: Wire, proxy: RunningProxy, state: OriginStat
     )  # fmt: skip
     c.check("plain GET: no Observe", observe_of(plain) is None, plain)
     state.change("/obs", b"obs 10")
-    note = await receive(wire)
-    observe = observe_of(note) if note is not None else None
-    c.check(
-        "notifications still arrive: CON 2.05, token t, Observe increasing",
-        note is not None and note.mtype == CON and note.code == w.CONTENT and note.token == tok
-        and observe is not None and 0 < (observe - last) % (1 << 24) < (1 << 23),
-        note,
-    )  # fmt: skip
+    note = await expect_con_note(
+        c, wire, "notifications still arrive: CON 2.05, token t, Observe increasing", tok, last
+    )
     if note is not None:
         ack(wire, note)
     c.done()
@@ -420,12 +424,7 @@ async def test_td_coap_obs_11(wire: Wire, proxy: RunningProxy, state: OriginStat
     _mid, tok, first = await register(wire, "/obs")
     check_first(c, first, tok)
     state.change("/obs", b"obs 11 a")
-    note = await receive(wire)
-    c.check(
-        "notification: CON 2.05, token t",
-        note is not None and note.mtype == CON and note.code == w.CONTENT and note.token == tok,
-        note,
-    )
+    note = await expect_con_note(c, wire, "notification: CON 2.05, token t", tok)
     # The ACK is lost; the resource changes twice meanwhile.
     state.change("/obs", b"obs 11 b")
     state.change("/obs", b"obs 11 c")
@@ -509,14 +508,9 @@ async def test_td_coap_obs_13(wire: Wire, proxy: RunningProxy, state: OriginStat
     c.check("client gets the rest with Block2", await _rest(wire, first) == OBS_LARGE)
     changed = OBS_LARGE.replace(b"[0001]", b"[XXXX]")
     state.change("/obs-large", changed)
-    note = await receive(wire)
-    observe = observe_of(note) if note is not None else None
-    c.check(
-        "notification: CON 2.05, token t, Observe increasing",
-        note is not None and note.mtype == CON and note.code == w.CONTENT and note.token == tok
-        and observe is not None and 0 < (observe - last) % (1 << 24) < (1 << 23),
-        note,
-    )  # fmt: skip
+    note = await expect_con_note(
+        c, wire, "notification: CON 2.05, token t, Observe increasing", tok, last
+    )
     nblock = w.block(note, w.BLOCK2) if note is not None else None
     c.check(
         "notification: Block2 NUM 0, M 1, full block",

@@ -41,7 +41,7 @@ from proxy.settings import ProxySettings
 from proxy.state.psk import MemoryPskStore
 from stores.keys import device_key, device_set_key, psk_channel
 from tests.support.bridge import Bridge, bridge_command, running_bridge
-from tests.support.clients import aiocoap_client, coap_client
+from tests.support.clients import aiocoap_post_over_dtls, coap_client
 from tests.support.dtls import (
     CT_ALERT,
     DtlsClient,
@@ -117,17 +117,10 @@ async def test_libcoap_post_over_dtls_reaches_mqtt_as_the_identity(up, mosquitto
 
 async def test_aiocoap_client_with_a_credentials_file(up, mosquitto, tmp_path) -> None:
     iccid, psk = await up.device()
-    credentials = tmp_path / "credentials.json"
-    credentials.write_text(
-        json.dumps(
-            {up.coaps("/*"): {"dtls": {"psk": {"ascii": psk}, "client-identity": {"ascii": iccid}}}}
-        )
-    )
     async with subscribed(mosquitto.url, "dtls/aiocoap") as sub:
-        run = await aiocoap_client(
-            "--credentials", str(credentials), "-m", "POST", "--payload", "from aiocoap",
-            up.coaps("/?t=dtls/aiocoap"),
-        )  # fmt: skip
+        run = await aiocoap_post_over_dtls(
+            up.coaps("/?t=dtls/aiocoap"), iccid, psk, "from aiocoap", tmp_path
+        )
         assert "2.04" in run.codes, run.stdout + run.stderr
         [message] = await sub.wait_for(1)
     assert message.payload == b"from aiocoap"

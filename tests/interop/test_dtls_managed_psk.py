@@ -22,7 +22,6 @@ tinydtls' buffer, and the proxy keeps serving.
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from policies.psk import MAX_PSK_BYTES
 from proxy.transports import dtls
 from tests.interop.test_dtls import dtls_proxy
 from tests.support.bridge import Bridge, running_bridge
-from tests.support.clients import aiocoap_client, coap_client
+from tests.support.clients import aiocoap_post_over_dtls, coap_client
 from tests.support.dtls import DtlsClient, dtls_ready
 from tests.support.http import free_port
 from tests.support.mqtt import subscribed
@@ -104,17 +103,10 @@ async def test_libcoap_with_a_hex64_key_as_the_guide_configures_it(up, mosquitto
 
 async def test_aiocoap_client_with_a_hex64_key(up, mosquitto, tmp_path) -> None:
     iccid, key = await up.device_with_credentials()
-    credentials = tmp_path / "credentials.json"
-    credentials.write_text(
-        json.dumps(
-            {up.coaps("/*"): {"dtls": {"psk": {"ascii": key}, "client-identity": {"ascii": iccid}}}}
-        )
-    )
     async with subscribed(mosquitto.url, "psk64/aiocoap") as sub:
-        run = await aiocoap_client(
-            "--credentials", str(credentials), "-m", "POST", "--payload", "from aiocoap",
-            up.coaps("/?t=psk64/aiocoap"),
-        )  # fmt: skip
+        run = await aiocoap_post_over_dtls(
+            up.coaps("/?t=psk64/aiocoap"), iccid, key, "from aiocoap", tmp_path
+        )
         assert "2.04" in run.codes, run.stdout + run.stderr
         [message] = await sub.wait_for(1)
     assert message.payload == b"from aiocoap"
