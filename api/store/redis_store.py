@@ -199,25 +199,12 @@ class RedisDeviceStore:
         return device_from_hash(raw) if raw else None
 
     async def get_by_ip(self, ip: str) -> Device | None:
-        try:
-            ip = normalise_ip(ip)
-        except ValueError:
-            return None
-
-        async def work(redis: Redis) -> dict[Any, Any] | None:
-            iccid = await redis.get(self._ipkey(ip))
-            if iccid is None:
-                return None
-            raw: dict[Any, Any] = await redis.hgetall(self._dkey(_text(iccid)))
-            return raw
-
-        raw = await self._run(work)
-        if not raw:
-            return None
-        device = device_from_hash(raw)
-        # Between the two reads the device may have moved to another ip; the index read is
-        # then stale and the answer is "nobody has this ip".
-        return device if device.ip == ip else None
+        """One script call (:data:`DEVICE_READ_LUA`, as :meth:`get_many_by_ip`): the index and
+        the device's hash read together, so a device that moved between the two reads is
+        nobody's, and every single-device lookup by address (/location, /bootstrap, commands,
+        firmware blocks) costs one round trip instead of two."""
+        [device] = await self.get_many_by_ip([ip])
+        return device
 
     async def get_many(self, iccids: Sequence[str]) -> builtins.list[Device | None]:
         if not iccids:
