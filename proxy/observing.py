@@ -93,6 +93,10 @@ class Observing:
     ) -> tuple[Response, Relation | None, bool]:
         """The answer to ``request`` as it goes out, the relation it belongs to (its separate
         CON's outcome matters), and whether it must travel as a CON of its own."""
+        if request.method != codes.GET:
+            # Only a GET registers, or deregisters (RFC 7641 §3.6; observable routes serve GET
+            # alone): the telemetry path pays one comparison.
+            return response, None, False
         value = observe_value(request)
         observers = self.observers
         if value is None and not len(observers):

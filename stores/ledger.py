@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -176,6 +177,7 @@ class ScriptReads:
     args: list[bytes | int | str]
 
 
+@functools.cache  # one text per kind of reads: the link's SHA lookup finds it by its cached hash
 def batch_script(reads_lua: str = _NO_READS) -> str:
     """The script that runs ``reads_lua``'s reads, then a batch of record operations."""
     return RECORD_OP_LUA + reads_lua + _BATCH_LUA

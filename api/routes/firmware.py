@@ -23,6 +23,7 @@ from api.errors import (
     DeviceUnauthorized,
     NotAuthenticated,
     NotConfigured,
+    PayloadTooLarge,
     ProxyForbidden,
     StoreUnavailable,
     clip,
@@ -66,8 +67,7 @@ class FirmwareMediaType(ApiError):
     default_message = "a firmware image is uploaded as application/octet-stream"
 
 
-class FirmwareTooLarge(ApiError):
-    status_code = 413
+class FirmwareTooLarge(PayloadTooLarge):
     default_message = "firmware image too large"
 
 
@@ -167,6 +167,7 @@ NewVersionPath = Annotated[
 _MANAGEMENT_ERRORS: tuple[type[ApiError], ...] = (
     NotAuthenticated,
     NotConfigured,
+    PayloadTooLarge,
     FirmwareStoreUnavailable,
 )
 

@@ -90,12 +90,13 @@ class CoapDriver(asyncio.DatagramProtocol):
         identity = self._identity_of(addr) if self._identity_of is not None else None
         now = self._loop.time()
         event = self._endpoint.receive(data, addr, now, identity)
-        if self._observing is not None:
-            self._collect()
-        if event is None:
-            return
-        if type(event) is bytes:
-            transport.sendto(event, addr)
+        if event is None or type(event) is bytes:
+            # Only an ACK or a Reset (answered with nothing, or with the notification that
+            # waited for it) settles a notification: a request never does.
+            if event is not None:
+                transport.sendto(event, addr)
+            if self._observing is not None:
+                self._collect()
             return
         assert isinstance(event, Exchange)
         request = event.request
