@@ -22,28 +22,22 @@ from api.commands import Commands
 from api.errors import ApiError, install_error_handler
 from api.fast_path import BatchFastPath
 from api.feed import ChangeFeed
-from api.feed import router as feed_router
 from api.guard import Guard
 from api.idempotency import build_ledger
+from api.presence import PresenceWatcher
+from api.profiles import ALWAYS_ON, disabled_router, enabled_routers
 from api.publisher import MqttPublisher, Publisher
-from api.routes import (
-    bootstrap,
-    commands,
-    credentials,
-    devices,
-    firmware,
-    ingest,
-    location,
-    onboarding,
-)
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
 from api.store.memory import MemoryDeviceStore
 from api.store.redis_store import RedisDeviceStore
+from policies.profiles import SIM_IDENTITY
 from stores.firmware import firmware_store_for
 from stores.ledger import Ledger
+from stores.presence import presence_for
 from stores.queue import queue_for
+from stores.registry import registry_for
 from stores.relations import RelationCount, RelationReader
 
 _TAGS = [
@@ -204,6 +198,10 @@ def create_app(
                 owned.push_async_callback(app.state.relations.close)
             owned.push_async_callback(app.state.commands.close)
             owned.push_async_callback(app.state.firmware.close)
+            owned.push_async_callback(app.state.registry.close)
+            # Closed before the publisher (pushed after it): queued statuses go out first.
+            await app.state.presence.start()
+            owned.push_async_callback(app.state.presence.close)
             # Commands from MQTT arrive on the publisher's connection (a publisher given by a
             # test may not subscribe: then there is no MQTT intake).
             app.state.command_intake = CommandIntake(
@@ -246,24 +244,25 @@ def create_app(
         publisher=lambda: app.state.publisher,
     )
     app.state.firmware = firmware_store_for(settings.redis_url, prefix=settings.redis_prefix)
+    # Presence (api/presence.py) and the signed-session registry (stores/registry.py): started
+    # and closed by the lifespan.
+    app.state.presence = PresenceWatcher(
+        presence_for(settings.redis_url, settings.redis_prefix),
+        lambda: app.state.publisher,
+        settings.status_topic,
+    )
+    app.state.registry = registry_for(settings.redis_url, settings.redis_prefix)
     install_error_handler(app)
     # Routes declared on the app itself parse JSON bodies at a bounded cost too.
     app.router.route_class = SafeJsonRoute
-    if fast_path:
-        app.add_middleware(BatchFastPath)
+    if fast_path and SIM_IDENTITY in settings.profiles:
+        app.add_middleware(BatchFastPath)  # it serves /ingest/batch, a sim_identity resource
     app.add_middleware(Guard)  # added last: outermost, so it runs before any body is read
-    app.include_router(ingest.router)
-    app.include_router(bootstrap.router)
-    app.include_router(location.router)
-    app.include_router(onboarding.router)
-    app.include_router(devices.router)
-    app.include_router(credentials.router)
-    app.include_router(location.management)
-    app.include_router(commands.management)
-    app.include_router(commands.router)
-    app.include_router(feed_router)
-    app.include_router(firmware.management)
-    app.include_router(firmware.router)
+    # The resources of the enabled profiles, then a 404 naming its profile for each resource of
+    # the others (api/profiles.py).
+    for router in (*ALWAYS_ON, *enabled_routers(settings.profiles)):
+        app.include_router(router)
+    app.include_router(disabled_router(settings.profiles))
 
     @app.get(
         "/healthz",

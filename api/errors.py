@@ -73,12 +73,19 @@ class DeviceNotFound(ApiError):
 
 class DeviceExists(ApiError):
     status_code = 409
-    default_message = "a device with this iccid already exists"
+    default_message = "a device with this id already exists"
 
 
 class IpInUse(ApiError):
     status_code = 409
     default_message = "another device already has this ip"
+
+
+class ImeiInUse(ApiError):
+    """The IMEI index names one device: a device named by its IMEI must be unambiguous."""
+
+    status_code = 409
+    default_message = "another device already has this imei"
 
 
 class StoreUnavailable(ApiError):
@@ -165,6 +172,40 @@ class TermsNotAccepted(DeviceUnauthorized):
     (docs/CONTRACT.md §8)."""
 
     default_message = "the device owner has not accepted the terms of use"
+
+
+class BadDeviceQuery(ApiError):
+    """``POST /telemetry`` without exactly one non-empty ``id`` query: 4.00 (docs/PROFILES.md)."""
+
+    status_code = 400
+    default_message = "query 'id' must be given exactly once and not be empty"
+
+
+class DeviceForbidden(ApiError):
+    """The caller is an authenticated device, but the ``id`` it names is another device's:
+    4.03 (RFC 7252 §5.9.2.4: authenticated, not allowed), docs/PROFILES.md."""
+
+    status_code = 403
+    default_message = "the PSK identity does not belong to this device"
+
+
+class UndecodablePayload(ApiError):
+    """A payload that does not decode in the Content-Format it declares (JSON, CBOR): 4.00."""
+
+    status_code = 400
+    default_message = "payload does not decode in its content format"
+
+
+class UnsupportedContentFormat(ApiError):
+    """A Content-Format the resource does not take: 4.15 (RFC 7252 §5.9.2.9)."""
+
+    status_code = 415
+    default_message = "unsupported content format"
+
+
+class CredentialNotFound(ApiError):
+    status_code = 404
+    default_message = "credential not found"
 
 
 class PayloadTooLarge(ApiError):
@@ -352,3 +393,52 @@ def install_error_handler(app: FastAPI) -> None:
     validation errors with what they repeat of the request cut short."""
     app.add_exception_handler(ApiError, _render)
     app.add_exception_handler(RequestValidationError, _render_validation)
+
+
+# --- the signed-session profile (docs/PROFILES.md, "signed_session")
+
+
+class ProductNotFound(ApiError):
+    status_code = 404
+    default_message = "product not found"
+
+
+class ProductExists(ApiError):
+    status_code = 409
+    default_message = "a product with this productKey already exists"
+
+
+class ProductHasDevices(ApiError):
+    status_code = 409
+    default_message = "the product still has devices: delete them first"
+
+
+class RegisteredDeviceNotFound(ApiError):
+    status_code = 404
+    default_message = "no device with this deviceKey in this product"
+
+
+class DeviceKeyExists(ApiError):
+    status_code = 409
+    default_message = "a device with this deviceKey already exists in this product"
+
+
+class BadAuthMessage(ApiError):
+    """An auth message that is not ``{"secureMode": 2, "lifetime": 30..86400, "sign": hex}``:
+    4.00 on the CoAP side."""
+
+    status_code = 400
+    default_message = "malformed auth message"
+
+
+class AuthRefused(DeviceUnauthorized):
+    """Unknown product or device, a sign that does not verify, or a replay: 4.01."""
+
+    default_message = "authentication failed"
+
+
+class NoSession(DeviceUnauthorized):
+    """A message outside a live session of the device, or from another address: 4.01 (the
+    device authenticates again)."""
+
+    default_message = "no live session for this device from this address: authenticate first"

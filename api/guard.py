@@ -87,7 +87,22 @@ RULES: dict[str, Rule] = {
     "/firmware": Rule(Caller.MANAGEMENT, _no_body),
     "/firmware/*": Rule(Caller.MANAGEMENT, _firmware),
     "GET /firmware/*": Rule(Caller.PROXY, _no_body),
+    # The signed-session profile (docs/PROFILES.md): its registry is management; an auth
+    # message and the telemetry of a session come through the proxy.
+    "/products": Rule(Caller.MANAGEMENT, _management),  # and everything under it
+    "/auth/*": Rule(Caller.PROXY, _no_body),
+    "/topic/sys/*": Rule(Caller.PROXY, _one_payload),
+    # The managed-PSK profile: telemetry through the proxy; the credentials resource at the
+    # platform's own path is management.
+    "/telemetry": Rule(Caller.PROXY, _one_payload),
+    "/api/v4/manage/devices": Rule(Caller.MANAGEMENT, _management),  # and everything under it
 }
+_PREFIX_RULES = (
+    ("/api/v4/manage/devices/", "/api/v4/manage/devices"),
+    ("/products/", "/products"),
+    ("/auth/", "/auth/*"),
+    ("/topic/sys/", "/topic/sys/*"),
+)
 MANAGEMENT_PREFIX = "/devices/"
 COMMANDS_PREFIX = "/commands/"
 FIRMWARE_PREFIX = "/firmware/"
@@ -109,6 +124,9 @@ def rule_for(path: str, method: str = "GET") -> Rule:
         return RULES["/devices"]
     if path.startswith(COMMANDS_PREFIX):
         return RULES["/commands"]
+    for prefix, name in _PREFIX_RULES:
+        if path.startswith(prefix):
+            return RULES[name]
     return RULES.get(path.rstrip("/"), DEFAULT_RULE)
 
 

@@ -191,12 +191,16 @@ def connect_packet(
     return bytes((_CONNECT,)) + varint(len(body)) + body
 
 
-def publish_packet(topic: bytes, mid: int, payload: bytes, properties: bytes | None) -> bytes:
-    """PUBLISH at QoS 1; ``properties`` is an MQTT 5 property block (None under 3.1.1)."""
+def publish_packet(
+    topic: bytes, mid: int, payload: bytes, properties: bytes | None, retain: bool = False
+) -> bytes:
+    """PUBLISH at QoS 1; ``properties`` is an MQTT 5 property block (None under 3.1.1).
+    ``retain``: the RETAIN flag (MQTT 5 §3.3.1.3), for state such as a device's status."""
     variable = _string(topic) + mid.to_bytes(2, "big")
     if properties is not None:
         variable += properties
-    return bytes((_PUBLISH_QOS1,)) + varint(len(variable) + len(payload)) + variable + payload
+    first = _PUBLISH_QOS1 | 0x01 if retain else _PUBLISH_QOS1
+    return bytes((first,)) + varint(len(variable) + len(payload)) + variable + payload
 
 
 def subscribe_packet(protocol: Protocol, mid: int, filters: Sequence[bytes]) -> bytes:
@@ -387,7 +391,7 @@ class MqttLink(asyncio.Protocol):
         return len(self._in_flight)
 
     def publish_many(
-        self, messages: Sequence[tuple[str, bytes, bytes | None]]
+        self, messages: Sequence[tuple[str, bytes, bytes | None]], retain: bool = False
     ) -> list[asyncio.Future[None]]:
         """Queue every message (topic, payload, MQTT 5 property block or None) and send what the
         broker's Receive Maximum allows, in one write. Each future resolves on its PUBACK, or
@@ -414,7 +418,7 @@ class MqttLink(asyncio.Protocol):
                 block = properties if properties is not None else b"\x00"  # none: length 0
             else:
                 block = None  # 3.1.1 has no properties
-            packet = publish_packet(encoded, mid, payload, block)
+            packet = publish_packet(encoded, mid, payload, block, retain)
             if len(packet) > self._maximum_packet:
                 future.set_exception(
                     ValueError(f"PUBLISH of {len(packet)} bytes exceeds the broker's maximum")

@@ -90,12 +90,12 @@ async def hand_out_psk(
         return changes
 
     try:
-        updated = await store.modify(device.iccid, change)
+        updated = await store.modify(device.id, change)
     except DeviceNotFound as exc:
         raise DeviceUnauthorized() from exc
     # The last decision is the one of the attempt that committed.
     if decisions[-1].regenerated:
-        log.info("bootstrap: new psk generated for device %s", device.iccid)
+        log.info("bootstrap: new psk generated for device %s", device.id)
     assert updated.psk is not None
     return updated.psk
 

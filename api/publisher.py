@@ -78,8 +78,11 @@ class Publisher(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def publish(self, topic: str, payload: bytes, properties: Mapping[str, str]) -> None:
-        """Publish with QoS 1; return after PUBACK or raise ``BrokerUnavailable``."""
+    async def publish(
+        self, topic: str, payload: bytes, properties: Mapping[str, str], *, retain: bool = False
+    ) -> None:
+        """Publish with QoS 1; return after PUBACK or raise ``BrokerUnavailable``. ``retain``:
+        the broker keeps it for later subscribers (a device's status, api/presence.py)."""
         ...
 
     async def publish_many(
@@ -297,8 +300,10 @@ class MqttPublisher:
             return None
         return pack_user_properties(properties) if properties else b"\x00"
 
-    async def publish(self, topic: str, payload: bytes, properties: Mapping[str, str]) -> None:
-        [outcome] = await self.publish_many([(topic, payload, properties)])
+    async def publish(
+        self, topic: str, payload: bytes, properties: Mapping[str, str], *, retain: bool = False
+    ) -> None:
+        [outcome] = await self.publish_many([(topic, payload, properties)], retain=retain)
         if outcome is not None:
             raise outcome
 
@@ -306,6 +311,7 @@ class MqttPublisher:
         self,
         messages: Sequence[tuple[str, bytes, Mapping[str, str]]],
         within: float | None = None,
+        retain: bool = False,
     ) -> list[BrokerUnavailable | None]:
         """Every PUBLISH goes out at once (as far as the broker's Receive Maximum allows) and
         one wait covers all the PUBACKs; a lost connection ends the wait at once."""
@@ -320,7 +326,8 @@ class MqttPublisher:
             return [exc] * len(messages)
         wait = max(0.0, limit - (loop.time() - started))
         futures = link.publish_many(
-            [(topic, payload, self._properties(props)) for topic, payload, props in messages]
+            [(topic, payload, self._properties(props)) for topic, payload, props in messages],
+            retain,
         )
         waiting = [future for future in futures if not future.done()]
         if waiting:

@@ -17,10 +17,12 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from policies.profiles import DEFAULT_PROFILES, profile_names
 from policies.topics import DEFAULT_TOPIC_TEMPLATE, render_topic, validate_topic
 
 _MQTT_SCHEMES = {"mqtt": 1883, "tcp": 1883}
 DEFAULT_COMMAND_TOPIC = "devices/{iccid}/commands"
+DEFAULT_STATUS_TOPIC = "devices/{device}/status"
 MAX_COMMAND_TTL = 2_592_000
 """Longest time a command may wait for its device: 30 days."""
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
@@ -114,6 +116,22 @@ class ApiSettings(BaseSettings):
     max_firmware_size: int = Field(default=16 * 1024 * 1024, ge=1)
     """Largest firmware image ``PUT /firmware/{version}`` accepts, in bytes; a larger body is
     refused with 413 before it is read (api/guard.py)."""
+    online_window: float = Field(default=3600.0, gt=0, le=30 * 86_400)
+    """Seconds a managed-PSK device counts as online after a message (docs/PROFILES.md): its
+    platform has no session to end, so silence this long is what "offline" means. One hour
+    covers devices that report every few minutes to hourly without flapping."""
+    status_topic: str = DEFAULT_STATUS_TOPIC
+    """Where a device's online/offline transitions are published, retained (api/presence.py,
+    docs/API.md "Presence"); ``{device}`` (the device id) is one whole level."""
+    profiles: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_PROFILES))
+    """The profiles whose resources are served (api/profiles.py, docs/PROFILES.md), by code
+    name or ``--profile`` flag value; a comma list in the environment. The proxy's setting of
+    the same name (same env var)."""
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _check_profiles(cls, value: object) -> list[str]:
+        return profile_names(value)
 
     @field_validator("mqtt_url")
     @classmethod
@@ -131,6 +149,18 @@ class ApiSettings(BaseSettings):
             raise ValueError(
                 f"topic_template {value!r} does not render a valid topic: {exc}"
             ) from exc
+        return value
+
+    @field_validator("status_topic")
+    @classmethod
+    def _check_status_topic(cls, value: str) -> str:
+        # One whole level: a device id is one level, and a subscriber's '+' takes its place.
+        if value.split("/").count("{device}") != 1 or value.count("{device}") != 1:
+            raise ValueError(f"status_topic {value!r} must have {{device}} as one whole level")
+        try:
+            validate_topic(value.replace("{device}", "device_1"))
+        except ValueError as exc:
+            raise ValueError(f"status_topic {value!r} is not a valid topic: {exc}") from exc
         return value
 
     @field_validator("command_share_group")

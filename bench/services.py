@@ -234,6 +234,8 @@ def start_api(
         f"--redis-url={redis_url}", f"--mqtt-url={mqtt_url}", f"--api-key={api_key}",
         f"--proxy-token={proxy_token}", "--log-level", "warning",
         f"--workers={workers}",
+        # /ingest for the telemetry scenarios, the firmware download for F (api/profiles.py).
+        "--profile", "sim_identity,managed_psk",
     ]  # fmt: skip
     ready = lambda: tcp_ready(port)  # noqa: E731
     return start(workdir, "coap-bridge-api", argv, ready, "accepting HTTP", workers > 1), port

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
-from policies import status
+from policies import profiles, status
 from policies.forwarding import http_origin
 
 _HTTP_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH"}
@@ -68,6 +69,10 @@ class Route:
     observe: bool = False
     observe_con: bool = False
     observe_ack: bool = False
+    # Served over plain CoAP in production mode (require_dtls), where every other route answers
+    # 4.01 there (docs/CONTRACT.md §6): /bootstrap (a device without its PSK cannot speak DTLS
+    # yet), and the routes of a profile whose devices never speak DTLS (docs/PROFILES.md).
+    plain: bool = False
 
     def http_method_for(self, coap_method: str) -> str:
         """The HTTP method to call: the configured one, else the CoAP method's HTTP twin."""
@@ -148,6 +153,17 @@ class Policy:
         if method not in route.methods:
             return _NOT_ALLOWED
         return RouteMatch(route, "", params)
+
+    def route_at(self, path: str, segments: list[str] | None = None) -> Route | None:
+        """The route serving ``path`` whatever the method (what :meth:`match` would find before
+        it checks the method), or None."""
+        found = self._exact.get(path)
+        if found is not None:
+            return found.route
+        if not self._templates:
+            return None
+        template = self._match_template(path.split("/")[1:] if segments is None else segments)
+        return template[0] if template is not None else None
 
     def _match_template(self, segments: list[str]) -> tuple[Route, dict[str, str]] | None:
         for pattern, route in self._templates.get(len(segments), ()):
@@ -310,7 +326,7 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
     if not isinstance(idempotent, bool):
         raise PolicyError(f"{where}: 'idempotent' must be true or false")
     flags = {}
-    for name in ("observe", "observe_con", "observe_ack"):
+    for name in ("observe", "observe_con", "observe_ack", "plain"):
         flags[name] = raw.get(name, False)
         if not isinstance(flags[name], bool):
             raise PolicyError(f"{where}: {name!r} must be true or false")
@@ -331,6 +347,7 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         "observe",
         "observe_con",
         "observe_ack",
+        "plain",
     }
     unknown = set(raw) - known
     if unknown:
@@ -362,6 +379,7 @@ def _route_from(index: int, raw: dict[str, Any]) -> Route:
         observe=flags["observe"],
         observe_con=flags["observe_con"],
         observe_ack=flags["observe_ack"],
+        plain=flags["plain"],
     )
 
 
@@ -369,17 +387,18 @@ def _is_target(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and value.startswith(("/", "http://", "https://"))
 
 
-def parse_policy(text: str) -> Policy:
+def parse_policy(text: str, name: str = "policy") -> Policy:
+    """``name``: what error messages call the file (a profile's name)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"policy is not valid TOML: {exc}") from exc
+        raise PolicyError(f"{name} is not valid TOML: {exc}") from exc
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
-        raise PolicyError("policy has no [[route]] tables")
+        raise PolicyError(f"{name} has no [[route]] tables")
     unknown = set(data) - {"route", "trusted_origins", "observe_events"}
     if unknown:
-        raise PolicyError(f"policy: unknown top-level keys {sorted(unknown)}")
+        raise PolicyError(f"{name}: unknown top-level keys {sorted(unknown)}")
     trusted = _trusted_origins(data.get("trusted_origins", []))
     events = data.get("observe_events", "/observe/events")
     if not isinstance(events, str) or not events.startswith("/") or "?" in events:
@@ -410,15 +429,22 @@ def _refuse_ambiguous(route: Route, templates: list[Route]) -> None:
     """Two templates that some path matches both (same segment count, and at each segment
     equal literals or a variable on either side) would make the order of the file matter:
     refused, so a path matches at most one template (an exact path still wins over both)."""
+    other = _ambiguous_with(route, templates)
+    if other is not None:
+        raise PolicyError(
+            f"route {route.path!r}: ambiguous with {other.path!r} (a path could match both)"
+        )
+
+
+def _ambiguous_with(route: Route, templates: Iterable[Route]) -> Route | None:
     pattern = _pattern(route.path)
     for other in templates:
         theirs = _pattern(other.path)
         if len(theirs) == len(pattern) and all(
             a is None or b is None or a == b for a, b in zip(pattern, theirs, strict=True)
         ):
-            raise PolicyError(
-                f"route {route.path!r}: ambiguous with {other.path!r} (a path could match both)"
-            )
+            return other
+    return None
 
 
 def _bare_origin(url: str) -> bool:
@@ -441,16 +467,81 @@ def _trusted_origins(raw: object) -> frozenset[str]:
     return frozenset(origins)
 
 
+def profile_text(profile: str) -> str:
+    """The packaged route table of ``profile`` (a code name, policies/profiles/)."""
+    return resources.files(profiles).joinpath(f"{profile}.toml").read_text(encoding="utf-8")
+
+
 def default_policy_text() -> str:
-    return resources.files("policies").joinpath("default.toml").read_text(encoding="utf-8")
+    """The route table of the default profile (today's product)."""
+    return profile_text(profiles.SIM_IDENTITY)
 
 
 def load_policy(path: str | Path | None = None) -> Policy:
-    """Load the policy at ``path``, or the packaged default when ``path`` is ``None``."""
+    """Load the policy at ``path``, or the default profile's when ``path`` is ``None``."""
     if path is None:
-        return parse_policy(default_policy_text())
+        return parse_policy(default_policy_text(), profiles.SIM_IDENTITY)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
     return parse_policy(text)
+
+
+def load_profiles(names: Sequence[str]) -> Policy:
+    """The route tables of the profiles ``names`` (code names or flag values,
+    policies/profiles/) merged into one policy (:func:`merge_profiles`); an unknown name is a
+    PolicyError listing the known ones."""
+    try:
+        wanted = profiles.profile_names(list(names))
+    except profiles.UnknownProfile as exc:
+        raise PolicyError(str(exc)) from exc
+    return merge_profiles(
+        [(name, parse_policy(profile_text(name), f"profile {name}")) for name in wanted]
+    )
+
+
+def merge_profiles(tables: Sequence[tuple[str, Policy]]) -> Policy:
+    """One policy from the named route tables of several profiles.
+
+    A path two profiles define identically is kept once (``/commands/{device}``); a path they
+    define differently, or two templates some path could match both, is a PolicyError naming
+    both profiles: which one a device reaches must not depend on the order of the flags. The
+    trusted origins are the union; the change feed path must be the same in every profile.
+    """
+    if not tables:
+        raise PolicyError("no profile named")
+    routes: dict[str, Route] = {}
+    owner: dict[str, str] = {}
+    trusted: set[str] = set()
+    events: tuple[str, str] | None = None
+    for profile, policy in tables:
+        if events is not None and policy.observe_events != events[1]:
+            raise PolicyError(
+                f"profiles {events[0]} and {profile}: different 'observe_events' "
+                f"({events[1]!r}, {policy.observe_events!r})"
+            )
+        events = (profile, policy.observe_events)
+        trusted |= policy.trusted_origins
+        for path, route in policy.routes.items():
+            existing = routes.get(path)
+            if existing is not None:
+                if existing != route:
+                    raise PolicyError(
+                        f"route {path!r} is defined differently by profiles {owner[path]} and "
+                        f"{profile}; they cannot be enabled together"
+                    )
+                continue
+            other = None
+            if route.variables:
+                other = _ambiguous_with(route, (r for r in routes.values() if r.variables))
+            if other is not None:
+                raise PolicyError(
+                    f"route {path!r} of profile {profile} is ambiguous with {other.path!r} of "
+                    f"profile {owner[other.path]} (a path could match both); they cannot be "
+                    "enabled together"
+                )
+            routes[path] = route
+            owner[path] = profile
+    assert events is not None  # tables is not empty
+    return Policy(routes=routes, trusted_origins=frozenset(trusted), observe_events=events[1])

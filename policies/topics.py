@@ -51,6 +51,16 @@ def topic_from_queries(queries: list[str]) -> str | None:
     return topic
 
 
-def render_topic(template: str, *, iccid: str) -> str:
-    """The default topic for a device that sent no ``t``."""
-    return template.format(iccid=iccid)
+def render_topic(template: str, *, iccid: str | None = None, device: str | None = None) -> str:
+    """The default topic for a device that sent no ``t``.
+
+    ``{device}`` is the device id; ``{iccid}`` is the ICCID, or the device id when the device
+    has none (a managed-PSK device), so the default template ``devices/{iccid}/messages`` names
+    every device by one level. Give ``device`` (the id), ``iccid``, or both. A rendered id may
+    hold '-', '.' and ':', which MQTT allows in a topic level (MQTT 5 §4.7); the stricter
+    charset of :func:`validate_topic` is for what a device sends in ``t``.
+    """
+    name = device if device is not None else iccid
+    if name is None:
+        raise ValueError("render_topic needs the device id or its iccid")
+    return template.format(iccid=iccid if iccid is not None else name, device=name)

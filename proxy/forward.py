@@ -28,9 +28,6 @@ from proxy.upstream import NO_HEADERS, Upstream, UpstreamResponse
 log = logging.getLogger(__name__)
 
 WELL_KNOWN_CORE = "/.well-known/core"
-# Production mode (require_dtls, docs/CONTRACT.md §6): on plain CoAP a device may only fetch
-# its PSK.
-PLAIN_PATHS_IN_PRODUCTION = frozenset({"/bootstrap"})
 LINK_FORMAT = 40
 _SAFE = frozenset({codes.GET, codes.FETCH})  # RFC 7252 §5.1, RFC 8132 §2
 
@@ -207,10 +204,11 @@ class ProxyHandler:
         max_payload: int = 65536,
         max_batch: int = 256,
         batch_concurrency: int = 1,
-        plain_paths: frozenset[str] | None = None,
+        plain_only: bool = False,
     ) -> None:
-        """``plain_paths``: when set, the only paths served (others → 4.01); production mode
-        gives the plain-CoAP handler ``PLAIN_PATHS_IN_PRODUCTION``. ``upstream_timeout``: the
+        """``plain_only``: serve only the routes marked ``plain`` and answer 4.01 to everything
+        else, discovery included (docs/CONTRACT.md §6): production mode gives it to the
+        plain-CoAP handler. ``upstream_timeout``: the
         upstream client's timeout, told to internal origins (forwarding.TIMEOUT_HEADER) so they
         answer before it runs out."""
         self._policy = policy
@@ -228,7 +226,7 @@ class ProxyHandler:
         self._max_batch = max_batch
         self._batch_concurrency = batch_concurrency
         self._batchers: dict[str, GroupCommit] = {}
-        self._plain_paths = plain_paths
+        self._plain_only = plain_only
         # Sent to internal origins only, with every call (policies/forwarding.py).
         self._internal_headers: dict[str, str] = {}
         if proxy_token is not None:
@@ -286,16 +284,23 @@ class ProxyHandler:
     def _match(self, request: Request) -> Response | RouteMatch:
         """The route, or this handler's own answer where there is none to forward to: 4.01 in
         production mode, discovery, 4.04, 4.05."""
-        if self._plain_paths is not None and request.path not in self._plain_paths:
-            return Response(codes.UNAUTHORIZED)
         if request.path == WELL_KNOWN_CORE:
-            return self._discover(request)
-        match = self._policy.match(
-            request.path, _METHOD_NAME_OF[request.method], self._segments(request)
-        )
+            return Response(codes.UNAUTHORIZED) if self._plain_only else self._discover(request)
+        segments = self._segments(request)
+        match = self._policy.match(request.path, _METHOD_NAME_OF[request.method], segments)
         if match.route is None:
+            if self._plain_only and not self._plain_route_at(request.path, segments):
+                # Production mode tells an unauthenticated peer nothing about what DTLS serves.
+                return Response(codes.UNAUTHORIZED)
             return Response(_ROUTE_ERRORS[match.error])
+        if self._plain_only and not match.route.plain:
+            return Response(codes.UNAUTHORIZED)
         return match
+
+    def _plain_route_at(self, path: str, segments: list[str] | None) -> bool:
+        """A ``plain`` route serves ``path`` (with another method: the 4.05 stays a 4.05)."""
+        route = self._policy.route_at(path, segments)
+        return route is not None and route.plain
 
     def _check(self, request: Request) -> Response | RouteMatch:
         """:meth:`_match`, then the checks before forwarding: the topic rules, the payload

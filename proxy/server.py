@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from policies.routes import Policy, load_policy
+from policies.routes import Policy, load_policy, load_profiles
 from proxy.coap.blockwise import BlockwiseHandler
 from proxy.coap.driver import CoapDriver
 from proxy.coap.endpoint import Endpoint
@@ -19,7 +19,7 @@ from proxy.coap.exchanges import ExchangeCache
 from proxy.coap.observe import Observers, Relation, relation_record_id
 from proxy.coap.requests import RequestHandler
 from proxy.feed import ChangeFeed
-from proxy.forward import PLAIN_PATHS_IN_PRODUCTION, ProxyHandler
+from proxy.forward import ProxyHandler
 from proxy.gate import Gate
 from proxy.http1 import Http1Upstream
 from proxy.observing import Observing, dispatch_change, refresh_all
@@ -173,13 +173,21 @@ class RunningProxy:
         return drained
 
 
+def route_policy(settings: ProxySettings) -> Policy:
+    """The route table: the ``policy`` file when one is given (it replaces the profiles'
+    tables entirely), else the enabled profiles' tables merged (policies/profiles/)."""
+    if settings.policy is not None:
+        return load_policy(settings.policy)
+    return load_profiles(settings.profiles)
+
+
 def _handler(
     settings: ProxySettings,
     policy: Policy,
     upstream: Upstream,
     *,
     proto: str,
-    plain_paths: frozenset[str] | None = None,
+    plain_only: bool = False,
 ) -> BlockwiseHandler:
     """One per transport: coap and coaps differ in the ``proto`` they report upstream (and,
     in production mode, in what plain CoAP may reach). The forwarder sits inside the
@@ -194,7 +202,7 @@ def _handler(
         max_payload=settings.max_payload,
         max_batch=settings.max_batch,
         batch_concurrency=settings.batch_concurrency,
-        plain_paths=plain_paths,
+        plain_only=plain_only,
     )
     limits = BlockLimits(max_body=settings.max_payload)
     store = None
@@ -295,7 +303,7 @@ async def start_proxy(
     DTLS (``settings.coaps_port`` not None) runs when there are PSKs to check: ``psk_store``
     if given (``coap-bridge up`` without Redis passes its in-process store), else a
     :class:`RedisPskMirror` of ``settings.redis_url``; with neither it stays off."""
-    policy = load_policy(settings.policy)
+    policy = route_policy(settings)
     made_upstream, made_dedup = upstream is None, dedup is None
     if upstream is None:
         upstream = Http1Upstream(
@@ -306,7 +314,7 @@ async def start_proxy(
         policy,
         upstream,
         proto="coap",
-        plain_paths=PLAIN_PATHS_IN_PRODUCTION if settings.require_dtls else None,
+        plain_only=settings.require_dtls,
     )
     if dedup is None and settings.redis_url is not None:
         # No retries: a failed claim is served on local dedup, better for the device than

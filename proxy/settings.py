@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from policies.profiles import DEFAULT_PROFILES, profile_names
 
 # Values of ``coaps_port`` (flag or environment) that switch the DTLS listener off.
 _OFF = frozenset({"", "off", "none", "false", "no", "disabled"})
@@ -15,7 +19,14 @@ class ProxySettings(BaseSettings):
     coap_host: str = Field("0.0.0.0", description="Address the CoAP (UDP) listener binds to")
     coap_port: int = Field(5683, ge=0, le=65535, description="CoAP UDP port")
     upstream: str = Field("http://127.0.0.1:8080", description="Base URL of the HTTP backend")
-    policy: str | None = Field(None, description="Route policy file (TOML); default: built in")
+    profiles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_PROFILES),
+        description="Profiles whose routes are served (docs/PROFILES.md), by code name or flag "
+        "value; a comma list in the environment",
+    )
+    policy: str | None = Field(
+        None, description="Route policy file (TOML), replacing the profiles' route tables"
+    )
     proxy_token: str | None = Field(None, description="Secret presented to the backend")
     redis_url: str | None = Field(
         None, description="Shared dedup across replicas (unset: this process's memory only)"
@@ -69,7 +80,9 @@ class ProxySettings(BaseSettings):
         "renegotiation_info extensions (tinydtls' default; many device stacks send neither)",
     )
     require_dtls: bool = Field(
-        False, description="Production mode: on plain CoAP only /bootstrap is served (4.01)"
+        False,
+        description="Production mode: plain CoAP serves only the routes marked plain (the "
+        "default profile: /bootstrap), anything else is 4.01",
     )
     block_size: int = Field(
         1024,
@@ -96,6 +109,11 @@ class ProxySettings(BaseSettings):
         if value < 16 or value > 1024 or value & (value - 1):
             raise ValueError("block_size must be a power of two from 16 to 1024")
         return value
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _profiles(cls, value: object) -> list[str]:
+        return profile_names(value)
 
     @field_validator("coaps_port", mode="before")
     @classmethod

@@ -11,17 +11,24 @@ DEFAULT_PREFIX = "cb"
 
 
 def device_key(iccid: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Hash holding one device's attributes."""
+    """Hash holding one device's attributes, named by its id (= PSK identity; a SIM's id is
+    its ICCID)."""
     return f"{prefix}:{{dev}}:device:{iccid}"
 
 
 def device_ip_key(ip: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """String mapping a SIM's IP address to its ICCID (the SIM-as-an-identity index)."""
+    """String mapping a SIM's IP address to its id (the SIM-as-an-identity index)."""
     return f"{prefix}:{{dev}}:ip:{ip}"
 
 
+def device_imei_key(imei: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """String mapping a device's IMEI to its id (the managed-PSK profile names a device by id
+    or IMEI). Same ``{dev}`` slot as the hash, so one transaction writes both."""
+    return f"{prefix}:{{dev}}:imei:{imei}"
+
+
 def device_set_key(prefix: str = DEFAULT_PREFIX) -> str:
-    """Set of every registered ICCID (for listing)."""
+    """Set of every registered device id (for listing)."""
     return f"{prefix}:{{dev}}:devices"
 
 
@@ -102,3 +109,28 @@ def firmware_chunk_key(
 def firmware_index_key(prefix: str = DEFAULT_PREFIX) -> str:
     """Set of every stored firmware version (for listing only)."""
     return f"{prefix}:fw:versions"
+
+
+def presence_keys(prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """Device presence (stores/presence.py): the sorted set of online devices scored by the
+    time each goes offline, and the hash device → when its last counted message arrived. One
+    ``{presence}`` hash tag: every step is one script on one Redis Cluster slot."""
+    base = f"{prefix}:{{presence}}"
+    return f"{base}:online", f"{base}:seen"
+
+
+def registry_keys(prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """The signed-session profile's registry (stores/registry.py): the hash of products
+    (productKey → record) and the prefix of each product's hash of devices (deviceKey →
+    record). One ``{reg}`` hash tag: a device is created or a product deleted in one script,
+    on one Redis Cluster slot."""
+    base = f"{prefix}:{{reg}}"
+    return f"{base}:products", f"{base}:devices:"
+
+
+def session_keys(device: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """One signed-session device's session (stores/registry.py): the hash of the live session
+    and the set of signs that opened a session the device has not used since. The
+    ``{ss:<device>}`` hash tag keeps both on one Cluster slot; devices spread over the slots."""
+    base = f"{prefix}:{{ss:{device}}}"
+    return f"{base}:session", f"{base}:unused"

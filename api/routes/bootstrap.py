@@ -68,4 +68,4 @@ async def bootstrap(
 ) -> PlainTextResponse:
     device, _ = await calling_device(request, store)
     psk = await hand_out_psk(store, settings, device, now)
-    return PlainTextResponse(f"{device.iccid},{psk},{settings.coaps_endpoint}", headers=NO_STORE)
+    return PlainTextResponse(f"{device.id},{psk},{settings.coaps_endpoint}", headers=NO_STORE)

@@ -238,9 +238,9 @@ async def _own_device(request: Request, store: StoreDep, device: str) -> str:
     """The calling device, resolved as for ``/location`` (DTLS identity, else the source
     address), which must be ``device``."""
     caller, _ = await calling_device(request, store)
-    if caller.iccid != device:
+    if caller.id != device:
         raise CommandForbidden()
-    return caller.iccid
+    return caller.id
 
 
 def _max_age(command: Command, now: float) -> int:

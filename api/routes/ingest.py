@@ -72,33 +72,38 @@ def _message(
     if len(topics) > 1:
         raise InvalidTopic("query 't' given more than once")
     try:
-        topic = (
-            validate_topic(topics[0])
-            if topics
-            else render_topic(settings.topic_template, iccid=device.iccid)
-        )
+        topic = validate_topic(topics[0]) if topics else default_topic(settings, device)
     except TopicError as exc:
         raise InvalidTopic(str(exc)) from exc
     content_format: str | None = None
     if content_type:
         number = content_format_for(content_type)
         content_format = str(number) if number is not None else content_type
-    return topic, _properties(device, origin.ip, origin.port, content_format, received_at)
+    return topic, message_properties(device, origin.ip, origin.port, content_format, received_at)
 
 
-def _properties(
+def default_topic(settings: ApiSettings, device: Device) -> str:
+    """The topic of a message that names none: the template with the device's id and ICCID."""
+    return render_topic(settings.topic_template, device=device.id, iccid=device.iccid)
+
+
+def message_properties(
     device: Device, ip: str, port: int, content_format: str | None, received_at: int
 ) -> dict[str, str]:
-    """The MQTT user properties of an accepted message (docs/CONTRACT.md §9), in this order."""
+    """The MQTT user properties of an accepted message (docs/CONTRACT.md §9), in this order.
+    ``iccid`` for a SIM, as always; ``device`` (the id, a SIM's being its ICCID) for every
+    device, so a consumer of several profiles reads one property."""
     host = f"[{ip}]" if ":" in ip else ip
-    properties = {"iccid": device.iccid, "source": f"{host}:{port}"}
+    properties = {"iccid": device.iccid} if device.iccid is not None else {}
+    properties["device"] = device.id
+    properties["source"] = f"{host}:{port}"
     if content_format is not None:
         properties["content-format"] = content_format
     properties["received-at"] = str(received_at)
     return properties
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"payload is {declared} bytes, at most {limit}")
@@ -147,10 +152,31 @@ async def ingest(
         request.headers.get("content-type"),
         received_at,
     )
-    payload = await _read_body(request, settings.max_payload)
+    payload = await read_body(request, settings.max_payload)
+    status = await publish_once(request, idempotency, publisher, topic, payload, properties)
+    return Response(status_code=status)
+
+
+Outgoing = tuple[str | None, str, bytes, dict[str, str]]  # idempotency key, topic, payload, props
+
+
+async def publish_once(
+    request: Request,
+    idempotency: Ledger,
+    publisher: Publisher,
+    topic: str,
+    payload: bytes,
+    properties: dict[str, str],
+) -> int:
+    """One device message to MQTT, exactly once per the proxy's Idempotency-Key across
+    replicas (docs/CONTRACT.md §11). Returns /ingest's status once the broker acknowledged it
+    (204), or the status recorded for an earlier request with the same key;
+    :class:`BrokerUnavailable` (503) when it could not be published, or another replica is
+    publishing it right now. Every single-message telemetry route of every profile publishes
+    through here."""
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
     claims: list[Outcome | None] = list(await claim_keys(idempotency, [key])) if key else [None]
-    [status], answered, released = await _publish_claimed(
+    [status], answered, released = await publish_claimed(
         publisher,
         [(key, topic, payload, properties)],
         claims,
@@ -159,10 +185,7 @@ async def ingest(
     settle_keys(idempotency, answered, released)
     if status == 503:
         raise BrokerUnavailable()
-    return Response(status_code=status)
-
-
-Outgoing = tuple[str | None, str, bytes, dict[str, str]]  # idempotency key, topic, payload, props
+    return status
 
 
 def publish_budget(proxy_timeout: str | bytes | None) -> float | None:
@@ -173,7 +196,7 @@ def publish_budget(proxy_timeout: str | bytes | None) -> float | None:
     return None if seconds is None else backend_budget(seconds)
 
 
-async def _publish_claimed(
+async def publish_claimed(
     publisher: Publisher,
     messages: list[Outgoing],
     claims: list[Outcome | None],
@@ -256,7 +279,7 @@ async def ingest_batch(
             f"batch content type {given[:64]!r}, this backend reads {BATCH_CONTENT_TYPE!r}: "
             "run proxy and API of the same release"
         )
-    body = await _read_body(request, batch_body_limit(settings))
+    body = await read_body(request, batch_body_limit(settings))
     return await answer_batch(
         body,
         settings,
@@ -307,9 +330,9 @@ async def answer_batch(
         if len(item.payload) > settings.max_payload:
             statuses[index] = PayloadTooLarge.status_code
             continue
-        topic = item.topic or render_topic(settings.topic_template, iccid=device.iccid)
+        topic = item.topic or default_topic(settings, device)
         content_format = item.content_format
-        properties = _properties(
+        properties = message_properties(
             device,
             item.ip,
             item.port,
@@ -319,7 +342,7 @@ async def answer_batch(
         outgoing.append((item.idempotency_key or None, topic, item.payload, properties))
         positions.append(index)
     claims = [claimed.get(index) for index in positions]
-    sent, answered, released = await _publish_claimed(publisher, outgoing, claims, within)
+    sent, answered, released = await publish_claimed(publisher, outgoing, claims, within)
     # Refused items took a claim too: give it back, or their retry would wait for the lease.
     accepted = set(positions)
     released += [

@@ -361,10 +361,10 @@ async def onboarding(
         return _problem(500, "INTERNAL_ERROR", "internal error")
     if media_type == JSON:
         body = json.dumps(
-            {"clientIdentity": device.iccid, "preSharedKey": psk}, separators=(",", ":")
+            {"clientIdentity": device.id, "preSharedKey": psk}, separators=(",", ":")
         ).encode()
     else:
-        body = f"{device.iccid},{psk}".encode()
+        body = f"{device.id},{psk}".encode()
     return _ranged(body, media_type, None if "if-range" in request.headers else range_header)
 
 

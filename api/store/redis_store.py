@@ -2,12 +2,14 @@
 
 Redis is where replicas share state (docs/CONTRACT.md §1, §12).
 
-Key schema from :mod:`stores.keys`: a hash per device, a string ``ip → iccid`` (the
-SIM-as-an-identity index) and a set of all iccids. Writes run as optimistic transactions
-(WATCH/MULTI/EXEC) that watch the device hash and the ip key they claim, so two concurrent
-writers can never both take one ip nor leave an index entry pointing at the wrong device.
+Key schema from :mod:`stores.keys`: a hash per device (named by its id; a SIM's id is its
+ICCID), the strings ``ip → id`` (the SIM-as-an-identity index) and ``imei → id`` for the
+devices that have one, and a set of all ids. Writes run as optimistic transactions
+(WATCH/MULTI/EXEC) that watch the device hash and the index keys they claim or give up, so two
+concurrent writers can never both take one ip or imei nor leave an index entry pointing at the
+wrong device.
 
-Every write that changes a device's ``psk`` (or deletes the device) also PUBLISHes the ICCID on
+Every write that changes a device's ``psk`` (or deletes the device) also PUBLISHes the device id on
 :func:`stores.keys.psk_channel`, inside the same MULTI/EXEC: a proxy that receives the message
 and re-reads the hash always sees the new value, and a write that failed announces nothing.
 
@@ -35,9 +37,23 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.errors import DeviceExists, DeviceNotFound, IpInUse, StoreUnavailable
+from api.errors import (
+    ApiError,
+    DeviceExists,
+    DeviceNotFound,
+    ImeiInUse,
+    IpInUse,
+    StoreUnavailable,
+)
 from api.store.base import Change, Device, normalise_ip
-from stores.keys import DEFAULT_PREFIX, device_ip_key, device_key, device_set_key, psk_channel
+from stores.keys import (
+    DEFAULT_PREFIX,
+    device_imei_key,
+    device_ip_key,
+    device_key,
+    device_set_key,
+    psk_channel,
+)
 from stores.ledger import ScriptReads
 from stores.redis import REDIS_ERRORS, SlotClient
 
@@ -127,6 +143,11 @@ def device_from_hash(raw: Mapping[bytes | str, bytes | str]) -> Device:
     return Device.model_validate({k: v for k, v in fields.items() if k in Device.model_fields})
 
 
+def _unindexed(device: Device) -> Device:
+    """``device`` holding no index entry: what a deleted device leaves behind."""
+    return device.model_copy(update={"ip": None, "imei": None})
+
+
 def _begin(pipe: Pipeline) -> None:
     """MULTI after the WATCHed reads (redis-py leaves ``multi`` unannotated)."""
     pipe.multi()  # type: ignore[no-untyped-call]
@@ -190,6 +211,9 @@ class RedisDeviceStore:
     def _ipkey(self, ip: str) -> str:
         return device_ip_key(ip, self._prefix)
 
+    def _imeikey(self, imei: str) -> str:
+        return device_imei_key(imei, self._prefix)
+
     async def get(self, iccid: str) -> Device | None:
         async def work(redis: Redis) -> dict[Any, Any]:
             raw: dict[Any, Any] = await redis.hgetall(self._dkey(iccid))
@@ -205,6 +229,19 @@ class RedisDeviceStore:
         firmware blocks) costs one round trip instead of two."""
         [device] = await self.get_many_by_ip([ip])
         return device
+
+    async def get_by_imei(self, imei: str) -> Device | None:
+        """The IMEI index and the device's hash in one script call (the index keys of
+        :data:`DEVICE_READ_LUA` may be any ``index → id`` string, not only addresses)."""
+        key = self._imeikey(imei)
+
+        async def work(redis: Redis) -> builtins.list[Any]:
+            found: builtins.list[Any] = await redis.eval(_READ_SCRIPT, 1, key, 1, self._dkey(""))
+            return found
+
+        device = _device((await self._run(work))[0])
+        # An entry left by a write this read raced names nobody unless the device agrees.
+        return device if device is not None and device.imei == imei else None
 
     async def get_many(self, iccids: Sequence[str]) -> builtins.list[Device | None]:
         if not iccids:
@@ -276,23 +313,53 @@ class RedisDeviceStore:
 
         return await self._run(attempts)
 
+    def _index_keys(self, device: Device) -> builtins.list[tuple[str, str, type[ApiError]]]:
+        """The index entries ``device`` holds: (key, value it is indexed by, conflict error)."""
+        entries: builtins.list[tuple[str, str, type[ApiError]]] = []
+        if device.ip is not None:
+            entries.append((self._ipkey(device.ip), f"ip {device.ip}", IpInUse))
+        if device.imei is not None:
+            entries.append((self._imeikey(device.imei), f"imei {device.imei}", ImeiInUse))
+        return entries
+
+    async def _claim_indexes(
+        self, pipe: Pipeline, device: Device, current: Device | None
+    ) -> tuple[builtins.list[str], builtins.list[str]]:
+        """WATCH and check the index entries ``device`` needs; returns the keys to SET to its id
+        and the keys of ``current`` to DELETE (entries it gives up and still owns)."""
+        wanted = self._index_keys(device)
+        held = {key for key, _, _ in self._index_keys(current)} if current is not None else set()
+        claim = [entry for entry in wanted if entry[0] not in held]
+        release = sorted(held - {key for key, _, _ in wanted})
+        if claim or release:
+            await pipe.watch(*[key for key, _, _ in claim], *release)
+        for key, what, error in claim:
+            owner = await pipe.get(key)
+            if owner is not None and _text(owner) != device.id:
+                raise error(f"{what} is already used by device {_text(owner)}")
+        owned = []
+        for key in release:
+            owner = await pipe.get(key)
+            if owner is not None and current is not None and _text(owner) == current.id:
+                owned.append(key)
+        return [key for key, _, _ in claim], owned
+
     async def create(self, device: Device) -> Device:
-        dkey, ipkey = self._dkey(device.iccid), self._ipkey(device.ip)
+        dkey = self._dkey(device.id)
         values, _ = _to_hash(device)
 
         async def body(pipe: Pipeline) -> Device:
-            await pipe.watch(dkey, ipkey)
+            await pipe.watch(dkey)
             if await pipe.exists(dkey):
-                raise DeviceExists(f"device {device.iccid} already exists")
-            owner = await pipe.get(ipkey)
-            if owner is not None:
-                raise IpInUse(f"ip {device.ip} is already used by device {_text(owner)}")
+                raise DeviceExists(f"device {device.id} already exists")
+            claim, _ = await self._claim_indexes(pipe, device, None)
             _begin(pipe)
             pipe.hset(dkey, mapping=values)  # type: ignore[arg-type]
-            pipe.set(ipkey, device.iccid)
-            pipe.sadd(device_set_key(self._prefix), device.iccid)
+            for key in claim:
+                pipe.set(key, device.id)
+            pipe.sadd(device_set_key(self._prefix), device.id)
             if device.psk is not None:
-                pipe.publish(psk_channel(self._prefix), device.iccid)
+                pipe.publish(psk_channel(self._prefix), device.id)
             await pipe.execute()
             return device
 
@@ -312,23 +379,18 @@ class RedisDeviceStore:
                 raise DeviceNotFound(f"device {iccid} not found")
             current = device_from_hash(raw)
             updated = current.with_changes(**change(current))
-            if updated.iccid != iccid:
-                raise ValueError("the iccid of a device cannot change")
-            moved = updated.ip != current.ip
-            new_ipkey = self._ipkey(updated.ip)
-            if moved:
-                await pipe.watch(new_ipkey)
-                owner = await pipe.get(new_ipkey)
-                if owner is not None and _text(owner) != iccid:
-                    raise IpInUse(f"ip {updated.ip} is already used by device {_text(owner)}")
+            if updated.id != iccid:
+                raise ValueError("the id of a device cannot change")
+            claim, release = await self._claim_indexes(pipe, updated, current)
             values, absent = _to_hash(updated)
             _begin(pipe)
             pipe.hset(dkey, mapping=values)  # type: ignore[arg-type]
             if absent:
                 pipe.hdel(dkey, *absent)
-            if moved:
-                pipe.delete(self._ipkey(current.ip))
-                pipe.set(new_ipkey, iccid)
+            for key in release:
+                pipe.delete(key)
+            for key in claim:
+                pipe.set(key, iccid)
             if updated.psk != current.psk:
                 pipe.publish(psk_channel(self._prefix), iccid)
             await pipe.execute()
@@ -342,17 +404,16 @@ class RedisDeviceStore:
 
         async def body(pipe: Pipeline) -> None:
             await pipe.watch(dkey)
-            ip = await pipe.hget(dkey, "ip")
-            if ip is None:
+            raw = await pipe.hgetall(dkey)
+            if not raw:
                 raise DeviceNotFound(f"device {iccid} not found")
-            ipkey = self._ipkey(_text(ip))
-            await pipe.watch(ipkey)
-            owner = await pipe.get(ipkey)
+            current = device_from_hash(raw)
+            _, release = await self._claim_indexes(pipe, _unindexed(current), current)
             _begin(pipe)
             pipe.delete(dkey)
             pipe.srem(device_set_key(self._prefix), iccid)
-            if owner is not None and _text(owner) == iccid:
-                pipe.delete(ipkey)
+            for key in release:
+                pipe.delete(key)
             # Announced even when the device had no PSK: a mirror may hold a negative entry.
             pipe.publish(psk_channel(self._prefix), iccid)
             await pipe.execute()

@@ -65,7 +65,9 @@ async def test_crud_round_trip(client: httpx.AsyncClient) -> None:
     )
     assert created.status_code == 201
     assert created.json() == {
+        "id": A,
         "iccid": A,
+        "imei": None,
         "ip": "10.0.0.1",
         "status": "active",
         "psk_user_set": None,
@@ -157,7 +159,7 @@ async def test_unknown_device_is_404(client: httpx.AsyncClient) -> None:
         ({"iccid": A, "ip": "10.0.0.300"}, "ip", "does not appear to be an IPv4 or IPv6"),
         ({"iccid": A, "ip": "example.com"}, "ip", "does not appear to be an IPv4 or IPv6"),
         ({"iccid": A, "ip": "10.0.0.1", "status": "paused"}, "status", "'active' or 'inactive'"),
-        ({"ip": "10.0.0.1"}, "iccid", "Field required"),
+        ({"ip": "10.0.0.1"}, "iccid", "give an id, or a SIM's iccid"),
         ({"iccid": A, "ip": "10.0.0.1", "psk": "00"}, "psk", "Extra inputs are not permitted"),
     ],
 )
@@ -276,7 +278,7 @@ async def test_healthz_and_docs(store: DeviceStore) -> None:
     assert {
         "/ingest",
         "/devices",
-        "/devices/{iccid}",
+        "/devices/{device_id}",
         "/healthz",
         "/bootstrap",
         "/location",

@@ -54,7 +54,11 @@ async def api(request: pytest.FixtureRequest) -> AsyncIterator[Api]:
     devices = MemoryDeviceStore()
     await devices.create(Device(iccid=ACTIVE, ip=ACTIVE_IP, status="active"))
     await devices.create(Device(iccid=INACTIVE, ip=INACTIVE_IP, status="inactive"))
-    overrides: dict[str, object] = {"max_firmware_size": 4 * CHUNK_SIZE}
+    # The device's download is a managed_psk resource (api/profiles.py).
+    overrides: dict[str, object] = {
+        "max_firmware_size": 4 * CHUNK_SIZE,
+        "profiles": ["sim_identity", "managed_psk"],
+    }
     if request.param == "redis":
         overrides["redis_url"] = request.getfixturevalue("redis_server").url
     app = build_app(devices, Clock(), **overrides)

@@ -54,7 +54,8 @@ async def test_default_topic_byte_exact_with_user_properties(
     assert props["source"] == f"{ACTIVE_IP}:40001"
     assert props["content-format"] == "50"
     assert before <= int(props["received-at"]) <= time.time_ns() // 1_000_000
-    assert set(props) == {"iccid", "source", "content-format", "received-at"}
+    assert set(props) == {"iccid", "device", "source", "content-format", "received-at"}
+    assert props["device"] == ACTIVE  # a SIM's id is its ICCID
 
 
 async def test_unmapped_content_type_is_passed_as_string(

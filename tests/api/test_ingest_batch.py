@@ -87,7 +87,7 @@ async def test_each_item_gets_the_status_the_single_form_would_give(
     assert properties["iccid"] == ACTIVE
     assert properties["source"] == f"{ACTIVE_IP}:40000"
     assert properties["content-format"] == "42"
-    assert list(properties) == ["iccid", "source", "content-format", "received-at"]
+    assert list(properties) == ["iccid", "device", "source", "content-format", "received-at"]
 
 
 async def test_invalid_body_and_missing_token(client: httpx.AsyncClient) -> None:

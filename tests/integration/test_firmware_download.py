@@ -50,7 +50,8 @@ async def bridge(
         tmp_path,
         redis_url=redis_server.url,
         mqtt_url=mosquitto.url,
-        extra=["--policy", str(policy), "--block-size", "1024"],
+        # The API's firmware download is a managed_psk resource (api/profiles.py).
+        extra=["--policy", str(policy), "--block-size", "1024", "--profile", "1nce,nhub"],
     ) as running:
         await running.register(ICCID, "127.0.0.1")
         async with running.api() as api:

@@ -75,6 +75,12 @@ def test_default_policy_has_exactly_these_routes(default_policy: Policy) -> None
     assert commands.idempotent
 
 
+def test_default_policy_serves_only_bootstrap_over_plain_coap(default_policy: Policy) -> None:
+    # docs/CONTRACT.md §6: in production mode a device without its PSK may fetch it, nothing
+    # else.
+    assert [path for path, route in default_policy.routes.items() if route.plain] == ["/bootstrap"]
+
+
 @pytest.mark.parametrize(
     ("path", "topic_query"),
     [
@@ -210,6 +216,16 @@ PARSED = [
         Route(path="/x", methods=frozenset({GET}), target="/y", idempotent=True),
         id="idempotent",
     ),
+    pytest.param(
+        route_toml(plain="true"),
+        Route(path="/x", methods=frozenset({GET}), target="/y", plain=True),
+        id="plain",
+    ),
+    pytest.param(
+        route_toml(plain="false"),
+        Route(path="/x", methods=frozenset({GET}), target="/y"),
+        id="plain-false",
+    ),
 ]
 
 
@@ -267,6 +283,9 @@ MALFORMED = [
     ),
     pytest.param(route_toml(topic_query='"yes"'), "'topic_query'", id="topic-query-not-bool"),
     pytest.param(route_toml(idempotent='"yes"'), "'idempotent'", id="idempotent-not-bool"),
+    pytest.param(route_toml(plain='"yes"'), "'plain' must be true or false", id="plain-not-bool"),
+    pytest.param(route_toml(plain="1"), "'plain' must be true or false", id="plain-number"),
+    pytest.param(route_toml(plains="true"), "unknown keys \\['plains'\\]", id="plain-typo"),
     pytest.param(route_toml(foo='"bar"'), "unknown keys \\['foo'\\]", id="unknown-key"),
     pytest.param(route_toml() + route_toml(), "defined twice", id="duplicate-path"),
     pytest.param(

@@ -443,26 +443,27 @@ async def test_a_batch_target_outside_the_trusted_origins_is_refused_at_start(tm
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "plain_paths", "needed"),
+    ("method", "path", "plain_only", "needed"),
     [
-        pytest.param(status.GET, "/.well-known/core", None, False, id="discovery"),
-        pytest.param(status.POST, "/nope", None, False, id="no-route-4.04"),
-        pytest.param(status.GET, "/data", None, False, id="wrong-method-4.05"),
-        pytest.param(status.POST, "/data", frozenset({"/bootstrap"}), False, id="production-4.01"),
-        pytest.param(status.GET, "/location", None, False, id="idempotent-GET"),
-        pytest.param(status.GET, "/bootstrap", None, True, id="GET-that-rotates-a-key"),
-        pytest.param(status.POST, "/data", None, True, id="telemetry"),
+        pytest.param(status.GET, "/.well-known/core", False, False, id="discovery"),
+        pytest.param(status.POST, "/nope", False, False, id="no-route-4.04"),
+        pytest.param(status.GET, "/data", False, False, id="wrong-method-4.05"),
+        pytest.param(status.POST, "/data", True, False, id="production-4.01"),
+        pytest.param(status.GET, "/location", False, False, id="idempotent-GET"),
+        pytest.param(status.GET, "/bootstrap", False, True, id="GET-that-rotates-a-key"),
+        pytest.param(status.GET, "/bootstrap", True, True, id="plain-route-in-production"),
+        pytest.param(status.POST, "/data", False, True, id="telemetry"),
     ],
 )
 def test_which_requests_need_the_cross_replica_claim(
-    method: int, path: str, plain_paths, needed: bool
+    method: int, path: str, plain_only: bool, needed: bool
 ) -> None:
     handler = ProxyHandler(
         policy=load_policy(),
         upstream=Http1Upstream(timeout=1.0),  # never called: nothing is forwarded
         base_url="http://127.0.0.1:9",
         proxy_token=None,
-        plain_paths=plain_paths,
+        plain_only=plain_only,
     )
     request = Request(method, path, [], Message(0, method, 1), ("127.0.0.1", 1))
     assert handler.needs_claim(request) is needed

@@ -41,6 +41,11 @@ class Bridge:
     api_key: str
     proxy_token: str
     log_path: Path
+    coaps_port: int = 0
+
+    @property
+    def coaps_url(self) -> str:
+        return f"coaps://127.0.0.1:{self.coaps_port}"
 
     @property
     def coap_url(self) -> str:
@@ -101,6 +106,7 @@ async def running_bridge(
     env: dict[str, str] | None = None,
 ) -> AsyncIterator[Bridge]:
     coap_port = free_port(kind=2)  # SOCK_DGRAM
+    coaps_port = free_port(kind=2)
     api_port = free_port()
     api_key = secrets.token_urlsafe(16)
     proxy_token = secrets.token_urlsafe(16)
@@ -110,7 +116,7 @@ async def running_bridge(
         "--coap-host", "127.0.0.1",
         "--coap-port", str(coap_port),
         "--api-port", str(api_port),
-        "--coaps-port", str(free_port(kind=2)),
+        "--coaps-port", str(coaps_port),
         f"--api-key={api_key}",
         f"--proxy-token={proxy_token}",
     ]  # fmt: skip
@@ -127,7 +133,13 @@ async def running_bridge(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=process_env)
     bridge = Bridge(
-        process, coap_port, f"http://127.0.0.1:{api_port}", api_key, proxy_token, log_path
+        process,
+        coap_port,
+        f"http://127.0.0.1:{api_port}",
+        api_key,
+        proxy_token,
+        log_path,
+        coaps_port,
     )
     try:
         await _ready(bridge, require_mqtt=True)

@@ -77,10 +77,17 @@ def _endpoint(url: str) -> tuple[str, int]:
 
 @contextlib.asynccontextmanager
 async def subscribed(
-    url: str, topic: str, *, protocol: Literal["5", "3.1.1"] = "5", qos: int = 1
+    url: str,
+    topic: str,
+    *,
+    protocol: Literal["5", "3.1.1"] = "5",
+    qos: int = 1,
+    retained: bool = False,
 ) -> AsyncIterator[Subscription]:
     """Yields once the broker has acknowledged the subscription (SUBACK), so nothing published
-    after that is missed."""
+    after that is missed. Messages the broker retained from before (the devices' status
+    messages other tests left on a shared broker) are dropped unless ``retained``: a message
+    published while subscribed arrives with the retain flag clear (MQTT 5 §3.3.1.3)."""
     host, port = _endpoint(url)
     version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
     subscription = Subscription(topic)
@@ -90,7 +97,8 @@ async def subscribed(
         async def pump() -> None:
             with contextlib.suppress(aiomqtt.MqttError):
                 async for message in client.messages:
-                    subscription._add(message)
+                    if retained or not message.retain:
+                        subscription._add(message)
 
         task = asyncio.create_task(pump())
         try:
