@@ -100,14 +100,19 @@ class PresenceWatcher:
         return presence
 
     async def forget(self, device: str) -> None:
-        """The device was deleted: no presence, and no offline message later."""
+        """The device was deleted: no presence, no offline message later, and its retained
+        status is cleared on the broker (an empty retained message, MQTT 5 §3.3.1.3), so a
+        subscriber does not learn of a device that no longer exists."""
         try:
             await self.store.forget(device)
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"presence store unavailable: {exc}") from exc
+        self._put((status_topic(self._template, device), b""))
 
     def _enqueue(self, device: str, status: Literal["online", "offline"], at: float) -> None:
-        message = (status_topic(self._template, device), status_payload(device, status, at))
+        self._put((status_topic(self._template, device), status_payload(device, status, at)))
+
+    def _put(self, message: tuple[str, bytes]) -> None:
         if self._queue.full():
             self._queue.get_nowait()
             log.warning("status queue full: the oldest status message was dropped")
@@ -152,13 +157,13 @@ class PresenceWatcher:
         publisher = self._publisher()
         if publisher is None:
             return
-        device = json.loads(payload)["device"]
+        properties = {"device": json.loads(payload)["device"]} if payload else {}
         try:
-            await publisher.publish(topic, payload, {"device": device}, retain=True)
+            await publisher.publish(topic, payload, properties, retain=True)
         except BrokerUnavailable as exc:
-            log.warning("status %s not published: %s", payload.decode(), exc)
+            log.warning("status %r on %s not published: %s", payload, topic, exc)
         except Exception:  # a publisher of a test, or a bug: never stop publishing the rest
-            log.exception("status %s not published", payload.decode())
+            log.exception("status %r on %s not published", payload, topic)
 
     async def close(self, drain: float = 1.0) -> None:
         """Stop; what is queued gets ``drain`` seconds to be published first."""

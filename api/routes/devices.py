@@ -25,6 +25,7 @@ from pydantic import (
 
 from api.deps import StoreDep, require_api_key
 from api.errors import BODY_TOO_LARGE, MALFORMED_BODY, DeviceNotFound, ImeiInUse, IpInUse, clip
+from api.presence import PresenceDep
 from api.safe_json import SafeJsonRoute
 from api.store.base import (
     DEVICE_ID_PATTERN,
@@ -243,6 +244,10 @@ async def patch_device(device_id: DeviceIdPath, body: DevicePatch, store: StoreD
     summary="Delete a device",
     responses=_AUTH_RESPONSES | {404: {"description": DeviceNotFound.default_message}},
 )
-async def delete_device(device_id: DeviceIdPath, store: StoreDep) -> Response:
+async def delete_device(
+    device_id: DeviceIdPath, store: StoreDep, presence: PresenceDep
+) -> Response:
     await store.delete(device_id)
+    # Its presence goes with it, and its retained status on the broker (api/presence.py).
+    await presence.forget(device_id)
     return Response(status_code=204)

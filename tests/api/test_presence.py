@@ -120,8 +120,33 @@ async def test_a_deleted_device_gets_no_offline_message(mosquitto: MosquittoServ
             await statuses.wait_for(1)
             answer = await signed.http.delete(f"/products/{PK}/devices/dev-9", headers=AUTH)
             assert answer.status_code == 204
+            # The retained status is cleared (an empty retained message) …
+            [_, cleared] = await statuses.wait_for(2)
+            assert cleared.payload == b""
             signed.clock.now += 60
+            # … and no offline message follows.
             await statuses.assert_silent(0.3)
         assert (
             await signed.http.get(f"/devices/{PK}:dev-9/presence", headers=AUTH)
         ).status_code == 404
+        # A subscriber that comes later learns nothing of the device.
+        async with subscribed(mosquitto.url, f"devices/{PK}:dev-9/status", retained=True) as later:
+            await later.assert_silent(0.3)
+
+
+async def test_deleting_a_managed_device_clears_its_status(mosquitto: MosquittoServer) -> None:
+    async with signed_app(mosquitto) as signed:
+        http = signed.http
+        created = await http.post("/devices", json={"id": "gone-1"}, headers=AUTH)
+        assert created.status_code == 201, created.text
+        await signed.watcher.note("gone-1", 3600)
+        await signed.watcher.close(drain=2.0)  # the online status is on the broker
+        await signed.watcher.start()
+        async with subscribed(mosquitto.url, "devices/gone-1/status", retained=True) as before:
+            [online] = await before.wait_for(1)
+        assert json.loads(online.payload)["status"] == "online"  # type: ignore[arg-type]
+        assert (await http.delete("/devices/gone-1", headers=AUTH)).status_code == 204
+        await signed.watcher.close(drain=2.0)
+        await signed.watcher.start()
+        async with subscribed(mosquitto.url, "devices/gone-1/status", retained=True) as after:
+            await after.assert_silent(0.3)
