@@ -27,6 +27,7 @@ from api.idempotency import build_ledger
 from api.presence import PresenceWatcher
 from api.profiles import ALWAYS_ON, disabled_router, enabled_routers
 from api.publisher import MqttPublisher, Publisher
+from api.routes.templates import TemplateBook
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
 from api.store.base import DeviceStore
@@ -39,6 +40,7 @@ from stores.presence import presence_for
 from stores.queue import queue_for
 from stores.registry import registry_for
 from stores.relations import RelationCount, RelationReader
+from stores.templates import templates_for
 
 _TAGS = [
     {
@@ -74,6 +76,11 @@ _TAGS = [
         "description": "Firmware images: uploaded, listed and deleted by operators; "
         "downloaded block-wise by devices through the proxy, one byte range per block "
         "(issue 16).",
+    },
+    {
+        "name": "templates",
+        "description": "Payload templates: a device's binary payload translated to JSON "
+        "before it is published (issue 17).",
     },
     {
         "name": "health",
@@ -199,6 +206,7 @@ def create_app(
             owned.push_async_callback(app.state.commands.close)
             owned.push_async_callback(app.state.firmware.close)
             owned.push_async_callback(app.state.registry.close)
+            owned.push_async_callback(app.state.templates.close)
             # Closed before the publisher (pushed after it): queued statuses go out first.
             await app.state.presence.start()
             owned.push_async_callback(app.state.presence.close)
@@ -252,6 +260,8 @@ def create_app(
         settings.status_topic,
     )
     app.state.registry = registry_for(settings.redis_url, settings.redis_prefix)
+    # Payload templates (issue 17): the store and the compiled templates of this replica.
+    app.state.templates = TemplateBook(templates_for(settings.redis_url, settings.redis_prefix))
     install_error_handler(app)
     # Routes declared on the app itself parse JSON bodies at a bounded cost too.
     app.router.route_class = SafeJsonRoute

@@ -442,3 +442,67 @@ class NoSession(DeviceUnauthorized):
     device authenticates again)."""
 
     default_message = "no live session for this device from this address: authenticate first"
+
+
+# --- payload templates (issue 17; docs/API.md, "Payload templates")
+
+
+class TemplateNotFound(ApiError):
+    status_code = 404
+    default_message = "template not found"
+
+
+class InvalidTemplate(ApiError):
+    """A template that does not compile (``policies.templates.TemplateError``): the message
+    says what is wrong, ``where`` names the place (``sense[1].value.type``)."""
+
+    status_code = 422
+    default_message = "invalid template"
+
+    def __init__(self, message: str | None = None, where: str = "") -> None:
+        super().__init__(message)
+        self.where = clip(where, MESSAGE_LIMIT)
+
+    def body(self) -> Any:
+        return {"detail": self.message, "where": self.where}
+
+
+class TemplateInUse(ApiError):
+    """A template some device is assigned: deleting it would leave that device's messages
+    published raw (docs/API.md)."""
+
+    status_code = 409
+    default_message = "the template is assigned to devices: assign them another first"
+
+    def __init__(self, message: str | None = None, devices: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.devices = list(devices or [])
+
+    def body(self) -> Any:
+        return {"detail": self.message, "devices": self.devices}
+
+
+class UnknownTemplate(InvalidField):
+    """A device assigned a template id that names no template."""
+
+    default_message = "no template with this id"
+    location = ("body", "template")
+
+
+class UntranslatablePayload(ApiError):
+    """A payload its device's template cannot translate (too short, a string that is not
+    UTF-8): 400 → 4.00, nothing published."""
+
+    status_code = 400
+    default_message = "the payload does not fit its device's template"
+
+
+class PayloadNotTranslated(ApiError):
+    """``POST /templates/{id}/test``: the payload does not fit the template."""
+
+    status_code = 422
+    default_message = "the payload does not fit the template"
+
+
+class TemplateStoreUnavailable(StoreUnavailable):
+    default_message = "template store unavailable"

@@ -60,6 +60,8 @@ class BatchFastPath:
                 state.publisher,
                 state.idempotency,
                 publish_budget(proxy_timeout),
+                templates=state.templates,
+                store=state.store,
             )
         except ApiError as exc:
             response = JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)

@@ -66,6 +66,15 @@ def _firmware(settings: ApiSettings) -> int:
     return settings.max_firmware_size
 
 
+TEMPLATE_BODY_LIMIT = 64 * 1024
+"""A template of 256 fields (policies/templates.py's limit) with names and options is some
+tens of KiB; a test payload is at most a few KiB of hex."""
+
+
+def _template(settings: ApiSettings) -> int:
+    return TEMPLATE_BODY_LIMIT
+
+
 def _command(settings: ApiSettings) -> int:
     # One payload as JSON text or base64 (4/3 of its bytes), and a few fields around it.
     return settings.max_payload * 2 + 1024
@@ -96,12 +105,15 @@ RULES: dict[str, Rule] = {
     # platform's own path is management.
     "/telemetry": Rule(Caller.PROXY, _one_payload),
     "/api/v4/manage/devices": Rule(Caller.MANAGEMENT, _management),  # and everything under it
+    # Payload templates (issue 17): management only.
+    "/templates": Rule(Caller.MANAGEMENT, _template),  # and everything under it
 }
 _PREFIX_RULES = (
     ("/api/v4/manage/devices/", "/api/v4/manage/devices"),
     ("/products/", "/products"),
     ("/auth/", "/auth/*"),
     ("/topic/sys/", "/topic/sys/*"),
+    ("/templates/", "/templates"),
 )
 MANAGEMENT_PREFIX = "/devices/"
 COMMANDS_PREFIX = "/commands/"

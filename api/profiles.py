@@ -31,6 +31,7 @@ from api.routes import (
     registry,
     sessions,
     telemetry,
+    templates,
 )
 from policies.profiles import MANAGED_PSK, SIGNED_SESSION, SIM_IDENTITY
 
@@ -41,6 +42,7 @@ ALWAYS_ON: tuple[APIRouter, ...] = (
     feed_router,
     firmware.management,
     presence.router,
+    templates.management,
 )
 """Management and the proxy's change feed: every profile's operators need them."""
 

@@ -68,6 +68,11 @@ class ApiSettings(BaseSettings):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
     """With ``"5"`` metadata travels as user properties (docs/CONTRACT.md §9); 3.1.1 has none."""
+    mqtt_metadata: Literal["properties", "envelope"] = "properties"
+    """How a device message's metadata reaches subscribers: ``"properties"``, MQTT 5 user
+    properties only (an MQTT 3.1.1 broker drops them); ``"envelope"``, the payload is wrapped
+    in a JSON object that carries them (policies/envelope.py), and the properties are still
+    sent. Status and command messages are never wrapped."""
     mqtt_publish_timeout: float = Field(default=5.0, gt=0)
     api_key: str | None = None
     """Bearer key of the management API; ``None`` switches the management API off (503)."""

@@ -55,6 +55,29 @@ FIRMWARE_POLICY = (
     'target = "/firmware/{version}"\nidempotent = true\n'
 )
 DTLS_SYSTEM = "coap-bridge over DTLS"
+# ET: E's load from a device with a payload template (docs/API.md, "Payload templates"): the
+# API translates each 100-byte payload into JSON before publishing. Ten fields of every kind
+# over E's payload, the sequence id first so the witness finds it in the JSON; no location
+# field, so the row measures the translation and not a location write per message.
+TEMPLATE_SYSTEM = "coap-bridge, 10-field template"
+SEQ_KEY = "seq"
+TEMPLATE_10: dict[str, Any] = {
+    "sense": [
+        {"asset": SEQ_KEY, "value": {"byte": 0, "bytelength": 8, "type": "uint"}},
+        {"asset": "env.temperature",
+         "value": {"byte": 8, "bytelength": 2, "type": "int", "scale": 0.01}},
+        {"asset": "env.humidity", "value": {"byte": 10, "bytelength": 1, "type": "uint"}},
+        {"asset": "env.pressure", "value": {"byte": 12, "bytelength": 4, "type": "float"}},
+        {"asset": "battery.mv",
+         "value": {"byte": 16, "bytelength": 2, "type": "uint", "byteorder": "little"}},
+        {"asset": "battery.low", "value": {"byte": 18, "bytelength": 1, "type": "boolean"}},
+        {"asset": "gps.lat", "value": {"byte": 20, "bytelength": 8, "type": "float"}},
+        {"asset": "counter", "value": {"byte": 28, "bytelength": 3, "type": "uint"}},
+        {"asset": "flags.mode",
+         "value": {"byte": 31, "bytelength": 1, "type": "uint", "bit": 0, "bitlength": 3}},
+        {"asset": "name", "value": {"byte": 32, "bytelength": 8, "type": "string"}},
+    ]
+}  # fmt: skip
 R_SYSTEM = "coap-bridge --workers N"
 EXCHANGE_LIFETIME = 247.0  # RFC 7252 §4.8.2
 Row = dict[str, Any]
@@ -76,6 +99,10 @@ SCENARIOS = {
         "telemetry end to end: CON POST through proxy, API, Redis, MQTT; aiocoap baseline",
     ),
     "L": Scenario("scenario_e", ("coap-bridge",), "E in open loop at 50% of E's maximum"),
+    "ET": Scenario(
+        "scenario_et", ("coap-bridge", TEMPLATE_SYSTEM),
+        "E from a device with a 10-field payload template (JSON published), beside E raw",
+    ),
     "D": Scenario("scenario_dtls", (DTLS_SYSTEM,), "E over DTLS, one PSK per client"),
     "H": Scenario("scenario_dtls", ("coap-bridge",), "full DTLS handshakes per second"),
     "O": Scenario(
@@ -91,6 +118,7 @@ SCENARIOS = {
 }  # fmt: skip
 CHAIN = {
     "scenario_e",
+    "scenario_et",
     "scenario_dtls",
     "scenario_o",
     "scenario_f",
@@ -567,11 +595,15 @@ class Bench:
                             f"{self.chain['api'].log_tail()}"
                         )
 
-    def telemetry(self, row: Row, run: Callable[[dict[str, Service]], LoadResult]) -> None:
+    def telemetry(
+        self, row: Row, run: Callable[[dict[str, Service]], LoadResult],
+        json_seq: str | None = None,
+    ) -> None:  # fmt: skip
         """``run(watch)`` with an MQTT subscriber as witness: ``row`` gets what was lost or
-        duplicated between the acknowledgements and MQTT, and its :func:`verdict`."""
+        duplicated between the acknowledgements and MQTT, and its :func:`verdict`.
+        ``json_seq``: the messages are JSON, the sequence id under that key."""
         work = self.settings.workdir / "subscriber"
-        with Subscriber(self.urls["mqtt"], TOPIC, work) as subscriber:
+        with Subscriber(self.urls["mqtt"], TOPIC, work, json_seq) as subscriber:
             result = run(self.chain | {"subscriber": subscriber.service})
             subscriber.settle(result.sent, quiet=1.5, limit=15.0)
             received = subscriber.close()
@@ -620,6 +652,53 @@ class Bench:
         self.telemetry_load("coap-bridge", s.api_workers, s.proxy_workers, "L" in s.scenarios)
         with contextlib.suppress(Exception):
             self.redis_dedup = _redis_dedup_sample(self.urls["redis"])
+
+    def scenario_et(self) -> None:
+        """ET: E's load from the bench device with TEMPLATE_10 assigned, on the same chain and
+        proxy as a raw E row run just before it (unless E itself ran: its row is the raw
+        one), so the two differ by the translation alone. The template is unassigned
+        afterwards: the scenarios that follow publish raw again."""
+        s, spec = self.settings, RequestSpec.telemetry(TOPIC, 100)
+        with contextlib.ExitStack() as stack:
+            started: list[int] = []
+
+            def proxy_port() -> int:  # one proxy for both rows, started by the first
+                if not started:
+                    started.append(self.chain_proxy(stack, s.api_workers, s.proxy_workers))
+                return started[0]
+
+            if "E" not in s.scenarios:
+                self.log("ET: E raw first, for comparison")
+                with self.row("E", "coap-bridge") as row:
+                    port = proxy_port()
+                    self.telemetry(row, lambda w: self.load(row, port, spec, s.e_duration, w))
+            self.log("ET: E from a device with a 10-field template (JSON published)")
+            with self.row("E", TEMPLATE_SYSTEM) as trow:
+                tport = proxy_port()
+                self._assign_template(TEMPLATE_10)
+                try:
+                    self.telemetry(
+                        trow, lambda w: self.load(trow, tport, spec, s.e_duration, w), SEQ_KEY
+                    )
+                finally:
+                    self._assign_template(None)
+
+    def _assign_template(self, template: dict[str, Any] | None) -> None:
+        """Upload ``template`` and assign it to the bench device; None: unassign."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.secrets['api']}"}
+        with httpx.Client(base_url=self.urls["api"], headers=headers, timeout=10) as client:
+            template_id = None
+            if template is not None:
+                created = client.post("/templates", json={"name": "bench", "template": template})
+                if created.status_code != 201:
+                    raise RuntimeError(f"POST /templates: {created.status_code} {created.text}")
+                template_id = created.json()["id"]
+            path = f"/devices/{DEVICE['iccid']}"
+            assigned = client.patch(path, json={"template": template_id})
+            if assigned.status_code != 200:
+                raise RuntimeError(f"PATCH {path}: {assigned.status_code} {assigned.text}")
 
     def scenario_r(self) -> None:
         s = self.settings

@@ -25,6 +25,7 @@ END = "<!-- bench:end -->"
 Row = dict[str, Any]  # one row of the results JSON
 REDIS_SYSTEM = "coap-bridge+redis"
 R_SYSTEM = "coap-bridge --workers N"
+TEMPLATE_SYSTEM = "coap-bridge, 10-field template"  # bench/harness.py (ET)
 
 # --- the machine (recorded in the results when the run ends) ---------------------------------
 
@@ -261,6 +262,8 @@ def _e_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
         "Target: best coap-bridge ≥ 1.0 × aiocoap, zero lost or duplicated in every row — "
         f"{_verdict(met)}."
     )
+    if template := _template_cost(rows):
+        lines.append(template)
     if cpu_lines := [line for r in rows if (line := cpu_line(r))]:
         lines.append(
             "CPU per answered request and share of one core per process during each run "
@@ -268,6 +271,27 @@ def _e_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
             "api, proxy):\n\n" + "\n".join(cpu_lines)
         )
     return lines
+
+
+def _api_us(row: Row | None) -> float | None:
+    seconds = (row or {}).get("cpu", {}).get("api")
+    done = (row or {}).get("completed")
+    return seconds / done * 1e6 if seconds and done else None
+
+
+def _template_cost(rows: Sequence[Row]) -> str:
+    """ET's line: what the translation costs per message, as API CPU beside E raw's."""
+    found = {r["system"]: r for r in rows if r.get("rate")}
+    raw, translated = found.get("coap-bridge"), found.get(TEMPLATE_SYSTEM)
+    raw_us, translated_us = _api_us(raw), _api_us(translated)
+    if raw is None or translated is None or raw_us is None or translated_us is None:
+        return ""
+    return (
+        f"Payload template (ET): a 10-field template costs the API "
+        f"{translated_us - raw_us:+,.0f} µs of CPU per message ({raw_us:,.0f} → "
+        f"{translated_us:,.0f} µs), {raw['rate']:,.0f} → {translated['rate']:,.0f} req/s; "
+        "one run each, so differences of a few µs are within the noise."
+    )
 
 
 def _l_met(rows: Sequence[Row]) -> bool:
@@ -604,7 +628,8 @@ def render(results: dict[str, Any]) -> str:
         settings_text(results["settings"], results["argv"]) + "\n",
     ]
     # E's table also holds the rows of R and D (E through --workers N, E over DTLS).
-    shown = {"T": "T", "B": "B", "E": "ELRD", "L": "L", "H": "H", "O": "O", "F": "F"}
+    shown = {"T": "T", "B": "B", "E": ("E", "L", "R", "D", "ET"), "L": "L", "H": "H", "O": "O",
+             "F": "F"}  # fmt: skip
     parts += [TABLES[t].render(rows) for t, by in shown.items() if set(by) & set(chosen)]
     if "M" in chosen:
         parts.append(table_m(rows, results.get("redis_dedup")))

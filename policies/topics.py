@@ -1,4 +1,5 @@
-"""MQTT topic rules for the ``t`` query parameter (docs/CONTRACT.md §3).
+"""MQTT topic rules for the ``t`` query parameter (docs/CONTRACT.md §3), given as a Uri-Query
+or as a Location-Query option.
 
 1–253 characters of ``[A-Za-z0-9_/]``, never two slashes in a row; the whole ``t=<topic>``
 query option is at most 255 bytes. Every violation is a 4.00 on the device side and a 400 on
@@ -49,6 +50,25 @@ def topic_from_queries(queries: list[str]) -> str | None:
             raise TopicError("query 't' given more than once")
         topic = validate_topic(value)
     return topic
+
+
+def topic_from_options(uri_queries: list[str], location_queries: list[str]) -> str | None:
+    """The topic of a device message: ``t`` from its Uri-Query values or from its
+    Location-Query values (docs/CONTRACT.md §3: devices of the SIM platform send either).
+
+    Each list follows :func:`topic_from_queries`' rules. A ``t`` in both is ambiguous, and an
+    error even when the two are equal: one rule is easier to state than a comparison, and no
+    device needs to send both. Returns ``None`` when neither holds a ``t``.
+    """
+    topic = topic_from_queries(uri_queries)
+    if not location_queries:
+        return topic
+    located = topic_from_queries(location_queries)
+    if located is None:
+        return topic
+    if topic is not None:
+        raise TopicError("topic 't' given both as Uri-Query and as Location-Query")
+    return located
 
 
 def render_topic(template: str, *, iccid: str | None = None, device: str | None = None) -> str:

@@ -15,7 +15,7 @@ from policies import forwarding, media, status, translation
 from policies.batch import BatchItem
 from policies.discovery import Discovery
 from policies.routes import Policy, PolicyError, Route, RouteMatch
-from policies.topics import TopicError, topic_from_queries
+from policies.topics import TopicError, topic_from_options
 from proxy.batching import GroupCommit
 from proxy.coap import codes
 from proxy.coap import options as opt
@@ -312,7 +312,7 @@ class ProxyHandler:
         assert route is not None
         if route.topic_query:
             try:
-                topic_from_queries(request.queries)
+                _topic(request)
             except TopicError:
                 return Response(codes.BAD_REQUEST)
         payload = request.message.payload
@@ -446,7 +446,7 @@ class ProxyHandler:
                 # topic checked here (on a topic_query route _check asked the same question),
                 # the address in the backend's canonical form.
                 try:
-                    topic = topic_from_queries(request.queries) or ""
+                    topic = _topic(request) or ""
                 except TopicError:
                     return Response(codes.BAD_REQUEST)
                 item = BatchItem(
@@ -464,7 +464,18 @@ class ProxyHandler:
                 return translate_status(
                     http_status, retry_after, request.method, self._tables[route.path]
                 )
-            query = "&".join(_encode_query(q) for q in request.queries)
+            queries = request.queries
+            if route.topic_query:
+                # A topic given as Location-Query travels as the query ``t``, as if the device
+                # had sent it as Uri-Query (_check has refused both at once), so the origin
+                # needs no second rule.
+                try:
+                    located = _topic(request)
+                except TopicError:
+                    return Response(codes.BAD_REQUEST)
+                if located is not None and f"t={located}" not in queries:
+                    queries = [*queries, f"t={located}"]
+            query = "&".join(_encode_query(q) for q in queries)
             forwarded = forwarding.format_forwarded(ip, port, self._proto)
             headers = {forwarding.FORWARDED_HEADER: forwarded}
             if self._is_internal(route.target):
@@ -610,6 +621,33 @@ def _add_location(response: Response, location: str, url: str, target: str, path
     extra = [(opt.LOCATION_PATH, s.encode()) for s in segments]
     extra += [(opt.LOCATION_QUERY, q.encode()) for q in queries]
     response.options = sorted(response.options + extra, key=lambda option: option[0])
+
+
+# RFC 7252 §5.10: a Location-Query value is 0–255 bytes; an occurrence outside that range is
+# treated like an unrecognized elective option (§5.4.3): ignored.
+_LOCATION_QUERY_MAX = 255
+
+
+def _topic(request: Request) -> str | None:
+    """The request's topic ``t`` (policies/topics.py), from its Uri-Query or its Location-Query
+    values (docs/CONTRACT.md §3). Location-Query is a response option in RFC 7252 (§5.10.7),
+    so the option interpreter does not read it in a request; it is read here, and only where a
+    topic is asked for. Raises TopicError for a bad topic, a ``t`` in both, or a Location-Query
+    that is not UTF-8 (4.00, as for a Uri-Query)."""
+    located: list[str] = []
+    # Options are sorted by number: walking back from the end, the first one below 20 ends
+    # the search; a typical telemetry request (Uri-Query 15 last) costs one comparison.
+    for number, value in reversed(request.message.options):
+        if number < opt.LOCATION_QUERY:
+            break
+        if number == opt.LOCATION_QUERY and len(value) <= _LOCATION_QUERY_MAX:
+            try:
+                located.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise TopicError("Location-Query is not UTF-8") from None
+    if located:
+        located.reverse()
+    return topic_from_options(request.queries, located)
 
 
 def _encode_query(query: str) -> str:

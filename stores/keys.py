@@ -134,3 +134,11 @@ def session_keys(device: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
     ``{ss:<device>}`` hash tag keeps both on one Cluster slot; devices spread over the slots."""
     base = f"{prefix}:{{ss:{device}}}"
     return f"{base}:session", f"{base}:unused"
+
+
+def templates_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Hash of the payload templates (stores/templates.py): template id → its record (the
+    template's JSON text as uploaded, its name, when it was created). Templates never change
+    once stored (a changed template is a new id), so one hash under ``{tpl}`` serves every
+    replica and any replica may cache a compiled template by id for good."""
+    return f"{prefix}:{{tpl}}"

@@ -24,8 +24,17 @@ from pydantic import (
 )
 
 from api.deps import StoreDep, require_api_key
-from api.errors import BODY_TOO_LARGE, MALFORMED_BODY, DeviceNotFound, ImeiInUse, IpInUse, clip
+from api.errors import (
+    BODY_TOO_LARGE,
+    MALFORMED_BODY,
+    DeviceNotFound,
+    ImeiInUse,
+    IpInUse,
+    UnknownTemplate,
+    clip,
+)
 from api.presence import PresenceDep
+from api.routes.templates import TEMPLATE_ID_PATTERN, TemplatesDep
 from api.safe_json import SafeJsonRoute
 from api.store.base import (
     DEVICE_ID_PATTERN,
@@ -157,6 +166,14 @@ class DevicePatch(BaseModel):
     location_barred: Annotated[bool | None, WithJsonSchema({"type": "boolean"})] = None
     """Bar the device from reading its location (CoAP 4.03)."""
     imei: Annotated[Imei | None, WithJsonSchema({"type": "string", "pattern": IMEI_PATTERN})] = None
+    template: Annotated[
+        str | None,
+        WithJsonSchema(
+            {"anyOf": [{"type": "string", "pattern": TEMPLATE_ID_PATTERN}, {"type": "null"}]}
+        ),
+    ] = None
+    """The id of a payload template (POST /templates): the device's messages are translated
+    with it; null: published as they come. An id no template has is a 422."""
 
     @field_validator("ip", "status", "terms_accepted", "location_barred", "imei")
     @classmethod
@@ -178,6 +195,7 @@ class DeviceOut(BaseModel):
     terms_accepted: bool | None = None
     location_barred: bool | None = None
     location: Location | None = None
+    template: str | None = Field(default=None, description="its payload template's id")
 
     @classmethod
     def of(cls, device: Device) -> DeviceOut:
@@ -193,6 +211,7 @@ class DeviceOut(BaseModel):
             terms_accepted=device.terms_accepted,
             location_barred=device.location_barred,
             location=device.location,
+            template=device.template,
         )
 
 
@@ -226,15 +245,22 @@ async def get_device(device_id: DeviceIdPath, store: StoreDep) -> DeviceOut:
 
 @router.patch(
     "/{device_id}",
-    summary="Change a device's ip, imei, status, terms acceptance or location access",
+    summary="Change a device's ip, imei, status, terms acceptance, location access or "
+    "payload template",
     responses=_BODY_RESPONSES
     | {
         404: {"description": DeviceNotFound.default_message},
         409: {"description": f"{IpInUse.default_message}; or {ImeiInUse.default_message}"},
     },
 )
-async def patch_device(device_id: DeviceIdPath, body: DevicePatch, store: StoreDep) -> DeviceOut:
-    device = await store.update(device_id, **body.model_dump(exclude_unset=True))
+async def patch_device(
+    device_id: DeviceIdPath, body: DevicePatch, store: StoreDep, templates: TemplatesDep
+) -> DeviceOut:
+    changes = body.model_dump(exclude_unset=True)
+    template = changes.get("template")
+    if template is not None and await templates.get(template) is None:
+        raise UnknownTemplate(f"no template {clip(template)}")
+    device = await store.update(device_id, **changes)
     return DeviceOut.of(device)
 
 

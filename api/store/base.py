@@ -146,6 +146,9 @@ class Device(BaseModel):
     credential_id: str | None = None
     credential_created_at: datetime | None = None
     credential_revoked_at: datetime | None = None
+    template: str | None = None
+    """The id of the payload template its messages are translated with (api/routes/
+    templates.py); None: published as they come."""
 
     @model_validator(mode="before")
     @classmethod

@@ -75,6 +75,7 @@ async def test_crud_round_trip(client: httpx.AsyncClient) -> None:
         "terms_accepted": None,
         "location_barred": None,
         "location": None,
+        "template": None,
     }
     await client.post("/devices", json={"iccid": B, "ip": "10.0.0.2"}, headers=AUTH)
 
@@ -273,6 +274,7 @@ async def test_healthz_and_docs(store: DeviceStore) -> None:
         "devices",
         "credentials",
         "firmware",
+        "templates",
         "health",
     }
     assert {

@@ -5,6 +5,7 @@ route give byte-identical answers and the same MQTT publishes."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aiomqtt
@@ -20,8 +21,10 @@ from api.routes.ingest import MAX_BATCH_ITEMS
 from api.store.base import Device
 from api.store.memory import MemoryDeviceStore
 from policies.batch import BatchItem, encode_batch
+from stores.templates import StoredTemplate
 from tests.api.conftest import ACTIVE, ACTIVE_IP, INACTIVE, INACTIVE_IP, make_settings
 from tests.api.test_ingest_batch import BATCH_HEADERS, item
+from tests.api.test_templates_api import PAYLOAD, TRACKER
 from tests.support.mqtt import subscribed
 from tests.support.services import MosquittoServer
 
@@ -99,6 +102,10 @@ def _oracle_item(key: str, **fields: object) -> BatchItem:
     return item(**values)  # type: ignore[arg-type]
 
 
+_TEMPLATED = "8988280666000000009"
+_TEMPLATED_IP = "10.64.0.9"
+_TEMPLATE_ID = "oracle-tpl"
+
 # (body, expected statuses or the error status): every outcome an item or a call can have
 # without the broker failing. Each app gets a fresh store and ledger, so the keys repeat.
 _REPLAYED = _oracle_item("o-replayed", topic="oracle/replayed", payload=b"once")
@@ -120,12 +127,29 @@ ORACLE_CALLS: list[tuple[bytes, object]] = [
     ),
     (encode_batch([_REPLAYED]), [204]),
     (encode_batch([_REPLAYED, _oracle_item("o-8", topic="oracle/after")]), [204, 204]),
+    # A device with a payload template (issue 17): translated, refused when too short.
+    (
+        encode_batch(
+            [
+                _oracle_item("o-t1", ip=_TEMPLATED_IP, topic="oracle/tpl", payload=PAYLOAD),
+                _oracle_item("o-t2", ip=_TEMPLATED_IP, topic="oracle/tpl", payload=PAYLOAD[:5]),
+                _oracle_item(
+                    "o-t3",
+                    ip="10.99.0.6",
+                    identity=_TEMPLATED,
+                    topic="oracle/t3",
+                    payload=PAYLOAD * 2,
+                ),
+            ]
+        ),
+        [204, 400, 204],
+    ),
     (encode_batch([]), []),
     (b"\x00\x05ab", 400),  # truncated: the error body comes from the error handler
     (encode_batch([_oracle_item(f"o-many-{n}") for n in range(MAX_BATCH_ITEMS + 1)]), 400),
 ]
 # What the broker must get for the calls above, in either app: the 204s but the replay.
-ORACLE_PUBLISHES = 6
+ORACLE_PUBLISHES = 8
 
 
 def _publish(message: aiomqtt.Message) -> tuple[object, ...]:
@@ -164,16 +188,25 @@ async def _oracle_store() -> MemoryDeviceStore:
     store = MemoryDeviceStore()
     await store.create(Device(iccid=ACTIVE, ip=ACTIVE_IP, status="active"))
     await store.create(Device(iccid=INACTIVE, ip=INACTIVE_IP, status="inactive"))
+    await store.create(Device(iccid=_TEMPLATED, ip=_TEMPLATED_IP, template=_TEMPLATE_ID))
     return store
+
+
+async def _with_template(app: FastAPI) -> FastAPI:
+    record = StoredTemplate(_TEMPLATE_ID, json.dumps(TRACKER), None, 1.0)
+    await app.state.templates.store.create(record)
+    return app
 
 
 async def test_the_fast_path_answers_exactly_as_the_route(
     mosquitto: MosquittoServer, publisher: MqttPublisher
 ) -> None:
     settings = make_settings(mosquitto)
-    fast_app = create_app(settings, store=await _oracle_store(), publisher=publisher)
-    route_app = create_app(
-        settings, store=await _oracle_store(), publisher=publisher, fast_path=False
+    fast_app = await _with_template(
+        create_app(settings, store=await _oracle_store(), publisher=publisher)
+    )
+    route_app = await _with_template(
+        create_app(settings, store=await _oracle_store(), publisher=publisher, fast_path=False)
     )
     reached_router = _witnessed(fast_app)
     fast, fast_published = await _through(fast_app, mosquitto)

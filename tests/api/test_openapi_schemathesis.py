@@ -52,7 +52,8 @@ EXAMPLES_PER_OPERATION = 25
 # (docs/CONTRACT.md §11, never a generated one), a plain PSK may be at most 16 *bytes* and
 # must not break the CSV line, a location sample may not be from a day ahead, a well-formed
 # range may lie past the end of the body (416), an acknowledgement must name the command at
-# the head of the queue (412/428). Everything else is checked.
+# the head of the queue (412/428); a template must compile, and a template id must name one.
+# Everything else is checked.
 SEMANTIC_RULES = {
     "DELETE /commands/{device}",
     "GET /onboarding/coap",
@@ -62,6 +63,11 @@ SEMANTIC_RULES = {
     "GET /location",
     "PUT /devices/{iccid}/psk",
     "PUT /devices/{iccid}/location",
+    # Issue 17: a template must compile (which a JSON object schema cannot say), and a
+    # template id, to be tested or assigned, must name an uploaded template.
+    "POST /templates",
+    "POST /templates/{template_id}/test",
+    "PATCH /devices/{device_id}",
 }
 
 

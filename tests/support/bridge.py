@@ -42,6 +42,7 @@ class Bridge:
     proxy_token: str
     log_path: Path
     coaps_port: int = 0
+    mqtt_port: int = 0  # the embedded broker's (no mqtt_url given), else 0
 
     @property
     def coaps_url(self) -> str:
@@ -122,10 +123,12 @@ async def running_bridge(
     ]  # fmt: skip
     if redis_url:
         args += ["--redis-url", redis_url]
+    mqtt_port = 0
     if mqtt_url:
         args += ["--mqtt-url", mqtt_url]
     else:
-        args += ["--mqtt-port", str(free_port())]
+        mqtt_port = free_port()
+        args += ["--mqtt-port", str(mqtt_port)]
     args += extra or []
     log_path = tmp_path / f"bridge-{coap_port}.log"
     process_env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_BRIDGE_")}
@@ -140,6 +143,7 @@ async def running_bridge(
         proxy_token,
         log_path,
         coaps_port,
+        mqtt_port,
     )
     try:
         await _ready(bridge, require_mqtt=True)
