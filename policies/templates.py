@@ -32,6 +32,7 @@ needs one (bit field, scale, 3-byte integer, NaN, string). Translating a message
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -92,7 +93,16 @@ Plan = list[tuple[str, "int | Plan"]]
 class Template:
     """A compiled template; build it with compile_template()."""
 
-    __slots__ = ("_fields", "_flat_keys", "_lanes", "_location", "_plan", "min_length")
+    __slots__ = (
+        "_fields",
+        "_flat_keys",
+        "_json_format",
+        "_json_order",
+        "_lanes",
+        "_location",
+        "_plan",
+        "min_length",
+    )
 
     def __init__(
         self,
@@ -109,11 +119,39 @@ class Template:
         self._flat_keys = flat_keys
         self._plan = plan
         self._location = location
+        self._json_format, self._json_order = _json_layout(plan)
 
     def translate(self, payload: bytes) -> Translation:
         """The JSON document for this payload; PayloadError when it is too short or a string
         field is not UTF-8. Bytes past the last field are ignored (a newer firmware may append
         fields an older template does not know yet)."""
+        values = self._values(payload)
+        keys = self._flat_keys
+        document = (
+            dict(zip(keys, values, strict=True)) if keys is not None else _build(self._plan, values)
+        )
+        latitude, longitude = self._position(values)
+        return Translation(document, latitude, longitude)
+
+    def translate_json(self, payload: bytes) -> tuple[str, float | None, float | None]:
+        """What :meth:`translate` gives, with the document as compact JSON text: exactly
+        ``json.dumps(document, separators=(",", ":"), ensure_ascii=False)``, written into a
+        text laid out once per template instead of building the dicts and encoding them
+        (about half the cost per message). PayloadError as for :meth:`translate`."""
+        values = self._values(payload)
+        text = self._json_format % tuple([_json_scalar(values[i]) for i in self._json_order])
+        latitude, longitude = self._position(values)
+        return text, latitude, longitude
+
+    def _position(self, values: list[Any]) -> tuple[float | None, float | None]:
+        if self._location is None:
+            return None, None
+        latitude, longitude = values[self._location[0]], values[self._location[1]]
+        if _valid_degrees(latitude, 90.0) and _valid_degrees(longitude, 180.0):
+            return float(latitude), float(longitude)
+        return None, None
+
+    def _values(self, payload: bytes) -> list[Any]:
         got = len(payload)
         if got < self.min_length:
             raise PayloadError(
@@ -131,19 +169,46 @@ class Template:
                     layout.unpack_from(payload, start) for layout, start in lanes
                 )
             )
-        values = [
+        return [
             raws[slot] if convert is None else convert(raws[slot]) for slot, convert in self._fields
         ]
-        keys = self._flat_keys
-        document = (
-            dict(zip(keys, values, strict=True)) if keys is not None else _build(self._plan, values)
-        )
-        if self._location is None:
-            return Translation(document, None, None)
-        latitude, longitude = values[self._location[0]], values[self._location[1]]
-        if _valid_degrees(latitude, 90.0) and _valid_degrees(longitude, 180.0):
-            return Translation(document, float(latitude), float(longitude))
-        return Translation(document, None, None)
+
+
+_encode_text = json.encoder.encode_basestring  # what json.dumps uses with ensure_ascii=False
+
+
+def _json_scalar(value: Any) -> str:
+    """One value as json.dumps writes it (RFC 8259 §6, §7): the values a template yields are
+    int, float (finite: NaN and infinities are already None), bool, str or None."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return float.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(_encode_text(value))
+
+
+def _json_layout(plan: Plan) -> tuple[str, tuple[int, ...]]:
+    """The document's JSON text with a ``%s`` where each value goes, and which value goes
+    where (the plan's order: first appearance, as the dicts of :func:`_build` keep it)."""
+    order: list[int] = []
+
+    def layout(node: Plan) -> str:
+        members = []
+        for key, entry in node:
+            name = str(_encode_text(key)).replace("%", "%%")
+            if isinstance(entry, int):
+                order.append(entry)
+                members.append(f"{name}:%s")
+            else:
+                members.append(f"{name}:{layout(entry)}")
+        return "{" + ",".join(members) + "}"
+
+    return layout(plan), tuple(order)
 
 
 def _build(plan: Plan, values: list[Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from api.errors import (
 )
 from api.safe_json import SafeJsonRoute
 from api.store.base import Device, DeviceStore
-from policies.templates import PayloadError, Template, TemplateError, Translation, compile_template
+from policies.templates import PayloadError, Template, TemplateError, compile_template
 from stores.templates import StoredTemplate, TemplateExists, TemplateStore, TemplatesUnavailable
 
 log = logging.getLogger(__name__)
@@ -174,16 +174,18 @@ def _degrees(value: float | None, bound: int) -> str | None:
     return format(Decimal(repr(value)), "f")
 
 
-def location_changes(translation: Translation, sample_time: int) -> dict[str, Any] | None:
-    """The device fields a translation's location fields set, or None when it has none (or
-    only one of the two, or a value out of range: logged by the caller)."""
-    latitude = _degrees(translation.latitude, 90)
-    longitude = _degrees(translation.longitude, 180)
-    if latitude is None or longitude is None:
+def location_changes(
+    latitude: float | None, longitude: float | None, sample_time: int
+) -> dict[str, Any] | None:
+    """The device fields a translation's position sets, or None when it has none (or only
+    one of the two, or a value out of range: logged by the caller)."""
+    latitude_text = _degrees(latitude, 90)
+    longitude_text = _degrees(longitude, 180)
+    if latitude_text is None or longitude_text is None:
         return None
     return {
-        "location_longitude": longitude,
-        "location_latitude": latitude,
+        "location_longitude": longitude_text,
+        "location_latitude": latitude_text,
         "location_source": LOCATION_SOURCE,
         "location_sample_time": sample_time,
     }
