@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Two stamps: what running needs (make run), and that plus the dev extra (make test, lint...).
+RUN_STAMP := $(VENV)/.run-stamp
 STAMP := $(VENV)/.installed-stamp
 
 # What the product and its tests need from Debian (installed when root and missing).
@@ -14,21 +16,27 @@ RUN_DEBS := libcoap3-bin mosquitto-clients
 TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs \
 	nftables conntrack iproute2 openssl
 
-.PHONY: run test lint typecheck pytest bench install clean
+.PHONY: run test lint typecheck pytest bench install install-run clean
 
 install: $(STAMP)
+install-run: $(RUN_STAMP)
 
 # DTLSSocket is built first, from its sdist with our tinydtls fix (scripts/patches/); pip then
 # finds it installed. The proxy refuses coaps with any other build.
-$(STAMP): pyproject.toml scripts/install-dtlssocket.sh $(wildcard scripts/patches/*.patch)
+$(RUN_STAMP): pyproject.toml scripts/install-dtlssocket.sh $(wildcard scripts/patches/*.patch)
 	@$(PYTHON) -m venv $(VENV) || { scripts/ensure-debian-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
 	@scripts/ensure-debian-packages.sh $(BUILD_DEBS) || echo "(DTLSSocket builds from source and needs these: pip may fail below)"
 	$(BIN)/python -m pip install -q --upgrade pip
 	scripts/install-dtlssocket.sh $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	@touch $(RUN_STAMP)
+
+# The dev extra (test, lint and type-check tools) only for the targets that use it.
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	@scripts/ensure-debian-packages.sh $(RUN_DEBS) || echo "(continuing: the bridge itself needs none of these)"
 	$(BIN)/coap-bridge up
 

@@ -24,9 +24,12 @@ from api.fast_path import BatchFastPath
 from api.feed import ChangeFeed
 from api.guard import Guard
 from api.idempotency import build_ledger
+from api.metrics import install as install_metrics
+from api.metrics import metered
 from api.presence import PresenceWatcher
 from api.profiles import ALWAYS_ON, disabled_router, enabled_routers
 from api.publisher import MqttPublisher, Publisher
+from api.request_log import RequestLog
 from api.routes.templates import TemplateBook
 from api.safe_json import SafeJsonRoute
 from api.settings import ApiSettings
@@ -219,6 +222,8 @@ def create_app(
             )
             if isinstance(app.state.publisher, MqttPublisher):
                 await app.state.command_intake.start(app.state.publisher)
+            # Publishes counted for /metrics from here (api/metrics.py).
+            metered(app)
             yield
 
     app = FastAPI(
@@ -268,6 +273,7 @@ def create_app(
     if fast_path and SIM_IDENTITY in settings.profiles:
         app.add_middleware(BatchFastPath)  # it serves /ingest/batch, a sim_identity resource
     app.add_middleware(Guard)  # added last: outermost, so it runs before any body is read
+    app.add_middleware(RequestLog, interval=settings.log_interval)  # reads headers only
     # The resources of the enabled profiles, then a 404 naming its profile for each resource of
     # the others (api/profiles.py).
     for router in (*ALWAYS_ON, *enabled_routers(settings.profiles)):
@@ -313,6 +319,7 @@ def create_app(
         )
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
+    install_metrics(app, _store_reachable)
     return app
 
 

@@ -105,6 +105,9 @@ RULES: dict[str, Rule] = {
     # platform's own path is management.
     "/telemetry": Rule(Caller.PROXY, _one_payload),
     "/api/v4/manage/devices": Rule(Caller.MANAGEMENT, _management),  # and everything under it
+    # Prometheus (api/metrics.py): open like /healthz; scrapers usually carry no bearer, and
+    # it names no device.
+    "/metrics": Rule(Caller.ANYONE, _no_body),
     # Payload templates (issue 17): management only.
     "/templates": Rule(Caller.MANAGEMENT, _template),  # and everything under it
 }

@@ -39,6 +39,12 @@ Receiving (issue 15, commands from MQTT):
   broker sends the expiry that is left. QoS 0 messages waiting for the handler are capped
   (``_MAX_WAITING_QOS0``); QoS 1 ones are bounded by the Receive Maximum sent in CONNECT.
 
+TLS (``mqtts://``, issue 18): :meth:`MqttLink.open` takes an :class:`ssl.SSLContext` and runs
+the same protocol over asyncio's TLS transport, the broker's host name checked against its
+certificate (the context's ``check_hostname``). A certificate that does not verify is a
+LinkError that says so, and so is a broker that refuses our client certificate (with TLS 1.3
+it does so after the handshake, so that arrives as the connection ending before CONNACK).
+
 Failures are this module's :class:`LinkError`; nothing else leaves it (a handler's exception
 becomes the LinkError that ends the link).
 """
@@ -49,6 +55,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -175,9 +182,10 @@ def connect_packet(
     if username is not None:
         flags |= 0x80
         payload += _string(username.encode())
-        if password is not None:
-            flags |= 0x40
-            payload += _string(password.encode())
+    # MQTT 5 §3.1.2.9 allows a password without a user name; 3.1.1 (§3.1.2.9) does not.
+    if password is not None and (username is not None or protocol == "5"):
+        flags |= 0x40
+        payload += _string(password.encode())
     level = 5 if protocol == "5" else 4
     header = _string(b"MQTT") + bytes((level, flags)) + keepalive.to_bytes(2, "big")
     if protocol == "5":
@@ -317,6 +325,7 @@ class MqttLink(asyncio.Protocol):
         self._buffer = bytearray()
         self.connack: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[LinkError | None] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()  # connection_lost ran
         self._receive_maximum = 65535
         self._maximum_packet = 268_435_455  # the largest MQTT can express
         self._in_flight: dict[int, asyncio.Future[None]] = {}
@@ -348,15 +357,24 @@ class MqttLink(asyncio.Protocol):
         on_message: MessageHandler | None = None,
         clean_start: bool = True,
         session_expiry: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> MqttLink:
         """Connect and wait for CONNACK. ``on_message`` receives every PUBLISH from the broker
-        (set here, before CONNACK, because a resumed session delivers at once)."""
+        (set here, before CONNACK, because a resumed session delivers at once). ``tls``: TLS
+        with this context, ``host`` as the server name (SNI and the certificate check); the
+        handshake counts in ``connect_timeout``."""
         loop = asyncio.get_running_loop()
         link: MqttLink | None = None
         try:
             async with asyncio.timeout(connect_timeout):
                 _, link = await loop.create_connection(
-                    lambda: cls(protocol, keepalive, on_message), host, port
+                    lambda: cls(protocol, keepalive, on_message),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                    # Our own deadline covers the handshake: asyncio's (60 s) never fires first.
+                    ssl_handshake_timeout=connect_timeout + 1 if tls is not None else None,
                 )
                 link._send(
                     connect_packet(
@@ -374,12 +392,26 @@ class MqttLink(asyncio.Protocol):
         except TimeoutError as exc:
             if link is not None:
                 link.close()
+                await link.wait_closed()
             raise LinkError(f"no CONNACK from {host}:{port} within {connect_timeout:g} s") from exc
+        except asyncio.CancelledError:
+            if link is not None and link._transport is not None:
+                link._transport.abort()  # no waiting for a TLS close while being cancelled
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            raise LinkError(
+                f"TLS: the certificate of the broker at {host}:{port} was not verified "
+                f"({exc.verify_message}): is it signed by a CA in mqtt_ca (or the system's "
+                "trust store), and does it name that host?"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise LinkError(f"TLS with the broker at {host}:{port} failed: {exc}") from exc
         except OSError as exc:
             raise LinkError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
         except LinkError:
             if link is not None:
                 link.close()
+                await link.wait_closed()
             raise
         link._schedule_ping()
         return link
@@ -600,6 +632,18 @@ class MqttLink(asyncio.Protocol):
             self._transport.close()
         self._end(None)
 
+    async def wait_closed(self, grace: float = 1.0) -> None:
+        """After :meth:`close`: until the socket is closed, at most ``grace`` seconds (then it
+        is aborted, not an error). Over TLS closing takes a round trip (close_notify, RFC 8446
+        §6.1) rather than one loop turn; a caller that stops its event loop next waits here,
+        or the socket would be left open."""
+        if self._transport is None or self._closed.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), grace)
+        except TimeoutError:
+            self._transport.abort()
+
     # --- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -612,7 +656,23 @@ class MqttLink(asyncio.Protocol):
                 self._socket = sock
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(LinkError(f"connection to the broker lost: {exc or 'closed by the broker'}"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+        reason = f"connection to the broker lost: {exc or 'closed by the broker'}"
+        transport = self._transport
+        if (
+            not self.connack.done()
+            and transport is not None
+            and transport.get_extra_info("sslcontext") is not None
+        ):
+            # Under TLS 1.3 a broker that wants a client certificate (and got none, or one it
+            # does not trust) refuses after our side of the handshake finished: all we see is
+            # the connection ending before CONNACK (RFC 8446 §4.4.2.4).
+            reason += (
+                " (before CONNACK, over TLS: a broker that requires a client certificate "
+                "ends the connection like this; check mqtt_cert/mqtt_key)"
+            )
+        self._end(LinkError(reason))
 
     def data_received(self, data: bytes) -> None:
         if self._socket is not None:

@@ -83,7 +83,7 @@ class PresenceWatcher:
         try:
             turned = await self.store.seen(device, lifetime, extend=extend, now=now)
         except REDIS_ERRORS as exc:
-            log.warning("presence of %s not noted: %s", device, exc)
+            log.warning("presence of %s not noted: %s", device, exc, extra={"device": device})
             return
         if turned:
             self._enqueue(device, "online", now)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
@@ -129,8 +130,10 @@ class MqttPublisher:
         max_backoff: float = _MAX_BACKOFF,
         client_id: str | None = None,
         session_expiry: int = DEFAULT_SESSION_EXPIRY,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host = host
+        self._tls = tls
         self._port = port
         self._username = username
         self._password = password
@@ -162,6 +165,8 @@ class MqttPublisher:
             password=endpoint.password,
             protocol=settings.mqtt_protocol,
             publish_timeout=settings.mqtt_publish_timeout,
+            client_id=settings.mqtt_client_id,
+            tls=settings.mqtt_tls(),
         )
 
     @property
@@ -244,6 +249,7 @@ class MqttPublisher:
                     on_message=self._dispatch,
                     clean_start=not self._session_expiry,
                     session_expiry=self._session_expiry,
+                    tls=self._tls,
                 )
             except LinkError as exc:
                 # One warning per outage, not one per attempt every couple of seconds.
@@ -262,7 +268,12 @@ class MqttPublisher:
                 self._attempted.set()
                 backoff = self._min_backoff
                 down_reported = False
-                log.info("mqtt connected host=%s port=%d", self._host, self._port)
+                log.info(
+                    "mqtt connected host=%s port=%d tls=%s",
+                    self._host,
+                    self._port,
+                    "on" if self._tls is not None else "off",
+                )
                 try:
                     if self._subscriptions:
                         await self._subscribe(link, list(self._subscriptions))
@@ -271,6 +282,7 @@ class MqttPublisher:
                     self._link = None
                     self._up.clear()
                     link.close(end_session=self._own_client_id)
+                    await link.wait_closed()
                 log.warning(
                     "mqtt connection lost host=%s port=%d: %s", self._host, self._port, reason
                 )

@@ -9,18 +9,20 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import ssl
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from policies.profiles import DEFAULT_PROFILES, profile_names
 from policies.topics import DEFAULT_TOPIC_TEMPLATE, render_topic, validate_topic
 
-_MQTT_SCHEMES = {"mqtt": 1883, "tcp": 1883}
+_MQTT_SCHEMES = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
+_MQTT_TLS_SCHEMES = frozenset({"mqtts", "ssl"})
 DEFAULT_COMMAND_TOPIC = "devices/{iccid}/commands"
 DEFAULT_STATUS_TOPIC = "devices/{device}/status"
 MAX_COMMAND_TTL = 2_592_000
@@ -40,19 +42,68 @@ class MqttEndpoint:
     port: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
+    """``mqtts://`` (or ``ssl://``): TLS, the broker's certificate and host name verified."""
 
 
 def parse_mqtt_url(url: str) -> MqttEndpoint:
-    """``mqtt://[user[:pass]@]host[:port]`` → :class:`MqttEndpoint`; ``ValueError`` otherwise."""
+    """``mqtt[s]://[user[:pass]@]host[:port]`` → :class:`MqttEndpoint`; ``ValueError``
+    otherwise. ``mqtts`` defaults to port 8883, the port IANA registered for MQTT over TLS."""
     parts = urlsplit(url)
     if parts.scheme not in _MQTT_SCHEMES:
         raise ValueError(f"mqtt_url scheme must be one of {sorted(_MQTT_SCHEMES)}, not {url!r}")
     if not parts.hostname:
         raise ValueError(f"mqtt_url has no host: {url!r}")
-    port = parts.port or _MQTT_SCHEMES[parts.scheme]
+    try:
+        port = parts.port or _MQTT_SCHEMES[parts.scheme]
+    except ValueError as exc:
+        raise ValueError(f"mqtt_url has a malformed port: {exc}") from None
     username = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return MqttEndpoint(host=parts.hostname, port=port, username=username, password=password)
+    return MqttEndpoint(
+        host=parts.hostname,
+        port=port,
+        username=username,
+        password=password,
+        tls=parts.scheme in _MQTT_TLS_SCHEMES,
+    )
+
+
+def _readable(setting: str, path: str) -> str:
+    """``path`` if it names a file this process can read; ValueError naming ``setting``."""
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise ValueError(f"{setting}: cannot read {path!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def mqtt_tls_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
+    """The TLS context of an ``mqtts://`` link: the broker's chain and host name verified
+    against ``ca`` (a PEM bundle) or, without one, the system's trust store
+    (:func:`ssl.create_default_context`; ``SSL_CERT_FILE`` names another bundle); ``cert``
+    (and ``key``, unless the same PEM file holds it) presented as the client certificate.
+    ValueError naming the setting when a file is not what it should be."""
+    context = ssl.create_default_context()
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"mqtt_ca: {ca!r} is not a PEM CA bundle: {exc}") from None
+    if cert is not None:
+        try:
+            # A password callback that gives none: an encrypted key fails here, instead of
+            # OpenSSL asking for its passphrase on the terminal.
+            context.load_cert_chain(cert, key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"mqtt_cert/mqtt_key: cannot load the client certificate {cert!r} with the "
+                f"key {key or cert!r} (PEM, unencrypted, matching): {exc}"
+            ) from None
+    return context
 
 
 class ApiSettings(BaseSettings):
@@ -74,6 +125,24 @@ class ApiSettings(BaseSettings):
     in a JSON object that carries them (policies/envelope.py), and the properties are still
     sent. Status and command messages are never wrapped."""
     mqtt_publish_timeout: float = Field(default=5.0, gt=0)
+    mqtt_ca: str | None = None
+    """PEM bundle of the CAs an ``mqtts://`` broker's certificate must chain to; unset: the
+    system's trust store (what a public broker's certificate chains to)."""
+    mqtt_cert: str | None = None
+    """PEM client certificate presented to an ``mqtts://`` broker (AWS IoT Core requires one;
+    Mosquitto's ``require_certificate``), with its key in ``mqtt_key`` or in the same file."""
+    mqtt_key: str | None = Field(default=None, validate_default=True)
+    """PEM private key (unencrypted) of ``mqtt_cert``."""
+    mqtt_password: str | None = None
+    """Password sent in CONNECT; overrides the one in ``mqtt_url`` (keeps it out of the URL
+    and the process list: set it as ``COAP_BRIDGE_MQTT_PASSWORD``)."""
+    mqtt_username: str | None = Field(default=None, validate_default=True)
+    """User name sent in CONNECT; overrides the one in ``mqtt_url``."""
+    mqtt_client_id: str | None = None
+    """The MQTT client identifier; unset: ``coap-bridge-<random>``, a new one per process. A
+    broker allows one connection per id (a second one takes it over, MQTT 5 §3.1.4), so give
+    every API process (uvicorn worker, replica) its own. A fixed id keeps its MQTT 5 session
+    when the process stops (commands sent meanwhile wait for it)."""
     api_key: str | None = None
     """Bearer key of the management API; ``None`` switches the management API off (503)."""
     proxy_token: str | None = None
@@ -118,6 +187,9 @@ class ApiSettings(BaseSettings):
     """Seconds a command waits for its device when the submitter gives no ``ttl``."""
     feed_keepalive: float = Field(default=15.0, gt=0)
     """Seconds between the comment lines that keep an idle change feed open (docs/API.md)."""
+    log_interval: float = Field(default=10.0, gt=0)
+    """Seconds between the request log's summary lines at info level (api/request_log.py,
+    docs/OPERATIONS.md "Logs")."""
     max_firmware_size: int = Field(default=16 * 1024 * 1024, ge=1)
     """Largest firmware image ``PUT /firmware/{version}`` accepts, in bytes; a larger body is
     refused with 413 before it is read (api/guard.py)."""
@@ -142,6 +214,61 @@ class ApiSettings(BaseSettings):
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:
         parse_mqtt_url(value)
+        return value
+
+    # The TLS files are read at start-up, so a missing or wrong one is an error naming its
+    # setting before anything runs, not a broker that stays unreachable. Each check sits on
+    # the field whose value it would show: pydantic repeats a failing field's input in its
+    # message, which must never be a password.
+    @field_validator("mqtt_ca", "mqtt_cert")
+    @classmethod
+    def _check_tls_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        setting = str(info.field_name)
+        url = info.data.get("mqtt_url")
+        if url is not None and not parse_mqtt_url(url).tls:
+            raise ValueError(f"{setting} is set but mqtt_url {url!r} is not mqtts://")
+        _readable(setting, value)
+        if setting == "mqtt_ca":
+            mqtt_tls_context(ca=value)
+        return value
+
+    @field_validator("mqtt_key")
+    @classmethod
+    def _check_client_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        cert = info.data.get("mqtt_cert")
+        if value is not None:
+            if cert is None and "mqtt_cert" not in info.data:
+                return value  # mqtt_cert itself failed: that error says it
+            if cert is None:
+                raise ValueError("mqtt_key is set without mqtt_cert (the certificate it signs)")
+            _readable("mqtt_key", value)
+        if cert is not None:
+            mqtt_tls_context(cert=cert, key=value)
+        return value
+
+    @field_validator("mqtt_username")
+    @classmethod
+    def _check_credentials(cls, value: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("mqtt_url")
+        endpoint = parse_mqtt_url(url) if url is not None else None
+        username = value if value is not None else endpoint and endpoint.username
+        password = info.data.get("mqtt_password")
+        if password is None and endpoint is not None:
+            password = endpoint.password
+        if password is not None and username is None and info.data.get("mqtt_protocol") != "5":
+            # MQTT 3.1.1 §3.1.2.9: no password without a user name (MQTT 5 allows one).
+            raise ValueError("mqtt_password is set without mqtt_username, which MQTT 3.1.1 needs")
+        return value
+
+    @field_validator("mqtt_client_id")
+    @classmethod
+    def _check_client_id(cls, value: str | None) -> str | None:
+        # MQTT 5 §3.1.3.1: a UTF-8 string; an empty one asks the broker to assign an id, which
+        # would end the session we keep across reconnects.
+        if value is not None and (not value or "\0" in value or len(value.encode()) > 65535):
+            raise ValueError("mqtt_client_id must be 1 to 65535 bytes of UTF-8 without NUL")
         return value
 
     @field_validator("topic_template")
@@ -228,7 +355,21 @@ class ApiSettings(BaseSettings):
 
     @property
     def mqtt_endpoint(self) -> MqttEndpoint:
-        return parse_mqtt_url(self.mqtt_url)
+        """``mqtt_url``, with ``mqtt_username``/``mqtt_password`` in place of its own."""
+        endpoint = parse_mqtt_url(self.mqtt_url)
+        return MqttEndpoint(
+            host=endpoint.host,
+            port=endpoint.port,
+            username=self.mqtt_username if self.mqtt_username is not None else endpoint.username,
+            password=self.mqtt_password if self.mqtt_password is not None else endpoint.password,
+            tls=endpoint.tls,
+        )
+
+    def mqtt_tls(self) -> ssl.SSLContext | None:
+        """The TLS context of the broker link (``mqtts://``), or None for plain ``mqtt://``."""
+        if not parse_mqtt_url(self.mqtt_url).tls:
+            return None
+        return mqtt_tls_context(self.mqtt_ca, self.mqtt_cert, self.mqtt_key)
 
     @cached_property
     def coaps_endpoint(self) -> str:

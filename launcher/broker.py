@@ -39,7 +39,7 @@ class EmbeddedBroker:
             self.host,
             self.port,
             exc,
-            host_setting="mqtt_port",
+            host_setting="mqtt_host",
             port_setting="mqtt_port",
         )
 

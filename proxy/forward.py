@@ -23,6 +23,7 @@ from proxy.coap.codec import uint_bytes
 from proxy.coap.observe import ObserveRoute
 from proxy.coap.requests import Request, Response
 from proxy.errors import ProxyError
+from proxy.request_log import device_of
 from proxy.upstream import NO_HEADERS, Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -505,12 +506,17 @@ class ProxyHandler:
                     return ranged
                 answer, size = ranged
         except ProxyError as exc:
-            log.warning("upstream call failed: %s", exc)
+            device = device_of(request)
+            log.warning(
+                "upstream call failed for device %s: %s", device, exc, extra={"device": device}
+            )
             return Response(exc.coap_code)
         response = translate(answer, request.method, self._tables[route.path])
         response.size = size
         if request.method in _SAFE and (conditions is not None or answer.status == 304):
-            return _validated(response, answer, conditions.etags if conditions else [])
+            return _validated(
+                response, answer, conditions.etags if conditions else [], device_of(request)
+            )
         if response.code == codes.CREATED and "location" in answer.headers:
             _add_location(response, answer.headers["location"], url, target, request.path)
         return response
@@ -590,7 +596,9 @@ class ProxyHandler:
             await batcher.drain()
 
 
-def _validated(response: Response, answer: UpstreamResponse, etags: list[bytes]) -> Response:
+def _validated(
+    response: Response, answer: UpstreamResponse, etags: list[bytes], device: str = "-"
+) -> Response:
     """A safe request that named ETags gets 2.03 Valid with the matching ETag and no payload
     when the origin said 304, or sent a representation whose (hashed) tag is one the device
     named (RFC 7252 §5.10.6.2, §5.9.1.3). A 304 the proxy cannot pin to one of the device's
@@ -602,7 +610,11 @@ def _validated(response: Response, answer: UpstreamResponse, etags: list[bytes])
         if etag is None and len(etags) == 1:
             etag = etags[0]
         if etag is None or etag not in etags:
-            log.warning("origin answered 304 without one of the request's ETags: 5.02")
+            log.warning(
+                "origin answered 304 without one of the request's ETags: 5.02 to device %s",
+                device,
+                extra={"device": device},
+            )
             return Response(codes.BAD_GATEWAY)
     elif etag is None or etag not in etags:
         return response

@@ -8,7 +8,8 @@ as it is parsed). Why a client of our own rather than a general library: docs/AR
 
 What it does: one :class:`asyncio.Protocol` per TCP connection, or TLS for an ``https`` origin
 (the certificate and the host name checked against the system's trust store, as
-:func:`ssl.create_default_context` sets up; ``SSL_CERT_FILE`` names another bundle); the request
+:func:`ssl.create_default_context` sets up; ``SSL_CERT_FILE`` names another bundle, and
+``--upstream-ca`` a bundle of the origin's own CAs, :func:`upstream_tls`); the request
 (head and body) goes out in one write; the answer is parsed by ``httptools`` (llhttp:
 Content-Length, chunked, and bodies delimited by the server closing). Connections are kept
 alive and reused, most recently used first, at most ``max_connections`` per origin; a request
@@ -329,6 +330,15 @@ class _Pool:
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def upstream_tls(ca_file: str | None) -> ssl.SSLContext | None:
+    """The context for ``https`` origins when ``upstream_ca`` is set: certificate and host name
+    verified as by default, against the CAs in ``ca_file`` only; None without one (the
+    default context, made on first use)."""
+    if ca_file is None:
+        return None
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class Http1Upstream:

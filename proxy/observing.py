@@ -42,6 +42,7 @@ from proxy.coap.observe import (
 )
 from proxy.coap.requests import Request, Response
 from proxy.errors import ProxyError
+from proxy.request_log import device_of
 
 if TYPE_CHECKING:
     from proxy.coap.driver import CoapDriver
@@ -192,7 +193,14 @@ class Observing:
             try:
                 status = await self._handler.acknowledge(relation.request, etag)
             except ProxyError as exc:
-                log.warning("acknowledgement for %s failed: %s", relation.request.path, exc)
+                device = device_of(relation.request)
+                log.warning(
+                    "acknowledgement for %s from device %s failed: %s",
+                    relation.request.path,
+                    device,
+                    exc,
+                    extra={"device": device},
+                )
                 status = None
             if status is not None and status < 500:
                 if status >= 300:
@@ -201,8 +209,12 @@ class Observing:
                     )
                 break
             if loop.time() + delay > deadline:
+                device = device_of(relation.request)
                 log.warning(
-                    "acknowledgement for %s given up after its Max-Age", relation.request.path
+                    "acknowledgement for %s from device %s given up after its Max-Age",
+                    relation.request.path,
+                    device,
+                    extra={"device": device},
                 )
                 return
             await asyncio.sleep(delay)
@@ -234,7 +246,13 @@ class Observing:
                 try:
                     response: Response | None = await self._handler.handle(self._fetch(relation))
                 except Exception:
-                    log.exception("fetching %s for an observer failed", relation.request.path)
+                    device = device_of(relation.request)
+                    log.exception(
+                        "fetching %s for observing device %s failed",
+                        relation.request.path,
+                        device,
+                        extra={"device": device},
+                    )
                     response = None
                 if _ended(relation):  # deregistered while the origin answered
                     return

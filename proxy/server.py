@@ -21,8 +21,10 @@ from proxy.coap.requests import RequestHandler
 from proxy.feed import ChangeFeed
 from proxy.forward import ProxyHandler
 from proxy.gate import Gate
-from proxy.http1 import Http1Upstream
+from proxy.http1 import Http1Upstream, upstream_tls
+from proxy.metrics import MetricsListener, TimedUpstream, start_metrics
 from proxy.observing import Observing, dispatch_change, refresh_all
+from proxy.request_log import RequestLog, log_requests
 from proxy.settings import ProxySettings
 from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
@@ -111,6 +113,12 @@ class RunningProxy:
     # Which replica holds which relation, in Redis (stores/relations.py), and its writer.
     relations: RelationRecords | None = None
     relations_task: asyncio.Task[None] | None = None
+    # The request log's counts and summary line (proxy/request_log.py); None above info.
+    request_log: RequestLog | None = None
+    # --metrics-port (proxy/metrics.py): /metrics, /healthz, /readyz on HTTP.
+    metrics: MetricsListener | None = None
+    # False once stop_accepting ran: /readyz turns 503 so that balancers stop sending.
+    accepting: bool = True
 
     @property
     def address(self) -> tuple[str, int]:
@@ -127,6 +135,7 @@ class RunningProxy:
     def stop_accepting(self) -> None:
         """Begin a graceful shutdown: no new exchange or DTLS handshake is taken; answers in
         flight, retransmissions and ACKs keep going (Endpoint.stop_accepting)."""
+        self.accepting = False
         self.driver.stop_accepting()
         if self.dtls is not None:
             self.dtls.stop_accepting()
@@ -147,6 +156,8 @@ class RunningProxy:
                 drivers.append(self.dtls_driver)
             results = await asyncio.gather(*(d.drain(drain_timeout) for d in drivers))
             drained = all(results)
+        if self.metrics is not None:
+            await self.metrics.aclose()
         if self.feed is not None:
             await self.feed.aclose()
         for observing in self.observing:
@@ -167,6 +178,8 @@ class RunningProxy:
             await self.dtls_handler.drain()
         if self.psk_store is not None and self.owns_psk_store:
             await self.psk_store.close()
+        if self.request_log is not None:
+            await self.request_log.aclose()
         await self.upstream.aclose()
         if self.dedup is not None:
             await self.dedup.close()
@@ -224,9 +237,12 @@ def _driver(
     dedup: Ledger | None,
     identity_of: Callable[[tuple[str, int]], str | None] | None = None,
     observing: Observing | None = None,
+    requests: RequestLog | None = None,
 ) -> CoapDriver:
     """The messaging layer for one transport: endpoint (RFC 7252), and with a shared store
-    the gate (the cross-replica claim) in front of the handler."""
+    the gate (the cross-replica claim) in front of the handler. ``requests``: the request
+    log, which wraps the handler at its level (proxy/request_log.py)."""
+    handler = log_requests(handler, requests)
     endpoint = Endpoint(
         exchanges=ExchangeCache(max_entries=settings.dedup_max_entries),
         ack_window=settings.ack_window,
@@ -307,8 +323,14 @@ async def start_proxy(
     made_upstream, made_dedup = upstream is None, dedup is None
     if upstream is None:
         upstream = Http1Upstream(
-            timeout=settings.upstream_timeout, max_connections=settings.upstream_connections
+            timeout=settings.upstream_timeout,
+            max_connections=settings.upstream_connections,
+            tls=upstream_tls(settings.upstream_ca),
         )
+    # The upstream latency histogram is kept only when something can read it.
+    timed = TimedUpstream(upstream) if settings.metrics_port is not None else None
+    if timed is not None:
+        upstream = timed
     handler = _handler(
         settings,
         policy,
@@ -324,10 +346,11 @@ async def start_proxy(
         )
     shared = _observing(settings, policy, handler)
     observing = Observing(shared[0], handler, shared[1]) if shared is not None else None
+    requests = RequestLog.at_level(policy, interval=settings.log_interval)
     loop = asyncio.get_running_loop()
     try:
         transport, driver = await loop.create_datagram_endpoint(
-            lambda: _driver(settings, handler, dedup, observing=observing),
+            lambda: _driver(settings, handler, dedup, observing=observing, requests=requests),
             local_addr=(settings.coap_host, settings.coap_port),
             reuse_port=reuse_port or None,
         )
@@ -347,6 +370,9 @@ async def start_proxy(
     running = RunningProxy(
         transport=transport, driver=driver, handler=handler, upstream=upstream, dedup=dedup
     )
+    if requests is not None:
+        running.request_log = requests
+        requests.start()
     if shared is not None and observing is not None:
         running.observers, running.feed = shared
         running.observing.append(observing)
@@ -364,6 +390,12 @@ async def start_proxy(
         except BaseException:
             await running.close()
             raise
+    if settings.metrics_port is not None:
+        try:
+            running.metrics = await _start_metrics(running, settings, timed)
+        except BaseException:
+            await running.close()
+            raise
     host, port = running.address
     log.info(
         "CoAP proxy listening on udp %s:%s, forwarding to %s (%d routes), dedup %s",
@@ -374,6 +406,33 @@ async def start_proxy(
         "shared in Redis" if dedup is not None else "in this process only",
     )
     return running
+
+
+async def _start_metrics(
+    running: RunningProxy, settings: ProxySettings, timed: TimedUpstream | None
+) -> MetricsListener:
+    assert settings.metrics_port is not None
+    try:
+        listener = await start_metrics(
+            running,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            upstream_url=settings.upstream,
+            redis_url=settings.redis_url,
+            timed=timed,
+        )
+    except OSError as exc:
+        raise ListenerError(
+            "metrics HTTP",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc,
+            host_setting="metrics_host",
+            port_setting="metrics_port",
+        ) from exc
+    host, port = listener.address
+    log.info("metrics and probes on http://%s:%s (/metrics, /healthz, /readyz)", host, port)
+    return listener
 
 
 async def _start_dtls(
@@ -398,7 +457,9 @@ async def _start_dtls(
         running.observing.append(observing)
 
     def driver_for(transport: DtlsTransport) -> CoapDriver:
-        return _driver(settings, handler, running.dedup, transport.identity_of, observing)
+        return _driver(
+            settings, handler, running.dedup, transport.identity_of, observing, running.request_log
+        )
 
     host = settings.coaps_host if settings.coaps_host is not None else settings.coap_host
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -19,6 +20,11 @@ class ProxySettings(BaseSettings):
     coap_host: str = Field("0.0.0.0", description="Address the CoAP (UDP) listener binds to")
     coap_port: int = Field(5683, ge=0, le=65535, description="CoAP UDP port")
     upstream: str = Field("http://127.0.0.1:8080", description="Base URL of the HTTP backend")
+    upstream_ca: str | None = Field(
+        None,
+        description="PEM bundle of the CAs an https upstream's certificate must chain to "
+        "(unset: the system's trust store, or the bundle SSL_CERT_FILE names)",
+    )
     profiles: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_PROFILES),
         description="Profiles whose routes are served (docs/PROFILES.md), by code name or flag "
@@ -102,6 +108,40 @@ class ProxySettings(BaseSettings):
         description="Seconds between refreshes of this replica's Observe relation records in "
         "Redis; records of a replica silent for three of them are dropped",
     )
+    log_interval: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between the request log's summary lines at info level "
+        "(docs/OPERATIONS.md, Logs)",
+    )
+
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="HTTP port of /metrics (Prometheus), /healthz and /readyz "
+        "(docs/OPERATIONS.md); unset or 'off': no listener. With --workers N, worker i "
+        "listens on this port + i",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics and probe listener binds to (0.0.0.0 for a "
+        "Prometheus server or kubelet on another host)",
+    )
+
+    @field_validator("upstream_ca")
+    @classmethod
+    def _upstream_ca(cls, value: str | None) -> str | None:
+        # Read at start-up: a wrong path is an error naming the setting, not 5.02 on every
+        # request. The context itself is made by proxy/http1.py (upstream_tls).
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=value)
+            except ssl.SSLError as exc:
+                raise ValueError(f"upstream_ca: {value!r} is not a PEM CA bundle: {exc}") from None
+            except OSError as exc:
+                raise ValueError(f"upstream_ca: cannot read {value!r}: {exc.strerror}") from None
+        return value
 
     @field_validator("block_size")
     @classmethod
@@ -115,7 +155,7 @@ class ProxySettings(BaseSettings):
     def _profiles(cls, value: object) -> list[str]:
         return profile_names(value)
 
-    @field_validator("coaps_port", mode="before")
+    @field_validator("coaps_port", "metrics_port", mode="before")
     @classmethod
     def _coaps_off(cls, value: object) -> object:
         if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):

@@ -14,6 +14,12 @@ server (``redis://``, ``rediss://`` with TLS, ``unix://``), a Sentinel-managed m
   EXISTS (split across slots, never awaited) and runs each WATCHed command in a new event loop
   on a thread of its own (~7 ms a transaction).
 
+TLS (``rediss://``): redis-py's, certificate and host name verified against the system's trust
+store; a CA bundle of one's own and a client certificate go in the URL's query, as redis-py
+reads them: ``rediss://host:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_certfile=…&ssl_keyfile=…``.
+Those files are checked when the client is made (:func:`check_tls_files`), so a wrong path is
+an error naming the parameter at start-up rather than every command failing later.
+
 Script calls to one server without TLS take :mod:`stores.resp` instead (docs/ARCHITECTURE.md,
 "Own wire clients on the hot path"); everything else goes through these clients.
 """
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -79,6 +86,26 @@ def _options(
     return options
 
 
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def check_tls_files(url: str) -> None:
+    """ValueError naming the query parameter when a TLS file of a ``rediss://`` URL cannot be
+    read (see the module docstring)."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return
+    for name, path in parse_qsl(parts.query):
+        if name in _TLS_FILES:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(
+                    f"redis_url: {name}={path!r} cannot be read: {exc.strerror or exc}"
+                ) from None
+
+
 def connect(
     url: str | RedisTarget,
     *,
@@ -98,6 +125,7 @@ def connect(
     master. ``health_check_interval``: seconds after which an idle connection is checked
     with a PING before use (a long-lived pub/sub reader wants it)."""
     target = parse_redis_url(url) if isinstance(url, str) else url
+    check_tls_files(target.url)
     options = _options(timeout, connect_timeout, retries, decode_responses, health_check_interval)
     if target.kind == "cluster":
         options.pop("retry", None)

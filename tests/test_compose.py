@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -76,3 +77,38 @@ def test_compose_refuses_to_run_without_secrets(missing: str) -> None:
     result = _config(env, "-q")
     assert result.returncode != 0
     assert missing in result.stderr
+
+
+def _python_probe(service: dict[str, object]) -> str:
+    test = service["healthcheck"]["test"]  # type: ignore[index]
+    assert test[:3] == ["CMD", "python3", "-c"], "the image has python, not curl"
+    code: str = test[3]
+    ast.parse(code)
+    return code
+
+
+def test_every_service_is_health_checked_and_started_after_what_it_needs() -> None:
+    result = _config({"COAP_BRIDGE_API_KEY": "k", "COAP_BRIDGE_PROXY_TOKEN": "t"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("redis", "mosquitto", "api", "proxy"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    # Mosquitto: a retained $SYS message. `config` prints a file compose would read again, so
+    # the literal $ stays escaped as $$ (one $ alone would be an unset variable, i.e. empty).
+    assert "$$SYS/broker/version" in services["mosquitto"]["healthcheck"]["test"]
+    # The API is healthy when ready (broker and store reachable), on the port it listens on.
+    api_port = services["api"]["command"][services["api"]["command"].index("--api-port") + 1]
+    assert f"http://127.0.0.1:{api_port}/readyz" in _python_probe(services["api"])
+    # The proxy's probe is its metrics listener's liveness, on the port its environment sets.
+    metrics_port = services["proxy"]["environment"]["COAP_BRIDGE_METRICS_PORT"]
+    assert f"http://127.0.0.1:{metrics_port}/healthz" in _python_probe(services["proxy"])
+    wanted = {
+        "api": {"redis", "mosquitto"},
+        "proxy": {"redis", "api"},
+        "udp-lb": {"proxy"},
+    }
+    for name, needs in wanted.items():
+        depends = services[name]["depends_on"]
+        assert set(depends) == needs, name
+        for need in needs:
+            assert depends[need] == {"condition": "service_healthy"}, (name, need)

@@ -208,7 +208,12 @@ async def _observers(request: Request, iccid: str) -> int | None:
     try:
         return await relations.observers(command_path(iccid))
     except REDIS_ERRORS as exc:  # the listing still answers; the count is unknown
-        log.warning("observe relation records unreadable: %s", exc)
+        log.warning(
+            "observe relation records of device %s unreadable: %s",
+            iccid,
+            exc,
+            extra={"device": iccid},
+        )
         return None
 
 

@@ -337,7 +337,7 @@ def _range_of(request: Request, firmware: Firmware, etag: str) -> ByteRange | Un
 async def download_firmware(
     version: VersionPath, request: Request, devices: StoreDep, store: FirmwareDep
 ) -> Response:
-    await calling_device(request, devices)
+    device, _origin = await calling_device(request, devices)
     for _ in range(_READ_ATTEMPTS):
         firmware = await _get(store, version)
         etag = etag_of(firmware)
@@ -353,7 +353,13 @@ async def download_firmware(
         except FirmwareChanged:
             continue  # replaced or deleted since we opened it: open it again
         except FirmwareUnavailable as exc:
-            log.warning("%s", exc)
+            log.warning(
+                "firmware %s for device %s: %s",
+                version,
+                device.id,
+                exc,
+                extra={"device": device.id},
+            )
             raise FirmwareStoreUnavailable() from exc
         if wanted is None:
             return Response(data, media_type=OCTET_STREAM, headers=headers)

@@ -357,7 +357,9 @@ async def onboarding(
     except ApiError as exc:
         return _problem_for(exc)
     except Exception:
-        log.exception("onboarding failed")
+        # The device is its source address here (docs/CONTRACT.md §8).
+        who = request.client.host if request.client else "-"
+        log.exception("onboarding failed for device %s", who, extra={"device": who})
         return _problem(500, "INTERNAL_ERROR", "internal error")
     if media_type == JSON:
         body = json.dumps(

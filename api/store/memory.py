@@ -54,7 +54,7 @@ class MemoryDeviceStore:
             try:
                 listener(iccid)
             except Exception:
-                log.exception("psk listener failed for device %s", iccid)
+                log.exception("psk listener failed for device %s", iccid, extra={"device": iccid})
 
     async def get(self, iccid: str) -> Device | None:
         return self._devices.get(iccid)

@@ -24,6 +24,7 @@ from proxy.coap.exchanges import CHECKING, Exchange
 from proxy.coap.observe import REPLACE
 from proxy.coap.requests import RequestHandler, Response
 from proxy.gate import Gate
+from proxy.request_log import device_of
 from stores.ledger import Claim
 
 if TYPE_CHECKING:
@@ -151,8 +152,13 @@ class CoapDriver(asyncio.DatagramProtocol):
             response = await self._handler.handle(request)
         except Exception:
             endpoint.stats.handler_errors += 1
+            device = device_of(request)
             log.exception(
-                "request handler failed for %s %s", codes.code_text(request.method), request.path
+                "request handler failed for %s %s from device %s",
+                codes.code_text(request.method),
+                request.path,
+                device,
+                extra={"device": device},
             )
             response = Response(codes.INTERNAL_SERVER_ERROR)
         now = self._loop.time()

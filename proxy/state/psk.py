@@ -69,7 +69,11 @@ class _Listeners:
             try:
                 listener(identity)
             except Exception:
-                log.exception("PSK change listener failed for identity %s", identity)
+                log.exception(
+                    "PSK change listener failed for identity %s",
+                    identity,
+                    extra={"device": identity},
+                )
 
 
 def _replace(keys: dict[str, bytes], identity: str, key: bytes | None) -> bool:
@@ -91,7 +95,9 @@ def _key_of(identity: str, psk: str | bytes | None) -> bytes | None:
     try:
         key = psk_bytes(text)
     except (PskError, UnicodeDecodeError):
-        log.warning("unusable PSK stored for identity %s: ignored", identity)
+        log.warning(
+            "unusable PSK stored for identity %s: ignored", identity, extra={"device": identity}
+        )
         return None
     return key or None
 

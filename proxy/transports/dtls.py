@@ -79,6 +79,11 @@ Address = tuple[Any, ...]
 _Key = tuple[str, int]
 
 
+def _address(key: _Key) -> str:
+    """A peer's address for a log line (the device, when no identity is known yet)."""
+    return f"[{key[0]}]:{key[1]}" if ":" in key[0] else f"{key[0]}:{key[1]}"
+
+
 class DtlsError(OSError):
     """The DTLS listener cannot run (DTLSSocket missing or the socket cannot be bound); an
     OSError so that callers report it like any other failure to bind a port."""
@@ -234,7 +239,8 @@ class _KeyLookup:
                 raise LookupError("transport gone")
             key = transport._key_for(identity)
         except Exception:
-            log.exception("PSK lookup failed")
+            device = identity.decode("utf-8", "replace")
+            log.exception("PSK lookup failed for device %s", device, extra={"device": device})
             key = secrets.token_bytes(MAX_KEY_BYTES)
         self._asked, self._held = identity, key
         return key
@@ -491,7 +497,14 @@ class DtlsTransport(asyncio.DatagramTransport):
             else:
                 self._dtls.handleMessageAddr(self._current_c[0], key[1], data)
         except Exception:
-            log.exception("tinydtls failed on a datagram from %s:%s", key[0], key[1])
+            device = peer.identity if peer is not None and peer.identity else _address(key)
+            log.exception(
+                "tinydtls failed on a datagram from %s:%s (device %s)",
+                key[0],
+                key[1],
+                device,
+                extra={"device": device},
+            )
         finally:
             self._current = self._current_c = None
             self._lookup.forget()
@@ -549,7 +562,8 @@ class DtlsTransport(asyncio.DatagramTransport):
             if self._udp is not None and not self._udp.is_closing():
                 self._udp.sendto(data, (self._app_host(c_addr[0]), c_addr[1]))
         except Exception:
-            log.exception("DTLS write failed")
+            device = _address((self._app_host(c_addr[0]), c_addr[1]))
+            log.exception("DTLS write to device %s failed", device, extra={"device": device})
         return len(data)
 
     def _on_read(self, c_addr: tuple[str, int], data: bytes) -> int:
@@ -576,7 +590,10 @@ class DtlsTransport(asyncio.DatagramTransport):
             elif level == _ALERT_LEVEL_FATAL or code == _ALERT_CLOSE_NOTIFY:
                 self._closed_by_peer = True
         except Exception:
-            log.exception("DTLS event handling failed")
+            device = _address(self._current) if self._current is not None else "-"
+            log.exception(
+                "DTLS event handling failed (device %s)", device, extra={"device": device}
+            )
 
     def _key_for(self, raw_identity: bytes) -> bytes:
         """get_psk_info(DTLS_PSK_KEY): runs inside tinydtls, so a dict read and nothing more."""
@@ -644,7 +661,12 @@ class DtlsTransport(asyncio.DatagramTransport):
         try:
             self._dtls.resetPeer(peer.session)
         except Exception:
-            log.exception("tinydtls could not reset a peer")
+            device = peer.identity or "-"
+            log.exception(
+                "tinydtls could not reset the session of device %s",
+                device,
+                extra={"device": device},
+            )
 
     def _evict(self, key: _Key, peer: _Peer) -> None:
         self._forget(key, peer)
