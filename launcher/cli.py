@@ -559,6 +559,13 @@ def run_api_workers(given: dict[str, Any], workers: int) -> None:
     """uvicorn's own multi-process mode: each worker builds the app from ``COAP_BRIDGE_*``."""
     launcher = LauncherSettings(**given)
     settings = ApiSettings(**given)  # validate in the parent, so a bad flag fails once
+    if settings.mqtt_client_id is not None:
+        # A broker keeps one connection per client id (MQTT 5 §3.1.4): the workers would take
+        # it from each other in turn, forever.
+        raise SettingError(
+            f"mqtt_client_id: {workers} API workers cannot share one MQTT client id; "
+            "leave it unset (each worker draws its own) or run one worker per replica"
+        )
     # uvicorn binds the port in this process and reports a taken one with a log line and
     # exit 3; trying it first, bound the same way, makes that the one-line error of the rest.
     _bind_api(settings.api_host, settings.api_port).close()
