@@ -44,7 +44,10 @@ async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
             built = redis_ledger(redis_server.url, prefix=PREFIX)
             assert isinstance(built._runner, LinkRunner)
         else:
-            built = RedisLedger(ClientRunner(connect(redis_server.url, timeout=1.0)), prefix=PREFIX)
+            # A generous timeout: the concurrency test opens 50 connections at once, and on a
+            # busy 2-core CI machine one connect once took over 1 s ("Timeout connecting").
+            client = connect(redis_server.url, timeout=5.0)
+            built = RedisLedger(ClientRunner(client), prefix=PREFIX)
     yield built
     await built.close()
 
