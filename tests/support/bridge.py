@@ -108,6 +108,8 @@ async def running_bridge(
 ) -> AsyncIterator[Bridge]:
     coap_port = free_port(kind=2)  # SOCK_DGRAM
     coaps_port = free_port(kind=2)
+    while coaps_port == coap_port:  # two probes in a row may be handed the same free port
+        coaps_port = free_port(kind=2)
     api_port = free_port()
     api_key = secrets.token_urlsafe(16)
     proxy_token = secrets.token_urlsafe(16)
