@@ -12,12 +12,9 @@ import ast
 import fnmatch
 import json
 import shlex
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
-
-import pytest
 
 from tests.support.bridge import running_bridge
 
@@ -126,7 +123,6 @@ async def test_the_healthcheck_passes_against_a_running_api(tmp_path: Path) -> N
     assert "Connection refused" in down.stderr
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_run_installs_no_dev_tools() -> None:
     # -n: print the recipes without running them; -B: as if nothing were installed yet.
     run = subprocess.run(
