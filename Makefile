@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed-stamp
 # What the product and its tests need from Debian (installed when root and missing).
 # nftables, conntrack, iproute2: the real-topology test (network namespaces, deploy/lb/udp-dnat.sh).
 # openssl: the TLS tests of the upstream client make their certificate with it.
+# chromium, chromium-driver: the browser tests (tests/support/browser.py) drive a headless one.
 # BUILD_DEBS: DTLSSocket (tinydtls) ships as source only; its build runs autoreconf, and our fix
 # to it is applied with patch(1).
 BUILD_DEBS := autoconf automake libtool gcc python3-dev patch
 RUN_DEBS := libcoap3-bin mosquitto-clients
 TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs \
-	nftables conntrack iproute2 openssl
+	nftables conntrack iproute2 openssl chromium chromium-driver
 
 .PHONY: run test lint typecheck pytest bench install install-run clean
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from api.admission import SeparateAdmission, admission_for
 from api.command_intake import CommandIntake
 from api.commands import Commands
+from api.docs_assets import install as install_docs
 from api.errors import ApiError, install_error_handler
 from api.fast_path import BatchFastPath
 from api.feed import ChangeFeed
@@ -234,7 +235,11 @@ def create_app(
         version="0.1.0",
         openapi_tags=_TAGS,
         lifespan=lifespan,
+        # /docs with Swagger UI served by the API itself, no CDN; ReDoc off (api/docs_assets.py).
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     # Set before the lifespan runs, so a test transport that skips the lifespan still works
     # when it passes store and publisher in.
     app.state.settings = settings

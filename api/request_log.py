@@ -6,7 +6,8 @@ identity, else the address in ``Forwarded``). At info level one summary line eve
 ``interval`` seconds: requests by status and by route (the route's path template, so
 ``/devices/{iccid}`` is one route whatever iccid). A request that fails with an exception
 gets an error line naming the device (never a key or token: only the identity and address
-headers are read). The level is looked at once, when the app is built.
+headers are read). The level is looked at once, when the app is built. The summary's text and
+fields are the proxy's too (policies/request_summary.py).
 
 uvicorn's own access log stays off (launcher/cli.py): at full load it would be a line per
 batch call, and it knows neither the route nor the device.
@@ -23,13 +24,13 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from policies.forwarding import FORWARDED_HEADER, IDENTITY_HEADER, parse_forwarded
+from policies.request_summary import OTHER, summarize, summary_line
 
 log = logging.getLogger("api.requests")
 
 DEFAULT_INTERVAL = 10.0
 # Distinct (path, status) pairs kept between two summaries; beyond, they count as OTHER.
 MAX_KEYS = 10_000
-OTHER = "other"
 _IDENTITY = IDENTITY_HEADER.lower().encode()
 _FORWARDED = FORWARDED_HEADER.lower().encode()
 
@@ -185,34 +186,9 @@ class RequestLog:
         seconds, self._since = now - self._since, now
         if not counts:
             return
-        by_status: dict[str, int] = {}
-        by_route: dict[str, dict[str, int]] = {}
-        named: dict[str, str] = {}
-        for (path, status), n in counts.items():
-            text = str(status)
-            by_status[text] = by_status.get(text, 0) + n
-            route = named.get(path)
-            if route is None:
-                route = named[path] = self.route_of(path)
-            per_route = by_route.setdefault(route, {})
-            per_route[text] = per_route.get(text, 0) + n
-        total = sum(by_status.values())
-        log.info(
-            "http: %d requests in %.0f s (%s); by route: %s",
-            total,
-            seconds,
-            ", ".join(f"{status} {n}" for status, n in sorted(by_status.items())),
-            "; ".join(
-                f"{route} " + ", ".join(f"{status} {n}" for status, n in sorted(per.items()))
-                for route, per in sorted(by_route.items())
-            ),
-            extra={
-                "interval": round(seconds, 3),
-                "requests": total,
-                "codes": by_status,
-                "routes": by_route,
-            },
-        )
+        summary = summarize(counts, self.route_of, str)
+        line, fields = summary_line("http", "requests", summary, seconds)
+        log.info("%s", line, extra=fields)
 
     async def _run(self) -> None:
         while True:

@@ -23,7 +23,7 @@ from proxy.coap.codec import uint_bytes
 from proxy.coap.observe import ObserveRoute
 from proxy.coap.requests import Request, Response
 from proxy.errors import ProxyError
-from proxy.request_log import device_of
+from proxy.request_log import DEFAULT_INTERVAL, FailureLog, device_of
 from proxy.upstream import NO_HEADERS, Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -206,13 +206,16 @@ class ProxyHandler:
         max_batch: int = 256,
         batch_concurrency: int = 1,
         plain_only: bool = False,
+        failure_interval: float = DEFAULT_INTERVAL,
     ) -> None:
         """``plain_only``: serve only the routes marked ``plain`` and answer 4.01 to everything
         else, discovery included (docs/CONTRACT.md §6): production mode gives it to the
         plain-CoAP handler. ``upstream_timeout``: the
         upstream client's timeout, told to internal origins (forwarding.TIMEOUT_HEADER) so they
-        answer before it runs out."""
+        answer before it runs out. ``failure_interval``: at most one "upstream call failed" line
+        per cause per that many seconds (proxy/request_log.py, FailureLog)."""
         self._policy = policy
+        self._failures = FailureLog("upstream call failed", log, interval=failure_interval)
         self._upstream = upstream
         self._base_url = base_url.rstrip("/")
         self._proto = proto
@@ -506,10 +509,8 @@ class ProxyHandler:
                     return ranged
                 answer, size = ranged
         except ProxyError as exc:
-            device = device_of(request)
-            log.warning(
-                "upstream call failed for device %s: %s", device, exc, extra={"device": device}
-            )
+            # A down upstream fails every message: one line per cause per interval.
+            self._failures.failed(type(exc).__name__, device_of(request), str(exc))
             return Response(exc.coap_code)
         response = translate(answer, request.method, self._tables[route.path])
         response.size = size
@@ -594,6 +595,7 @@ class ProxyHandler:
     async def drain(self) -> None:
         for batcher in self._batchers.values():
             await batcher.drain()
+        self._failures.flush()  # the failures held back since the last line
 
 
 def _validated(

@@ -246,7 +246,7 @@ class ProxyCollector(Collector):
         answered = CounterMetricFamily(
             "coap_bridge_proxy_requests",
             "Requests answered, by the policy's route (a template counts once; 'other': no "
-            "route) and CoAP response code; kept by the request log (log level info or debug)",
+            "route) and CoAP response code; kept by the request log (at every log level)",
             labels=["route", "code"],
         )
         for (route, code), value in sorted(counts.items()):

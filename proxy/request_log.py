@@ -4,13 +4,18 @@ At debug level one line per CoAP exchange the handler answers: peer, identity, m
 code, duration. At info level no line per message — at full load that would be tens of
 thousands a second — but one summary every ``interval`` seconds: exchanges by response code
 and by route (the policy's route path, so a template counts as one route whatever device it
-names). At warning level and above nothing is wrapped at all.
+names; the line's format is policies/request_summary.py, shared with the API). At warning
+level and above no line, but the counting goes on: it is what ``requests_total`` on /metrics
+exports (proxy/metrics.py), whatever the level.
 
-The level is looked at once, when the proxy starts (:func:`wrap`): the handler the driver
-calls is then either the forwarder itself, or a wrapper that only counts (info), or one that
-counts and writes a line (debug). Counting is one tuple and one dict update per exchange;
-which route a path belongs to is worked out when the summary is written, once per distinct
-path, not per message.
+The level is looked at once, when the proxy starts (:func:`log_requests`): the handler the
+driver calls is then a wrapper that only counts (info and above), or one that counts and
+writes a line (debug). Counting is one tuple and one dict update per exchange; which route a
+path belongs to is worked out when the summary is made, once per distinct path, not per
+message.
+
+:class:`FailureLog` keeps a flood of identical failures (an upstream down fails every message)
+to a line per cause per interval.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from policies.request_summary import OTHER, summarize, summary_line
 from policies.routes import Policy
 from proxy.coap import codes
 from proxy.coap.requests import Request, RequestHandler, Response
@@ -31,7 +38,6 @@ DEFAULT_INTERVAL = 10.0
 # Distinct (path, code) pairs kept between two summaries; beyond, the rest count as OTHER
 # (a scan of random paths must not grow the table).
 MAX_KEYS = 10_000
-OTHER = "other"
 WELL_KNOWN_CORE = "/.well-known/core"  # served by the proxy itself (RFC 6690)
 
 
@@ -79,11 +85,9 @@ class RequestLog:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def at_level(cls, policy: Policy, *, interval: float = DEFAULT_INTERVAL) -> RequestLog | None:
-        """A request log for ``policy``'s routes, or None when its logger is above info
-        (then nothing wraps the handler: no cost at all)."""
-        if not log.isEnabledFor(logging.INFO):
-            return None
+    def at_level(cls, policy: Policy, *, interval: float = DEFAULT_INTERVAL) -> RequestLog:
+        """A request log for ``policy``'s routes. Made at every level: above info it writes
+        no line but still counts for /metrics (``requests_total``)."""
         return cls(route_label(policy), interval=interval)
 
     def count(self, path: str, code: int) -> None:
@@ -98,39 +102,19 @@ class RequestLog:
             counts[key] = counts.get(key, 0) + 1
 
     def summary(self) -> None:
-        """Write what was counted since the last summary (nothing when nothing was)."""
+        """Fold what was counted since the last summary into the totals and, at info level,
+        write it (nothing when nothing was counted)."""
         counts, self.counts = self.counts, {}
         now = time.monotonic()
         seconds, self._since = now - self._since, now
         if not counts:
             return
-        by_code: dict[str, int] = {}
-        by_route: dict[str, dict[str, int]] = {}
-        for (path, code), n in counts.items():
-            text = codes.code_text(code)
-            by_code[text] = by_code.get(text, 0) + n
-            route = self._route_of(path) if path != OTHER else None
-            label = route if route is not None else OTHER
-            self.totals[(label, code)] = self.totals.get((label, code), 0) + n
-            per_route = by_route.setdefault(label, {})
-            per_route[text] = per_route.get(text, 0) + n
-        total = sum(by_code.values())
-        self.log.info(
-            "coap: %d exchanges in %.0f s (%s); by route: %s",
-            total,
-            seconds,
-            ", ".join(f"{code} {n}" for code, n in sorted(by_code.items())),
-            "; ".join(
-                f"{route} " + ", ".join(f"{code} {n}" for code, n in sorted(per.items()))
-                for route, per in sorted(by_route.items())
-            ),
-            extra={
-                "interval": round(seconds, 3),
-                "requests": total,
-                "codes": by_code,
-                "routes": by_route,
-            },
-        )
+        summary = summarize(counts, self._route_of, codes.code_text)
+        for key, n in summary.by_route_code.items():
+            self.totals[key] = self.totals.get(key, 0) + n
+        if self.log.isEnabledFor(logging.INFO):
+            line, fields = summary_line("coap", "exchanges", summary, seconds)
+            self.log.info("%s", line, extra=fields)
 
     def cumulative(self) -> dict[tuple[str, int], int]:
         """Exchanges since the start by (route, code): the summaries' totals plus the window
@@ -161,7 +145,7 @@ class RequestLog:
 
 
 class _Counted:
-    """The handler, with each answer counted (info level)."""
+    """The handler, with each answer counted (info level and above)."""
 
     def __init__(self, inner: RequestHandler, requests: RequestLog) -> None:
         self._inner = inner
@@ -231,9 +215,100 @@ class _Traced(_Counted):
 
 def log_requests(handler: RequestHandler, requests: RequestLog | None) -> RequestHandler:
     """``handler`` as the driver should call it at the request log's level, looked at once:
-    traced at debug, counted at info, itself above (or without a request log)."""
-    if requests is None or not requests.log.isEnabledFor(logging.INFO):
+    traced at debug, counted at any other level (the counts are /metrics' ``requests_total``
+    even when no summary line is written); itself only without a request log."""
+    if requests is None:
         return handler
     if requests.log.isEnabledFor(logging.DEBUG):
         return _Traced(handler, requests)
     return _Counted(handler, requests)
+
+
+@dataclass(slots=True)
+class _Held:
+    """One cause's window: since and until when further lines are held back, how many were,
+    the last of them."""
+
+    since: float
+    until: float
+    held: int = 0
+    device: str = "-"
+    detail: str = ""
+    timer: asyncio.TimerHandle | None = None
+
+
+class FailureLog:
+    """Warning lines for failures that come in floods, per cause (docs/OPERATIONS.md, "Logs").
+
+    An unreachable upstream fails every message: at full load one line per message would be
+    thousands a second, the same line. The first failure of a cause is written at once; the
+    ones within the next ``interval`` seconds are only counted, and when the interval ends
+    one line says how many there were and the last of them (its device and detail). So a
+    cause writes at most one line per interval, and every failure is in some line.
+
+    ``cause`` is the error's kind (its class name: unreachable, timeout...), not its text,
+    which names a URL or an address and would make every failure a cause of its own."""
+
+    def __init__(
+        self,
+        what: str,
+        logger: logging.Logger,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``what``: the line's subject ("upstream call failed")."""
+        self._what = what
+        self._log = logger
+        self.interval = interval
+        self._clock = clock
+        self._causes: dict[str, _Held] = {}
+
+    def failed(self, cause: str, device: str, detail: str) -> None:
+        now = self._clock()
+        held = self._causes.get(cause)
+        if held is None or (now >= held.until and held.held == 0):
+            self._causes[cause] = _Held(since=now, until=now + self.interval)
+            self._log.warning(
+                "%s for device %s: %s",
+                self._what,
+                device,
+                detail,
+                extra={"device": device, "cause": cause},
+            )
+            return
+        held.held += 1
+        held.device, held.detail = device, detail
+        if held.timer is None:
+            # Written when the window ends, so a flood that stops is still reported.
+            delay = max(held.until - now, 0.0)
+            held.timer = asyncio.get_running_loop().call_later(delay, self._report, cause)
+
+    def _report(self, cause: str) -> None:
+        held = self._causes.get(cause)
+        if held is None:
+            return
+        held.timer = None
+        if held.held == 0:
+            return
+        now = self._clock()
+        self._log.warning(
+            "%s %d more times (%s) in the last %.0f s; the last for device %s: %s",
+            self._what,
+            held.held,
+            cause,
+            now - held.since,
+            held.device,
+            held.detail,
+            extra={"device": held.device, "cause": cause, "suppressed": held.held},
+        )
+        # A new window from now: the next failure waits for the next line, so a steady
+        # flood writes one line per interval.
+        self._causes[cause] = _Held(since=now, until=now + self.interval)
+
+    def flush(self) -> None:
+        """Write what is held back now (at shutdown)."""
+        for cause, held in list(self._causes.items()):
+            if held.timer is not None:
+                held.timer.cancel()
+            self._report(cause)

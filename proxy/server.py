@@ -113,7 +113,7 @@ class RunningProxy:
     # Which replica holds which relation, in Redis (stores/relations.py), and its writer.
     relations: RelationRecords | None = None
     relations_task: asyncio.Task[None] | None = None
-    # The request log's counts and summary line (proxy/request_log.py); None above info.
+    # The request log's counts (at every level) and summary line (info; proxy/request_log.py).
     request_log: RequestLog | None = None
     # --metrics-port (proxy/metrics.py): /metrics, /healthz, /readyz on HTTP.
     metrics: MetricsListener | None = None
@@ -216,6 +216,7 @@ def _handler(
         max_batch=settings.max_batch,
         batch_concurrency=settings.batch_concurrency,
         plain_only=plain_only,
+        failure_interval=settings.log_interval,
     )
     limits = BlockLimits(max_body=settings.max_payload)
     store = None

@@ -13,6 +13,9 @@ Both classes live in ``tests.support.services``.
 plugin ``tests.support.redis_topologies``, registered below.
 
 To watch a topic see ``tests.support.mqtt`` (``subscribed``, ``collect``).
+
+``browser`` (a headless Chromium, selenium) comes from the plugin ``tests.support.browser``;
+``screenshot(driver, name)`` there saves build/test-artifacts/<name>.png.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pytest
 
 from tests.support.services import MosquittoServer, RedisServer
 
-pytest_plugins = ["tests.support.redis_topologies"]
+pytest_plugins = ["tests.support.redis_topologies", "tests.support.browser"]
 
 
 @pytest.fixture(scope="session")

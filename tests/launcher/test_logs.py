@@ -272,15 +272,26 @@ class _Handler:
         return True
 
 
-def test_above_info_the_handler_is_not_wrapped() -> None:
+def test_above_info_the_handler_still_counts_but_writes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """requests_total on /metrics comes from these counts: they go on at warning level."""
     from proxy import request_log
 
     handler = _Handler()
     requests = request_log.RequestLog(lambda path: path, logger=logging.getLogger("t.quiet"))
     requests.log.setLevel(logging.WARNING)
-    assert request_log.log_requests(handler, requests) is handler  # type: ignore[arg-type]
-    requests.log.setLevel(logging.INFO)
-    assert request_log.log_requests(handler, requests) is not handler  # type: ignore[arg-type]
+    wrapped = request_log.log_requests(handler, requests)  # type: ignore[arg-type]
+    assert isinstance(wrapped, request_log._Counted)
+    assert not isinstance(wrapped, request_log._Traced)
+    requests.count("/t", 68)
+    with caplog.at_level(logging.WARNING, logger="t.quiet"):
+        requests.summary()
+    assert caplog.records == []
+    assert requests.cumulative() == {("/t", 68): 1}
+    requests.log.setLevel(logging.DEBUG)
+    traced = request_log.log_requests(handler, requests)  # type: ignore[arg-type]
+    assert isinstance(traced, request_log._Traced)
 
 
 def test_a_path_scan_does_not_grow_the_counts(caplog: pytest.LogCaptureFixture) -> None:
