@@ -75,6 +75,12 @@ def _template(settings: ApiSettings) -> int:
     return TEMPLATE_BODY_LIMIT
 
 
+def _console(settings: ApiSettings) -> int:
+    # A payload as hex (2 characters a byte), percent-encoding at most triples it, plus the
+    # form's other fields.
+    return settings.max_payload * 6 + 4096
+
+
 def _command(settings: ApiSettings) -> int:
     # One payload as JSON text or base64 (4/3 of its bytes), and a few fields around it.
     return settings.max_payload * 2 + 1024
@@ -110,6 +116,9 @@ RULES: dict[str, Rule] = {
     "/metrics": Rule(Caller.ANYONE, _no_body),
     # Payload templates (issue 17): management only.
     "/templates": Rule(Caller.MANAGEMENT, _template),  # and everything under it
+    # The web console (api/console/): its session cookie is checked by its routes (a browser
+    # sends no bearer header); the cap fits its largest form, a test message as hex.
+    "/console": Rule(Caller.ANYONE, _console),  # and everything under it
 }
 _PREFIX_RULES = (
     ("/api/v4/manage/devices/", "/api/v4/manage/devices"),
@@ -117,6 +126,7 @@ _PREFIX_RULES = (
     ("/auth/", "/auth/*"),
     ("/topic/sys/", "/topic/sys/*"),
     ("/templates/", "/templates"),
+    ("/console/", "/console"),
 )
 MANAGEMENT_PREFIX = "/devices/"
 COMMANDS_PREFIX = "/commands/"

@@ -15,6 +15,7 @@ from typing import NoReturn
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 
+from api.console import router as console_router
 from api.errors import ApiError, clip
 from api.feed import router as feed_router
 from api.routes import (
@@ -43,8 +44,9 @@ ALWAYS_ON: tuple[APIRouter, ...] = (
     firmware.management,
     presence.router,
     templates.management,
+    console_router,  # the web console (api/console/), always on
 )
-"""Management and the proxy's change feed: every profile's operators need them."""
+"""Management, the proxy's change feed and the console: every profile's operators need them."""
 
 # In the order they are included. A router two profiles share (the device side of commands)
 # is included once.
