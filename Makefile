@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-stamp
 BUILD_DEBS := autoconf automake libtool gcc python3-dev patch
 RUN_DEBS := libcoap3-bin mosquitto-clients
 TEST_DEBS := redis-server mosquitto mosquitto-clients libcoap3-bin docker-compose git nodejs \
-	nftables conntrack iproute2 openssl chromium chromium-driver
+	nftables conntrack iproute2 openssl chromium chromium-driver tshark
 
 .PHONY: run test lint typecheck pytest bench install install-run clean
 

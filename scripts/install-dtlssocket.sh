@@ -16,10 +16,18 @@
 #   DTLS_PSK_MAX_KEY_LEN=64, sizes the buffer that holds the PSK pre_master_secret
 #   (RFC 4279 §2: 2 + N + 2 + N bytes) to match, and makes DTLSSocket refuse a key longer than
 #   tinydtls' buffer instead of overflowing it, on the server and the client side alike.
-# The build is versioned 0.2.3+coapbridge.2; proxy/transports/dtls.py refuses coaps without it.
+# - connection-id: RFC 9146 Connection ID on the server side, which tinydtls 0.8.6 lacks. A
+#   ClientHello's connection_id extension (54) is answered with an 8-byte CID of the server's
+#   own (fixed length, so a tls12_cid record header has a known size) when the application
+#   enables it (dtls_user_parameters_t.support_connection_id); protected records carry CIDs
+#   as tls12_cid (25) records with the RFC's additional data and inner content type. DTLSSocket
+#   gains peerCid, peerReadSequence, rebind (move a peer to a new address), exportPeer and
+#   importPeer (a connected peer's record state as a versioned blob) for the proxy's routing by
+#   CID (proxy/transports/dtls.py; docs/ARCHITECTURE.md, "DTLS").
+# The build is versioned 0.2.3+coapbridge.3; proxy/transports/dtls.py refuses coaps without it.
 set -euo pipefail
 PY=${1:?usage: $0 PYTHON}
-WANT=0.2.3+coapbridge.2
+WANT=0.2.3+coapbridge.3
 SDIST_SHA256=f06cbe32df8562dbbccbe274aaf27d2773e8492a86c41c334b3a0a70a50037cf
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -32,7 +40,7 @@ trap 'rm -rf "$work"' EXIT
 sdist="$work/dtlssocket-0.2.3.tar.gz"
 echo "$SDIST_SHA256  $sdist" | sha256sum -c --quiet -
 tar xzf "$sdist" -C "$work"
-fixes=(alert-double-delete psk-64-bytes)
+fixes=(alert-double-delete psk-64-bytes connection-id)
 # A patch added to scripts/patches/ but not to the list above would silently not be applied.
 for patch in "$here"/patches/*.patch; do
     name=${patch##*/dtlssocket-0.2.3-}
@@ -41,7 +49,7 @@ done
 for fix in "${fixes[@]}"; do
     (cd "$work/dtlssocket-0.2.3" && patch -s -p1 < "$here/patches/dtlssocket-0.2.3-$fix.patch")
 done
-echo "building DTLSSocket $WANT (tinydtls with the alert double-delete fix and 64-byte PSKs)"
+echo "building DTLSSocket $WANT (tinydtls with the alert double-delete fix, 64-byte PSKs and Connection ID)"
 # setuptools' deprecation warnings about the package's own metadata would bury real errors:
 # the build's output is shown only if it fails.
 if ! "$PY" -m pip install -q "$work/dtlssocket-0.2.3" >"$work/build.log" 2>&1; then

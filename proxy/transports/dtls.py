@@ -30,6 +30,17 @@ What this module adds to tinydtls (docs/CONTRACT.md §6; docs/ARCHITECTURE.md, "
   unfinished handshake from the same address cannot relabel an established session.
 - **Revocation.** When the store reports a changed or removed key, every session and handshake
   of that identity is closed (close_notify) at once.
+- **Connection ID (RFC 9146).** A client that offers the connection_id extension gets an 8-byte
+  CID of ours (scripts/patches/dtlssocket-0.2.3-connection-id.patch); its protected records
+  are tls12_cid records carrying it at a fixed offset. Such a record is routed by that CID,
+  not by the address, and handed to tinydtls under the session's current address; only when
+  it authenticated and is the newest record seen does the session move to the record's source
+  address (RFC 9146 §6: an unauthenticated or replayed record from a new address never gets an
+  answer, so the CID cannot be used to reflect traffic at a victim). An unknown CID is dropped.
+- **Session export.** :meth:`DtlsTransport.export_session` / :meth:`import_session` carry a
+  connected session's record state (keys, epoch, sequence numbers, receive window, CIDs) to
+  another transport, e.g. another replica; an imported session sends with sequence numbers at
+  or above a floor the caller chooses, so a CCM nonce is never reused under one key.
 
 DTLSSocket's errors and callbacks stay inside this module.
 """
@@ -58,7 +69,13 @@ log = logging.getLogger(__name__)
 # DTLS record layer (RFC 6347 §4.1) and handshake header (§4.2.2) offsets.
 _CT_ALERT = 21
 _CT_HANDSHAKE = 22
+_CT_TLS12_CID = 25  # RFC 9146 §4
 _RECORD_HEADER = 13
+# Our CIDs are 8 bytes (the patch's DTLS_CID_LENGTH); in a tls12_cid record the CID follows
+# the sequence number: type(1) version(2) epoch(2) sequence_number(6) cid(8) length(2).
+CID_LENGTH = 8
+_CID_AT = 11
+_CID_RECORD_HEADER = _RECORD_HEADER + CID_LENGTH
 _HANDSHAKE_HEADER = 12
 _HT_CLIENT_HELLO = 1
 _HT_SERVER_HELLO = 2
@@ -100,6 +117,8 @@ class _UserParameters(ctypes.Structure):
         ("cipher_suites", ctypes.c_int * 5),  # DTLS_MAX_CIPHER_SUITES + 1, 0-terminated
         ("force_extended_master_secret", ctypes.c_uint, 1),
         ("force_renegotiation_info", ctypes.c_uint, 1),
+        # our build (scripts/patches/dtlssocket-0.2.3-connection-id.patch)
+        ("support_connection_id", ctypes.c_uint, 1),
     ]
 
 
@@ -145,7 +164,7 @@ def _install_user_parameters(context: Any, callback: Any) -> bool:
 # handshakes at once and closing them then crashes the whole process (SIGFPE in uthash).
 # Measured here: the published build died after ~10,000 handshakes at 8 in flight; the patched
 # one ran 180,000 at 8 and 32. Build 1 had the fix but 16-byte keys (MAX_KEY_BYTES).
-PATCHED_BUILD = "0.2.3+coapbridge.2"
+PATCHED_BUILD = "0.2.3+coapbridge.3"
 _INSTALL_HINT = (
     "build it with scripts/install-dtlssocket.sh PYTHON (make install does; it needs the "
     "Debian packages autoconf automake libtool), or turn coaps off with --coaps-port off"
@@ -194,16 +213,22 @@ class DtlsStats:
     closed_psk_change: int = 0
     unsent: int = 0  # responses for a peer without a session
     refused_stopping: int = 0  # ClientHellos dropped after stop_accepting
+    cid_sessions: int = 0  # handshakes completed with a Connection ID (RFC 9146)
+    dropped_unknown_cid: int = 0  # tls12_cid records whose CID no session has
+    address_updates: int = 0  # sessions moved to a new address by an authenticated record
+    cid_not_moved: int = 0  # CID records from a new address that were not authentic and newest
+    imported: int = 0  # sessions created by import_session
 
 
 class _Peer:
-    __slots__ = ("identity", "last", "pending", "session")
+    __slots__ = ("cid", "identity", "last", "pending", "session")
 
     def __init__(self, session: Any, now: float) -> None:
         self.session = session  # DTLSSocket Session: tinydtls' session_t for this address
         self.last = now
         self.identity: str | None = None  # authenticated: set when the handshake completes
         self.pending: str | None = None  # identity whose key the running handshake uses
+        self.cid: bytes | None = None  # our Connection ID for this session, if negotiated
 
 
 class _KeyLookup:
@@ -291,6 +316,7 @@ class DtlsTransport(asyncio.DatagramTransport):
         idle_timeout: float = 300.0,
         handshake_timeout: float = 30.0,
         require_extended_master_secret: bool = False,
+        connection_id: bool = True,
     ) -> None:
         """``max_sessions`` caps peers (handshakes and sessions together); ``max_handshakes``
         caps handshakes in progress on their own, because tinydtls keeps their retransmission
@@ -301,7 +327,10 @@ class DtlsTransport(asyncio.DatagramTransport):
         extended_master_secret (RFC 7627) and renegotiation_info (RFC 5746) extensions, as
         tinydtls does by default. Off by default because device firmware (and the vendor
         sample's node-dtls-client) often sends neither; tinydtls supports neither session
-        resumption nor renegotiation, which is what those extensions protect."""
+        resumption nor renegotiation, which is what those extensions protect.
+
+        ``connection_id``: answer a client's connection_id extension (RFC 9146); off, such a
+        client gets a ServerHello without it and runs without CID, as before."""
         super().__init__()
         self._tinydtls = _load_tinydtls()
         self._psks = psk_store
@@ -319,6 +348,7 @@ class DtlsTransport(asyncio.DatagramTransport):
             pskStore=self._lookup,
         )
         self._require_ems = require_extended_master_secret
+        self._connection_id = connection_id
         # Kept referenced for as long as tinydtls may call it.
         self._user_parameters_cb = _GetUserParameters(self._user_parameters)
         if not _install_user_parameters(self._dtls, self._user_parameters_cb):
@@ -334,6 +364,8 @@ class DtlsTransport(asyncio.DatagramTransport):
         self._handshaking: OrderedDict[_Key, _Peer] = OrderedDict()
         self._sessions: OrderedDict[_Key, _Peer] = OrderedDict()
         self._by_identity: dict[str, set[_Key]] = {}
+        # Our CID of each session that negotiated one → the session's current address.
+        self._by_cid: dict[bytes, _Key] = {}
         # While tinydtls handles one datagram: its peer key, and what the callbacks saw.
         self._current: _Key | None = None
         self._current_c: tuple[str, int] | None = None  # the same, as tinydtls names it
@@ -409,6 +441,7 @@ class DtlsTransport(asyncio.DatagramTransport):
         self._handshaking.clear()
         self._sessions.clear()
         self._by_identity.clear()
+        self._by_cid.clear()
         # No peers left: freeing the context now calls no callback.
         self._dtls = None
         if self._udp is not None:
@@ -443,6 +476,11 @@ class DtlsTransport(asyncio.DatagramTransport):
         return len(self._sessions)
 
     @property
+    def cid_session_count(self) -> int:
+        """Sessions reachable by Connection ID; never more than :attr:`session_count`."""
+        return len(self._by_cid)
+
+    @property
     def max_sessions(self) -> int:
         return self._max_peers
 
@@ -457,6 +495,83 @@ class DtlsTransport(asyncio.DatagramTransport):
                 self._evict(key, peer)
         if keys:
             log.info("closed %d DTLS session(s) of identity %s: PSK changed", len(keys), identity)
+
+    def cid_of(self, addr: Address) -> bytes | None:
+        """Our Connection ID of the session at ``addr`` (None: no session, or no CID)."""
+        peer = self._sessions.get((addr[0], addr[1]))
+        return peer.cid if peer is not None else None
+
+    def export_session(self, addr: Address) -> tuple[str, bytes] | None:
+        """The identity and record state (tinydtls' versioned blob: cipher, epoch, key block,
+        sequence numbers, receive window, both CIDs) of the session at ``addr``, for
+        :meth:`import_session` on another transport; None when no session is there. The blob
+        holds the session's keys: store it like a PSK."""
+        peer = self._sessions.get((addr[0], addr[1]))
+        if peer is None or peer.identity is None or self._dtls is None:
+            return None
+        blob = self._dtls.exportPeer(peer.session)
+        return None if blob is None else (peer.identity, bytes(blob))
+
+    def sequence_numbers(self, addr: Address) -> tuple[int, int] | None:
+        """(the highest record number received, the number of the next record sent) of the
+        session at ``addr``, each ``epoch << 48 | sequence_number``; None when no session is
+        there. What a holder of the session writes back, and how close it is to the end of
+        the write sequence numbers it may use."""
+        peer = self._sessions.get((addr[0], addr[1]))
+        if peer is None or self._dtls is None:
+            return None
+        received = self._dtls.peerReadSequence(peer.session)
+        sent = self._dtls.peerWriteSequence(peer.session)
+        return None if received is None or sent is None else (received, sent)
+
+    def import_session(
+        self,
+        addr: Address,
+        identity: str,
+        blob: bytes,
+        *,
+        write_seq_floor: int,
+        read_seq_floor: int = 0,
+    ) -> None:
+        """Create a connected session at ``addr`` from :meth:`export_session`'s output.
+
+        ``write_seq_floor``: the sequence number our next record to it starts at, at least.
+        Whoever held the session before may have sent records after the export; a floor
+        above anything it can have sent keeps the CCM nonce (epoch and sequence number)
+        from repeating under the same key (RFC 6655 §3, RFC 5116 §3).
+        ``read_seq_floor`` (``epoch << 48 | sequence_number``, as :meth:`sequence_numbers`
+        gives it): records numbered at or below it are refused as replays (RFC 6347
+        §4.1.2.6), for what another holder received after the export. A session or
+        handshake already at ``addr`` is replaced. Raises ValueError for a blob this build
+        cannot read.
+
+        Whatever this transport held at ``addr``, or under the same CID elsewhere, is
+        dropped without a close_notify: it may be this very session, and a close_notify
+        under its keys would end it for the client."""
+        if self._closing or self._dtls is None:
+            raise ValueError("the DTLS transport is closed")
+        if not 0 <= write_seq_floor < 1 << 48:
+            # RFC 6347 §4.1: a record's sequence number has 48 bits
+            raise ValueError(f"write_seq_floor {write_seq_floor} is not within 0 .. 2**48 - 1")
+        if not 0 <= read_seq_floor < 1 << 64:
+            raise ValueError(f"read_seq_floor {read_seq_floor} is not within 0 .. 2**64 - 1")
+        key: _Key = (addr[0], addr[1])
+        session = self._tinydtls.Session(self._c_host(key[0]), key[1])
+        self._drop(key)
+        self._dtls.importPeer(session, bytes(blob), write_seq_floor, read_seq_floor)
+        peer = _Peer(session, self._loop.time())
+        peer.identity = identity
+        self._sessions[key] = peer
+        self._by_identity.setdefault(identity, set()).add(key)
+        cid = self._dtls.peerCid(session)
+        if cid:
+            peer.cid = bytes(cid)
+            stale = self._by_cid.get(peer.cid)
+            if stale is not None and stale != key:
+                self._drop(stale)  # an older copy of the same session
+            self._by_cid[peer.cid] = key
+        self.stats.imported += 1
+        self._enforce_cap(key)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -477,21 +592,39 @@ class DtlsTransport(asyncio.DatagramTransport):
         if hello and not self._accepting:
             self.stats.refused_stopping += 1
             return
-        peer = self._sessions.get(key)
+        # A tls12_cid record names its session by our CID (RFC 9146 §4), wherever it comes
+        # from; tinydtls still finds peers by address, so it is handled under the address the
+        # session has now (``at``), and moved to ``key`` only if it proves itself (_move).
+        at = key
+        cid: bytes | None = None
+        if data[0] == _CT_TLS12_CID and len(data) >= _CID_RECORD_HEADER:
+            cid = data[_CID_AT : _CID_AT + CID_LENGTH]
+            at = self._by_cid.get(cid, key)
+        peer = self._sessions.get(at)
+        if peer is None and at != key:  # (the index and the table agree; defensively)
+            at = key
+            peer = self._sessions.get(key)
         if peer is not None:
-            self._sessions.move_to_end(key)
+            self._sessions.move_to_end(at)
         else:
+            # a handshake's own address only: its Finished is the first CID record
             peer = self._handshaking.get(key)
             if peer is not None:
                 self._handshaking.move_to_end(key)
             elif not hello:
                 # tinydtls would drop it too (no peer); spare the trip into C.
-                self.stats.dropped_stateless += 1
+                if cid is not None:
+                    self.stats.dropped_unknown_cid += 1
+                else:
+                    self.stats.dropped_stateless += 1
                 return
-        self._current, self._current_c = key, (self._c_host(key[0]), key[1])
+        self._current, self._current_c = at, (self._c_host(at[0]), at[1])
         self._hello_sent = self._alert_sent = self._closed_by_peer = False
+        before: int | None = None
         try:
             if peer is not None:
+                if at != key:
+                    before = self._dtls.peerReadSequence(peer.session)
                 peer.last = self._loop.time()
                 self._dtls.handleMessage(peer.session, data)
             else:
@@ -508,7 +641,50 @@ class DtlsTransport(asyncio.DatagramTransport):
         finally:
             self._current = self._current_c = None
             self._lookup.forget()
-        self._settle(key, addr, peer, hello)
+        if at != key and peer is not None:
+            if self._move(at, key, peer, before):
+                at = key
+            else:
+                addr = at  # whatever it says is answered at the session's address
+        self._settle(at, addr, peer, hello)
+
+    def _move(self, old: _Key, new: _Key, peer: _Peer, before: int | None) -> bool:
+        """RFC 9146 §6: a CID record from a new address moves the session there only if it
+        authenticated (tinydtls delivered its plaintext and raised no alert) and is the newest
+        record of the session: tinydtls raises its highest received record number (epoch,
+        sequence number) only for a record that authenticated and is newer than all before
+        it. A replayed, reordered or forged record moves nothing and is answered, if at all,
+        at the old address."""
+        after = self._dtls.peerReadSequence(peer.session) if self._dtls is not None else None
+        authentic = bool(self._plaintext) and not (self._alert_sent or self._closed_by_peer)
+        newest = after is not None and before is not None and after > before
+        if not (authentic and newest):
+            self.stats.cid_not_moved += 1
+            return False
+        occupant = self._sessions.get(new) or self._handshaking.get(new)
+        if occupant is not None:
+            # Stale state at the address the device now uses (a NAT reused the port).
+            self._evict(new, occupant)
+        session = self._tinydtls.Session(self._c_host(new[0]), new[1])
+        if not self._dtls.rebind(peer.session, session):
+            self.stats.cid_not_moved += 1
+            return False
+        self._forget(old, peer)
+        peer.session = session
+        self._sessions[new] = peer
+        if peer.identity is not None:
+            self._by_identity.setdefault(peer.identity, set()).add(new)
+        if peer.cid is not None:
+            self._by_cid[peer.cid] = new
+        self.stats.address_updates += 1
+        log.debug(
+            "DTLS session of device %s moved from %s to %s (Connection ID)",
+            peer.identity,
+            _address(old),
+            _address(new),
+            extra={"device": peer.identity or _address(new)},
+        )
+        return True
 
     def _settle(self, key: _Key, addr: Address, peer: _Peer | None, hello: bool) -> None:
         """Bring the peer tables in line with what tinydtls just did, then deliver plaintext
@@ -586,6 +762,11 @@ class DtlsTransport(asyncio.DatagramTransport):
                 self._sessions.move_to_end(key)
                 if peer.identity is not None:
                     self._by_identity.setdefault(peer.identity, set()).add(key)
+                cid = self._dtls.peerCid(peer.session)
+                peer.cid = cid or None
+                if peer.cid is not None:
+                    self._by_cid[peer.cid] = key
+                    self.stats.cid_sessions += 1
                 self.stats.connected += 1
             elif level == _ALERT_LEVEL_FATAL or code == _ALERT_CLOSE_NOTIFY:
                 self._closed_by_peer = True
@@ -631,6 +812,7 @@ class DtlsTransport(asyncio.DatagramTransport):
             params.cipher_suites[i] = 0
         params.force_extended_master_secret = int(self._require_ems)
         params.force_renegotiation_info = int(self._require_ems)
+        params.support_connection_id = int(self._connection_id)
 
     # -- peer tables --------------------------------------------------------------------------
 
@@ -643,6 +825,8 @@ class DtlsTransport(asyncio.DatagramTransport):
         return c_host[7:] if self._v4 and c_host.startswith("::ffff:") else c_host
 
     def _unindex(self, key: _Key, peer: _Peer) -> None:
+        if peer.cid is not None and self._by_cid.get(peer.cid) == key:
+            del self._by_cid[peer.cid]
         if peer.identity is not None:
             keys = self._by_identity.get(peer.identity)
             if keys is not None:
@@ -667,6 +851,13 @@ class DtlsTransport(asyncio.DatagramTransport):
                 device,
                 extra={"device": device},
             )
+
+    def _drop(self, key: _Key) -> None:
+        """Forget the peer at ``key`` here and in tinydtls without sending anything."""
+        peer = self._sessions.get(key) or self._handshaking.get(key)
+        if peer is not None:
+            self._forget(key, peer)
+            self._dtls.dropPeer(peer.session)
 
     def _evict(self, key: _Key, peer: _Peer) -> None:
         self._forget(key, peer)
@@ -737,6 +928,7 @@ async def create_dtls_endpoint(
     idle_timeout: float = 300.0,
     handshake_timeout: float = 30.0,
     require_extended_master_secret: bool = False,
+    connection_id: bool = True,
     reuse_port: bool = False,
 ) -> tuple[DtlsTransport, asyncio.DatagramProtocol]:
     """Like ``loop.create_datagram_endpoint``; the factory gets the transport so the protocol
@@ -748,6 +940,7 @@ async def create_dtls_endpoint(
         idle_timeout=idle_timeout,
         handshake_timeout=handshake_timeout,
         require_extended_master_secret=require_extended_master_secret,
+        connection_id=connection_id,
     )
     protocol = protocol_factory(transport)
     try:

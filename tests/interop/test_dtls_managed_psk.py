@@ -82,7 +82,7 @@ async def up(tmp_path, redis_server, mosquitto) -> AsyncIterator[ManagedPskBridg
 
 def test_the_proxy_and_the_api_agree_on_64_bytes() -> None:
     assert dtls.MAX_KEY_BYTES == MAX_PSK_BYTES == 64
-    assert dtls.PATCHED_BUILD == dtls.installed_build() == "0.2.3+coapbridge.2"
+    assert dtls.PATCHED_BUILD == dtls.installed_build() == "0.2.3+coapbridge.3"
 
 
 @pytest.mark.parametrize("binary", ["coap-client-openssl", "coap-client-gnutls"])
