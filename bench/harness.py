@@ -60,6 +60,10 @@ DTLS_SYSTEM = "coap-bridge over DTLS"
 # over E's payload, the sequence id first so the witness finds it in the JSON; no location
 # field, so the row measures the translation and not a location write per message.
 TEMPLATE_SYSTEM = "coap-bridge, 10-field template"
+# EO: the proxy as an operator runs it (docs/OPERATIONS.md): metrics listener on, request log at
+# info, and both /metrics scraped every second during the run.
+OBSERVED_SYSTEM = "coap-bridge, metrics scraped + info log"
+SCRAPE_INTERVAL = 1.0
 SEQ_KEY = "seq"
 TEMPLATE_10: dict[str, Any] = {
     "sense": [
@@ -103,6 +107,10 @@ SCENARIOS = {
         "scenario_et", ("coap-bridge", TEMPLATE_SYSTEM),
         "E from a device with a 10-field payload template (JSON published), beside E raw",
     ),
+    "EO": Scenario(
+        "scenario_eo", ("coap-bridge", OBSERVED_SYSTEM),
+        "E with the proxy's metrics listener on, log level info, /metrics scraped each second",
+    ),
     "D": Scenario("scenario_dtls", (DTLS_SYSTEM,), "E over DTLS, one PSK per client"),
     "H": Scenario("scenario_dtls", ("coap-bridge",), "full DTLS handshakes per second"),
     "O": Scenario(
@@ -119,6 +127,7 @@ SCENARIOS = {
 CHAIN = {
     "scenario_e",
     "scenario_et",
+    "scenario_eo",
     "scenario_dtls",
     "scenario_o",
     "scenario_f",
@@ -683,6 +692,32 @@ class Bench:
                 finally:
                     self._assign_template(None)
 
+    def scenario_eo(self) -> None:
+        """EO: E through a proxy with its metrics listener on and the request log at info
+        (summaries, no line per message), while a scraper reads the proxy's and the API's
+        /metrics every SCRAPE_INTERVAL, beside a raw E row on a proxy as the bench runs it
+        (metrics off, log level warning) unless E itself ran. Issue 18's bar: exporting the
+        counters must not cost E more than 3 %."""
+        s, spec = self.settings, RequestSpec.telemetry(TOPIC, 100)
+        if "E" not in s.scenarios:
+            self.log("EO: E raw first, for comparison")
+            self.telemetry_load("coap-bridge", s.api_workers, s.proxy_workers)
+        self.log("EO: E with metrics on and scraped, request log at info")
+        with self.row("E", OBSERVED_SYSTEM) as row, contextlib.ExitStack() as stack:
+            metrics_port = free_port()
+            extra = ["--metrics-port", str(metrics_port), "--log-level", "info"]
+            port = self.chain_proxy(stack, s.api_workers, s.proxy_workers, extra=extra)
+            urls = [f"http://127.0.0.1:{metrics_port}/metrics", f"{self.urls['api']}/metrics"]
+            scraper = _Scraper(urls, SCRAPE_INTERVAL)
+            stack.callback(scraper.stop)
+            scraper.start()
+            self.telemetry(row, lambda watch: self.load(row, port, spec, s.e_duration, watch))
+            row["scrapes"], row["scrape_failures"] = scraper.scrapes, scraper.failures
+            if not scraper.scrapes or scraper.failures:
+                raise RuntimeError(
+                    f"/metrics scraped {scraper.scrapes} times, {scraper.failures} failed"
+                )
+
     def _assign_template(self, template: dict[str, Any] | None) -> None:
         """Upload ``template`` and assign it to the bench device; None: unassign."""
         import httpx
@@ -1120,3 +1155,34 @@ def workdir(keep: Path | None) -> Iterator[Path]:
         prefix="coap-bridge-bench-", ignore_cleanup_errors=True
     ) as path:
         yield Path(path)
+
+
+class _Scraper(threading.Thread):
+    """Reads each URL every ``interval`` seconds, as a Prometheus server would, and counts
+    the answers (the body is parsed once per scrape with prometheus_client's parser, so a
+    malformed exposition counts as a failure)."""
+
+    def __init__(self, urls: Sequence[str], interval: float) -> None:
+        super().__init__(daemon=True, name="metrics-scraper")
+        self.urls, self.interval = list(urls), interval
+        self.scrapes = self.failures = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with httpx.Client(timeout=5) as client:
+            while not self._stop_event.wait(self.interval):
+                for url in self.urls:
+                    try:
+                        answer = client.get(url)
+                        answer.raise_for_status()
+                        list(text_string_to_metric_families(answer.text))
+                        self.scrapes += 1
+                    except Exception:
+                        self.failures += 1
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)

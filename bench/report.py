@@ -26,6 +26,7 @@ Row = dict[str, Any]  # one row of the results JSON
 REDIS_SYSTEM = "coap-bridge+redis"
 R_SYSTEM = "coap-bridge --workers N"
 TEMPLATE_SYSTEM = "coap-bridge, 10-field template"  # bench/harness.py (ET)
+OBSERVED_SYSTEM = "coap-bridge, metrics scraped + info log"  # bench/harness.py (EO)
 
 # --- the machine (recorded in the results when the run ends) ---------------------------------
 
@@ -264,6 +265,8 @@ def _e_after(rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
     )
     if template := _template_cost(rows):
         lines.append(template)
+    if observed := _observed_cost(rows):
+        lines.append(observed)
     if cpu_lines := [line for r in rows if (line := cpu_line(r))]:
         lines.append(
             "CPU per answered request and share of one core per process during each run "
@@ -291,6 +294,33 @@ def _template_cost(rows: Sequence[Row]) -> str:
         f"{translated_us - raw_us:+,.0f} µs of CPU per message ({raw_us:,.0f} → "
         f"{translated_us:,.0f} µs), {raw['rate']:,.0f} → {translated['rate']:,.0f} req/s; "
         "one run each, so differences of a few µs are within the noise."
+    )
+
+
+def _proxy_us(row: Row) -> float | None:
+    seconds, done = row.get("cpu", {}).get("proxy"), row.get("completed")
+    return seconds / done * 1e6 if seconds and done else None
+
+
+def _observed_cost(rows: Sequence[Row]) -> str:
+    """EO's line: E with the metrics listener scraped and the request log at info, against E
+    raw (issue 18's bar: at most 3 % fewer req/s)."""
+    found = {r["system"]: r for r in rows if r.get("rate")}
+    raw, observed = found.get("coap-bridge"), found.get(OBSERVED_SYSTEM)
+    if raw is None or observed is None:
+        return ""
+    change = observed["rate"] / raw["rate"] - 1
+    raw_us, observed_us = _proxy_us(raw), _proxy_us(observed)
+    cpu = (
+        f"; proxy CPU {raw_us:,.0f} → {observed_us:,.0f} µs per request"
+        if raw_us is not None and observed_us is not None
+        else ""
+    )
+    return (
+        f"Metrics on (EO): /metrics of the proxy and the API scraped every second, request log "
+        f"at info: {raw['rate']:,.0f} → {observed['rate']:,.0f} req/s ({change:+.1%}){cpu}, "
+        f"{observed.get('scrapes', 0)} scrapes. Target: no more than 3 % fewer — "
+        f"{_verdict(change >= -0.03)}; one run each, differences of a few % are within the noise."
     )
 
 
@@ -627,9 +657,10 @@ def render(results: dict[str, Any]) -> str:
         "Settings:\n",
         settings_text(results["settings"], results["argv"]) + "\n",
     ]
-    # E's table also holds the rows of R and D (E through --workers N, E over DTLS).
-    shown = {"T": "T", "B": "B", "E": ("E", "L", "R", "D", "ET"), "L": "L", "H": "H", "O": "O",
-             "F": "F"}  # fmt: skip
+    # E's table also holds the rows of R, D, ET and EO (E through --workers N, over DTLS, with
+    # a template, with metrics scraped).
+    shown = {"T": "T", "B": "B", "E": ("E", "L", "R", "D", "ET", "EO"), "L": "L", "H": "H",
+             "O": "O", "F": "F"}  # fmt: skip
     parts += [TABLES[t].render(rows) for t, by in shown.items() if set(by) & set(chosen)]
     if "M" in chosen:
         parts.append(table_m(rows, results.get("redis_dedup")))
