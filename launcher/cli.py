@@ -99,6 +99,12 @@ _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
         "plain CoAP serves only the routes marked plain, such as /bootstrap (production)",
         ("up", "proxy"),
     ),
+    (
+        "--dtls-connection-id",
+        str,
+        "on (default) or off: DTLS Connection ID (RFC 9146) for clients that offer it",
+        ("up", "proxy"),
+    ),
     ("--api-host", str, "HTTP API bind address (default 127.0.0.1)", ("up", "api")),
     ("--api-port", int, "HTTP API port (default 8080)", ("up", "api")),
     ("--redis-url", str, "Redis URL for shared state (unset: in memory)", ("up", "proxy", "api")),

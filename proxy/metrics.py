@@ -361,8 +361,14 @@ class ProxyCollector(Collector):
             "coap_bridge_dtls_handshakes_in_progress", "DTLS handshakes under way"
         )
         handshaking.add_metric([], transport.peer_count - transport.session_count)
+        cid_sessions = GaugeMetricFamily(
+            "coap_bridge_dtls_cid_sessions",
+            "DTLS sessions with a Connection ID (RFC 9146): found by CID, not by address",
+        )
+        cid_sessions.add_metric([], transport.cid_session_count)
         yield sessions
         yield handshaking
+        yield cid_sessions
         for name, doc, value in (
             ("coap_bridge_dtls_datagrams", "Datagrams received on the DTLS port", stats.datagrams),
             (
@@ -374,6 +380,11 @@ class ProxyCollector(Collector):
                 "coap_bridge_dtls_handshakes_completed",
                 "DTLS handshakes completed",
                 stats.connected,
+            ),
+            (
+                "coap_bridge_dtls_address_updates",
+                "DTLS sessions moved to a new address by an authenticated CID record",
+                stats.address_updates,
             ),
         ):
             family = CounterMetricFamily(name, doc)
@@ -400,15 +411,42 @@ class ProxyCollector(Collector):
         dropped = CounterMetricFamily(
             "coap_bridge_dtls_dropped",
             "DTLS datagrams dropped: stateless (no peer, not a ClientHello), stopping "
-            "(ClientHello while draining), unsent (a response for a peer without a session)",
+            "(ClientHello while draining), unsent (a response for a peer without a session), "
+            "unknown_cid (a Connection ID no session has here or in Redis), cid_not_moved (a "
+            "CID record from a new address that was not authentic and newest: RFC 9146 §6), "
+            "lookup_busy (too many unknown CIDs being looked up in Redis at once)",
             labels=["reason"],
         )
         dropped.add_metric(["stateless"], stats.dropped_stateless)
         dropped.add_metric(["stopping"], stats.refused_stopping)
         dropped.add_metric(["unsent"], stats.unsent)
+        dropped.add_metric(["unknown_cid"], stats.dropped_unknown_cid)
+        dropped.add_metric(["cid_not_moved"], stats.cid_not_moved)
+        dropped.add_metric(["lookup_busy"], stats.lookup_dropped)
+        shared = CounterMetricFamily(
+            "coap_bridge_dtls_shared_sessions",
+            "DTLS sessions shared through Redis (docs/SCALING.md, 'DTLS sessions'), by event: "
+            "saved / save_failed at handshake, lookup of an unknown CID, imported, refused "
+            "(key changed), unauthenticated (first record), taken_over by another replica, "
+            "seq_exhausted (write range used up), touched (sequence number written back)",
+            labels=["event"],
+        )
+        for event, value in (
+            ("saved", stats.saved),
+            ("save_failed", stats.save_failed),
+            ("lookup", stats.lookups),
+            ("imported", stats.imported),
+            ("refused", stats.import_refused),
+            ("unauthenticated", stats.import_unauthenticated),
+            ("taken_over", stats.taken_over),
+            ("seq_exhausted", stats.seq_exhausted),
+            ("touched", stats.touches),
+        ):
+            shared.add_metric([event], value)
         yield failures
         yield closed
         yield dropped
+        yield shared
 
     def _latency(self, timed: TimedUpstream) -> Iterator[Metric]:
         cumulative: list[tuple[str, float]] = []

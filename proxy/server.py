@@ -30,6 +30,7 @@ from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
 from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
 from proxy.upstream import Upstream
+from stores.dtls_sessions import DtlsSessionStore, dtls_sessions_for
 from stores.keys import dedup_key, dedup_prefix
 from stores.ledger import Ledger, redis_ledger
 from stores.relations import RedisRelationRecords, RelationRecords
@@ -105,6 +106,8 @@ class RunningProxy:
     dtls_handler: BlockwiseHandler | None = None
     psk_store: PskStore | None = None
     owns_psk_store: bool = False
+    # With --redis-url: CID sessions shared with the other replicas (stores/dtls_sessions.py).
+    dtls_sessions: DtlsSessionStore | None = None
     # RFC 7641 (when the policy has observable routes): the relations of both transports, the
     # change feed, and each transport's glue.
     observers: Observers | None = None
@@ -178,6 +181,8 @@ class RunningProxy:
             await self.dtls_handler.drain()
         if self.psk_store is not None and self.owns_psk_store:
             await self.psk_store.close()
+        if self.dtls_sessions is not None:
+            await self.dtls_sessions.close()
         if self.request_log is not None:
             await self.request_log.aclose()
         await self.upstream.aclose()
@@ -463,6 +468,10 @@ async def _start_dtls(
         )
 
     host = settings.coaps_host if settings.coaps_host is not None else settings.coap_host
+    if settings.redis_url is not None and settings.dtls_connection_id:
+        # Only CID sessions are stored: a record without a CID is found by its address, which
+        # no other replica can map to a session (docs/SCALING.md, "DTLS sessions").
+        running.dtls_sessions = dtls_sessions_for(settings.redis_url, settings.redis_prefix)
     try:
         transport, driver = await create_dtls_endpoint(
             driver_for,
@@ -474,7 +483,9 @@ async def _start_dtls(
             idle_timeout=settings.dtls_idle_timeout,
             handshake_timeout=settings.dtls_handshake_timeout,
             require_extended_master_secret=settings.dtls_require_extended_master_secret,
+            connection_id=settings.dtls_connection_id,
             reuse_port=reuse_port,
+            session_store=running.dtls_sessions,
         )
     except DtlsError:
         raise  # DTLSSocket missing or not the patched build: its message says what to do
@@ -492,10 +503,16 @@ async def _start_dtls(
     address = running.dtls_address
     assert address is not None
     log.info(
-        "CoAP over DTLS listening on udp %s:%s (PSKs %s, at most %d peers, idle timeout %g s)",
+        "CoAP over DTLS listening on udp %s:%s (PSKs %s, at most %d peers, idle timeout %g s, "
+        "Connection ID %s)",
         address[0],
         address[1],
         "mirrored from Redis" if running.owns_psk_store else "in this process",
         settings.dtls_max_sessions,
         settings.dtls_idle_timeout,
+        "off"
+        if not settings.dtls_connection_id
+        else "on, sessions shared in Redis"
+        if running.dtls_sessions is not None
+        else "on",
     )

@@ -85,6 +85,11 @@ class ProxySettings(BaseSettings):
         description="Refuse DTLS clients without the extended_master_secret and "
         "renegotiation_info extensions (tinydtls' default; many device stacks send neither)",
     )
+    dtls_connection_id: bool = Field(
+        True,
+        description="Answer clients that offer a DTLS Connection ID (RFC 9146): their session "
+        "survives a new address and, with redis_url, another replica; on or off",
+    )
     require_dtls: bool = Field(
         False,
         description="Production mode: plain CoAP serves only the routes marked plain (the "

@@ -142,3 +142,17 @@ def templates_key(prefix: str = DEFAULT_PREFIX) -> str:
     once stored (a changed template is a new id), so one hash under ``{tpl}`` serves every
     replica and any replica may cache a compiled template by id for good."""
     return f"{prefix}:{{tpl}}"
+
+
+def dtls_session_key(cid_hex: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """One DTLS session found by its Connection ID (stores/dtls_sessions.py): a hash of the
+    exported state, the identity, the key check, the highest authenticated sequence number and
+    the write sequence ceiling. Its own ``{dtls:<cid>}`` hash tag: each step is one script on
+    one Redis Cluster slot, and sessions spread over the slots."""
+    return f"{prefix}:{{dtls:{cid_hex}}}:session"
+
+
+def dtls_identity_key(identity: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Set of the CIDs (hex) of one PSK identity's stored DTLS sessions, so that a changed or
+    revoked key deletes them all (stores/dtls_sessions.py)."""
+    return f"{prefix}:{{dtlsid:{identity}}}:cids"

@@ -41,6 +41,16 @@ What this module adds to tinydtls (docs/CONTRACT.md §6; docs/ARCHITECTURE.md, "
   connected session's record state (keys, epoch, sequence numbers, receive window, CIDs) to
   another transport, e.g. another replica; an imported session sends with sequence numbers at
   or above a floor the caller chooses, so a CCM nonce is never reused under one key.
+- **Sessions shared through a store** (``session_store``, with ``--redis-url``;
+  stores/dtls_sessions.py, docs/SCALING.md "DTLS sessions"). A CID session is exported and
+  written when its handshake completes; a record with a CID this replica does not know is
+  looked up there (bounded lookups, records held meanwhile, a short negative cache), refused if
+  the identity's key changed, else imported with the write range this replica claimed and the
+  receive number written back, and dropped again if its first record does not authenticate.
+  A stored session only sends within its claimed range (the next one is claimed at half; a
+  range that does not follow means another replica took it over: let go silently); the highest
+  authenticated receive number is written back every ``TOUCH_INTERVAL``. Stored sessions are
+  let go without close_notify when this replica stops or evicts them, so they live on.
 
 DTLSSocket's errors and callbacks stay inside this module.
 """
@@ -63,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.state.psk import PskStore
+from stores.dtls_sessions import TOUCH_INTERVAL, DtlsSessionStore, StoredSession, key_check
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,18 @@ _CID_RECORD_HEADER = _RECORD_HEADER + CID_LENGTH
 _HANDSHAKE_HEADER = 12
 _HT_CLIENT_HELLO = 1
 _HT_SERVER_HELLO = 2
+_SEQ_MASK = (1 << 48) - 1  # RFC 6347 §4.1: the sequence number part of epoch << 48 | seq
+
+# Sessions shared through a DtlsSessionStore (docs/SCALING.md, "DTLS sessions"): bounds on
+# the work one replica puts on Redis, whatever the devices (or anyone) send.
+_MAX_PENDING_SAVES = 256  # handshakes whose session is being written; beyond: not stored
+_MAX_LOOKUPS = 64  # unknown CIDs being looked up at once; beyond: their records are dropped
+_MAX_QUEUED = 8  # records of one CID held while its lookup runs
+_NEGATIVE_TTL = 2.0  # seconds a CID Redis did not give us is not asked for again
+_NEGATIVE_MAX = 10_000
+_TOUCH_BATCH = 64  # touches in flight at once in one write-back pass
+_EXTEND_RETRY = 1.0  # seconds before a failed claim of the next range is tried again
+_FAILURE_LOG_INTERVAL = 10.0
 
 # tinydtls (alert.h): handshake finished.
 _EVENT_CONNECTED = 0x01DE
@@ -218,10 +241,31 @@ class DtlsStats:
     address_updates: int = 0  # sessions moved to a new address by an authenticated record
     cid_not_moved: int = 0  # CID records from a new address that were not authentic and newest
     imported: int = 0  # sessions created by import_session
+    # Shared sessions (a session store, i.e. --redis-url): docs/SCALING.md, "DTLS sessions"
+    saved: int = 0  # CID sessions written to the store at handshake completion
+    save_failed: int = 0  # not written (store error, or too many writes pending)
+    lookups: int = 0  # unknown CIDs asked of the store
+    lookup_dropped: int = 0  # records of an unknown CID dropped: too many lookups or queued
+    import_refused: int = 0  # stored sessions refused: the identity's key changed or is gone
+    import_unauthenticated: int = 0  # imported, but the first record did not authenticate
+    taken_over: int = 0  # dropped here: another replica claimed the session's next range
+    seq_exhausted: int = 0  # dropped here: the write range ran out before it was extended
+    touches: int = 0  # receive sequence numbers written back
 
 
 class _Peer:
-    __slots__ = ("cid", "identity", "last", "pending", "session")
+    __slots__ = (
+        "ceiling",
+        "check",
+        "cid",
+        "extend_at",
+        "extending",
+        "identity",
+        "last",
+        "pending",
+        "session",
+        "touched",
+    )
 
     def __init__(self, session: Any, now: float) -> None:
         self.session = session  # DTLSSocket Session: tinydtls' session_t for this address
@@ -229,6 +273,15 @@ class _Peer:
         self.identity: str | None = None  # authenticated: set when the handshake completes
         self.pending: str | None = None  # identity whose key the running handshake uses
         self.cid: bytes | None = None  # our Connection ID for this session, if negotiated
+        # A session in the session store: one past the last write sequence number this
+        # replica may use (None: not stored, no limit of ours), whether the next range is
+        # being claimed and when to try again after a failure, the key check of the key the
+        # handshake used, and the receive sequence number last written back.
+        self.ceiling: int | None = None
+        self.extending = False
+        self.extend_at = 0.0
+        self.check: bytes | None = None
+        self.touched = 0
 
 
 class _KeyLookup:
@@ -317,6 +370,7 @@ class DtlsTransport(asyncio.DatagramTransport):
         handshake_timeout: float = 30.0,
         require_extended_master_secret: bool = False,
         connection_id: bool = True,
+        session_store: DtlsSessionStore | None = None,
     ) -> None:
         """``max_sessions`` caps peers (handshakes and sessions together); ``max_handshakes``
         caps handshakes in progress on their own, because tinydtls keeps their retransmission
@@ -330,7 +384,12 @@ class DtlsTransport(asyncio.DatagramTransport):
         resumption nor renegotiation, which is what those extensions protect.
 
         ``connection_id``: answer a client's connection_id extension (RFC 9146); off, such a
-        client gets a ServerHello without it and runs without CID, as before."""
+        client gets a ServerHello without it and runs without CID, as before.
+
+        ``session_store``: CID sessions are written there when their handshake completes, and
+        a record with a CID this transport does not know is looked up there and continued
+        without a handshake (another replica's session; docs/SCALING.md, "DTLS sessions").
+        The caller owns the store (and closes it)."""
         super().__init__()
         self._tinydtls = _load_tinydtls()
         self._psks = psk_store
@@ -379,6 +438,15 @@ class DtlsTransport(asyncio.DatagramTransport):
         self._accepting = True
         self._cap_warned_at = -1e9
         self.stats = DtlsStats()
+        self._store = session_store
+        self._to_save: list[_Key] = []  # CID sessions connected while in tinydtls
+        self._saves = 0  # writes pending
+        self._lookups: dict[bytes, list[tuple[bytes, Address]]] = {}
+        self._negative: OrderedDict[bytes, float] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._touching: asyncio.Task[None] | None = None
+        self._next_touch = 0.0
+        self._failures_logged: dict[str, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -410,8 +478,12 @@ class DtlsTransport(asyncio.DatagramTransport):
     def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
         if addr is None:
             return
-        peer = self._sessions.get((addr[0], addr[1]))
+        key: _Key = (addr[0], addr[1])
+        peer = self._sessions.get(key)
         if peer is None:
+            self.stats.unsent += 1
+            return
+        if peer.ceiling is not None and not self._may_write(key, peer):
             self.stats.unsent += 1
             return
         self._dtls.write(peer.session, bytes(data))
@@ -427,6 +499,12 @@ class DtlsTransport(asyncio.DatagramTransport):
         return self._closing
 
     def close(self) -> None:
+        """Stop: close_notify to every peer, except sessions in the session store, which are
+        let go silently so that the device's next record continues them on another replica
+        (a rolling update ends no stored session)."""
+        self._shut(notify=True)
+
+    def _shut(self, *, notify: bool) -> None:
         if self._closing:
             return
         self._closing = True
@@ -434,10 +512,16 @@ class DtlsTransport(asyncio.DatagramTransport):
             self._unsubscribe()
         if self._ticker is not None:
             self._ticker.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self._lookups.clear()
         # close_notify to every peer, then release tinydtls' state.
         for peers in (self._handshaking, self._sessions):
             for peer in list(peers.values()):
-                self._reset(peer)
+                if notify and peer.ceiling is None:
+                    self._reset(peer)
+                else:
+                    self._dtls.dropPeer(peer.session)
         self._handshaking.clear()
         self._sessions.clear()
         self._by_identity.clear()
@@ -450,7 +534,8 @@ class DtlsTransport(asyncio.DatagramTransport):
             self._loop.call_soon(self._protocol.connection_lost, None)
 
     def abort(self) -> None:
-        self.close()
+        """Stop at once, as a crash would: nothing is sent to any peer."""
+        self._shut(notify=False)
 
     def stop_accepting(self) -> None:
         """A graceful shutdown began: no new handshake is started (ClientHellos are dropped,
@@ -495,6 +580,9 @@ class DtlsTransport(asyncio.DatagramTransport):
                 self._evict(key, peer)
         if keys:
             log.info("closed %d DTLS session(s) of identity %s: PSK changed", len(keys), identity)
+        if self._store is not None and not self._closing:
+            # Every replica does this (each hears the announcement); deleting twice is fine.
+            self._spawn(self._forget_identity(identity), "dtls-forget-identity")
 
     def cid_of(self, addr: Address) -> bytes | None:
         """Our Connection ID of the session at ``addr`` (None: no session, or no CID)."""
@@ -579,6 +667,10 @@ class DtlsTransport(asyncio.DatagramTransport):
         if self._closing:
             return
         self.stats.datagrams += 1
+        self._handle(data, addr)
+
+    def _handle(self, data: bytes, addr: Address) -> None:
+        """One datagram: as it arrives, or held while its CID was looked up (_resume)."""
         key: _Key = (addr[0], addr[1])
         # An epoch-0 ClientHello: tinydtls answers it statelessly and touches no peer, unless
         # its cookie verifies, and then it starts a fresh handshake for this address.
@@ -614,7 +706,8 @@ class DtlsTransport(asyncio.DatagramTransport):
             elif not hello:
                 # tinydtls would drop it too (no peer); spare the trip into C.
                 if cid is not None:
-                    self.stats.dropped_unknown_cid += 1
+                    if not self._look_up(cid, data, addr):
+                        self.stats.dropped_unknown_cid += 1
                 else:
                     self.stats.dropped_stateless += 1
                 return
@@ -689,6 +782,10 @@ class DtlsTransport(asyncio.DatagramTransport):
     def _settle(self, key: _Key, addr: Address, peer: _Peer | None, hello: bool) -> None:
         """Bring the peer tables in line with what tinydtls just did, then deliver plaintext
         (outside the C callback, so the protocol may send without re-entering tinydtls)."""
+        if self._to_save:
+            connected, self._to_save = self._to_save, []
+            for done in connected:
+                self._save(done)
         if hello:
             if self._hello_sent:
                 # The cookie verified: tinydtls created a fresh peer, replacing any old one at
@@ -707,6 +804,9 @@ class DtlsTransport(asyncio.DatagramTransport):
         elif peer is not None and (self._closed_by_peer or self._alert_sent):
             # A fatal alert either way, or close_notify: tinydtls dropped or is closing it.
             self.stats.closed_by_peer += self._closed_by_peer
+            if self._closed_by_peer and peer.ceiling is not None and peer.cid is not None:
+                # The client ended the session: no replica may continue it.
+                self._spawn(self._unstore(peer.cid), "dtls-forget")
             self._evict(key, peer)
             peer = None
         plaintext, self._plaintext = self._plaintext, []
@@ -767,6 +867,12 @@ class DtlsTransport(asyncio.DatagramTransport):
                 if peer.cid is not None:
                     self._by_cid[peer.cid] = key
                     self.stats.cid_sessions += 1
+                    if self._store is not None and peer.identity is not None:
+                        # Exported and written once tinydtls has returned (_settle). The
+                        # creator's claim is the store's first range: its handshake records
+                        # already used the first numbers of it.
+                        peer.ceiling = self._store.span
+                        self._to_save.append(key)
                 self.stats.connected += 1
             elif level == _ALERT_LEVEL_FATAL or code == _ALERT_CLOSE_NOTIFY:
                 self._closed_by_peer = True
@@ -797,6 +903,8 @@ class DtlsTransport(asyncio.DatagramTransport):
             peer = self._handshaking.get(current) or self._sessions.get(current)
             if peer is not None:
                 peer.pending = identity if key is not None else None
+                if self._store is not None:
+                    peer.check = key_check(key) if key is not None else None
         if key is None:
             self.stats.unknown_identity += 1
             key = hmac.new(self._dummy_secret, raw_identity, hashlib.sha256).digest()
@@ -841,8 +949,13 @@ class DtlsTransport(asyncio.DatagramTransport):
         self._unindex(key, peer)
 
     def _reset(self, peer: _Peer) -> None:
-        """Free tinydtls' state of a peer; it sends close_notify if the peer was not closed."""
+        """Free tinydtls' state of a peer; it sends close_notify if the peer was not closed
+        (not for a stored session whose write range is used up: that record would need a
+        sequence number this replica has not claimed)."""
         try:
+            if peer.ceiling is not None and not self._below_ceiling(peer):
+                self._dtls.dropPeer(peer.session)
+                return
             self._dtls.resetPeer(peer.session)
         except Exception:
             device = peer.identity or "-"
@@ -859,9 +972,12 @@ class DtlsTransport(asyncio.DatagramTransport):
             self._forget(key, peer)
             self._dtls.dropPeer(peer.session)
 
-    def _evict(self, key: _Key, peer: _Peer) -> None:
+    def _evict(self, key: _Key, peer: _Peer, *, notify: bool = True) -> None:
         self._forget(key, peer)
-        self._reset(peer)
+        if notify:
+            self._reset(peer)
+        else:
+            self._dtls.dropPeer(peer.session)
 
     def _enforce_cap(self, newest: _Key) -> None:
         """Called after ``newest`` started a handshake. Handshakes beyond their own cap go
@@ -881,7 +997,9 @@ class DtlsTransport(asyncio.DatagramTransport):
             if key == newest:
                 break
             self.stats.evicted_cap += 1
-            self._evict(key, peer)
+            # A stored session is let go without close_notify: it stays in the store, and
+            # the device's next record resumes it here or on another replica.
+            self._evict(key, peer, notify=peer.ceiling is None)
         now = self._loop.time()
         if full and now - self._cap_warned_at > 60:
             self._cap_warned_at = now
@@ -903,18 +1021,281 @@ class DtlsTransport(asyncio.DatagramTransport):
                 if peer.last > cutoff:
                     break
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-                self._evict(key, peer)
+                # Silent for a stored session: another replica may be serving it now, at
+                # an address this one still has for it.
+                self._evict(key, peer, notify=peer.ceiling is None)
 
     async def _tick_loop(self) -> None:
         while True:
             # Handshake flights are retransmitted by tinydtls' timer queue (initially 1 s,
             # doubling); a quarter second is fine enough for that.
-            await asyncio.sleep(0.25 if self._handshaking else 1.0)
+            pause = 0.25 if self._handshaking else 1.0
+            if self._store is not None:
+                pause = min(pause, max(0.05, self._next_touch - self._loop.time()))
+            await asyncio.sleep(pause)
             try:
                 self._dtls.checkRetransmit()
                 self._sweep()
+                if self._store is not None and self._loop.time() >= self._next_touch:
+                    self._next_touch = self._loop.time() + TOUCH_INTERVAL
+                    self._write_back()
             except Exception:
                 log.exception("DTLS housekeeping failed")
+
+    # -- shared sessions (docs/SCALING.md, "DTLS sessions"; stores/dtls_sessions.py) -------
+
+    def _spawn(self, work: Any, name: str) -> asyncio.Task[Any]:
+        task = self._loop.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A store operation failed: logged once per interval and kind, never raised (the
+        session goes on here; only its life beyond this replica is at stake)."""
+        now = self._loop.time()
+        if now - self._failures_logged.get(what, -1e9) >= _FAILURE_LOG_INTERVAL:
+            self._failures_logged[what] = now
+            log.warning(
+                "DTLS session store: %s failed (%s: %s); further failures of this kind are not "
+                "logged for %g s",
+                what,
+                type(exc).__name__,
+                exc,
+                _FAILURE_LOG_INTERVAL,
+            )
+
+    def _save(self, key: _Key) -> None:
+        """Export a CID session whose handshake just completed and write it to the store."""
+        peer = self._sessions.get(key)
+        store = self._store
+        if store is None or peer is None or peer.cid is None or peer.identity is None:
+            return
+        if peer.check is None or self._saves >= _MAX_PENDING_SAVES:
+            self.stats.save_failed += 1
+            self._failed("save", RuntimeError(f"{self._saves} writes pending"))
+            return
+        blob = self._dtls.exportPeer(peer.session)
+        if blob is None:
+            return
+        stored = StoredSession(peer.cid, peer.identity, peer.check, bytes(blob), 0)
+        self._saves += 1
+        self._spawn(self._write(store, stored), "dtls-save")
+
+    async def _write(self, store: DtlsSessionStore, stored: StoredSession) -> None:
+        try:
+            await store.save(stored, self._idle_timeout)
+            self.stats.saved += 1
+        except Exception as exc:
+            self.stats.save_failed += 1
+            self._failed("save", exc)
+        finally:
+            self._saves -= 1
+
+    async def _unstore(self, cid: bytes) -> None:
+        assert self._store is not None
+        try:
+            await self._store.forget(cid)
+        except Exception as exc:
+            self._failed("forget", exc)
+
+    async def _forget_identity(self, identity: str) -> None:
+        assert self._store is not None
+        try:
+            gone = await self._store.forget_identity(identity)
+        except Exception as exc:
+            self._failed("forget_identity", exc)
+            return
+        if gone:
+            log.info(
+                "deleted %d stored DTLS session(s) of identity %s: PSK changed", gone, identity
+            )
+
+    def _below_ceiling(self, peer: _Peer) -> bool:
+        sent = self._dtls.peerWriteSequence(peer.session) if self._dtls is not None else None
+        return sent is not None and peer.ceiling is not None and sent & _SEQ_MASK < peer.ceiling
+
+    def _may_write(self, key: _Key, peer: _Peer) -> bool:
+        """Whether the next record of a stored session may be sent: its sequence number must
+        lie in a range this replica claimed (a number used by two replicas would repeat a CCM
+        nonce under one key, RFC 6655 §3). At half the current range the next is claimed."""
+        store = self._store
+        assert store is not None
+        assert peer.ceiling is not None
+        sent = self._dtls.peerWriteSequence(peer.session)
+        if sent is None or sent & _SEQ_MASK >= peer.ceiling:
+            self.stats.seq_exhausted += 1
+            log.warning(
+                "DTLS session of device %s used up its write sequence range before another "
+                "was claimed: dropped here",
+                peer.identity,
+                extra={"device": peer.identity or _address(key)},
+            )
+            self._evict(key, peer, notify=False)
+            return False
+        if (
+            not peer.extending
+            and sent & _SEQ_MASK >= peer.ceiling - store.span // 2
+            and self._loop.time() >= peer.extend_at
+        ):
+            peer.extending = True
+            self._spawn(self._extend(store, peer), "dtls-extend")
+        return True
+
+    async def _extend(self, store: DtlsSessionStore, peer: _Peer) -> None:
+        assert peer.cid is not None
+        assert peer.ceiling is not None
+        contiguous = peer.ceiling + store.span
+        try:
+            ceiling = await store.extend(peer.cid, self._idle_timeout)
+        except Exception as exc:
+            peer.extending = False
+            peer.extend_at = self._loop.time() + _EXTEND_RETRY
+            self._failed("extend", exc)
+            return
+        peer.extending = False
+        key = self._by_cid.get(peer.cid)
+        if key is None or self._sessions.get(key) is not peer:
+            return  # ended here meanwhile
+        if ceiling == contiguous:
+            peer.ceiling = ceiling
+            return
+        # Another replica claimed a range after ours: the device's records go there now (or
+        # the session is gone from the store: expired, or its key changed). Let it go,
+        # without close_notify, which would end the session for the device.
+        self.stats.taken_over += 1
+        log.info(
+            "DTLS session of device %s %s: dropped here",
+            peer.identity,
+            "is gone from the store" if ceiling is None else "was taken over by another replica",
+            extra={"device": peer.identity or _address(key)},
+        )
+        self._evict(key, peer, notify=False)
+
+    def _write_back(self) -> None:
+        """One pass: the highest authenticated receive sequence number of every stored
+        session that received something since the last pass (which also refreshes its
+        expiry). At most one pass in flight."""
+        if self._touching is not None and not self._touching.done():
+            return
+        changed: list[tuple[bytes, int]] = []
+        for peer in self._sessions.values():
+            if peer.ceiling is None or peer.cid is None:
+                continue
+            received = self._dtls.peerReadSequence(peer.session)
+            if received is not None and received > peer.touched:
+                peer.touched = received
+                changed.append((peer.cid, received))
+        if changed:
+            self._touching = self._spawn(self._touch(changed), "dtls-touch")
+
+    async def _touch(self, changed: list[tuple[bytes, int]]) -> None:
+        store = self._store
+        assert store is not None
+        ttl = self._idle_timeout
+        for at in range(0, len(changed), _TOUCH_BATCH):
+            batch = changed[at : at + _TOUCH_BATCH]
+            results = await asyncio.gather(
+                *(store.touch(cid, received, ttl) for cid, received in batch),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    self._failed("touch", result)
+                else:
+                    self.stats.touches += 1
+
+    def _look_up(self, cid: bytes, data: bytes, addr: Address) -> bool:
+        """A record with a CID no session here has: ask the store (False: drop it)."""
+        if self._store is None:
+            return False
+        queued = self._lookups.get(cid)
+        if queued is not None:
+            if len(queued) < _MAX_QUEUED:
+                queued.append((data, addr))
+            else:
+                self.stats.lookup_dropped += 1
+            return True
+        expiry = self._negative.get(cid)
+        if expiry is not None:
+            if expiry > self._loop.time():
+                return False
+            del self._negative[cid]
+        if len(self._lookups) >= _MAX_LOOKUPS:
+            self.stats.lookup_dropped += 1
+            return True
+        self._lookups[cid] = [(data, addr)]
+        self._spawn(self._resume(self._store, cid), "dtls-resume")
+        return True
+
+    def _unknown(self, cid: bytes) -> None:
+        self._negative[cid] = self._loop.time() + _NEGATIVE_TTL
+        self._negative.move_to_end(cid)
+        while len(self._negative) > _NEGATIVE_MAX:
+            self._negative.popitem(last=False)
+
+    async def _resume(self, store: DtlsSessionStore, cid: bytes) -> None:
+        """Claim a stored session and continue it here with the records that named it."""
+        try:
+            claim = await store.claim(cid, self._idle_timeout)
+        except Exception as exc:
+            self._failed("claim", exc)
+            claim = None
+        self.stats.lookups += 1
+        queued = self._lookups.pop(cid, [])
+        if self._closing or self._dtls is None:
+            return
+        if claim is None:
+            self._unknown(cid)
+            self.stats.dropped_unknown_cid += len(queued)
+            return
+        stored = claim.session
+        key = self._psks.lookup(stored.identity)
+        if key is None or not hmac.compare_digest(key_check(key), stored.check):
+            # Made with a key that has changed or been revoked since: never resumed.
+            self.stats.import_refused += 1
+            self._unknown(cid)
+            self.stats.dropped_unknown_cid += len(queued)
+            log.info(
+                "stored DTLS session of device %s refused: its PSK changed",
+                stored.identity,
+                extra={"device": stored.identity},
+            )
+            await self._unstore(cid)
+            return
+        if cid in self._by_cid:  # a session of this CID is here after all
+            for data, addr in queued:
+                self._handle(data, addr)
+            return
+        data, addr = queued[0]
+        try:
+            self.import_session(
+                addr,
+                stored.identity,
+                stored.state,
+                write_seq_floor=claim.floor,
+                read_seq_floor=stored.received,
+            )
+        except ValueError as exc:
+            self._failed("import", exc)
+            self._unknown(cid)
+            return
+        at: _Key = (addr[0], addr[1])
+        peer = self._sessions[at]
+        peer.ceiling, peer.check = claim.ceiling, stored.check
+        before = self._dtls.peerReadSequence(peer.session)
+        peer.touched = before or 0
+        self._handle(data, addr)
+        after = self._dtls.peerReadSequence(peer.session) if self._dtls is not None else None
+        if self._sessions.get(at) is peer and (after is None or before is None or after <= before):
+            # RFC 9146 §6: nothing answers a record that did not authenticate (a forged or
+            # replayed one); the imported copy goes again, silently.
+            self.stats.import_unauthenticated += 1
+            self._evict(at, peer, notify=False)
+            self._unknown(cid)
+            return
+        for data, addr in queued[1:]:
+            self._handle(data, addr)
 
 
 async def create_dtls_endpoint(
@@ -930,6 +1311,7 @@ async def create_dtls_endpoint(
     require_extended_master_secret: bool = False,
     connection_id: bool = True,
     reuse_port: bool = False,
+    session_store: DtlsSessionStore | None = None,
 ) -> tuple[DtlsTransport, asyncio.DatagramProtocol]:
     """Like ``loop.create_datagram_endpoint``; the factory gets the transport so the protocol
     can be given ``identity_of=transport.identity_of``."""
@@ -941,6 +1323,7 @@ async def create_dtls_endpoint(
         handshake_timeout=handshake_timeout,
         require_extended_master_secret=require_extended_master_secret,
         connection_id=connection_id,
+        session_store=session_store,
     )
     protocol = protocol_factory(transport)
     try:
