@@ -13,7 +13,9 @@ API::
         offer_cid b"…"  -> the server must put this CID in every record it sends us
         keywords: extended_master_secret=True (RFC 7627), renegotiation_info=True (RFC 5746),
                   retransmit=1.0 (first flight timer, doubled per retry, RFC 6347 §4.2.4),
-                  max_retransmits=3
+                  max_retransmits=3, socket_factory=None (a callable returning a bound UDP
+                  socket, called for every new socket (connect, rebind): e.g. one made inside
+                  a network namespace; None: asyncio makes one)
     await client.connect(host, port, timeout=5.0)
         cookie round trip, handshake; returns once the server's Finished verified. Raises
         DtlsHandshakeError (no Finished in time: says how many flights were sent and whether a
@@ -40,7 +42,9 @@ import asyncio
 import hashlib
 import hmac
 import os
+import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
@@ -155,12 +159,14 @@ class CidClient:
         renegotiation_info: bool = True,
         retransmit: float = 1.0,
         max_retransmits: int = 3,
+        socket_factory: Callable[[], socket.socket] | None = None,
     ) -> None:
         if offer_cid is not None and len(offer_cid) > 255:
             raise ValueError("offer_cid: at most 255 bytes (RFC 9146 §3: cid<0..2^8-1>)")
         self.identity, self.psk, self.offer_cid = identity, psk, offer_cid
         self._ems_offered, self._reneg_offered = extended_master_secret, renegotiation_info
         self._retransmit, self._max_retransmits = retransmit, max_retransmits
+        self._socket_factory = socket_factory
         self.stats = ClientStats()
         self.negotiated_cid: bytes | None = None
         self.extended_master_secret = False  # whether the server agreed to it
@@ -185,9 +191,20 @@ class CidClient:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         self._socket = _Socket()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: self._socket, remote_addr=self._server
-        )
+        if self._socket_factory is None:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: self._socket, remote_addr=self._server
+            )
+            return
+        sock = self._socket_factory()
+        try:
+            sock.connect(self._server)
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: self._socket, sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     @property
     def local_port(self) -> int:
