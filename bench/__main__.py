@@ -40,6 +40,9 @@ OPTIONS = [
     ("--dtls-loadgen-workers", 1, "D: DTLS load generator processes"),
     ("--h-workers", 1, "H: handshake client processes"),
     ("--h-concurrency", 8, "H: handshakes in flight per process"),
+    ("--rb-sessions", (100, 4000), "RB: idle DTLS sessions whose source ports all change"),
+    ("--rb-concurrency", 32, "RB: handshakes at once while the sessions are set up"),
+    ("--rb-timeout", 30.0, "RB: longest wait for the answers after the rebinding (s)"),
     ("--duration", (1.0, 10.0), "measured window of T, E, L (s; E's default is 1.5 times)"),
     ("--warmup", (0.3, 2.0), "warm-up before each window (s)"),
     ("--m-duration", (2.0, 60.0), "M: seconds of T at full rate"),
@@ -93,6 +96,8 @@ def parse(argv: list[str]) -> dict[str, object]:
     args["b_duration"] = args["b_duration"] or args["duration"]
     args["f_duration"] = args["f_duration"] or args["duration"]
     args["dtls_clients"] = args["dtls_clients"] or args["clients"]
+    if not 1 <= args["rb_sessions"] <= 10_000:  # bench/harness.py numbers devices per 10,000
+        parser.error(f"--rb-sessions: 1 to 10,000, not {args['rb_sessions']}")
     return args
 
 

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import blockload, dtls_loadgen, loadgen, observeload, services
+from bench import blockload, cid_loadgen, dtls_loadgen, loadgen, observeload, services
 from bench.blockload import BlockConfig
 from bench.dtls_loadgen import Credential, DtlsLoadConfig
 from bench.loadgen import LoadConfig, LoadResult, RequestSpec
@@ -83,6 +83,10 @@ TEMPLATE_10: dict[str, Any] = {
     ]
 }  # fmt: skip
 R_SYSTEM = "coap-bridge --workers N"
+# RB: sessions that offer a (zero-length) Connection ID, RFC 9146; and the same without CID.
+RB_SYSTEM = "coap-bridge, CID sessions"
+RB_PLAIN = "coap-bridge, sessions without CID"
+RB_STEPS = 5  # RB: the sessions are set up in this many steps, the RSS read after each
 EXCHANGE_LIFETIME = 247.0  # RFC 7252 §4.8.2
 Row = dict[str, Any]
 
@@ -113,6 +117,11 @@ SCENARIOS = {
     ),
     "D": Scenario("scenario_dtls", (DTLS_SYSTEM,), "E over DTLS, one PSK per client"),
     "H": Scenario("scenario_dtls", ("coap-bridge",), "full DTLS handshakes per second"),
+    "RB": Scenario(
+        "scenario_rb", (RB_SYSTEM, RB_PLAIN),
+        "rebinding: N idle DTLS sessions with a Connection ID change source port at once, one "
+        "CON request each; memory per idle session with and without CID",
+    ),
     "O": Scenario(
         "scenario_o", ("coap-bridge",),
         "observing devices (Observe), one command each queued over HTTP and fanned out",
@@ -129,6 +138,7 @@ CHAIN = {
     "scenario_et",
     "scenario_eo",
     "scenario_dtls",
+    "scenario_rb",
     "scenario_o",
     "scenario_f",
     "scenario_r",
@@ -164,6 +174,9 @@ class Settings:
     dtls_loadgen_workers: int = 1
     h_workers: int = 1
     h_concurrency: int = 8  # handshakes in flight per worker
+    rb_sessions: int = 4000  # RB: idle DTLS sessions, one PSK identity (device) each
+    rb_concurrency: int = 32  # RB: handshakes at once while the sessions are set up
+    rb_timeout: float = 30.0  # RB: how long the requests after the rebinding may take
     # M must keep every exchange (COAP_BRIDGE_DEDUP_MAX_ENTRIES), or bytes/exchange would be
     # measured on evicted entries.
     m_dedup_max_entries: int = 100_000_000
@@ -799,7 +812,9 @@ class Bench:
                 f"{row['completed']:,} handshakes"
             )
 
-    def _psk_devices(self, count: int) -> list[Credential]:
+    def _psk_devices(self, count: int, concurrent: bool = False) -> list[Credential]:
+        """``count`` new devices, each with a PSK of its own; ``concurrent``: many API calls
+        at once (RB's thousands), else one after the other."""
         self.dtls_batch += 1
         batch = self.dtls_batch
         devices = [
@@ -808,7 +823,16 @@ class Bench:
             for n in range(count)
         ]  # fmt: skip
         psks = [secrets.token_hex(8) for _ in devices]  # 16 characters: tinydtls takes ≤ 16 B
-        self.register(devices, psks)
+        if concurrent:
+            self._o_call([Call("POST", "/devices", d) for d in devices], "registering devices",
+                         {201, 409})  # fmt: skip
+            self._o_call(
+                [Call("PUT", f"/devices/{d['iccid']}/psk", {"psk": psk, "format": "plain"})
+                 for d, psk in zip(devices, psks, strict=True)],
+                "setting PSKs", {200, 201, 204},
+            )  # fmt: skip
+        else:
+            self.register(devices, psks)
         return [(d["iccid"], psk.encode()) for d, psk in zip(devices, psks, strict=True)]
 
     def _wait_dtls(self, coaps_port: int, credential: Credential) -> None:
@@ -824,6 +848,130 @@ class Bench:
 
         ready = lambda: asyncio.run(handshake())  # noqa: E731
         self.chain["proxy"].wait_until(ready, 30.0, "completing a DTLS handshake")
+
+    # --- RB: every session's source port changes at once (Connection ID, RFC 9146) -----------
+
+    def scenario_rb(self) -> None:
+        """RB: ``rb_sessions`` devices, each with its own PSK, set up one idle DTLS session each
+        through a fresh proxy (the proxy's RSS across it: memory per idle session; with CID
+        also Redis' when the proxy stores sessions there). Then every session moves to a new
+        UDP socket at once (a NAT rebinding: new source ports) and sends one CON POST, E's
+        telemetry. With a Connection ID every request must be answered 2.04 and the proxy's
+        handshake counter must not move; the second row is the same without CID (a client
+        as today): the proxy cannot tell the new address is the old session and drops the
+        records, which is what such a client sees until it handshakes again."""
+        s = self.settings
+        credentials: list[Credential] = []
+        if not 1 <= s.rb_sessions <= 10_000:  # _psk_devices numbers 10,000 devices per batch
+            raise ValueError(f"rb_sessions (--rb-sessions): 1 to 10,000, not {s.rb_sessions}")
+        for system, cid in ((RB_SYSTEM, True), (RB_PLAIN, False)):
+            self.log(f"RB: {system}: {s.rb_sessions:,} idle sessions, then all source ports "
+                     "change and each sends one CON POST")  # fmt: skip
+            with self.row("RB", system) as row, contextlib.ExitStack() as stack:
+                metrics_port = free_port()
+                port = self.chain_proxy(
+                    stack, s.api_workers, 1, dtls=True, extra=["--metrics-port", str(metrics_port)]
+                )
+                if not credentials:
+                    credentials = self._psk_devices(s.rb_sessions, concurrent=True)
+                # The listener is up and the PSK mirror is catching up (registered at once,
+                # so a straggler's first handshake may fail: cid_loadgen tries three times).
+                self._wait_dtls(port, credentials[-1])
+                self._rebinding(row, port, f"http://127.0.0.1:{metrics_port}/metrics",
+                                credentials, cid)  # fmt: skip
+
+    def _rebinding(
+        self, row: Row, port: int, metrics_url: str, credentials: list[Credential], cid: bool
+    ) -> None:
+        s, proxy = self.settings, self.chain["proxy"]
+        fleet = cid_loadgen.Fleet(
+            "127.0.0.1", port, credentials, cid=cid, concurrency=s.rb_concurrency
+        )
+        try:
+            time.sleep(0.3)
+            rss_before, redis_before = rss_bytes(proxy.pid), _redis_memory(self.urls["redis"])
+            # In RB_STEPS steps, the RSS after each. The first step also holds one-off growth
+            # (the Redis writer's buffers and tasks with CID; without, the first sessions fill
+            # memory the heap already had), so the line runs through the steps after it: what
+            # each further session costs.
+            points, setup, step = [(0, rss_before)], 0.0, math.ceil(len(credentials) / RB_STEPS)
+            redis_pid = self.chain["redis"].pid
+            setup_cpu = cpu_seconds(proxy.pid), cpu_seconds(redis_pid)
+            while fleet.started < len(credentials):
+                setup += fleet.establish(s.timeout, step)
+                time.sleep(0.3)  # what the proxy does after a handshake (a Redis write) settles
+                points.append((len(fleet.sessions), rss_bytes(proxy.pid)))
+            rss_idle, redis_idle = points[-1][1], _redis_memory(self.urls["redis"])
+            established = len(fleet.sessions)
+            # The pauses between the steps included: whatever follows a handshake counts.
+            setup_cpu = (cpu_seconds(proxy.pid) - setup_cpu[0],
+                         cpu_seconds(redis_pid) - setup_cpu[1])  # fmt: skip
+            row |= fleet.stats() | {
+                "cid": cid, "requested": len(credentials), "setup_seconds": setup,
+                "setup_proxy_cpu_us_per_handshake": setup_cpu[0] / established * 1e6
+                if established else None,
+                "setup_redis_cpu_us_per_handshake": setup_cpu[1] / established * 1e6
+                if established else None,
+                "rss_before": rss_before, "rss_idle": rss_idle, "rss_steps": points,
+                "bytes_per_idle_session": _slope(points[1:]) if established else None,
+                "bytes_per_idle_session_delta": (rss_idle - rss_before) / established
+                if established else None,
+                "redis_bytes_per_session": (redis_idle - redis_before) / established
+                if established else None,
+            }  # fmt: skip
+            if cid:
+                row |= _redis_dtls_sample(self.urls["redis"])
+            self.log(f"  {established:,} sessions in {setup:.1f} s ({fleet.handshake_failures} "
+                     f"failed); proxy RSS {rss_before / 2**20:.1f} → {rss_idle / 2**20:.1f} MiB: "
+                     f"{row['bytes_per_idle_session'] or 0:,.0f} B per idle session; Redis "
+                     f"{row.get('redis_key_bytes') or '–'} B per stored session key")  # fmt: skip
+            if not established:
+                raise RuntimeError(f"no session could be set up: {row['handshake_errors']}")
+            before, cpu = _dtls_counters(metrics_url), cpu_seconds(proxy.pid)
+            overflows = _udp_receive_buffer_errors()
+            self.seq_tag += 1
+            fleet.rebind()
+            # Without CID nothing is answered: a short wait shows it.
+            wait = s.rb_timeout if cid else min(s.rb_timeout, 5.0)
+            result = fleet.request_all(RequestSpec.telemetry(TOPIC, 100), self.seq_tag << 56, wait)
+            proxy_cpu = cpu_seconds(proxy.pid) - cpu
+            overflows = _udp_receive_buffer_errors() - overflows
+            after = _dtls_counters(metrics_url)
+            proxy.check_alive()
+        finally:
+            fleet.close()
+        during = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+        answered = sum(result.codes.values())
+        ok = (
+            established == len(credentials) and answered == result.requests
+            and dict(result.codes) == {"2.04": answered} and during["handshakes"] == 0
+        )  # fmt: skip
+        row |= {
+            "requests": result.requests, "answered": answered, "codes": dict(result.codes),
+            "unanswered": result.unanswered, "retransmissions": result.retransmissions,
+            "first_try": result.first_try, "first_try_seconds": result.first_try_seconds,
+            "seconds": result.seconds, "rate": answered / result.seconds if result.seconds else 0.0,
+            "p50_ms": cid_loadgen.percentile(result.latencies_ms, 0.5),
+            "p99_ms": cid_loadgen.percentile(result.latencies_ms, 0.99),
+            "handshakes_during": during["handshakes"],
+            "handshakes_completed_during": during["handshakes_completed"],
+            "dropped_stateless_during": during["dropped_stateless"],
+            "sessions_after": after["sessions"], "proxy_cpu_s": proxy_cpu,
+            "address_updates_during": during.get("address_updates"),
+            "saved_to_redis": after.get("saved"),
+            "imported_during": during.get("imported"),
+            "proxy_cpu_us_per_request": proxy_cpu / result.requests * 1e6
+            if result.requests else None,
+            "client_cpu_s": result.cpu_seconds, "udp_receive_buffer_errors": overflows,
+            "status": ("OK" if ok else "FAILED") if cid else "reference",
+        }  # fmt: skip
+        self.log(
+            f"  after the rebinding: {answered:,} of {result.requests:,} answered "
+            f"{dict(result.codes)} in {result.seconds:.2f} s, {result.retransmissions} "
+            f"retransmitted; the proxy ran {during['handshakes']:.0f} handshakes, moved "
+            f"{during.get('address_updates', math.nan):.0f} sessions, dropped "
+            f"{during['dropped_stateless']:.0f} datagrams as stateless: {row['status']}"
+        )
 
     # --- O: observing devices, commands fanned out ---------------------------------------------
 
@@ -1143,6 +1291,80 @@ def _redis_dedup_sample(url: str, sample: int = 500) -> dict[str, Any]:
         sizes = [client.memory_usage(key, samples=0) or 0 for key in keys]
         used = client.info("memory").get("used_memory")
         return found | {"bytes_per_entry": sum(sizes) / len(sizes), "used_memory": used}
+
+
+def _dtls_counters(url: str) -> dict[str, float]:
+    """The proxy's DTLS counters RB needs, from its /metrics (prometheus_client's parser);
+    the address updates and the sessions written to Redis when the proxy exports them."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        ("coap_bridge_dtls_handshakes_total", ()): "handshakes",
+        ("coap_bridge_dtls_handshakes_completed_total", ()): "handshakes_completed",
+        ("coap_bridge_dtls_sessions", ()): "sessions",
+        ("coap_bridge_dtls_dropped_total", (("reason", "stateless"),)): "dropped_stateless",
+    }
+    optional = {
+        ("coap_bridge_dtls_address_updates_total", ()): "address_updates",
+        ("coap_bridge_dtls_shared_sessions_total", (("event", "saved"),)): "saved",
+        ("coap_bridge_dtls_shared_sessions_total", (("event", "imported"),)): "imported",
+    }
+    answer = httpx.get(url, timeout=10)
+    answer.raise_for_status()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            name = wanted.get(key) or optional.get(key)
+            if name is not None:
+                found[name] = sample.value
+    if missing := set(wanted.values()) - set(found):
+        raise RuntimeError(f"{url}: missing DTLS metrics {missing}")
+    return found
+
+
+def _slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y over x; None without two distinct x."""
+    n = len(points)
+    mean_x, mean_y = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
+def _udp_receive_buffer_errors() -> int:
+    """UDP datagrams the kernel dropped because a socket's receive buffer was full
+    (/proc/net/snmp, RcvbufErrors): machine-wide, so other UDP traffic counts too."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+             if line.startswith("Udp:")]  # fmt: skip
+    return int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
+
+
+def _redis_memory(url: str) -> int:
+    """Redis' ``used_memory`` less the clients' buffers (they grow with connections)."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        info = client.info("memory")
+    return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
+
+
+def _redis_dtls_sample(url: str, sample: int = 200) -> dict[str, Any]:
+    """How many DTLS sessions are stored (stores/keys.py ``dtls_session_key``) and per-identity
+    sets of their CIDs, and ``MEMORY USAGE`` of up to ``sample`` of each; none: not stored."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        found: dict[str, Any] = {}
+        for name, pattern in (("redis_key_bytes", "*{dtls:*}:session"),
+                              ("redis_identity_key_bytes", "*{dtlsid:*}:cids")):  # fmt: skip
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            sizes = [client.memory_usage(key, samples=0) or 0 for key in keys[:sample]]
+            found[name] = sum(sizes) / len(sizes) if sizes else None
+            found[f"{name}_count"] = len(keys)
+        return found
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ REDIS_SYSTEM = "coap-bridge+redis"
 R_SYSTEM = "coap-bridge --workers N"
 TEMPLATE_SYSTEM = "coap-bridge, 10-field template"  # bench/harness.py (ET)
 OBSERVED_SYSTEM = "coap-bridge, metrics scraped + info log"  # bench/harness.py (EO)
+RB_SYSTEM = "coap-bridge, CID sessions"  # bench/harness.py (RB)
 
 # --- the machine (recorded in the results when the run ends) ---------------------------------
 
@@ -537,7 +538,71 @@ TABLES: dict[str, Table] = {
          ("status", lambda r, _: r.get("status", "–"))],
         lambda rows, _: [line for r in rows if (line := _o_line(r))],
     ),
+    "RB": Table(
+        "RB",
+        "### RB — rebinding: idle DTLS sessions whose source ports all change at once "
+        "(Connection ID, RFC 9146)",
+        "Every session a device with its own PSK, set up through a fresh proxy with "
+        "`bench/cid_loadgen.py` (a DTLS 1.2 client of the bench's own: tinydtls' client side "
+        "offers no CID), offering a zero-length CID as a device behind a NAT does; then every "
+        "session moves to a new UDP socket (a new source port, as after a NAT rebinding) and "
+        "sends one CON POST (E's telemetry), all at once, retransmitted as RFC 7252 §4.2 says "
+        "until answered. Handshakes: the proxy's `coap_bridge_dtls_handshakes` counter across the"
+        " rebinding. Answered at first try: without a retransmission (in brackets when the last "
+        "of them was answered). Over the receive buffer: UDP datagrams the kernel dropped for a "
+        "full socket buffer meanwhile (machine-wide RcvbufErrors). CPU per handshake: the proxy's "
+        "(Redis' in brackets) while the sessions were set up. Bytes per idle session: the "
+        "slope of the proxy's RSS over the sessions, read after each fifth of them is set up, "
+        "from the first fifth on (which also holds one-off growth); Redis: `used_memory` (less "
+        "client buffers) across it per session (MEMORY USAGE of a stored session's key and of its"
+        " identity's set of CIDs in brackets). The second row is the same without CID, a client "
+        "as today: the proxy cannot tell a new address is an old session, so nothing is answered "
+        "until the client handshakes again (the client here does not).",
+        [SYSTEM, _column("sessions", "sessions"),
+         _column("handshakes during rebinding", "handshakes_during"),
+         _column("answered", "answered"), ("codes", lambda r, _: _codes(r) or "–"),
+         _column("unanswered", "unanswered"), _column("retransmitted", "retransmissions"),
+         ("answered at first try (within s)", lambda r, _: (
+             f"{_num(r.get('first_try'))} ({_num(r.get('first_try_seconds'), 2)})")),
+         _column("time to answer all s", "seconds", 2), _column("p50 ms", "p50_ms", 1),
+         _column("p99 ms", "p99_ms", 1),
+         _column("proxy CPU µs/request", "proxy_cpu_us_per_request"),
+         _column("over the receive buffer", "udp_receive_buffer_errors"),
+         ("proxy (Redis) CPU µs/handshake", lambda r, _: (
+             f"{_num(r.get('setup_proxy_cpu_us_per_handshake'))} "
+             f"({_num(r.get('setup_redis_cpu_us_per_handshake'))})")),
+         _column("proxy B/idle session", "bytes_per_idle_session"),
+         ("Redis B/session", lambda r, _: _rb_redis(r)),
+         ("status", lambda r, _: r.get("status", "–"))],
+        lambda rows, _: [_rb_after(rows)],
+    ),
 }  # fmt: skip
+
+
+def _rb_redis(row: Row) -> str:
+    if not row.get("cid"):
+        return "–"
+    if row.get("redis_key_bytes") is None:
+        return "none stored"
+    return (f"{_num(row.get('redis_bytes_per_session'))} ({_num(row['redis_key_bytes'])} + "
+            f"{_num(row.get('redis_identity_key_bytes'))})")  # fmt: skip
+
+
+def _rb_after(rows: Sequence[Row]) -> str:
+    cid = next((r for r in rows if r["system"] == RB_SYSTEM and "answered" in r), None)
+    if cid is None:
+        return ""
+    met = cid.get("status") == "OK"
+    text = (f"Target: every request after the rebinding answered 2.04 with no handshake — "
+            f"{_verdict(met)}.")  # fmt: skip
+    if cid.get("address_updates_during") is not None:
+        text += (f" The proxy moved {_num(cid['address_updates_during'])} sessions to their new "
+                 "address (`coap_bridge_dtls_address_updates`).")  # fmt: skip
+    if cid.get("redis_key_bytes") is None:
+        text += " No DTLS session was found in Redis: the proxy did not store any."
+    elif cid.get("redis_key_bytes_count") is not None:
+        text += f" Sessions stored in Redis: {_num(cid['redis_key_bytes_count'])}."
+    return text
 
 
 def _o_line(row: Row) -> str:
@@ -627,6 +692,10 @@ F_SETTINGS = (
     "F: {f_clients} clients, a {f_kib} KiB firmware image in {f_block_size}-byte blocks, "
     "window {f_duration:g} s, {b_loadgen_workers} load generator process(es)"
 )
+RB_SETTINGS = (
+    "RB: {rb_sessions:,} DTLS sessions (devices with a PSK each), {rb_concurrency} handshakes "
+    "at once while setting up, answers awaited up to {rb_timeout:g} s (5 s without CID)"
+)
 O_SETTINGS = (
     "O: {o_devices:,} observing devices in {o_loadgen_workers} process(es), {o_concurrency} "
     "HTTP requests in flight, {memory:,} other devices with a waiting command for Redis memory"
@@ -640,6 +709,8 @@ def settings_text(s: dict[str, Any], argv: Sequence[str]) -> str:
     lines = [line.format(**values) for line in SETTINGS]
     if "F" in s["scenarios"] and "f_clients" in s:
         lines.insert(5, F_SETTINGS.format(**s, f_kib=s["f_size"] // 1024))
+    if "RB" in s["scenarios"] and "rb_sessions" in s:
+        lines.insert(-2, RB_SETTINGS.format(**s))
     if "O" in s["scenarios"] and "o_devices" in s:
         lines.insert(-2, O_SETTINGS.format(
             **s, memory=s.get("o_memory_devices") or s["o_devices"]))  # fmt: skip
@@ -660,7 +731,7 @@ def render(results: dict[str, Any]) -> str:
     # E's table also holds the rows of R, D, ET and EO (E through --workers N, over DTLS, with
     # a template, with metrics scraped).
     shown = {"T": "T", "B": "B", "E": ("E", "L", "R", "D", "ET", "EO"), "L": "L", "H": "H",
-             "O": "O", "F": "F"}  # fmt: skip
+             "RB": ("RB",), "O": "O", "F": "F"}  # fmt: skip
     parts += [TABLES[t].render(rows) for t, by in shown.items() if set(by) & set(chosen)]
     if "M" in chosen:
         parts.append(table_m(rows, results.get("redis_dedup")))
