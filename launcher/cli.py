@@ -100,6 +100,12 @@ _FLAGS: list[tuple[str, type, str, tuple[str, ...]]] = [
         ("up", "proxy"),
     ),
     (
+        "--udp-receive-buffer",
+        int,
+        "bytes of receive buffer for each UDP socket (default 4 MiB; 0: the kernel's default)",
+        ("up", "proxy"),
+    ),
+    (
         "--dtls-connection-id",
         str,
         "on (default) or off: DTLS Connection ID (RFC 9146) for clients that offer it",

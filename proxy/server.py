@@ -26,6 +26,7 @@ from proxy.metrics import MetricsListener, TimedUpstream, start_metrics
 from proxy.observing import Observing, dispatch_change, refresh_all
 from proxy.request_log import RequestLog, log_requests
 from proxy.settings import ProxySettings
+from proxy.sockets import size_receive_buffer
 from proxy.state.blocks import BlockLimits, RedisBlockStore
 from proxy.state.psk import PskStore, RedisPskMirror
 from proxy.transports.dtls import DtlsError, DtlsTransport, create_dtls_endpoint
@@ -373,6 +374,9 @@ async def start_proxy(
             host_setting="coap_host",
             port_setting="coap_port",
         ) from exc
+    size_receive_buffer(
+        transport.get_extra_info("socket"), settings.udp_receive_buffer, "CoAP UDP listener"
+    )
     running = RunningProxy(
         transport=transport, driver=driver, handler=handler, upstream=upstream, dedup=dedup
     )
@@ -498,6 +502,9 @@ async def _start_dtls(
             host_setting="coaps_host",
             port_setting="coaps_port",
         ) from exc
+    size_receive_buffer(
+        transport.get_extra_info("socket"), settings.udp_receive_buffer, "CoAP DTLS listener"
+    )
     running.dtls = transport
     running.dtls_driver = cast(CoapDriver, driver)
     address = running.dtls_address

@@ -85,6 +85,14 @@ class ProxySettings(BaseSettings):
         description="Refuse DTLS clients without the extended_master_secret and "
         "renegotiation_info extensions (tinydtls' default; many device stacks send neither)",
     )
+    udp_receive_buffer: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        le=1 << 30,
+        description="Bytes of receive buffer asked for each UDP socket (CoAP and DTLS; "
+        "SO_RCVBUF), so a burst of datagrams is not dropped by the kernel before the proxy "
+        "reads it; capped by the kernel at net.core.rmem_max; 0 keeps the kernel's default",
+    )
     dtls_connection_id: bool = Field(
         True,
         description="Answer clients that offer a DTLS Connection ID (RFC 9146): their session "
