@@ -2,9 +2,10 @@
 event loop.
 
 The load generator of D and H (:mod:`bench.dtls_loadgen`) is tinydtls, whose client side does
-not offer a Connection ID, so this is a lean client of the bench's own, written from the RFCs:
-one suite, TLS_PSK_WITH_AES_128_CCM_8 (RFC 6655, the one the proxy offers: docs/CONTRACT.md
-§6), the cookie exchange (RFC 6347 §4.2.1), the PSK key exchange (RFC 4279 §2), no fragmented
+not offer a Connection ID, so this is a lean client of the bench's own, written from the RFCs
+on the primitives of :mod:`bench.dtls12` (shared with the tests' client): one suite,
+TLS_PSK_WITH_AES_128_CCM_8 (RFC 6655, the one the proxy offers: docs/CONTRACT.md §6), the
+cookie exchange (RFC 6347 §4.2.1), the PSK key exchange (RFC 4279 §2), no fragmented
 handshake messages, no extended master secret (the proxy lets clients without it in:
 docs/ARCHITECTURE.md "DTLS"). A session offers a zero-length CID, as a device behind a NAT
 does (RFC 9146 §3): it sends the server's CID in every protected record and receives records
@@ -21,59 +22,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import os
 import random
 import resource
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESCCM
-
+from bench import dtls12
+from bench.dtls12 import (
+    CT_ALERT,
+    CT_CHANGE_CIPHER_SPEC,
+    CT_HANDSHAKE,
+    CT_TLS12_CID,
+    EXT_CONNECTION_ID,
+    HT_FINISHED,
+    HT_HELLO_VERIFY_REQUEST,
+    HT_SERVER_HELLO,
+    HT_SERVER_HELLO_DONE,
+    RECORD_HEADER,
+    HandshakeMessage,
+    RecordAuthError,
+    RecordKeys,
+    ServerHelloRefused,
+)
+from bench.dtls12 import CT_APPLICATION_DATA as CT_DATA
 from bench.loadgen import RequestSpec, build_template, patch
 from proxy.coap.codec import ACK, CON, RST
 
-# Content types (RFC 5246 §6.2.1; tls12_cid RFC 9146 §4) and handshake types (RFC 5246 §7.4,
-# RFC 6347 §4.3.2).
-CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_DATA, CT_TLS12_CID = 20, 21, 22, 23, 25
-HT_CLIENT_HELLO, HT_SERVER_HELLO, HT_HELLO_VERIFY = 1, 2, 3
-HT_SERVER_KEY_EXCHANGE, HT_SERVER_HELLO_DONE, HT_CLIENT_KEY_EXCHANGE, HT_FINISHED = 12, 14, 16, 20
-EXT_CONNECTION_ID = 54  # RFC 9146 §3 (IANA)
-SUITE = 0xC0A8  # TLS_PSK_WITH_AES_128_CCM_8
-VERSION = b"\xfe\xfd"  # DTLS 1.2
-HEADER = 13  # type, version, epoch, sequence number (48 bit), length (RFC 6347 §4.1)
-TAG = 8  # CCM_8's authentication tag
 ACK_TIMEOUT = 2.0  # RFC 7252 §4.8
 ACK_RANDOM_FACTOR = 1.5
 
 
 class CidError(Exception):
     """A handshake that did not complete, or a server record this client refuses."""
-
-
-def prf(secret: bytes, label: bytes, seed: bytes, size: int) -> bytes:
-    """The TLS 1.2 PRF with SHA-256 (RFC 5246 §5)."""
-    seed = label + seed
-    out, a = b"", seed
-    while len(out) < size:
-        a = hmac.digest(secret, a, "sha256")
-        out += hmac.digest(secret, a + seed, "sha256")
-    return out[:size]
-
-
-def handshake_message(msg_type: int, seq: int, body: bytes) -> bytes:
-    """One unfragmented handshake message (RFC 6347 §4.2.2), as sent and as hashed (§4.2.6)."""
-    size = len(body).to_bytes(3, "big")
-    return bytes([msg_type]) + size + struct.pack("!H", seq) + b"\0\0\0" + size + body
-
-
-def _vector(data: bytes, size_bytes: int) -> bytes:
-    return len(data).to_bytes(size_bytes, "big") + data
 
 
 class Session(asyncio.DatagramProtocol):
@@ -85,11 +69,11 @@ class Session(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.on_data: Callable[[Session, bytes], None] | None = None
         self.write_seq = [0, 0]  # next record sequence number, per epoch
-        self.write: tuple[AESCCM, bytes] | None = None  # client_write_key, client_write_IV
-        self.read: tuple[AESCCM, bytes] | None = None
+        self.write: RecordKeys | None = None  # client_write
+        self.read: RecordKeys | None = None  # server_write
         self.peer_seq = 0  # the server's next handshake message_seq
         self.wanted: set[int] = set()  # handshake types that end the awaited server flight
-        self.messages: dict[int, tuple[int, bytes, bytes]] = {}
+        self.messages: dict[int, HandshakeMessage] = {}
         self.flight: asyncio.Future[None] | None = None
         self.dropped = 0  # records that failed to parse or authenticate
         self.alerts = 0
@@ -127,29 +111,19 @@ class Session(asyncio.DatagramProtocol):
     def record(self, content_type: int, data: bytes, epoch: int = 1) -> bytes:
         seq = self.write_seq[epoch]
         self.write_seq[epoch] += 1
-        epoch_seq = struct.pack("!H", epoch) + seq.to_bytes(6, "big")
         if epoch == 0:
-            return bytes([content_type]) + VERSION + epoch_seq + _vector(data, 2)
+            return dtls12.seal(content_type, data, 0, seq)
         assert self.write is not None
-        cipher, salt = self.write
-        nonce = salt + epoch_seq  # RFC 6655 §3: write IV + nonce_explicit (epoch, sequence)
-        cid = self.server_cid
-        if cid:  # RFC 9146 §4: DTLSInnerPlaintext under the outer type tls12_cid; AAD §5.3
-            inner = data + bytes([content_type])
-            aad = b"\xff" * 8 + bytes([CT_TLS12_CID, len(cid), CT_TLS12_CID]) + VERSION
-            aad += epoch_seq + cid + struct.pack("!H", len(inner))
-            sealed = epoch_seq + cipher.encrypt(nonce, inner, aad)
-            return bytes([CT_TLS12_CID]) + VERSION + epoch_seq + cid + _vector(sealed, 2)
-        aad = epoch_seq + bytes([content_type]) + VERSION + struct.pack("!H", len(data))
-        sealed = epoch_seq + cipher.encrypt(nonce, data, aad)
-        return bytes([content_type]) + VERSION + epoch_seq + _vector(sealed, 2)
+        # With the server's CID: a tls12_cid record (RFC 9146 §4).
+        return dtls12.seal(content_type, data, epoch, seq, self.write, self.server_cid or b"")
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        while len(data) >= HEADER:
+        while len(data) >= RECORD_HEADER:
             # A zero-length CID was offered, so a tls12_cid record to us has no CID in it.
             length = int.from_bytes(data[11:13], "big")
-            record, data = data[: HEADER + length], data[HEADER + length :]
-            opened = self.open_record(record) if len(record) == HEADER + length else None
+            end = RECORD_HEADER + length
+            record, data = data[:end], data[end:]
+            opened = self.open_record(record) if len(record) == end else None
             if opened is None:
                 self.dropped += 1
                 continue
@@ -164,49 +138,33 @@ class Session(asyncio.DatagramProtocol):
     def open_record(self, record: bytes) -> tuple[int, bytes] | None:
         content_type, epoch = record[0], int.from_bytes(record[3:5], "big")
         if epoch == 0:
-            return None if content_type == CT_TLS12_CID else (content_type, record[HEADER:])
+            return None if content_type == CT_TLS12_CID else (content_type, record[RECORD_HEADER:])
         if self.read is None or epoch != 1:
             return None
-        cipher, salt = self.read
-        body = record[HEADER:]
-        if len(body) < 8 + TAG:
-            return None
-        size = len(body) - 8 - TAG
-        if content_type == CT_TLS12_CID:
-            aad = b"\xff" * 8 + bytes([CT_TLS12_CID, 0, CT_TLS12_CID]) + record[1:11]
-        else:
-            aad = record[3:11] + bytes([content_type]) + VERSION
         try:
-            plain = cipher.decrypt(salt + body[:8], body[8:], aad + struct.pack("!H", size))
-        except Exception:  # cryptography's InvalidTag
+            return dtls12.open_record(record, self.read)
+        except RecordAuthError:
             return None
-        if content_type == CT_TLS12_CID:  # content, real type, zero padding
-            plain = plain.rstrip(b"\0")
-            return (plain[-1], plain[:-1]) if plain else None
-        return content_type, plain
 
     # -- handshake ------------------------------------------------------------------------
 
     def handshake_received(self, payload: bytes) -> None:
-        if len(payload) < 12:
-            self.dropped += 1
+        message = dtls12.read_handshake(payload)
+        if message is None:
+            self.dropped += 1  # short or fragmented: the proxy's flights fit a datagram
             return
-        size = int.from_bytes(payload[1:4], "big")
-        if payload[6:9] != b"\0\0\0" or payload[9:12] != payload[1:4] or len(payload) < 12 + size:
-            self.dropped += 1  # fragmented: the proxy's flights fit a datagram
-            return
-        msg_type, seq = payload[0], int.from_bytes(payload[4:6], "big")
-        if msg_type == HT_HELLO_VERIFY and HT_HELLO_VERIFY not in self.wanted:
+        msg_type, seq = message[0], dtls12.seq_of(message[2])
+        if msg_type == HT_HELLO_VERIFY_REQUEST and HT_HELLO_VERIFY_REQUEST not in self.wanted:
             return  # a late duplicate
         if seq < self.peer_seq:
             return  # a retransmission of a flight already taken
-        self.messages[seq] = (msg_type, payload[12 : 12 + size], payload[: 12 + size])
+        self.messages[seq] = message
         if msg_type in self.wanted and self.flight is not None and not self.flight.done():
             self.flight.set_result(None)
 
     async def exchange(
         self, flight: list[tuple[int, bytes]], wanted: set[int], deadline: float
-    ) -> list[tuple[int, bytes, bytes]]:
+    ) -> list[HandshakeMessage]:
         """Send ``flight`` (again on a doubling timer, RFC 6347 §4.2.4) until the server's
         next flight holds a message of a ``wanted`` type: its messages in order."""
         loop = asyncio.get_running_loop()
@@ -217,7 +175,7 @@ class Session(asyncio.DatagramProtocol):
             epoch = 0
             for content_type, data in flight:
                 self.send_raw(self.record(content_type, data, epoch))
-                epoch = 1 if content_type == CT_CCS else epoch  # RFC 5246 §7.1
+                epoch = 1 if content_type == CT_CHANGE_CIPHER_SPEC else epoch  # RFC 5246 §7.1
             wait = min(timer, deadline - loop.time())
             if wait <= 0:
                 raise CidError(f"no answer to a flight of {len(flight)} record(s) in time")
@@ -225,36 +183,26 @@ class Session(asyncio.DatagramProtocol):
             timer *= 2
         await asyncio.sleep(0)  # the rest of the flight may be in the same read
         got = [self.messages[seq] for seq in sorted(self.messages)]
-        if got[-1][0] != HT_HELLO_VERIFY:
+        if got[-1][0] != HT_HELLO_VERIFY_REQUEST:
             self.peer_seq = max(self.messages) + 1
         return got
 
     def client_hello(self, client_random: bytes, cookie: bytes, seq: int) -> bytes:
-        extensions = b""
-        if self.offer_cid:  # a zero-length CID: the server's records to us carry none
-            extensions = struct.pack("!HH", EXT_CONNECTION_ID, 1) + b"\0"
-        body = VERSION + client_random + b"\0" + _vector(cookie, 1)
-        body += _vector(struct.pack("!H", SUITE), 2) + b"\x01\x00"
-        if extensions:
-            body += _vector(extensions, 2)
-        return handshake_message(HT_CLIENT_HELLO, seq, body)
+        # A zero-length CID: the server's records to us carry none.
+        extensions = dtls12.connection_id_extension(b"") if self.offer_cid else b""
+        return dtls12.client_hello(client_random, cookie, seq, extensions)
 
     def server_hello(self, body: bytes) -> bytes:
-        if body[:2] != VERSION:
-            raise CidError(f"server chose version {body[:2].hex()}")
-        at = 35 + body[34]
-        if int.from_bytes(body[at : at + 2], "big") != SUITE:
-            raise CidError(f"server chose suite {body[at : at + 2].hex()}")
-        at += 3
-        extensions = body[at + 2 : at + 2 + int.from_bytes(body[at : at + 2], "big")]
-        while len(extensions) >= 4:
-            ext_type, size = struct.unpack("!HH", extensions[:4])
-            data, extensions = extensions[4 : 4 + size], extensions[4 + size :]
+        try:
+            hello = dtls12.server_hello(body)
+        except ServerHelloRefused as exc:
+            raise CidError(str(exc)) from None
+        for ext_type, data in hello.extensions:
             if ext_type == EXT_CONNECTION_ID:
                 if not self.offer_cid or not data or data[0] != len(data) - 1:
                     raise CidError(f"connection_id not offered or malformed: {data.hex()}")
                 self.server_cid = data[1:]
-        return body[2:34]
+        return hello.random
 
     async def handshake(self, within: float) -> None:
         """The full handshake, done within ``within`` seconds or CidError."""
@@ -262,10 +210,10 @@ class Session(asyncio.DatagramProtocol):
         deadline = loop.time() + within
         client_random = os.urandom(32)
         hello = self.client_hello(client_random, b"", 0)
-        first = {HT_HELLO_VERIFY, HT_SERVER_HELLO_DONE}
+        first = {HT_HELLO_VERIFY_REQUEST, HT_SERVER_HELLO_DONE}
         got = await self.exchange([(CT_HANDSHAKE, hello)], first, deadline)
-        if got[0][0] == HT_HELLO_VERIFY:
-            cookie = got[0][1][3 : 3 + got[0][1][2]]
+        if got[0][0] == HT_HELLO_VERIFY_REQUEST:
+            cookie = dtls12.hello_verify_cookie(got[0][1])
             hello = self.client_hello(client_random, cookie, 1)
             got = await self.exchange([(CT_HANDSHAKE, hello)], {HT_SERVER_HELLO_DONE}, deadline)
         transcript = [hello]
@@ -276,25 +224,13 @@ class Session(asyncio.DatagramProtocol):
             transcript.append(raw)
         if not server_random:
             raise CidError("the server's flight has no ServerHello")
-        seq = int.from_bytes(hello[4:6], "big") + 1
-        exchange = handshake_message(HT_CLIENT_KEY_EXCHANGE, seq, _vector(self.identity, 2))
-        transcript.append(exchange)
-        n = len(self.psk).to_bytes(2, "big")  # RFC 4279 §2
-        master = prf(n + bytes(len(self.psk)) + n + self.psk, b"master secret",
-                     client_random + server_random, 48)  # fmt: skip
-        block = prf(master, b"key expansion", server_random + client_random, 40)
-        self.write = (AESCCM(block[0:16], tag_length=TAG), block[32:36])
-        self.read = (AESCCM(block[16:32], tag_length=TAG), block[36:40])
-        digest = hashlib.sha256(b"".join(transcript)).digest()
-        finished = handshake_message(
-            HT_FINISHED, seq + 1, prf(master, b"client finished", digest, 12)
-        )
-        transcript.append(finished)
-        expected = prf(master, b"server finished", hashlib.sha256(b"".join(transcript)).digest(),
-                       12)  # fmt: skip
-        flight = [(CT_HANDSHAKE, exchange), (CT_CCS, b"\x01"), (CT_HANDSHAKE, finished)]
-        got = await self.exchange(flight, {HT_FINISHED}, deadline)
-        if got[-1][1] != expected:
+        final = dtls12.final_flight(
+            self.identity, self.psk, transcript, client_random, server_random,
+            dtls12.seq_of(hello) + 1, extended_master_secret=False,
+        )  # fmt: skip
+        self.write, self.read = final.write, final.read
+        got = await self.exchange(final.records, {HT_FINISHED}, deadline)
+        if got[-1][1] != final.expected:
             raise CidError("the server's Finished does not verify (RFC 5246 §7.4.9)")
         if self.offer_cid and self.server_cid is None:
             raise CidError("the server did not take the connection_id extension")

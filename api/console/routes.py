@@ -32,7 +32,7 @@ from api.console.auth import (
     valid_session,
 )
 from api.console.live import LiveHub, LiveUnavailable
-from api.errors import ApiError, BrokerUnavailable, PayloadTooLarge, StoreUnavailable
+from api.errors import ApiError, PayloadTooLarge, StoreUnavailable
 from api.routes.credentials import (
     CredentialsRequest,
     PskIn,
@@ -147,11 +147,26 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def _invalid(exc: ValidationError) -> str:
+    # The messages name the rule, never the value (a PSK, say): include_input=False.
     parts = []
     for error in exc.errors(include_input=False, include_url=False):
         where = ".".join(str(part) for part in error["loc"])
         parts.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
     return "; ".join(parts)
+
+
+_REFUSED = (FormError, ValidationError, ApiError)
+"""What an operation's form, model or the API's own function raises when it refuses."""
+
+
+def _refusal(exc: FormError | ValidationError | ApiError, what: str) -> tuple[str, int]:
+    """The notice and status of a refused operation: a form error as it is (it names the
+    field); the API's rules and errors after ``what`` ("PSK not set"), with the API's status."""
+    if isinstance(exc, FormError):
+        return exc.message, exc.status
+    if isinstance(exc, ValidationError):
+        return f"{what}: {_invalid(exc)}", 422
+    return f"{what}: {exc.message}", exc.status_code
 
 
 async def _presences(request: Request, ids: list[str]) -> dict[str, Presence]:
@@ -189,6 +204,14 @@ async def _device_page(
         issued_key=issued_key,
     )
     return _html(body, status)
+
+
+async def _refused(
+    request: Request, device_id: str, exc: FormError | ValidationError | ApiError, what: str
+) -> Response:
+    """The device's page again, with why the operation was refused (see :func:`_refusal`)."""
+    message, status = _refusal(exc, what)
+    return await _device_page(request, device_id, message=message, error=True, status=status)
 
 
 def _done(device_id: str, what: str) -> RedirectResponse:
@@ -289,12 +312,8 @@ async def register(request: Request) -> Response:
             if fields.get(name)
         }
         created = await create_device(DeviceCreate.model_validate(wanted), _store(request))
-    except FormError as exc:
-        return await _list_with_error(request, exc.message, exc.status)
-    except ValidationError as exc:
-        return await _list_with_error(request, f"Not registered: {_invalid(exc)}", 422)
-    except ApiError as exc:
-        return await _list_with_error(request, f"Not registered: {exc.message}", exc.status_code)
+    except _REFUSED as exc:
+        return await _list_with_error(request, *_refusal(exc, "Not registered"))
     log.info("console: device %s registered", created.id)
     return _done(created.id, "registered")
 
@@ -334,20 +353,8 @@ async def set_psk(request: Request, device_id: DevicePath) -> Response:
         fields = await _form(request)
         body = PskIn(psk=fields.get("psk", ""), format=fields.get("format", "plain"))  # type: ignore[arg-type]
         await put_psk(device_id, body, _store(request))
-    except FormError as exc:
-        return await _device_page(
-            request, device_id, message=exc.message, error=True, status=exc.status
-        )
-    except ValidationError as exc:
-        # The messages name the rule, never the key (include_input=False).
-        return await _device_page(
-            request, device_id, message=f"PSK not set: {_invalid(exc)}", error=True, status=422
-        )
-    except ApiError as exc:
-        return await _device_page(
-            request, device_id, message=f"PSK not set: {exc.message}", error=True,
-            status=exc.status_code,
-        )  # fmt: skip
+    except _REFUSED as exc:
+        return await _refused(request, device_id, exc, "PSK not set")
     return _done(device_id, "psk-set")
 
 
@@ -358,10 +365,7 @@ async def revoke_psk(request: Request, device_id: DevicePath) -> Response:
     try:
         await delete_psk(device_id, _store(request))
     except ApiError as exc:
-        return await _device_page(
-            request, device_id, message=f"PSK not revoked: {exc.message}", error=True,
-            status=exc.status_code,
-        )  # fmt: skip
+        return await _refused(request, device_id, exc, "PSK not revoked")
     return _done(device_id, "psk-revoked")
 
 
@@ -378,20 +382,8 @@ async def generate_psk(request: Request, device_id: DevicePath) -> Response:
         issued = await create_credentials(
             device_id, body, _store(request), _settings(request), Response()
         )
-    except FormError as exc:
-        return await _device_page(
-            request, device_id, message=exc.message, error=True, status=exc.status
-        )
-    except ValidationError as exc:
-        return await _device_page(
-            request, device_id, message=f"No PSK generated: {_invalid(exc)}", error=True,
-            status=422,
-        )  # fmt: skip
-    except ApiError as exc:
-        return await _device_page(
-            request, device_id, message=f"No PSK generated: {exc.message}", error=True,
-            status=exc.status_code,
-        )  # fmt: skip
+    except _REFUSED as exc:
+        return await _refused(request, device_id, exc, "No PSK generated")
     # Answered here, not redirected: this page is the only place the key is ever shown.
     return await _device_page(
         request,
@@ -426,20 +418,8 @@ async def set_location(request: Request, device_id: DevicePath) -> Response:
             sample_time=int(sample[:12]) if sample else int(time.time()),
         )
         update = await put_location(device_id, body, _store(request), datetime.now(UTC))
-    except FormError as exc:
-        return await _device_page(
-            request, device_id, message=exc.message, error=True, status=exc.status
-        )
-    except ValidationError as exc:
-        return await _device_page(
-            request, device_id, message=f"Location not saved: {_invalid(exc)}", error=True,
-            status=422,
-        )  # fmt: skip
-    except ApiError as exc:
-        return await _device_page(
-            request, device_id, message=f"Location not saved: {exc.message}", error=True,
-            status=exc.status_code,
-        )  # fmt: skip
+    except _REFUSED as exc:
+        return await _refused(request, device_id, exc, "Location not saved")
     if not update.stored:
         return await _device_page(request, device_id, message=update.detail, error=True)
     return _done(device_id, "located")
@@ -505,20 +485,8 @@ async def send_as_device(request: Request, device_id: DevicePath) -> Response:
         await publish_once(request, state.idempotency, state.publisher, topic, payload, properties)
         if located is not None:
             await store_location(_store(request), device.id, located)
-    except FormError as exc:
-        return await _device_page(
-            request, device_id, message=exc.message, error=True, status=exc.status
-        )
-    except BrokerUnavailable as exc:
-        return await _device_page(
-            request, device_id, message=f"Not published: {exc.message}", error=True,
-            status=exc.status_code,
-        )  # fmt: skip
-    except ApiError as exc:
-        return await _device_page(
-            request, device_id, message=f"Not published: {exc.message}", error=True,
-            status=exc.status_code,
-        )  # fmt: skip
+    except (FormError, ApiError) as exc:  # BrokerUnavailable (no PUBACK) is an ApiError
+        return await _refused(request, device_id, exc, "Not published")
     log.info("console: test message published as device %s topic=%s", device_id, topic)
     return _done(device_id, "sent")
 

@@ -50,6 +50,13 @@ def _cookie(token: str) -> dict[str, str]:
     return {"Cookie": f"{COOKIE}={token}"}
 
 
+async def stored(store: MemoryDeviceStore, device_id: str = ACTIVE) -> Device:
+    """The device as the store holds it now; it must be there."""
+    device = await store.get(device_id)
+    assert device is not None, device_id
+    return device
+
+
 @pytest.fixture
 async def store() -> MemoryDeviceStore:
     devices = MemoryDeviceStore()
@@ -123,9 +130,7 @@ async def test_pages_without_a_session_go_to_the_sign_in_form(store: MemoryDevic
         )
         assert posted.status_code == 401
         assert "sign in again" in posted.text
-    device = await store.get(ACTIVE)
-    assert device is not None
-    assert device.psk is None
+    assert (await stored(store)).psk is None
 
 
 @pytest.mark.parametrize(
@@ -162,9 +167,7 @@ async def test_a_post_from_another_origin_is_403_and_changes_nothing(
     )
     assert response.status_code == 403
     assert "Refused" in response.text
-    device = await store.get(ACTIVE)
-    assert device is not None
-    assert device.psk is None
+    assert (await stored(store)).psk is None
     registered = await console.post("/console/devices", data={"id": OTHER_ID}, headers=headers)
     assert registered.status_code == 403
     assert await store.get(OTHER_ID) is None
@@ -213,8 +216,7 @@ async def test_register_a_device_and_see_its_page(
     )
     assert response.status_code == 303
     assert response.headers["location"] == f"/console/devices/{OTHER_ID}?done=registered"
-    device = await store.get(OTHER_ID)
-    assert device is not None
+    device = await stored(store, OTHER_ID)
     assert device.imei == "869181072798893"
     page = await console.get(response.headers["location"])
     assert "Device registered." in page.text
@@ -242,8 +244,7 @@ async def test_set_and_revoke_a_psk(console: httpx.AsyncClient, store: MemoryDev
         f"/console/devices/{ACTIVE}/psk", data={"psk": "aB3dEf7hIjKlMnOp"}, headers=ORIGIN
     )
     assert response.status_code == 303
-    device = await store.get(ACTIVE)
-    assert device is not None
+    device = await stored(store)
     assert device.psk == "aB3dEf7hIjKlMnOp"
     assert device.psk_user_set
     page = await console.get(response.headers["location"])
@@ -251,9 +252,7 @@ async def test_set_and_revoke_a_psk(console: httpx.AsyncClient, store: MemoryDev
     assert "aB3dEf7hIjKlMnOp" not in page.text  # never shown back
     revoked = await console.post(f"/console/devices/{ACTIVE}/psk/revoke", headers=ORIGIN)
     assert revoked.status_code == 303
-    device = await store.get(ACTIVE)
-    assert device is not None
-    assert device.psk is None
+    assert (await stored(store)).psk is None
 
 
 async def test_a_bad_psk_is_refused_without_repeating_it(
@@ -267,9 +266,7 @@ async def test_a_bad_psk_is_refused_without_repeating_it(
     assert response.status_code == 422
     assert "PSK not set" in response.text
     assert "zz-not-hex" not in response.text
-    device = await store.get(ACTIVE)
-    assert device is not None
-    assert device.psk is None
+    assert (await stored(store)).psk is None
 
 
 async def test_a_generated_psk_is_shown_once(
@@ -280,8 +277,7 @@ async def test_a_generated_psk_is_shown_once(
     )
     assert response.status_code == 201
     assert response.headers["cache-control"] == "no-store"
-    device = await store.get(ACTIVE)
-    assert device is not None
+    device = await stored(store)
     assert device.psk is not None
     assert len(device.psk) == 64
     assert f'<code id="issued-key">{device.psk}</code>' in response.text
@@ -311,8 +307,7 @@ async def test_set_a_location(console: httpx.AsyncClient, store: MemoryDeviceSto
         headers=ORIGIN,
     )
     assert response.status_code == 303, response.text
-    device = await store.get(ACTIVE)
-    assert device is not None
+    device = await stored(store)
     assert device.location is not None
     assert (device.location.latitude, device.location.longitude) == ("52.520008", "13.404954")
     page = await console.get(f"/console/devices/{ACTIVE}")

@@ -5,6 +5,14 @@ No CID-capable client exists on the test machines, so this one is ours: pure Pyt
 TLS_PSK_WITH_AES_128_CCM_8 (RFC 6655, the one the proxy offers: docs/CONTRACT.md §6), no
 fragmentation, no resumption, no renegotiation.
 
+The protocol primitives live in bench/dtls12.py, shared with the bench's load generator
+(bench/cid_loadgen.py) and written from the RFCs like this client: the PRF, key schedule and
+Finished (RFC 5246, RFC 7627), the PSK key exchange (RFC 4279), AES-CCM-8 records (RFC 6655)
+in the DTLS record layer (RFC 6347) and the tls12_cid record with its additional data
+(RFC 9146), handshake messages and hello extensions. This module drives them: flights and
+their retransmission (RFC 6347 §4.2.4), what it accepts from the server, the session's
+sockets, and the hooks tests use to forge, replay or redirect records.
+
 API::
 
     client = CidClient(identity, psk, offer_cid=None)   # bytes, bytes
@@ -39,29 +47,39 @@ after the handshake); DtlsTimeout (also a TimeoutError).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import os
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+from bench import dtls12
+from bench.dtls12 import (
+    CT_ALERT,
+    CT_APPLICATION_DATA,
+    CT_CHANGE_CIPHER_SPEC,
+    CT_HANDSHAKE,
+    CT_TLS12_CID,
+    EXT_CONNECTION_ID,
+    EXT_EMS,
+    EXT_RENEGOTIATION_INFO,
+    HT_FINISHED,
+    HT_HELLO_VERIFY_REQUEST,
+    HT_SERVER_HELLO,
+    HT_SERVER_HELLO_DONE,
+    HT_SERVER_KEY_EXCHANGE,
+    RECORD_HEADER,
+    HandshakeMessage,
+    RecordAuthError,
+    RecordKeys,
+    ServerHelloRefused,
+    prf,
+)
 
-# Content types (RFC 5246 §6.2.1; tls12_cid: RFC 9146 §4).
-CT_CHANGE_CIPHER_SPEC, CT_ALERT, CT_HANDSHAKE, CT_APPLICATION_DATA = 20, 21, 22, 23
-CT_TLS12_CID = 25
-# Handshake types (RFC 5246 §7.4, RFC 6347 §4.3.2).
-HT_CLIENT_HELLO, HT_SERVER_HELLO, HT_HELLO_VERIFY_REQUEST = 1, 2, 3
-HT_SERVER_KEY_EXCHANGE, HT_SERVER_HELLO_DONE, HT_CLIENT_KEY_EXCHANGE, HT_FINISHED = 12, 14, 16, 20
-# Extensions: extended_master_secret (RFC 7627 §5.1), renegotiation_info (RFC 5746 §3.2),
-# connection_id (RFC 9146 §3, IANA value 54).
-EXT_EMS, EXT_RENEGOTIATION_INFO, EXT_CONNECTION_ID = 23, 0xFF01, 54
-TLS_PSK_WITH_AES_128_CCM_8 = 0xC0A8
-DTLS_1_2 = b"\xfe\xfd"
-_RECORD_HEADER = 13  # type, version, epoch, sequence_number (48 bit), length (RFC 6347 §4.1)
-_EXPLICIT_NONCE, _TAG = 8, 8  # RFC 6655 §3: CCMNonce.nonce_explicit, CCM_8's 8-byte ICV
+__all__ = [  # what the tests take from here, the primitives' names among them
+    "ALERTS", "CT_APPLICATION_DATA", "CT_TLS12_CID", "CidClient", "ClientStats", "DtlsAlert",
+    "DtlsClientError", "DtlsDecryptError", "DtlsHandshakeError", "DtlsTimeout", "prf",
+]  # fmt: skip
+
 ALERTS = {
     0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 40: "handshake_failure",
     47: "illegal_parameter", 50: "decode_error", 51: "decrypt_error", 70: "protocol_version",
@@ -93,37 +111,6 @@ class DtlsAlert(DtlsClientError):
         self.name = ALERTS.get(description, f"alert {description}")
         kind = "fatal" if level == 2 else "warning"
         super().__init__(f"server sent {kind} alert {self.name}({description})")
-
-
-def prf(secret: bytes, label: bytes, seed: bytes, size: int) -> bytes:
-    """TLS 1.2 PRF with SHA-256 (RFC 5246 §5): P_SHA256(secret, label + seed)."""
-    seed = label + seed
-    out, a = b"", seed
-    while len(out) < size:
-        a = hmac.digest(secret, a, "sha256")
-        out += hmac.digest(secret, a + seed, "sha256")
-    return out[:size]
-
-
-def _verify(master: bytes, sender: bytes, transcript: list[bytes]) -> bytes:
-    """Finished.verify_data (RFC 5246 §7.4.9): 12 bytes of PRF over the transcript's hash."""
-    digest = hashlib.sha256(b"".join(transcript)).digest()
-    return prf(master, sender + b" finished", digest, 12)
-
-
-def handshake_message(msg_type: int, message_seq: int, body: bytes) -> bytes:
-    """One unfragmented DTLS handshake message (RFC 6347 §4.2.2): the form the transcript
-    hashes (§4.2.6) and, here, the form sent."""
-    length = len(body).to_bytes(3, "big")
-    return bytes([msg_type]) + length + struct.pack("!H", message_seq) + b"\0\0\0" + length + body
-
-
-def _vector(data: bytes, size_bytes: int) -> bytes:
-    return len(data).to_bytes(size_bytes, "big") + data
-
-
-def _extension(ext_type: int, data: bytes) -> bytes:
-    return struct.pack("!HH", ext_type, len(data)) + data
 
 
 @dataclass
@@ -181,8 +168,8 @@ class CidClient:
         self._write_seq = [0, 0]  # the next record sequence number, per epoch
         self._peer_seq = 0  # the server's next handshake message_seq
         self._cid_in: bytes = b""  # the CID on records the server sends us
-        self._write: tuple[AESCCM, bytes] | None = None  # client_write_key, client_write_IV
-        self._read: tuple[AESCCM, bytes] | None = None
+        self._write: RecordKeys | None = None  # client_write
+        self._read: RecordKeys | None = None  # server_write
         self._connected = False
         self._auth_failures = 0
 
@@ -242,8 +229,7 @@ class CidClient:
         first = {HT_HELLO_VERIFY_REQUEST, HT_SERVER_HELLO_DONE}
         received = await self._flight([(CT_HANDSHAKE, hello)], deadline, first, 1)
         if received[0][0] == HT_HELLO_VERIFY_REQUEST:
-            body = received[0][1]
-            cookie = body[3 : 3 + body[2]]  # server_version, cookie<0..2^8-1> (§4.2.1)
+            cookie = dtls12.hello_verify_cookie(received[0][1])
             hello = self._client_hello(client_random, cookie, 1)
             received = await self._flight(
                 [(CT_HANDSHAKE, hello)], deadline, {HT_SERVER_HELLO_DONE}, 3
@@ -258,28 +244,13 @@ class CidClient:
             transcript.append(raw)
         if not server_random:
             raise DtlsHandshakeError("the server's flight has no ServerHello")
-        seq = int.from_bytes(hello[4:6], "big") + 1
-        key_exchange = handshake_message(HT_CLIENT_KEY_EXCHANGE, seq, _vector(self.identity, 2))
-        transcript.append(key_exchange)
-        # RFC 4279 §2: premaster = uint16 N, N zero bytes, uint16 N, the PSK.
-        n = len(self.psk).to_bytes(2, "big")
-        premaster = n + bytes(len(self.psk)) + n + self.psk
-        if self.extended_master_secret:  # RFC 7627 §4: hash of ClientHello..ClientKeyExchange
-            session_hash = hashlib.sha256(b"".join(transcript)).digest()
-            master = prf(premaster, b"extended master secret", session_hash, 48)
-        else:  # RFC 5246 §8.1
-            master = prf(premaster, b"master secret", client_random + server_random, 48)
-        # RFC 5246 §6.3: AEAD suites have no MAC keys; RFC 6655: 16-byte keys, 4-byte IVs.
-        block = prf(master, b"key expansion", server_random + client_random, 40)
-        self._write = (AESCCM(block[0:16], tag_length=_TAG), block[32:36])
-        self._read = (AESCCM(block[16:32], tag_length=_TAG), block[36:40])
-        finished = handshake_message(HT_FINISHED, seq + 1, _verify(master, b"client", transcript))
-        transcript.append(finished)
-        expected = _verify(master, b"server", transcript)
-        flight = [(CT_HANDSHAKE, key_exchange), (CT_CHANGE_CIPHER_SPEC, b"\x01"),
-                  (CT_HANDSHAKE, finished)]  # fmt: skip
-        received = await self._flight(flight, deadline, {HT_FINISHED}, 5)
-        if received[-1][1] != expected:
+        final = dtls12.final_flight(
+            self.identity, self.psk, transcript, client_random, server_random,
+            dtls12.seq_of(hello) + 1, extended_master_secret=self.extended_master_secret,
+        )  # fmt: skip
+        self._write, self._read = final.write, final.read
+        received = await self._flight(final.records, deadline, {HT_FINISHED}, 5)
+        if received[-1][1] != final.expected:
             raise DtlsHandshakeError("the server's Finished does not verify (RFC 5246 §7.4.9)")
         self._connected = True
         self.stats.handshakes += 1
@@ -287,30 +258,20 @@ class CidClient:
     def _client_hello(self, client_random: bytes, cookie: bytes, message_seq: int) -> bytes:
         extensions = b""
         if self._ems_offered:
-            extensions += _extension(EXT_EMS, b"")
+            extensions += dtls12.extension(EXT_EMS, b"")
         if self._reneg_offered:  # an empty renegotiated_connection: an initial handshake
-            extensions += _extension(EXT_RENEGOTIATION_INFO, b"\x00")
+            extensions += dtls12.extension(EXT_RENEGOTIATION_INFO, b"\x00")
         if self.offer_cid is not None:
-            extensions += _extension(EXT_CONNECTION_ID, _vector(self.offer_cid, 1))
-        body = DTLS_1_2 + client_random + b"\x00" + _vector(cookie, 1)
-        body += _vector(struct.pack("!H", TLS_PSK_WITH_AES_128_CCM_8), 2) + b"\x01\x00"
-        if extensions:
-            body += _vector(extensions, 2)
-        return handshake_message(HT_CLIENT_HELLO, message_seq, body)
+            extensions += dtls12.connection_id_extension(self.offer_cid)
+        return dtls12.client_hello(client_random, cookie, message_seq, extensions)
 
     def _server_hello(self, body: bytes) -> bytes:
         """ServerHello (RFC 5246 §7.4.1.3): the server random; the extensions decide the rest."""
-        if body[:2] != DTLS_1_2:
-            raise DtlsHandshakeError(f"server chose version {body[:2].hex()}, not DTLS 1.2")
-        at = 35 + body[34]  # version, random, session_id<0..32>
-        suite = int.from_bytes(body[at : at + 2], "big")
-        if suite != TLS_PSK_WITH_AES_128_CCM_8:
-            raise DtlsHandshakeError(f"server chose cipher suite {suite:#06x}")
-        at += 3  # suite, compression method
-        extensions = body[at + 2 : at + 2 + int.from_bytes(body[at : at + 2], "big")]
-        while len(extensions) >= 4:
-            ext_type, size = struct.unpack("!HH", extensions[:4])
-            data, extensions = extensions[4 : 4 + size], extensions[4 + size :]
+        try:
+            hello = dtls12.server_hello(body)
+        except ServerHelloRefused as exc:
+            raise DtlsHandshakeError(str(exc)) from None
+        for ext_type, data in hello.extensions:
             if ext_type == EXT_EMS and self._ems_offered:
                 self.extended_master_secret = True
             elif ext_type == EXT_CONNECTION_ID:
@@ -322,7 +283,7 @@ class CidClient:
                 self._cid_in = self.offer_cid
             elif ext_type == EXT_RENEGOTIATION_INFO and data != b"\x00":
                 raise DtlsHandshakeError("renegotiation_info not empty in an initial handshake")
-        return body[2:34]
+        return hello.random
 
     async def _flight(
         self,
@@ -330,7 +291,7 @@ class CidClient:
         deadline: float,
         last: set[int],
         number: int,
-    ) -> list[tuple[int, bytes, bytes]]:
+    ) -> list[HandshakeMessage]:
         """Send ``flight`` until the server's next flight has a message of a type in ``last``
         (RFC 6347 §4.2.4: retransmit the whole flight on a timer that doubles, in new records).
         Returns the server's new messages as (type, body, whole message), in message_seq order."""
@@ -344,7 +305,7 @@ class CidClient:
                     epoch = 1  # what follows ChangeCipherSpec is protected (RFC 5246 §7.1)
             self.stats.flights_retransmitted += 1 if sent else 0
             sent += 1
-            messages: dict[int, tuple[int, bytes, bytes]] = {}
+            messages: dict[int, HandshakeMessage] = {}
             wait_until = min(deadline, loop.time() + timer)
             while loop.time() < wait_until:
                 for content_type, payload in await self._receive(wait_until):
@@ -353,7 +314,7 @@ class CidClient:
                     message = self._handshake_fragment(payload, content_type)
                     if message is None:
                         continue
-                    seq = int.from_bytes(message[2][4:6], "big")
+                    seq = dtls12.seq_of(message[2])
                     if message[0] == HT_HELLO_VERIFY_REQUEST:
                         if HT_HELLO_VERIFY_REQUEST in last:  # else a late duplicate
                             messages[seq] = message
@@ -377,14 +338,13 @@ class CidClient:
             timer = min(timer * 2, 60.0)
 
     @staticmethod
-    def _handshake_fragment(payload: bytes, content_type: int) -> tuple[int, bytes, bytes] | None:
-        if content_type != CT_HANDSHAKE or len(payload) < 12:
+    def _handshake_fragment(payload: bytes, content_type: int) -> HandshakeMessage | None:
+        if content_type != CT_HANDSHAKE or len(payload) < dtls12.HANDSHAKE_HEADER:
             return None
-        length = int.from_bytes(payload[1:4], "big")
-        offset, fragment = int.from_bytes(payload[6:9], "big"), int.from_bytes(payload[9:12], "big")
-        if offset != 0 or fragment != length or len(payload) < 12 + length:
+        message = dtls12.read_handshake(payload)
+        if message is None:
             raise DtlsClientError("fragmented handshake message: not supported by this client")
-        return payload[0], payload[12 : 12 + length], payload[: 12 + length]
+        return message
 
     # -- records -----------------------------------------------------------------------
 
@@ -392,23 +352,11 @@ class CidClient:
         seq = self._write_seq[epoch]
         self._write_seq[epoch] += 1
         self.stats.records_sent += 1
-        epoch_seq = struct.pack("!H", epoch) + seq.to_bytes(6, "big")
         if epoch == 0:
-            return bytes([content_type]) + DTLS_1_2 + epoch_seq + _vector(data, 2)
+            return dtls12.seal(content_type, data, 0, seq)
         assert self._write is not None
-        cipher, salt = self._write
-        nonce = salt + epoch_seq  # RFC 6655 §3: salt = write IV, nonce_explicit = epoch + seq
-        cid = self.negotiated_cid or b""
-        if cid:  # RFC 9146 §4: DTLSInnerPlaintext, outer type tls12_cid, §5.3 AAD
-            inner = data + bytes([content_type])
-            aad = b"\xff" * 8 + bytes([CT_TLS12_CID, len(cid), CT_TLS12_CID]) + DTLS_1_2
-            aad += epoch_seq + cid + struct.pack("!H", len(inner))
-            sealed = epoch_seq + cipher.encrypt(nonce, inner, aad)
-            return bytes([CT_TLS12_CID]) + DTLS_1_2 + epoch_seq + cid + _vector(sealed, 2)
-        # RFC 5246 §6.2.3.3 with RFC 6347 §4.1.2.1's 64-bit epoch + sequence number.
-        aad = epoch_seq + bytes([content_type]) + DTLS_1_2 + struct.pack("!H", len(data))
-        sealed = epoch_seq + cipher.encrypt(nonce, data, aad)
-        return bytes([content_type]) + DTLS_1_2 + epoch_seq + _vector(sealed, 2)
+        # With a CID: a tls12_cid record (RFC 9146 §4).
+        return dtls12.seal(content_type, data, epoch, seq, self._write, self.negotiated_cid or b"")
 
     def seal(self, content_type: int, data: bytes) -> bytes:
         """One record as the session would send it now (a sequence number is used up)."""
@@ -424,10 +372,10 @@ class CidClient:
         if isinstance(item, Exception):
             raise DtlsClientError(f"{self._server[0]}:{self._server[1]}: {item}") from item
         out, rest = [], item
-        while len(rest) >= _RECORD_HEADER:
+        while len(rest) >= RECORD_HEADER:
             content_type, epoch = rest[0], int.from_bytes(rest[3:5], "big")
             cid_len = len(self._cid_in) if content_type == CT_TLS12_CID else 0
-            header = _RECORD_HEADER + cid_len
+            header = RECORD_HEADER + cid_len
             length = int.from_bytes(rest[header - 2 : header], "big")
             record, rest = rest[: header + length], rest[header + length :]
             if len(record) < header + length:
@@ -453,33 +401,13 @@ class CidClient:
             return None  # RFC 9146 §3: only the CID we asked for
         if content_type != CT_TLS12_CID and self._cid_in:
             return None  # RFC 9146 §3: a CID was negotiated, so plain records are dropped
-        cipher, salt = self._read
-        epoch_seq, body = record[3:11], record[13 + cid_len :]
-        if len(body) < _EXPLICIT_NONCE + _TAG:
-            return None
-        nonce = salt + body[:_EXPLICIT_NONCE]
-        size = len(body) - _EXPLICIT_NONCE - _TAG
-        if content_type == CT_TLS12_CID:
-            aad = b"\xff" * 8 + bytes([CT_TLS12_CID, cid_len, CT_TLS12_CID]) + DTLS_1_2
-            aad += epoch_seq + self._cid_in + struct.pack("!H", size)
-        else:
-            aad = epoch_seq + bytes([content_type]) + DTLS_1_2 + struct.pack("!H", size)
         try:
-            plain = cipher.decrypt(nonce, body[_EXPLICIT_NONCE:], aad)
-        except Exception:  # cryptography's InvalidTag
+            return dtls12.open_record(record, self._read, self._cid_in if cid_len else b"")
+        except RecordAuthError as exc:
             self._auth_failures += 1
             if self._connected:
-                raise DtlsDecryptError(
-                    f"record epoch {epoch} seq {int.from_bytes(record[5:11], 'big')} failed "
-                    "authentication"
-                ) from None
+                raise DtlsDecryptError(str(exc)) from None
             return None
-        if content_type == CT_TLS12_CID:  # DTLSInnerPlaintext: content, real_type, zeros
-            plain = plain.rstrip(b"\x00")
-            if not plain:
-                return None
-            return plain[-1], plain[:-1]
-        return content_type, plain
 
     # -- application data --------------------------------------------------------------
 
