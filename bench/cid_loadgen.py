@@ -317,7 +317,8 @@ class Fleet:
         """Every session onto a new socket. The old sockets close only after all new ones are
         bound, so no session's new port is one another session used: each device gets a port
         the proxy has not seen (a NAT that hands a recently used port to another device is a
-        case of its own, which the proxy meets by evicting what it held at that address)."""
+        case of its own, which the proxy meets by parking the CID session it held at that
+        address)."""
 
         async def run() -> None:
             old = [await session.rebind(self.host, self.port) for session in self.sessions]

@@ -386,6 +386,12 @@ class ProxyCollector(Collector):
                 "DTLS sessions moved to a new address by an authenticated CID record",
                 stats.address_updates,
             ),
+            (
+                "coap_bridge_dtls_parked",
+                "DTLS CID sessions parked because another device's session moved to their "
+                "address (a NAT reused the port); the next record of their own moves them",
+                stats.parked,
+            ),
         ):
             family = CounterMetricFamily(name, doc)
             family.add_metric([], value)
@@ -414,7 +420,9 @@ class ProxyCollector(Collector):
             "(ClientHello while draining), unsent (a response for a peer without a session), "
             "unknown_cid (a Connection ID no session has here or in Redis), cid_not_moved (a "
             "CID record from a new address that was not authentic and newest: RFC 9146 §6), "
-            "lookup_busy (too many unknown CIDs being looked up in Redis at once)",
+            "lookup_busy (too many unknown CIDs being looked up in Redis at once), "
+            "unsent_parked (a response for a parked session, which has no address until its "
+            "next record)",
             labels=["reason"],
         )
         dropped.add_metric(["stateless"], stats.dropped_stateless)
@@ -423,6 +431,7 @@ class ProxyCollector(Collector):
         dropped.add_metric(["unknown_cid"], stats.dropped_unknown_cid)
         dropped.add_metric(["cid_not_moved"], stats.cid_not_moved)
         dropped.add_metric(["lookup_busy"], stats.lookup_dropped)
+        dropped.add_metric(["unsent_parked"], stats.unsent_parked)
         shared = CounterMetricFamily(
             "coap_bridge_dtls_shared_sessions",
             "DTLS sessions shared through Redis (docs/SCALING.md, 'DTLS sessions'), by event: "

@@ -36,7 +36,12 @@ What this module adds to tinydtls (docs/CONTRACT.md §6; docs/ARCHITECTURE.md, "
   not by the address, and handed to tinydtls under the session's current address; only when
   it authenticated and is the newest record seen does the session move to the record's source
   address (RFC 9146 §6: an unauthenticated or replayed record from a new address never gets an
-  answer, so the CID cannot be used to reflect traffic at a victim). An unknown CID is dropped.
+  answer, so the CID cannot be used to reflect traffic at a victim). An unknown CID is dropped
+  (or looked up in the session store), also when it comes from an address that has another
+  session. If a NAT gave the new address to this device while another device's CID session
+  still sits there, that session is *parked* (moved to an address in RFC 6666's discard-only
+  prefix, to which nothing is ever sent) until its own device's next record moves it on; a
+  session without CID found there is evicted silently.
 - **Session export.** :meth:`DtlsTransport.export_session` / :meth:`import_session` carry a
   connected session's record state (keys, epoch, sequence numbers, receive window, CIDs) to
   another transport, e.g. another replica; an imported session sends with sequence numbers at
@@ -45,8 +50,11 @@ What this module adds to tinydtls (docs/CONTRACT.md §6; docs/ARCHITECTURE.md, "
   stores/dtls_sessions.py, docs/SCALING.md "DTLS sessions"). A CID session is exported and
   written when its handshake completes; a record with a CID this replica does not know is
   looked up there (bounded lookups, records held meanwhile, a short negative cache), refused if
-  the identity's key changed, else imported with the write range this replica claimed and the
-  receive number written back, and dropped again if its first record does not authenticate.
+  the identity's key changed, else imported at a parking address with the write range this
+  replica claimed and the receive number written back, moved to the record's address like any
+  CID session once that record authenticates, and dropped again if it does not (so a forged or
+  replayed record displaces nothing). Writes are group-committed: the sessions that completed
+  while the previous write was in flight go in one round trip, and so do write-backs.
   A stored session only sends within its claimed range (the next one is claimed at half; a
   range that does not follow means another replica took it over: let go silently); the highest
   authenticated receive number is written back every ``TOUCH_INTERVAL``. Stored sessions are
@@ -63,6 +71,7 @@ import ctypes
 import hashlib
 import hmac
 import importlib.metadata
+import ipaddress
 import logging
 import secrets
 import socket
@@ -95,11 +104,14 @@ _SEQ_MASK = (1 << 48) - 1  # RFC 6347 §4.1: the sequence number part of epoch <
 # Sessions shared through a DtlsSessionStore (docs/SCALING.md, "DTLS sessions"): bounds on
 # the work one replica puts on Redis, whatever the devices (or anyone) send.
 _MAX_PENDING_SAVES = 256  # handshakes whose session is being written; beyond: not stored
+# Saves and write-backs are group-committed: what is pending when the previous batch returns
+# goes in one round trip (stores/dtls_sessions.py, save_many / touch_many), at most this many.
+_SAVE_BATCH = 128
 _MAX_LOOKUPS = 64  # unknown CIDs being looked up at once; beyond: their records are dropped
 _MAX_QUEUED = 8  # records of one CID held while its lookup runs
 _NEGATIVE_TTL = 2.0  # seconds a CID Redis did not give us is not asked for again
 _NEGATIVE_MAX = 10_000
-_TOUCH_BATCH = 64  # touches in flight at once in one write-back pass
+_TOUCH_BATCH = 256  # sessions written back in one round trip
 _EXTEND_RETRY = 1.0  # seconds before a failed claim of the next range is tried again
 _FAILURE_LOG_INTERVAL = 10.0
 
@@ -117,6 +129,25 @@ MAX_KEY_BYTES = 64
 
 Address = tuple[Any, ...]
 _Key = tuple[str, int]
+
+# Where a CID session waits while it has no address of its own (docs/SCALING.md, "DTLS
+# sessions"): RFC 6666's discard-only prefix, which no peer can send from, numbered by a
+# counter. A session is parked there when a NAT hands its address to another device's session
+# (_move), and an imported session sits there until its first record authenticates (_resume).
+# Nothing is ever sent to a parked address; the session's next authenticated record moves it to
+# wherever that record came from.
+_PARKING = ipaddress.IPv6Network("100::/64")
+_PARKING_PORT = 9  # the discard port (RFC 863)
+
+
+def _parked(key: tuple[Any, ...]) -> bool:
+    host = key[0]
+    # Cheap first: no IPv4 address and almost no IPv6 address begins so.
+    return (
+        isinstance(host, str)
+        and host.startswith("100:")
+        and ipaddress.IPv6Address(host.split("%", 1)[0]) in _PARKING
+    )
 
 
 def _address(key: _Key) -> str:
@@ -241,6 +272,8 @@ class DtlsStats:
     address_updates: int = 0  # sessions moved to a new address by an authenticated record
     cid_not_moved: int = 0  # CID records from a new address that were not authentic and newest
     imported: int = 0  # sessions created by import_session
+    parked: int = 0  # CID sessions whose address a NAT gave to another session: kept by CID
+    unsent_parked: int = 0  # datagrams for a parked session: never sent (no address to send to)
     # Shared sessions (a session store, i.e. --redis-url): docs/SCALING.md, "DTLS sessions"
     saved: int = 0  # CID sessions written to the store at handshake completion
     save_failed: int = 0  # not written (store error, or too many writes pending)
@@ -440,13 +473,16 @@ class DtlsTransport(asyncio.DatagramTransport):
         self.stats = DtlsStats()
         self._store = session_store
         self._to_save: list[_Key] = []  # CID sessions connected while in tinydtls
-        self._saves = 0  # writes pending
+        self._saves = 0  # writes pending (queued or in the batch being written)
+        self._save_queue: list[StoredSession] = []
+        self._saver: asyncio.Task[None] | None = None
         self._lookups: dict[bytes, list[tuple[bytes, Address]]] = {}
         self._negative: OrderedDict[bytes, float] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._touching: asyncio.Task[None] | None = None
         self._next_touch = 0.0
         self._failures_logged: dict[str, float] = {}
+        self._parking = 0  # the last parking address handed out (_PARKING)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -482,6 +518,9 @@ class DtlsTransport(asyncio.DatagramTransport):
         peer = self._sessions.get(key)
         if peer is None:
             self.stats.unsent += 1
+            return
+        if _parked(key):
+            self.stats.unsent_parked += 1
             return
         if peer.ceiling is not None and not self._may_write(key, peer):
             self.stats.unsent += 1
@@ -643,8 +682,12 @@ class DtlsTransport(asyncio.DatagramTransport):
             raise ValueError(f"write_seq_floor {write_seq_floor} is not within 0 .. 2**48 - 1")
         if not 0 <= read_seq_floor < 1 << 64:
             raise ValueError(f"read_seq_floor {read_seq_floor} is not within 0 .. 2**64 - 1")
-        key: _Key = (addr[0], addr[1])
-        session = self._tinydtls.Session(self._c_host(key[0]), key[1])
+        self._import((addr[0], addr[1]), identity, blob, write_seq_floor, read_seq_floor)
+
+    def _import(
+        self, key: _Key, identity: str, blob: bytes, write_seq_floor: int, read_seq_floor: int
+    ) -> _Peer:
+        session = self._session_at(key)
         self._drop(key)
         self._dtls.importPeer(session, bytes(blob), write_seq_floor, read_seq_floor)
         peer = _Peer(session, self._loop.time())
@@ -660,6 +703,7 @@ class DtlsTransport(asyncio.DatagramTransport):
             self._by_cid[peer.cid] = key
         self.stats.imported += 1
         self._enforce_cap(key)
+        return peer
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -667,6 +711,11 @@ class DtlsTransport(asyncio.DatagramTransport):
         if self._closing:
             return
         self.stats.datagrams += 1
+        if not self._v4 and _parked(addr):
+            # RFC 6666: nothing real sends from there; a spoofed source must not reach a
+            # parked session under its parking address.
+            self.stats.dropped_stateless += 1
+            return
         self._handle(data, addr)
 
     def _handle(self, data: bytes, addr: Address) -> None:
@@ -696,6 +745,12 @@ class DtlsTransport(asyncio.DatagramTransport):
         if peer is None and at != key:  # (the index and the table agree; defensively)
             at = key
             peer = self._sessions.get(key)
+        if peer is not None and cid is not None and peer.cid != cid:
+            # A CID no session here has, from an address that has a session: not that
+            # session's record (it would only be dropped there), but a device that moved to
+            # an address a NAT had given to another one before. Looked up like any unknown
+            # CID; it displaces the session here only once it authenticated (_resume, _move).
+            peer = None
         if peer is not None:
             self._sessions.move_to_end(at)
         else:
@@ -711,7 +766,7 @@ class DtlsTransport(asyncio.DatagramTransport):
                 else:
                     self.stats.dropped_stateless += 1
                 return
-        self._current, self._current_c = at, (self._c_host(at[0]), at[1])
+        self._current, self._current_c = at, self._c_key(at)
         self._hello_sent = self._alert_sent = self._closed_by_peer = False
         before: int | None = None
         try:
@@ -754,13 +809,33 @@ class DtlsTransport(asyncio.DatagramTransport):
         if not (authentic and newest):
             self.stats.cid_not_moved += 1
             return False
+        # Another peer at the address the device now uses: a NAT gave that device's port to
+        # this one. A CID session there is parked (its device has moved on too, and its next
+        # record finds it by CID); anything else is stale and goes, as it is found by that
+        # address only: silently, as the address is another device's now (a close_notify
+        # would reach that device, under keys it does not have).
         occupant = self._sessions.get(new) or self._handshaking.get(new)
-        if occupant is not None:
-            # Stale state at the address the device now uses (a NAT reused the port).
-            self._evict(new, occupant)
-        session = self._tinydtls.Session(self._c_host(new[0]), new[1])
-        if not self._dtls.rebind(peer.session, session):
+        parkable = occupant is not None and occupant.cid is not None and new in self._sessions
+        if occupant is not None and not (parkable and self._park(new, occupant)):
+            self._evict(new, occupant, notify=False)
+        if not self._rekey(old, new, peer):
             self.stats.cid_not_moved += 1
+            return False
+        self.stats.address_updates += 1
+        log.debug(
+            "DTLS session of device %s moved from %s to %s (Connection ID)",
+            peer.identity,
+            _address(old),
+            _address(new),
+            extra={"device": peer.identity or _address(new)},
+        )
+        return True
+
+    def _rekey(self, old: _Key, new: _Key, peer: _Peer) -> bool:
+        """Move a session from ``old`` to ``new`` in tinydtls and in the tables (False:
+        tinydtls refused, nothing changed). Its place in the order of activity is now."""
+        session = self._session_at(new)
+        if not self._dtls.rebind(peer.session, session):
             return False
         self._forget(old, peer)
         peer.session = session
@@ -769,13 +844,26 @@ class DtlsTransport(asyncio.DatagramTransport):
             self._by_identity.setdefault(peer.identity, set()).add(new)
         if peer.cid is not None:
             self._by_cid[peer.cid] = new
-        self.stats.address_updates += 1
+        return True
+
+    def _parking_key(self) -> _Key:
+        self._parking += 1
+        return (str(_PARKING.network_address + self._parking), _PARKING_PORT)
+
+    def _park(self, key: _Key, peer: _Peer) -> bool:
+        """Move the CID session at ``key`` to a fresh parking address (see :data:`_PARKING`).
+        Its idle time starts again: the table is ordered by activity, and the parked session
+        goes to its end (it still counts against the cap and is swept when idle)."""
+        parking = self._parking_key()
+        if not self._rekey(key, parking, peer):
+            return False
+        peer.last = self._loop.time()
+        self.stats.parked += 1
         log.debug(
-            "DTLS session of device %s moved from %s to %s (Connection ID)",
+            "DTLS session of device %s parked: a NAT gave its address %s to another session",
             peer.identity,
-            _address(old),
-            _address(new),
-            extra={"device": peer.identity or _address(new)},
+            _address(key),
+            extra={"device": peer.identity or _address(key)},
         )
         return True
 
@@ -817,6 +905,11 @@ class DtlsTransport(asyncio.DatagramTransport):
             session = self._sessions.get(key)
             if session is None or session.identity is None:
                 return
+            if _parked(addr):
+                # Authenticated but not the newest record of a parked session: there is no
+                # address to answer at (the device retransmits; the next record moves it).
+                self.stats.unsent_parked += len(plaintext)
+                return
             for data in plaintext:
                 self._protocol.datagram_received(data, addr)
 
@@ -835,7 +928,9 @@ class DtlsTransport(asyncio.DatagramTransport):
                     self._hello_sent = True
                 elif data[0] == _CT_ALERT:
                     self._alert_sent = True
-            if self._udp is not None and not self._udp.is_closing():
+            if _parked(c_addr):
+                self.stats.unsent_parked += 1  # never to a parking address (_PARKING)
+            elif self._udp is not None and not self._udp.is_closing():
                 self._udp.sendto(data, (self._app_host(c_addr[0]), c_addr[1]))
         except Exception:
             device = _address((self._app_host(c_addr[0]), c_addr[1]))
@@ -923,6 +1018,13 @@ class DtlsTransport(asyncio.DatagramTransport):
         params.support_connection_id = int(self._connection_id)
 
     # -- peer tables --------------------------------------------------------------------------
+
+    def _c_key(self, key: _Key) -> tuple[str, int]:
+        """A peer key as tinydtls names it (a parking address as it is)."""
+        return key if _parked(key) else (self._c_host(key[0]), key[1])
+
+    def _session_at(self, key: _Key) -> Any:
+        return self._tinydtls.Session(*self._c_key(key))
 
     def _c_host(self, host: str) -> str:
         """tinydtls keys sessions on IPv6 socket addresses: IPv4 as v4-mapped."""
@@ -1078,19 +1180,29 @@ class DtlsTransport(asyncio.DatagramTransport):
         blob = self._dtls.exportPeer(peer.session)
         if blob is None:
             return
-        stored = StoredSession(peer.cid, peer.identity, peer.check, bytes(blob), 0)
+        # Stored with what it has received so far (its Finished): nothing to write back until
+        # a newer record arrives.
+        peer.touched = self._dtls.peerReadSequence(peer.session) or 0
+        stored = StoredSession(peer.cid, peer.identity, peer.check, bytes(blob), peer.touched)
         self._saves += 1
-        self._spawn(self._write(store, stored), "dtls-save")
+        self._save_queue.append(stored)
+        if self._saver is None or self._saver.done():
+            self._saver = self._spawn(self._write(store), "dtls-save")
 
-    async def _write(self, store: DtlsSessionStore, stored: StoredSession) -> None:
-        try:
-            await store.save(stored, self._idle_timeout)
-            self.stats.saved += 1
-        except Exception as exc:
-            self.stats.save_failed += 1
-            self._failed("save", exc)
-        finally:
-            self._saves -= 1
+    async def _write(self, store: DtlsSessionStore) -> None:
+        """Group commit: every session queued meanwhile goes in the next batch, one round trip
+        each, until the queue is empty (docs/SCALING.md, "DTLS sessions")."""
+        while self._save_queue:
+            batch = self._save_queue[:_SAVE_BATCH]
+            del self._save_queue[:_SAVE_BATCH]
+            try:
+                await store.save_many(batch, self._idle_timeout)
+                self.stats.saved += len(batch)
+            except Exception as exc:
+                self.stats.save_failed += len(batch)
+                self._failed("save", exc)
+            finally:
+                self._saves -= len(batch)
 
     async def _unstore(self, cid: bytes) -> None:
         assert self._store is not None
@@ -1195,15 +1307,11 @@ class DtlsTransport(asyncio.DatagramTransport):
         ttl = self._idle_timeout
         for at in range(0, len(changed), _TOUCH_BATCH):
             batch = changed[at : at + _TOUCH_BATCH]
-            results = await asyncio.gather(
-                *(store.touch(cid, received, ttl) for cid, received in batch),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    self._failed("touch", result)
-                else:
-                    self.stats.touches += 1
+            try:
+                await store.touch_many(batch, ttl)
+                self.stats.touches += len(batch)
+            except Exception as exc:
+                self._failed("touch", exc)
 
     def _look_up(self, cid: bytes, data: bytes, addr: Address) -> bool:
         """A record with a CID no session here has: ask the store (False: drop it)."""
@@ -1268,28 +1376,24 @@ class DtlsTransport(asyncio.DatagramTransport):
                 self._handle(data, addr)
             return
         data, addr = queued[0]
+        # Imported at a parking address, not at the record's source: until the record
+        # authenticates, nothing there may be displaced (RFC 9146 §6; a replayed or forged
+        # record spoofed from another device's address would end that device's session).
+        # The record then takes the ordinary way (_handle, _move): authentic and newest, the
+        # session moves to its source address; otherwise it stays parked, and goes.
+        at = self._parking_key()
         try:
-            self.import_session(
-                addr,
-                stored.identity,
-                stored.state,
-                write_seq_floor=claim.floor,
-                read_seq_floor=stored.received,
-            )
+            peer = self._import(at, stored.identity, stored.state, claim.floor, stored.received)
         except ValueError as exc:
             self._failed("import", exc)
             self._unknown(cid)
             return
-        at: _Key = (addr[0], addr[1])
-        peer = self._sessions[at]
         peer.ceiling, peer.check = claim.ceiling, stored.check
-        before = self._dtls.peerReadSequence(peer.session)
-        peer.touched = before or 0
+        peer.touched = self._dtls.peerReadSequence(peer.session) or 0
         self._handle(data, addr)
-        after = self._dtls.peerReadSequence(peer.session) if self._dtls is not None else None
-        if self._sessions.get(at) is peer and (after is None or before is None or after <= before):
-            # RFC 9146 §6: nothing answers a record that did not authenticate (a forged or
-            # replayed one); the imported copy goes again, silently.
+        if self._dtls is not None and self._sessions.get(at) is peer:
+            # Not moved: the record did not authenticate, or is not newer than what was
+            # written back (a replay). Nothing answered it; the imported copy goes, silently.
             self.stats.import_unauthenticated += 1
             self._evict(at, peer, notify=False)
             self._unknown(cid)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,146 @@ async def test_import_refuses_a_blob_it_cannot_read() -> None:
         with pytest.raises(ValueError, match="write_seq_floor 281474976710656 is not within"):
             second.import_session(("127.0.0.1", 9), "dev", b"", write_seq_floor=1 << 48)
         assert second.session_count == 0
+
+
+# -- a NAT that reuses ports (fix 1 of the benchmark's findings) --------------------------------
+
+
+class _Ports:
+    """Client sockets bound where the test says: a NAT handing one device's old port to
+    another device (``port`` 0: any free port)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+
+    def __call__(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        return sock
+
+
+@pytest.mark.parametrize("occupant_offer", [b"", None], ids=["cid-occupant", "no-cid-occupant"])
+async def test_a_session_moving_onto_a_reused_port_parks_a_cid_session_found_there(
+    occupant_offer,
+) -> None:
+    first, second = new_device(), new_device()
+    async with echo_server(dict([first, second]), b"A") as server:
+        # T: the device whose port the NAT gives away; S: the device that gets it.
+        t = CidClient(first[0].encode(), first[1].encode(), offer_cid=occupant_offer)
+        ports = _Ports()
+        s = CidClient(second[0].encode(), second[1].encode(), offer_cid=b"", socket_factory=ports)
+        try:
+            await t.connect("127.0.0.1", port_of(server))
+            await s.connect("127.0.0.1", port_of(server))
+            assert await t.request(b"t1") == b"A:t1"
+            assert await s.request(b"s1") == b"A:s1"
+            reused = t.local_port
+            await t.rebind()  # T's device moves on (silent so far); its old port is free
+            await asyncio.sleep(0)  # (asyncio closes the old socket on the next loop pass)
+            ports.port = reused
+            await s.rebind()  # ... and S's device gets it
+            assert s.local_port == reused
+            assert await s.request(b"s2") == b"A:s2"
+            assert server.cid_of(("127.0.0.1", reused)) == s.negotiated_cid
+            if occupant_offer is None:
+                # Found by its address only: stale once another session is there. Evicted.
+                assert server.stats.parked == 0
+                assert server.session_count == 1
+                return
+            assert server.stats.parked == 1
+            assert server.session_count == server.cid_session_count == 2
+            # T's next record, from its own new port, finds it by CID and moves it there.
+            assert await t.request(b"t2") == b"A:t2"
+            assert server.cid_of(("127.0.0.1", t.local_port)) == t.negotiated_cid
+            assert server.identity_of(("127.0.0.1", t.local_port)) == first[0]
+            assert (t.stats.handshakes, s.stats.handshakes, server.stats.handshakes) == (1, 1, 2)
+            assert server.stats.address_updates == 2
+            assert server.stats.unsent_parked == 0
+        finally:
+            t.close()
+            s.close()
+
+
+async def test_nothing_is_sent_to_a_parked_session_and_it_obeys_revocation_and_the_sweep() -> None:
+    devices = dict(new_device() for _ in range(4))
+    psks = MemoryPskStore(devices)
+    transport, _ = await create_dtls_endpoint(
+        lambda t: _Echo(t, b"A"), psk_store=psks, host="127.0.0.1", port=0, idle_timeout=3.0
+    )
+    ports = _Ports()
+    clients = [
+        CidClient(identity.encode(), key.encode(), offer_cid=b"", socket_factory=ports)
+        for identity, key in devices.items()
+    ]
+    try:
+        for client in clients:
+            await client.connect("127.0.0.1", port_of(transport))
+        t1, t2, s1, s2 = clients
+        # S1's device gets T1's port, S2's device T2's: T1 and T2 are parked.
+        for parked, mover in ((t1, s1), (t2, s2)):
+            ports.port = 0
+            reused = parked.local_port
+            await parked.rebind()
+            await asyncio.sleep(0)
+            ports.port = reused
+            await mover.rebind()
+            assert await mover.request(b"x") == b"A:x"
+        assert transport.stats.parked == 2
+        assert transport.session_count == transport.cid_session_count == 4
+        # Revoked while parked: closed, and its close_notify goes nowhere.
+        psks.delete(t1.identity.decode())
+        assert transport.stats.closed_psk_change == 1
+        assert transport.stats.unsent_parked == 1
+        assert transport.session_count == transport.cid_session_count == 3
+        # Idle: swept like any session, again without a datagram to the parking address.
+        assert await _until(lambda: transport.session_count == 0, 15.0)
+        assert transport.stats.evicted_idle == 3
+        assert transport.stats.unsent_parked == 2
+        assert transport.cid_session_count == 0
+    finally:
+        for client in clients:
+            client.close()
+        transport.close()
+
+
+async def test_a_parked_session_counts_against_the_cap() -> None:
+    devices = dict(new_device() for _ in range(3))
+    transport, _ = await create_dtls_endpoint(
+        lambda t: _Echo(t, b"A"),
+        psk_store=MemoryPskStore(devices),
+        host="127.0.0.1",
+        port=0,
+        max_sessions=2,
+    )
+    ports = _Ports()
+    t, s, newcomer = (
+        CidClient(identity.encode(), key.encode(), offer_cid=b"", socket_factory=ports)
+        for identity, key in devices.items()
+    )
+    try:
+        await t.connect("127.0.0.1", port_of(transport))
+        await s.connect("127.0.0.1", port_of(transport))
+        reused = t.local_port
+        await t.rebind()
+        await asyncio.sleep(0)  # (asyncio closes the old socket on the next loop pass)
+        ports.port = reused
+        await s.rebind()
+        assert await s.request(b"s") == b"A:s"
+        assert transport.stats.parked == 1
+        ports.port = 0
+        # A third session: the cap (2) evicts the longest-silent, the parked one, and its
+        # close_notify is not sent anywhere.
+        await newcomer.connect("127.0.0.1", port_of(transport))
+        assert transport.stats.evicted_cap == 1
+        assert transport.stats.unsent_parked == 1
+        assert transport.session_count == transport.cid_session_count == 2
+        with pytest.raises(DtlsTimeout):
+            await t.request(b"t", timeout=0.5)
+        assert transport.stats.dropped_unknown_cid == 1
+        assert await s.request(b"s") == b"A:s"
+        assert await newcomer.request(b"n") == b"A:n"
+    finally:
+        for client in (t, s, newcomer):
+            client.close()
+        transport.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,85 @@ async def test_a_replayed_first_record_imports_nothing(
             client.close()
 
 
+async def _retransmitting(client: CidClient, data: bytes) -> bytes:
+    """A request sent again until answered, as a device does (RFC 7252 §4.2; a deadline for a
+    stuck test, not a timing claim)."""
+    for _ in range(4):
+        with contextlib.suppress(DtlsTimeout):
+            return await client.request(data, timeout=1.5)
+    raise AssertionError(f"{data!r} not answered")
+
+
+class _Ports:
+    """Client sockets bound where the test says (0: any free port): a NAT handing one
+    device's old port to another device."""
+
+    def __init__(self) -> None:
+        self.port = 0
+
+    def __call__(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        return sock
+
+
+@pytest.mark.parametrize("victim_offer", [b"", None], ids=["cid-victim", "no-cid-victim"])
+async def test_an_import_displaces_a_session_at_its_address_only_once_it_authenticated(
+    redis_server: RedisServer, victim_offer: bytes | None
+) -> None:
+    (identity, psk), (victim, victim_psk) = new_device(), new_device()
+    psks = MemoryPskStore({identity: psk, victim: victim_psk})
+    async with (
+        replica(redis_server.url, psks, b"A") as a,
+        replica(redis_server.url, psks, b"B") as b,
+    ):
+        client = await connected(a, identity, psk, b"")
+        ports = _Ports()
+        v = CidClient(victim.encode(), victim_psk.encode(), offer_cid=victim_offer,
+                      socket_factory=ports)  # fmt: skip
+        try:
+            old = client.seal(CT_APPLICATION_DATA, b"one")
+            client.send_raw(old)
+            assert await client.recv() == b"A:one"
+            await eventually(lambda: a.stats.touches >= 1)
+            await v.connect("127.0.0.1", port_of(b))
+            assert await v.request(b"v1") == b"B:v1"
+            victim_at = v.local_port
+            # A replay of the client's record, sent from the victim's address (as a spoofer
+            # would): looked up, imported, refused, and gone again; the victim's session
+            # is untouched (RFC 9146 §6).
+            v.send_raw(old)
+            await eventually(lambda: b.stats.import_unauthenticated == 1)
+            assert await v.request(b"v2") == b"B:v2"
+            assert b.identity_of(("127.0.0.1", victim_at)) == victim
+            assert (b.session_count, b.stats.parked, b.stats.address_updates) == (1, 0, 0)
+            # Then a NAT really gives the victim's port to the client's device, whose next
+            # record reaches B: imported, authenticated, moved there. The victim's session is
+            # parked (CID) or, found by that address only, stale and evicted.
+            await v.rebind()
+            await asyncio.sleep(0)  # (asyncio closes the old socket on the next loop pass)
+            ports.port = victim_at
+            client._socket_factory = ports
+            await client.rebind(server=("127.0.0.1", port_of(b)))
+            assert client.local_port == victim_at
+            # (B does not ask Redis for that CID again for 2 s after the replay: the device's
+            # retransmission after that is answered.)
+            assert await _retransmitting(client, b"two") == b"B:two"
+            assert b.identity_of(("127.0.0.1", victim_at)) == identity
+            assert (b.stats.imported, b.stats.handshakes) == (2, 1)
+            if victim_offer is None:
+                assert (b.session_count, b.stats.parked) == (1, 0)
+                return
+            assert (b.session_count, b.stats.parked) == (2, 1)
+            assert await v.request(b"v3") == b"B:v3"  # from its new port, by CID
+            assert b.identity_of(("127.0.0.1", v.local_port)) == victim
+            assert (client.stats.handshakes, v.stats.handshakes) == (1, 1)
+        finally:
+            client.close()
+            v.close()
+
+
 async def test_a_changed_psk_deletes_and_refuses_stored_sessions(
     redis_server: RedisServer, redis_client: aioredis.Redis
 ) -> None:
@@ -305,7 +385,7 @@ async def test_junk_cids_cost_one_lookup_per_negative_cache_period(
 
 
 async def test_the_holder_claims_ranges_in_time_and_lets_a_taken_over_session_go(
-    redis_server: RedisServer, heard: list[bytes]
+    redis_server: RedisServer, redis_client: aioredis.Redis, heard: list[bytes]
 ) -> None:
     identity, psk = new_device()
     psks = MemoryPskStore({identity: psk})
@@ -315,13 +395,23 @@ async def test_the_holder_claims_ranges_in_time_and_lets_a_taken_over_session_go
         try:
             cid = client.negotiated_cid
             assert cid is not None
+            key = session_key(cid)
             await eventually(lambda: a.stats.saved == 1)
             for i in range(3 * span):
                 assert await client.request(b"%d" % i) == b"A:%d" % i
+                sent = i + 1  # the answer's sequence number (the Finished was 0)
+                if sent % span == span // 2:
+                    # Half the range used: the next one is being claimed. (Waited for here:
+                    # a device sends far slower than this loop, which could otherwise outrun
+                    # a Redis round trip.)
+                    ceiling = (sent // span + 2) * span
+                    await eventually_async(
+                        lambda c=ceiling: _field_at_least(redis_client, key, "ceiling", c)
+                    )
             # The Finished (0) and 3 span answers: past three ranges without a gap, so each
             # next range was claimed in time.
-            sent = [seq_of(d) for d in heard if d[0] == CT_TLS12_CID]
-            assert sent == list(range(3 * span + 1))
+            sent_seqs = [seq_of(d) for d in heard if d[0] == CT_TLS12_CID]
+            assert sent_seqs == list(range(3 * span + 1))
             assert a.stats.seq_exhausted == a.stats.taken_over == 0
             # Another replica claims the session: A notices at its next claim and lets go.
             other = dtls_sessions_for(redis_server.url, PREFIX, span=span)
@@ -330,11 +420,11 @@ async def test_the_holder_claims_ranges_in_time_and_lets_a_taken_over_session_go
             finally:
                 await other.close()
             assert taken is not None
-            for i in range(span):
-                await client.request(b"x%d" % i)
-                if a.stats.taken_over:
-                    break
-            assert a.stats.taken_over == 1
+            # A's range ends at 4 span; its next claim starts at 3.5 span.
+            for i in range(span // 2):
+                assert await client.request(b"x%d" % i) == b"A:x%d" % i
+            await eventually(lambda: a.stats.taken_over == 1)
+            assert a.stats.seq_exhausted == 0
             # The device's next record: A no longer has it, claims it from Redis again and
             # continues in a fresh range above the other replica's.
             heard.clear()

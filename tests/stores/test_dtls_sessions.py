@@ -21,22 +21,35 @@ from stores.dtls_sessions import (
     dtls_sessions_for,
     key_check,
 )
+from stores.redis import connect
 from tests.support.services import RedisServer
 
 PREFIX = "t"
 TTL = 60.0
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[DtlsSessionStore]:
-    if request.param == "memory":
+# "redis": one server, batches over the project's RESP link; "redis-py": one server through
+# redis-py, as a Sentinel master and rediss:// are written; "cluster": pipelines per node.
+KINDS = ["memory", "redis", "redis-py", "cluster"]
+
+
+def _build(kind: str, request: pytest.FixtureRequest) -> DtlsSessionStore:
+    if kind == "memory":
         built = dtls_sessions_for(None, PREFIX)
         assert isinstance(built, MemoryDtlsSessionStore)
-    else:
-        fixture = "redis_server" if request.param == "redis" else f"redis_{request.param}"
-        deployment = request.getfixturevalue(fixture)
-        built = dtls_sessions_for(deployment.url, PREFIX)
-        assert isinstance(built, RedisDtlsSessionStore)
+        return built
+    fixture = "redis_cluster" if kind == "cluster" else "redis_server"
+    url = request.getfixturevalue(fixture).url
+    if kind == "redis-py":
+        return RedisDtlsSessionStore(connect(url, timeout=1.0, retries=1), prefix=PREFIX)
+    built = dtls_sessions_for(url, PREFIX)
+    assert isinstance(built, RedisDtlsSessionStore)
+    return built
+
+
+@pytest.fixture(params=KINDS)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[DtlsSessionStore]:
+    built = _build(request.param, request)
     yield built
     await built.close()
 
@@ -134,3 +147,49 @@ async def test_the_span_is_the_stores_own(kind: str, request: pytest.FixtureRequ
         await store.close()
     with pytest.raises(ValueError, match="span 1 is not within"):
         dtls_sessions_for(None, PREFIX, span=1)
+
+
+async def test_batches_write_many_sessions_and_indexes_in_one_call(store: DtlsSessionStore) -> None:
+    # Two identities, one of them with two sessions: each in its identity's index.
+    batch = [
+        StoredSession(bytes([0xB0, i]) * 4, f"dev-batch-{i % 2}", key_check(b"k"), b"s%d" % i, i)
+        for i in range(3)
+    ]
+    await store.save_many(batch, TTL)
+    await store.save_many([], TTL)
+    for session in batch:
+        claim = await store.claim(session.cid, TTL)
+        assert claim is not None
+        assert claim.session == session  # the received number too
+        assert (claim.floor, claim.ceiling) == (SPAN, 2 * SPAN)
+    await store.touch_many([(batch[0].cid, 90), (batch[1].cid, 0), (b"\xee" * 8, 5)], TTL)
+    await store.touch_many([], TTL)
+    received = []
+    for session in batch:
+        claim = await store.claim(session.cid, TTL)
+        assert claim is not None
+        received.append(claim.session.received)
+    assert received == [90, 1, 2]  # raised, never lowered; an unknown CID is skipped
+    assert await store.claim(b"\xee" * 8, TTL) is None  # and not created
+    assert await store.forget_identity("dev-batch-0") == 2
+    assert await store.forget_identity("dev-batch-1") == 1
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-py", "cluster"])
+async def test_batches_load_their_scripts_where_redis_lost_them(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("redis_cluster" if kind == "cluster" else "redis_server").url
+    admin = connect(url, timeout=1.0)
+    store = _build(kind, request)
+    try:
+        await store.save_many([_session(b"cid-0006")], TTL)
+        await admin.client.script_flush()  # a restarted server, or a new Cluster node
+        await store.save_many([_session(b"cid-0007")], TTL)
+        await store.touch_many([(b"cid-0007", 3)], TTL)
+        claim = await store.claim(b"cid-0007", TTL)
+        assert claim is not None
+        assert claim.session.received == 3
+    finally:
+        await store.close()
+        await admin.aclose()
