@@ -284,6 +284,11 @@ class ProxyCollector(Collector):
         handler_errors = counter(
             "coap_bridge_proxy_handler_errors", "Requests whose handler raised (answered 5.00)"
         )
+        misdirected = counter(
+            "coap_bridge_proxy_misdirected",
+            "Datagrams not sent because the DTLS session at the destination no longer belongs "
+            "to the device they are for (a NAT gave its address to another device)",
+        )
         claims = counter(
             "coap_bridge_proxy_shared_claims",
             "Cross-replica dedup claims by outcome: busy (another replica holds it), "
@@ -314,6 +319,7 @@ class ProxyCollector(Collector):
             separate.add_metric([name], stats.separate_responses)
             format_errors.add_metric([name], stats.format_errors)
             handler_errors.add_metric([name], stats.handler_errors)
+            misdirected.add_metric([name], stats.misdirected)
             claims.add_metric([name, "busy"], stats.shared_busy)
             claims.add_metric([name, "unavailable"], stats.shared_unavailable)
             claims.add_metric([name, "skipped"], stats.claims_skipped)
@@ -323,7 +329,7 @@ class ProxyCollector(Collector):
             size.add_metric([name], held * DEDUP_ENTRY_BYTES)
             awaiting.add_metric([name], endpoint.awaiting_ack)
         yield from (requests, duplicates, retransmissions, separate, format_errors)
-        yield from (handler_errors, claims, entries, size, awaiting)
+        yield from (handler_errors, misdirected, claims, entries, size, awaiting)
 
     def _batching(self, running: RunningProxy) -> Iterator[Metric]:
         calls: dict[str, int] = {}

@@ -9,6 +9,13 @@ the gate, :mod:`proxy.gate`, when there is a shared store). One timer for the en
 load one callback does the work of many deadlines (an empty ACK or a retransmission 10 ms late
 is well inside RFC 7252's randomised timeouts). Graceful stop: :meth:`stop_accepting` and
 :meth:`drain`.
+
+Over DTLS an address names a session only for now: a NAT may give device A's old port to
+device B, or B's session may move onto it by its Connection ID (RFC 9146 §6). Whatever is sent
+later than in answer to the datagram just read — a separate response, an empty ACK after the
+ACK window, a retransmission, an RFC 7641 notification — is therefore sent only while the
+session at its address is still the identity the request came from; otherwise it is dropped
+(``misdirected`` in the stats) rather than encrypted under another device's keys.
 """
 
 from __future__ import annotations
@@ -186,6 +193,7 @@ class CoapDriver(asyncio.DatagramProtocol):
         endpoint = self._endpoint
         if note.action == REPLACE and endpoint.replace(relation, note.response):
             return
+        identity = relation.request.identity
         data = endpoint.notify(
             relation.peer,
             relation.request.message.token,
@@ -193,8 +201,9 @@ class CoapDriver(asyncio.DatagramProtocol):
             note.confirmable,
             self._loop.time(),
             relation,
+            identity,
         )
-        if self._transport is not None:
+        if self._transport is not None and self._meant_for(relation.peer, identity):
             self._transport.sendto(data, relation.peer)
         if note.confirmable:
             self._arm()
@@ -212,7 +221,25 @@ class CoapDriver(asyncio.DatagramProtocol):
 
     def _send(self, data: bytes | None, exchange: Exchange) -> None:
         if data is not None and self._transport is not None:
-            self._transport.sendto(data, exchange.peer)
+            request = exchange.request
+            if request is None or self._meant_for(exchange.peer, request.identity):
+                self._transport.sendto(data, exchange.peer)
+
+    def _meant_for(self, peer: tuple[str, int], identity: str | None) -> bool:
+        """Whether the session at ``peer`` is still ``identity``'s (see the module
+        docstring); always on plain CoAP, where there are no sessions and identities."""
+        identity_of = self._identity_of
+        if identity_of is None or identity is None or identity_of(peer) == identity:
+            return True
+        self._endpoint.stats.misdirected += 1
+        log.info(
+            "not sent to %s:%s: the session there is no longer device %s's",
+            peer[0],
+            peer[1],
+            identity,
+            extra={"device": identity},
+        )
+        return False
 
     # -- the one timer ----------------------------------------------------------------------
 
@@ -236,11 +263,19 @@ class CoapDriver(asyncio.DatagramProtocol):
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = _INF
-        due = self._endpoint.timeout(self._loop.time())
         transport = self._transport
-        if transport is not None:
-            for data, peer in due:
-                transport.sendto(data, peer)
+        if self._identity_of is None:
+            due = self._endpoint.timeout(self._loop.time())
+            if transport is not None:
+                for data, peer in due:
+                    transport.sendto(data, peer)
+        else:
+            identities: list[str | None] = []
+            due = self._endpoint.timeout(self._loop.time(), identities)
+            if transport is not None:
+                for (data, peer), identity in zip(due, identities, strict=True):
+                    if self._meant_for(peer, identity):
+                        transport.sendto(data, peer)
         if self._observing is not None:
             self._collect()
         self._arm()

@@ -96,6 +96,9 @@ class MessagingStats:
     shared_busy: int = 0  # left alone: another replica holds the claim
     shared_unavailable: int = 0  # processed on local dedup only, the shared store being down
     claims_skipped: int = 0  # handled without asking the shared store (needs_claim False)
+    # Not sent: over DTLS the address now belongs to another device's session (a reused NAT
+    # port, or a session moved there by its Connection ID, RFC 9146): proxy/coap/driver.py.
+    misdirected: int = 0
 
 
 # Outcomes of a tagged message (a notification, or a registration's separate response), as
@@ -117,6 +120,7 @@ class _Outgoing:
         "data",
         "done",
         "exchange",
+        "identity",
         "key",
         "peer",
         "replacement",
@@ -136,6 +140,7 @@ class _Outgoing:
         tag: object = None,
         response: Response | None = None,
         token: bytes = b"",
+        identity: str | None = None,
     ):
         self.key = key
         self.data = data
@@ -147,6 +152,9 @@ class _Outgoing:
         self.tag = tag
         self.response = response
         self.token = token
+        # Whom it is for over DTLS (the authenticated identity; None on plain CoAP): a
+        # retransmission goes only to that identity's session (proxy/coap/driver.py).
+        self.identity = identity
         self.replacement: Response | None = None
 
 
@@ -302,7 +310,14 @@ class Endpoint:
                 if outgoing.replacement is not None and not reset:
                     # A newer notification waited for this one: it goes now (RFC 7641 §4.5.2).
                     return self._send_new(
-                        peer, outgoing.token, outgoing.replacement, CON, now, tag, None
+                        peer,
+                        outgoing.token,
+                        outgoing.replacement,
+                        CON,
+                        now,
+                        tag,
+                        None,
+                        outgoing.identity,
                     )
             return None
         if reset:
@@ -396,8 +411,16 @@ class Endpoint:
     ) -> bytes:
         """A response in a message of its own (new MID, the request's token), reliable when
         ``mtype`` is CON."""
+        request = exchange.request
         return self._send_new(
-            exchange.peer, exchange.message.token, response, mtype, now, tag, exchange
+            exchange.peer,
+            exchange.message.token,
+            response,
+            mtype,
+            now,
+            tag,
+            exchange,
+            request.identity if request is not None else None,
         )
 
     def _send_new(
@@ -409,6 +432,7 @@ class Endpoint:
         now: float,
         tag: object,
         exchange: Exchange | None,
+        identity: str | None = None,
     ) -> bytes:
         mid = self._next_mid
         self._next_mid = (mid + 1) & 0xFFFF
@@ -416,7 +440,7 @@ class Endpoint:
         key = peer_key(peer[0], peer[1], mid)
         if mtype == CON:
             timeout = self._ack_timeout * self._rng.uniform(1.0, self._ack_random_factor)
-            outgoing = _Outgoing(key, data, peer, exchange, timeout, tag, response, token)
+            outgoing = _Outgoing(key, data, peer, exchange, timeout, tag, response, token, identity)
             self._awaiting[key] = outgoing
             if tag is not None:
                 self._tagged[tag] = outgoing
@@ -436,16 +460,20 @@ class Endpoint:
         confirmable: bool,
         now: float,
         tag: object,
+        identity: str | None = None,
     ) -> bytes:
         """A notification to ``peer``: a new MID, ``token``; a CON is retransmitted until
         ACKed, Reset or given up (RFC 7252 §4.2), each reported under ``tag``. A NON's MID is
-        remembered for NON_TAG_LIFETIME so that a Reset to it ends the observation too."""
+        remembered for NON_TAG_LIFETIME so that a Reset to it ends the observation too.
+        ``identity``: the device's authenticated identity over DTLS (see :meth:`timeout`)."""
         previous = self._tagged.pop(tag, None)
         if previous is not None:
             # The caller sends at most one CON per tag (RFC 7641 §4.5.2): a stale one stops.
             previous.done = True
             self._awaiting.pop(previous.key, None)
-        return self._send_new(peer, token, response, CON if confirmable else NON, now, tag, None)
+        return self._send_new(
+            peer, token, response, CON if confirmable else NON, now, tag, None, identity
+        )
 
     def replace(self, tag: object, response: Response) -> bool:
         """Make ``response`` take the place of the CON in flight under ``tag``: it goes out at
@@ -473,8 +501,13 @@ class Endpoint:
 
     # -- time -----------------------------------------------------------------------------
 
-    def timeout(self, now: float) -> list[tuple[bytes, Peer]]:
-        """Everything due at ``now``: the datagrams to send, each with its peer."""
+    def timeout(
+        self, now: float, identities: list[str | None] | None = None
+    ) -> list[tuple[bytes, Peer]]:
+        """Everything due at ``now``: the datagrams to send, each with its peer. With
+        ``identities`` (a secured transport), the authenticated identity each datagram is for
+        is appended to it in the same order, so that the caller sends it only to that
+        identity's session (proxy/coap/driver.py)."""
         out: list[tuple[bytes, Peer]] = []
         ack_times, ack_keys = self._ack_times, self._ack_keys
         exchanges = self._exchanges
@@ -486,6 +519,9 @@ class Endpoint:
                 # retransmitting; the answer follows separately (§5.2.2).
                 exchange.acked = True
                 out.append((encode_empty(ACK, exchange.message.mid), exchange.peer))
+                if identities is not None:
+                    request = exchange.request
+                    identities.append(request.identity if request is not None else None)
         retransmits = self._retransmits
         while retransmits and retransmits[0][0] <= now:
             due, _, outgoing = heapq.heappop(retransmits)
@@ -509,6 +545,8 @@ class Endpoint:
             if outgoing.replacement is not None:
                 self._swap(outgoing)
             out.append((outgoing.data, outgoing.peer))
+            if identities is not None:
+                identities.append(outgoing.identity)
             heapq.heappush(retransmits, (due + outgoing.timeout, next(self._sequence), outgoing))
         non_expiry = self._non_expiry
         while non_expiry and non_expiry[0][0] <= now:

@@ -39,6 +39,8 @@ async def test_connection_id_counters_are_exported() -> None:
         stats.dropped_unknown_cid, stats.cid_not_moved = 11, 13
         registry = CollectorRegistry()
         registry.register(ProxyCollector(proxy))
+        assert proxy.dtls_driver is not None
+        proxy.dtls_driver.stats.misdirected = 17
         samples = _samples(generate_latest(registry).decode())
         assert samples["coap_bridge_dtls_parked_total", ()] == 3
         assert samples["coap_bridge_dtls_address_updates_total", ()] == 7
@@ -47,5 +49,8 @@ async def test_connection_id_counters_are_exported() -> None:
         assert samples[dropped, (("reason", "unknown_cid"),)] == 11
         assert samples[dropped, (("reason", "cid_not_moved"),)] == 13
         assert samples["coap_bridge_dtls_cid_sessions", ()] == 0
+        misdirected = "coap_bridge_proxy_misdirected_total"
+        assert samples[misdirected, (("transport", "coaps"),)] == 17
+        assert samples[misdirected, (("transport", "coap"),)] == 0
     finally:
         await proxy.close()
