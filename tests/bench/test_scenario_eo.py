@@ -30,6 +30,19 @@ def test_report_line_compares_rates_against_the_three_percent_bar() -> None:
     assert _observed_cost([raw]) == ""
 
 
+def test_rates_are_not_judged_when_something_else_used_the_machine() -> None:
+    raw = {"scenario": "E", "system": "coap-bridge", "rate": 10000.0, "completed": 1000,
+           "cpu": {"proxy": 0.040}, "wall": 20.0, "other_cpu": 0.1}  # fmt: skip
+    disturbed = {"scenario": "E", "system": OBSERVED_SYSTEM, "rate": 8600.0,
+                 "completed": 1000, "cpu": {"proxy": 0.041}, "scrapes": 30, "wall": 20.0,
+                 "other_cpu": 6.8}  # fmt: skip
+    line = _observed_cost([raw, disturbed])
+    assert "not judged: 34% of a core was used outside the bench" in line
+    assert "not met" not in line
+    quiet = {**disturbed, "other_cpu": 0.2}
+    assert "**not met**" in _observed_cost([raw, quiet])
+
+
 @pytest.mark.integration
 def test_quick_eo_runs_both_rows_clean_and_scrapes(tmp_path: Path) -> None:
     output = tmp_path / "BENCHMARKS.md"
