@@ -116,7 +116,11 @@ class CoapDriver(asyncio.DatagramProtocol):
         if answer is not None:
             if self._gate is not None:
                 self._endpoint.stats.claims_skipped += 1
-            self._send(self._endpoint.respond(event, answer, now), event)
+            # In answer to the datagram just read: its session is the one at ``addr``, so
+            # no identity check (_meant_for is for what is sent later).
+            answered = self._endpoint.respond(event, answer, now)
+            if answered is not None:
+                transport.sendto(answered, addr)
             if self._timer_at > now + self._horizon:
                 self._arm()  # the exchange's expiry
             return
@@ -232,7 +236,9 @@ class CoapDriver(asyncio.DatagramProtocol):
         if identity_of is None or identity is None or identity_of(peer) == identity:
             return True
         self._endpoint.stats.misdirected += 1
-        log.info(
+        # Debug: one line per datagram (a response and its retransmissions); the counter is
+        # what an operator watches (docs/OPERATIONS.md, "Answers for a device that moved").
+        log.debug(
             "not sent to %s:%s: the session there is no longer device %s's",
             peer[0],
             peer[1],
@@ -264,18 +270,12 @@ class CoapDriver(asyncio.DatagramProtocol):
         self._timer = None
         self._timer_at = _INF
         transport = self._transport
-        if self._identity_of is None:
-            due = self._endpoint.timeout(self._loop.time())
-            if transport is not None:
-                for data, peer in due:
+        identities: list[str | None] = []
+        due = self._endpoint.timeout(self._loop.time(), identities)
+        if transport is not None:
+            for (data, peer), identity in zip(due, identities, strict=True):
+                if self._meant_for(peer, identity):
                     transport.sendto(data, peer)
-        else:
-            identities: list[str | None] = []
-            due = self._endpoint.timeout(self._loop.time(), identities)
-            if transport is not None:
-                for (data, peer), identity in zip(due, identities, strict=True):
-                    if self._meant_for(peer, identity):
-                        transport.sendto(data, peer)
         if self._observing is not None:
             self._collect()
         self._arm()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from proxy.transports.dtls import CID_LENGTH, DtlsTransport, create_dtls_endpoin
 from tests.support.dtls_cid_client import (
     CT_APPLICATION_DATA,
     CT_TLS12_CID,
+    BoundPorts,
     CidClient,
     DtlsTimeout,
 )
@@ -390,20 +390,6 @@ async def test_import_refuses_a_blob_it_cannot_read() -> None:
 # -- a NAT that reuses ports (fix 1 of the benchmark's findings) --------------------------------
 
 
-class _Ports:
-    """Client sockets bound where the test says: a NAT handing one device's old port to
-    another device (``port`` 0: any free port)."""
-
-    def __init__(self) -> None:
-        self.port = 0
-
-    def __call__(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        return sock
-
-
 @pytest.mark.parametrize("occupant_offer", [b"", None], ids=["cid-occupant", "no-cid-occupant"])
 async def test_a_session_moving_onto_a_reused_port_parks_a_cid_session_found_there(
     occupant_offer,
@@ -412,7 +398,7 @@ async def test_a_session_moving_onto_a_reused_port_parks_a_cid_session_found_the
     async with echo_server(dict([first, second]), b"A") as server:
         # T: the device whose port the NAT gives away; S: the device that gets it.
         t = CidClient(first[0].encode(), first[1].encode(), offer_cid=occupant_offer)
-        ports = _Ports()
+        ports = BoundPorts()
         s = CidClient(second[0].encode(), second[1].encode(), offer_cid=b"", socket_factory=ports)
         try:
             await t.connect("127.0.0.1", port_of(server))
@@ -452,7 +438,7 @@ async def test_nothing_is_sent_to_a_parked_session_and_it_obeys_revocation_and_t
     transport, _ = await create_dtls_endpoint(
         lambda t: _Echo(t, b"A"), psk_store=psks, host="127.0.0.1", port=0, idle_timeout=3.0
     )
-    ports = _Ports()
+    ports = BoundPorts()
     clients = [
         CidClient(identity.encode(), key.encode(), offer_cid=b"", socket_factory=ports)
         for identity, key in devices.items()
@@ -497,7 +483,7 @@ async def test_a_parked_session_counts_against_the_cap() -> None:
         port=0,
         max_sessions=2,
     )
-    ports = _Ports()
+    ports = BoundPorts()
     t, s, newcomer = (
         CidClient(identity.encode(), key.encode(), offer_cid=b"", socket_factory=ports)
         for identity, key in devices.items()

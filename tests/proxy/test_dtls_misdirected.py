@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -32,24 +31,10 @@ from proxy.coap.codec import ACK, CON, RST, decode, encode_empty, encode_parts
 from proxy.server import start_proxy
 from proxy.settings import ProxySettings
 from proxy.state.psk import MemoryPskStore
-from tests.support.dtls_cid_client import CidClient, DtlsTimeout
+from tests.support.dtls_cid_client import BoundPorts, CidClient, DtlsTimeout
 from tests.support.http import serve_app
 
 _mids = iter(range(1, 0xFFFF))
-
-
-class _Ports:
-    """Client sockets bound where the test says (``port`` 0: any free port): a NAT handing
-    one device's old port to another device."""
-
-    def __init__(self) -> None:
-        self.port = 0
-
-    def __call__(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        return sock
 
 
 @contextlib.asynccontextmanager
@@ -110,7 +95,7 @@ async def test_a_separate_response_is_not_sent_to_the_device_now_at_its_address(
     async with slow_proxy(tmp_path, {a_id: a_psk, b_id: b_psk}, release) as proxy:
         dtls, stats = proxy.dtls, proxy.dtls_driver.stats
         server = int(dtls.get_extra_info("sockname")[1])
-        ports = _Ports()
+        ports = BoundPorts()
         a = CidClient(a_id.encode(), a_psk.encode(), offer_cid=b"")
         b = CidClient(b_id.encode(), b_psk.encode(), offer_cid=b"", socket_factory=ports)
         try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from tests.support import dtls_cid_client
 from tests.support.dtls_cid_client import (
     CT_APPLICATION_DATA,
     CT_TLS12_CID,
+    BoundPorts,
     CidClient,
     DtlsAlert,
     DtlsTimeout,
@@ -232,20 +232,6 @@ async def _retransmitting(client: CidClient, data: bytes) -> bytes:
     raise AssertionError(f"{data!r} not answered")
 
 
-class _Ports:
-    """Client sockets bound where the test says (0: any free port): a NAT handing one
-    device's old port to another device."""
-
-    def __init__(self) -> None:
-        self.port = 0
-
-    def __call__(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        return sock
-
-
 @pytest.mark.parametrize("victim_offer", [b"", None], ids=["cid-victim", "no-cid-victim"])
 async def test_an_import_displaces_a_session_at_its_address_only_once_it_authenticated(
     redis_server: RedisServer, victim_offer: bytes | None
@@ -257,7 +243,7 @@ async def test_an_import_displaces_a_session_at_its_address_only_once_it_authent
         replica(redis_server.url, psks, b"B") as b,
     ):
         client = await connected(a, identity, psk, b"")
-        ports = _Ports()
+        ports = BoundPorts()
         v = CidClient(victim.encode(), victim_psk.encode(), offer_cid=victim_offer,
                       socket_factory=ports)  # fmt: skip
         try:

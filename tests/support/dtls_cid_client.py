@@ -76,8 +76,18 @@ from bench.dtls12 import (
 )
 
 __all__ = [  # what the tests take from here, the primitives' names among them
-    "ALERTS", "CT_APPLICATION_DATA", "CT_TLS12_CID", "CidClient", "ClientStats", "DtlsAlert",
-    "DtlsClientError", "DtlsDecryptError", "DtlsHandshakeError", "DtlsTimeout", "prf",
+    "ALERTS",
+    "CT_APPLICATION_DATA",
+    "CT_TLS12_CID",
+    "BoundPorts",
+    "CidClient",
+    "ClientStats",
+    "DtlsAlert",
+    "DtlsClientError",
+    "DtlsDecryptError",
+    "DtlsHandshakeError",
+    "DtlsTimeout",
+    "prf",
 ]  # fmt: skip
 
 ALERTS = {
@@ -85,6 +95,20 @@ ALERTS = {
     47: "illegal_parameter", 50: "decode_error", 51: "decrypt_error", 70: "protocol_version",
     80: "internal_error", 110: "unsupported_extension", 115: "unknown_psk_identity",
 }  # fmt: skip
+
+
+class BoundPorts:
+    """A ``socket_factory`` binding each new socket where the test says (``port`` 0: any free
+    port), so that a test can hand one device's old port to another device, as a NAT does."""
+
+    def __init__(self) -> None:
+        self.port = 0
+
+    def __call__(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        return sock
 
 
 class DtlsClientError(Exception):
