@@ -145,7 +145,7 @@ class RequestLog:
 
 
 class _Counted:
-    """The handler, with each answer counted (info level and above)."""
+    """The handler, with each answer counted (at every log level: the counts feed /metrics)."""
 
     def __init__(self, inner: RequestHandler, requests: RequestLog) -> None:
         self._inner = inner
