@@ -102,9 +102,10 @@ async def _block2_loop(
     answers: list[Message] = []
     num = start
     while len(answers) < MAX_BLOCKS:
-        _mid, _tok, answer = await wire.exchange(
+        _mid, _tok, first = await wire.exchange(
             method, path, options=[(w.BLOCK2, Block(num, False, szx).encode())]
         )
+        answer = await wire.response(first)
         answers.append(answer)
         got = w.block(answer, w.BLOCK2)
         if answer.code != code or got is None:
@@ -137,6 +138,7 @@ async def _early_get(c: Checks, wire: Wire, szx: int) -> tuple[bytes, list[Messa
     _mid, _tok, first = await wire.exchange(
         w.GET, "/large", options=[(w.BLOCK2, Block(0, False, szx).encode())]
     )
+    first = await wire.response(first)
     got = w.block(first, w.BLOCK2)
     c.check(
         "block 0: 2.05 with Block2 NUM 0, M 1",
@@ -203,6 +205,7 @@ async def test_td_coap_block_02(
     c = Checks("TD_COAP_BLOCK_02", _variant(ranges))
     state.ranges = ranges
     _mid, _tok, first = await wire.exchange(w.GET, "/large")
+    first = await wire.response(first)
     got = w.block(first, w.BLOCK2)
     c.check(
         "first answer: 2.05 with Block2 NUM 0, M 1",
@@ -221,6 +224,7 @@ async def test_td_coap_block_02(
     _mid, _tok, switched = await wire.exchange(
         w.GET, "/large", options=[(w.BLOCK2, Block(k, False, act).encode())]
     )
+    switched = await wire.response(switched)
     sw = w.block(switched, w.BLOCK2)
     c.check(
         "switch to smaller SZX: NUM k = 2**(DES-ACT) answered, M 1, full",
@@ -278,6 +282,7 @@ async def _block1_upload(
             options=[(w.BLOCK1, Block(num, more, current).encode()), *TEXT],
             payload=chunk,
         )
+        answer = await wire.response(answer)
         got = w.block(answer, w.BLOCK1)
         if not more:
             return answer
@@ -386,6 +391,7 @@ async def test_td_coap_block_04(wire: Wire, proxy: RunningProxy, state: OriginSt
     _mid, _tok, first = await wire.exchange(
         w.GET, "/large-create/new", options=[(w.BLOCK2, Block(0, False, 6).encode())]
     )
+    first = await wire.response(first)
     body = first.payload
     got = w.block(first, w.BLOCK2)
     num = 1
@@ -393,6 +399,7 @@ async def test_td_coap_block_04(wire: Wire, proxy: RunningProxy, state: OriginSt
         _mid, _tok, nxt = await wire.exchange(
             w.GET, "/large-create/new", options=[(w.BLOCK2, Block(num, False, got.szx).encode())]
         )
+        nxt = await wire.response(nxt)
         body += nxt.payload
         got = w.block(nxt, w.BLOCK2)
         num += 1

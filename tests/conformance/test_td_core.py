@@ -110,16 +110,6 @@ def _check_205(c: Checks, mid: int, token: bytes, answer: w.Message) -> None:
     c.check("payload non-empty", bool(answer.payload), answer.payload)
 
 
-async def _separate(wire: Wire, answer: w.Message) -> w.Message:
-    """After an empty ACK: the separate response, acknowledged like a client does."""
-    response = answer
-    if answer.mtype == ACK and answer.code == 0:
-        response = await wire.client.recv_message(timeout=5.0)
-    if response.mtype == CON:
-        wire.client.send(encode_parts(ACK, 0, response.mid, b"", [], b""))
-    return response
-
-
 async def test_td_coap_core_01(wire: Wire, proxy: RunningProxy) -> None:
     c = Checks("TD_COAP_CORE_01")
     mid, token, answer = await wire.exchange(w.GET, "/test")
@@ -227,7 +217,7 @@ async def _separate_checks(c: Checks, wire: Wire, token: bytes, *, cf: bool) -> 
         first.mid == mid and not first.payload and not first.token,
         first,
     )
-    response = await _separate(wire, first)
+    response = await wire.response(first)
     c.check("separate response is CON", response.mtype == CON, response)
     c.check("separate 2.05 Content", response.code == w.CONTENT, w.code_text(response.code))
     c.check("separate token = CTOK", response.token == token, response.token.hex())

@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from proxy.coap.codec import CON, Message, encode_parts
+from proxy.coap.codec import ACK, CON, Message, encode_parts
 from tests.support.coap import RawClient
 
 IF_MATCH = 1
@@ -164,3 +164,15 @@ class Wire:
         )
         answer = await self.client.request(data, timeout=timeout)
         return mid, tok, answer
+
+    async def response(self, answer: Message, timeout: float = 5.0) -> Message:
+        """The response that ``answer`` (the first datagram back) is or announces: after an
+        empty ACK the separate response (RFC 7252 §5.2.2), acknowledged if CON, as a client
+        does. A server may answer separately whenever its answer takes longer than its ACK
+        window (on a busy machine, any fetch from the origin)."""
+        response = answer
+        if answer.mtype == ACK and answer.code == 0:
+            response = await self.client.recv_message(timeout=timeout)
+        if response.mtype == CON:
+            self.client.send(encode_parts(ACK, 0, response.mid, b"", [], b""))
+        return response
